@@ -1,0 +1,41 @@
+# Everyday commands. `make run` and `make test` work from a fresh clone: they create .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REPOSITORY ?= models
+NAME ?= digits
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run train serve test test-slow clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "Python 3.11 is required (found %d.%d); set PYTHON=/path/to/python3.11" % v)'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+## Train the default ensemble if the repository has none, then serve it on $(HOST):$(PORT).
+run: $(STAMP)
+	$(BIN)/ensemble-train --data digits --name $(NAME) --repository $(REPOSITORY) --if-empty
+	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+
+## Train and publish a new version, whatever the repository holds.
+train: $(STAMP)
+	$(BIN)/ensemble-train --data digits --name $(NAME) --repository $(REPOSITORY)
+
+serve: $(STAMP)
+	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,64 @@
+"""`ensemble-serve`: start the HTTP service. Flags override ENSEMBLE_* variables and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.config import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ensemble-serve",
+        description="Serve the newest good version of each ensemble in a model repository over HTTP. "
+        "Every flag also has an environment variable (ENSEMBLE_<FLAG>, e.g. ENSEMBLE_PORT).",
+    )
+    p.add_argument("--repository", type=Path, help="model repository folder (default: models)")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default: 8000)")
+    p.add_argument("--default-model", help="ensemble served by POST /predict (default: the only one)")
+    p.add_argument("--version-policy", help="'latest' (default) or a version number to pin")
+    p.add_argument("--poll-interval-seconds", type=float, help="repository polling interval (default: 2)")
+    p.add_argument("--max-rows-per-request", type=int, help="rows allowed per request (default: 4096)")
+    p.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: 0, TF decides)")
+    p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, TF decides)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with every flag that was given taking precedence."""
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for e in exc.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            print(f"ensemble-serve: error: {field} (--{field.replace('_', '-')} or "
+                  f"ENSEMBLE_{field.upper()}): {e['msg']}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from service.api import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The service's one Settings object: every field is also an ENSEMBLE_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.repository import NAME_PATTERN
+
+
+class Settings(BaseSettings):
+    """Configuration of ensemble-serve. Flags of the CLI override these; these override defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="ENSEMBLE_", extra="forbid")
+
+    repository: Path = Field(Path("models"), description="model repository folder")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    default_model: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="ensemble served by POST /predict; unset: the only one in the repository",
+    )
+    version_policy: Literal["latest"] | int = Field(
+        "latest", description="'latest' or a version number to pin"
+    )
+    poll_interval_seconds: float = Field(
+        2.0, gt=0, le=3600, description="how often the repository is checked for new versions"
+    )
+    max_rows_per_request: int = Field(4096, ge=1, description="rows allowed in one request")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body")
+    warmup_batch_sizes: tuple[int, ...] = Field(
+        (1, 32), description="batch sizes run through a new version before it goes live"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0: TF decides)")
+    inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: TF decides)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("version_policy", mode="before")
+    @classmethod
+    def _policy(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a pinned version must be a positive integer, or use 'latest'")
+        return value
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError("warm-up batch sizes must be positive integers, at least one")
+        return sizes

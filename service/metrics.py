@@ -1,0 +1,42 @@
+"""Every Prometheus metric of the service, declared once, on a registry tests can replace."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Sub-millisecond to seconds: batched inference of small models lives at the low end.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RELOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServiceMetrics:
+    """The metric catalogue. One instance per app; pass a fresh registry in tests."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ensemble_requests", "HTTP requests by route template and status code",
+            ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "ensemble_request_duration_seconds", "Time from request received to response sent",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.predicted_rows = Counter(
+            "ensemble_predicted_rows", "Rows answered by the ensemble", ["model"], registry=r)
+        self.model_version = Gauge(
+            "ensemble_model_version", "Version number live for each ensemble (0: none)",
+            ["model"], registry=r)
+        self.model_members = Gauge(
+            "ensemble_model_members", "Number of members in the live version", ["model"], registry=r)
+        self.reloads = Counter(
+            "ensemble_model_reloads", "Attempts to load a version, by result (success, failure)",
+            ["model", "result"], registry=r)
+        self.reload_duration = Histogram(
+            "ensemble_model_reload_duration_seconds", "Time to verify, load and warm a version",
+            ["model"], buckets=RELOAD_BUCKETS, registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,287 @@
+"""The model repository contract: manifest schema, scanning, checksums and version choice.
+
+This module is shared by the writer (training) and the reader (service). It imports neither
+TensorFlow nor FastAPI, so both halves (and their tests) can use it cheaply.
+
+Layout::
+
+    <root>/<name>/<version>/manifest.json   written last: the commit marker
+    <root>/<name>/<version>/members/<member>/...   one SavedModel per member
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MEMBERS_DIR = "members"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+MEMBER_KINDS = ("tuned", "seed", "snapshot", "swa", "imported")
+SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
+# Weights must sum to one; this absorbs rounding in a JSON round trip.
+WEIGHT_SUM_TOLERANCE = 1e-6
+_CHUNK = 1 << 20
+
+
+class RepositoryError(Exception):
+    """A version on disk is not a valid, complete version."""
+
+
+class ManifestError(RepositoryError):
+    """The manifest is missing, unreadable or does not follow the schema."""
+
+
+class ChecksumError(RepositoryError):
+    """A member file is missing, unexpected, or its bytes do not match the manifest."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """Shape of one instance (without the batch dimension) and its dtype."""
+
+    shape: tuple[int, ...] = Field(min_length=1)
+    dtype: Literal["float32", "float64", "int32", "int64", "uint8"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"every dimension must be a positive integer, got {list(shape)}")
+        return shape
+
+
+class OutputSpec(_Strict):
+    """The class labels, in the order of the probability columns."""
+
+    classes: tuple[str, ...] = Field(min_length=2)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(classes)) != len(classes):
+            raise ValueError("class labels must be unique")
+        return classes
+
+
+class MemberEntry(_Strict):
+    """One ensemble member: where it is, how it was made, how it did, and its files' digests."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str
+    kind: Literal["tuned", "seed", "snapshot", "swa", "imported"]
+    hyperparameters: dict[str, bool | int | float | str | None] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    weight: float = Field(gt=0.0, le=1.0)
+    files: dict[str, str] = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_members(cls, path: str) -> str:
+        parts = PurePosixPath(path).parts
+        if len(parts) != 2 or parts[0] != MEMBERS_DIR or parts[1] in ("..", "."):
+            raise ValueError(f"member path must be '{MEMBERS_DIR}/<member>', got {path!r}")
+        return path
+
+    @field_validator("files")
+    @classmethod
+    def _relative_files_and_digests(cls, files: dict[str, str]) -> dict[str, str]:
+        for rel, digest in files.items():
+            p = PurePosixPath(rel)
+            if p.is_absolute() or ".." in p.parts or rel != p.as_posix():
+                raise ValueError(f"file path {rel!r} must be relative, normalised, inside the member")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"digest of {rel!r} is not a sha256 hex digest")
+        return files
+
+
+class DataInfo(_Strict):
+    """Where the training data came from, and a fingerprint of its contents."""
+
+    source: str
+    fingerprint: str
+    rows: dict[str, int] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    """The contract of one published version. Written last; its presence commits the version."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    created: datetime
+    input: InputSpec
+    output: OutputSpec
+    members: tuple[MemberEntry, ...] = Field(min_length=1)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    data: DataInfo | None = None
+    replaces: int | None = None
+
+    @model_validator(mode="after")
+    def _members_consistent(self) -> "Manifest":
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        paths = [m.path for m in self.members]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"member paths must be unique, got {paths}")
+        total = sum(m.weight for m in self.members)
+        if not math.isclose(total, 1.0, abs_tol=WEIGHT_SUM_TOLERANCE):
+            raise ValueError(f"member weights must sum to 1, they sum to {total}")
+        return self
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(m.weight for m in self.members)
+
+
+def uniform_weights(n: int) -> list[float]:
+    """Equal averaging weights for n members that sum to exactly one after rounding."""
+    if n < 1:
+        raise ValueError("an ensemble needs at least one member")
+    return [1.0 / n] * n
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file under a directory, keyed by POSIX path relative to it."""
+    out: dict[str, str] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            out[path.relative_to(directory).as_posix()] = sha256_file(path)
+    return out
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    """Parse and validate a version's manifest, checking it names the folder it sits in."""
+    path = version_dir / MANIFEST_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist (the version is not committed)") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ManifestError(f"{path} does not follow the schema: {problems}") from None
+    if manifest.name != version_dir.parent.name or str(manifest.version) != version_dir.name:
+        raise ManifestError(
+            f"{path} describes {manifest.name}/{manifest.version} but sits in "
+            f"{version_dir.parent.name}/{version_dir.name}"
+        )
+    return manifest
+
+
+def verify_checksums(version_dir: Path, manifest: Manifest) -> None:
+    """Check every member's files against the manifest: none missing, none extra, all equal."""
+    for member in manifest.members:
+        member_dir = version_dir / member.path
+        if not member_dir.is_dir():
+            raise ChecksumError(f"member {member.name}: folder {member.path} is missing")
+        on_disk = {
+            p.relative_to(member_dir).as_posix() for p in member_dir.rglob("*") if p.is_file()
+        }
+        missing = sorted(set(member.files) - on_disk)
+        if missing:
+            raise ChecksumError(f"member {member.name}: missing file {member.path}/{missing[0]}")
+        extra = sorted(on_disk - set(member.files))
+        if extra:
+            raise ChecksumError(
+                f"member {member.name}: file {member.path}/{extra[0]} is not in the manifest"
+            )
+        for rel, expected in member.files.items():
+            actual = sha256_file(member_dir / rel)
+            if actual != expected:
+                raise ChecksumError(
+                    f"member {member.name}: checksum mismatch for {member.path}/{rel} "
+                    f"(manifest {expected[:12]}..., file {actual[:12]}...)"
+                )
+
+
+@dataclass(frozen=True)
+class VersionDir:
+    """A numeric version folder found on disk, committed or not."""
+
+    name: str
+    version: int
+    path: Path
+    committed: bool
+
+    def stamp(self) -> tuple[int, int] | None:
+        """(mtime_ns, size) of the manifest: changes when the version's commit marker changes."""
+        try:
+            st = (self.path / MANIFEST_FILE).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+
+def is_valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
+def scan_model(root: Path, name: str) -> list[VersionDir]:
+    """Numeric version folders of one ensemble, oldest first; hidden and other folders ignored."""
+    model_dir = root / name
+    try:
+        entries = list(os.scandir(model_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    versions = []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir() or not entry.name.isdigit():
+            continue
+        number = int(entry.name)
+        if number < 1 or str(number) != entry.name:  # "007" is not version 7
+            continue
+        path = Path(entry.path)
+        versions.append(VersionDir(name, number, path, (path / MANIFEST_FILE).is_file()))
+    return sorted(versions, key=lambda v: v.version)
+
+
+def scan_names(root: Path) -> list[str]:
+    """Ensemble names present in the repository, sorted."""
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.name for e in entries if e.is_dir() and is_valid_name(e.name))
+
+
+def choose_version(
+    committed: Iterable[int], policy: Literal["latest"] | int, rejected: Iterable[int] = ()
+) -> int | None:
+    """The version to serve: the newest committed one not rejected, or the pinned one if present."""
+    available = set(committed) - set(rejected)
+    if policy == "latest":
+        return max(available, default=None)
+    return policy if policy in available else None
+
+
+def next_version(existing: Iterable[int]) -> int:
+    """The number a new version gets: one past the highest folder, committed or not."""
+    return max(existing, default=0) + 1

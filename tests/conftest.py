@@ -1,0 +1,51 @@
+"""Session fixtures: one tiny ensemble trained for real, shared by every test that needs one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TINY = dict(members=3, epochs=3, patience=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trained_repository(tmp_path_factory) -> Path:
+    """A repository holding digits/1: three members trained on the built-in digits in seconds."""
+    from training.pipeline import TrainConfig, train_ensemble
+    from training.tune import SearchBudget
+
+    root = tmp_path_factory.mktemp("repo")
+    config = TrainConfig(
+        data="digits", name="digits", repository=root, work_dir=tmp_path_factory.mktemp("work"),
+        budget=SearchBudget(max_epochs=2, factor=2), **TINY,
+    )
+    train_ensemble(config, report=lambda line: None)
+    return root
+
+
+@pytest.fixture()
+def repository(trained_repository, tmp_path) -> Path:
+    """A private copy of the trained repository that a test may change."""
+    root = tmp_path / "models"
+    shutil.copytree(trained_repository, root, ignore=shutil.ignore_patterns(".work"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_test_split():
+    """The held-out split the fixture ensemble was evaluated on (same data, same seed)."""
+    from training.data import DigitsSource, split
+
+    return split(DigitsSource().load(), seed=0).test

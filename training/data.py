@@ -1,0 +1,171 @@
+"""Data sources behind one interface, deterministic splits and a fingerprint of the data.
+
+Sources return raw values exactly as a client would send them: the digits come as 8x8x1
+images of 0..16, an `.npz` file as whatever `x` holds. Scaling is a layer inside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class DataError(Exception):
+    """The data cannot be used for training; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features, integer labels 0..K-1, and the label names in column order."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+class DataSource(Protocol):
+    """Anything that can produce a Dataset."""
+
+    def load(self) -> Dataset: ...
+
+
+class DigitsSource:
+    """scikit-learn's digits: 1,797 images of 8x8 pixels, values 0..16, ten classes. No download."""
+
+    def load(self) -> Dataset:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = bunch.images.astype("float32")[..., None]
+        y = bunch.target.astype("int64")
+        return validate(Dataset(x, y, tuple(str(c) for c in bunch.target_names), "digits"))
+
+
+class NpzSource:
+    """An `.npz` file with arrays `x` (rows first), `y` (labels), and optionally `classes`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def load(self) -> Dataset:
+        try:
+            with np.load(self.path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except FileNotFoundError:
+            raise DataError(f"data file {self.path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.path} is not a readable .npz file: {exc}") from None
+        for key in ("x", "y"):
+            if key not in arrays:
+                raise DataError(
+                    f"{self.path} has no array {key!r} (found {sorted(arrays)}); "
+                    "save it with np.savez(path, x=features, y=labels)"
+                )
+        x, y = arrays["x"], arrays["y"]
+        if x.dtype.kind not in "iuf":
+            raise DataError(f"{self.path}: x must be numeric, got dtype {x.dtype}")
+        if x.ndim < 2:
+            raise DataError(f"{self.path}: x must have one row per example, got shape {x.shape}")
+        if y.ndim != 1:
+            raise DataError(f"{self.path}: y must be one label per row, got shape {y.shape}")
+        if "classes" in arrays:
+            classes = tuple(str(c) for c in arrays["classes"])
+            if y.dtype.kind not in "iu":
+                raise DataError(f"{self.path}: with `classes`, y must hold integer indices")
+            if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+                raise DataError(
+                    f"{self.path}: y holds indices outside 0..{len(classes) - 1} of `classes`"
+                )
+            labels = y.astype("int64")
+        else:
+            values, labels = np.unique(y, return_inverse=True)
+            classes = tuple(str(v) for v in values)
+        return validate(Dataset(x.astype("float32"), labels.astype("int64"), classes, str(self.path)))
+
+
+def open_source(spec: str) -> DataSource:
+    """Resolve a `--data` argument: `digits` or a path to an `.npz` file."""
+    if spec == "digits":
+        return DigitsSource()
+    if spec.endswith(".npz"):
+        return NpzSource(Path(spec))
+    raise DataError(f"unknown data source {spec!r}: use 'digits' or a path ending in .npz")
+
+
+def validate(data: Dataset) -> Dataset:
+    """Refuse data that cannot train a classifier, naming the problem."""
+    if len(data.x) != len(data.y):
+        raise DataError(f"{data.source}: x has {len(data.x)} rows but y has {len(data.y)}")
+    if not np.all(np.isfinite(data.x)):
+        bad = int(np.argwhere(~np.isfinite(data.x.reshape(len(data.x), -1)).any(axis=1))[0, 0])
+        raise DataError(f"{data.source}: x holds NaN or infinite values (first in row {bad})")
+    present = np.unique(data.y)
+    if len(present) < 2:
+        raise DataError(f"{data.source}: labels hold {len(present)} class; a classifier needs at least 2")
+    return data
+
+
+def split(data: Dataset, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2) -> Splits:
+    """Stratified train/validation/test splits, the same for the same data and seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError("validation and test fractions must be in (0, 1) and sum to less than 1")
+    counts = np.bincount(data.y, minlength=len(data.classes))
+    present = np.flatnonzero(counts)
+    rarest = int(present[np.argmin(counts[present])])
+    # Each split needs at least one row of every class for stratification.
+    if counts[rarest] < 3:
+        raise DataError(
+            f"{data.source}: class {data.classes[rarest]!r} has {counts[rarest]} row(s); "
+            "every class needs at least 3 to fill train, validation and test"
+        )
+    idx = np.arange(len(data.y))
+    try:
+        rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=data.y)
+        train, val = train_test_split(
+            rest,
+            test_size=val_fraction / (1 - test_fraction),
+            random_state=seed,
+            stratify=data.y[rest],
+        )
+    except ValueError as exc:
+        raise DataError(f"{data.source}: too few rows to split ({len(idx)}): {exc}") from None
+    pick = lambda i: Dataset(data.x[i], data.y[i], data.classes, data.source)  # noqa: E731
+    return Splits(pick(np.sort(train)), pick(np.sort(val)), pick(np.sort(test)))
+
+
+def fingerprint(data: Dataset) -> str:
+    """sha256 over shapes, dtypes, values and class names: equal data, equal fingerprint."""
+    h = hashlib.sha256()
+    for array in (data.x, data.y):
+        h.update(f"{array.shape}|{array.dtype.str}|".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    h.update("\x00".join(data.classes).encode())
+    return h.hexdigest()
+
+
+def normalization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over all but the last axis; constant features get variance 1."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes, dtype="float64")
+    var = x.var(axis=axes, dtype="float64")
+    # A feature constant in training would be divided by ~0 and blow up on any other value.
+    var = np.where(var > 1e-12, var, 1.0)
+    return mean.astype("float32"), var.astype("float32")

@@ -1,0 +1,80 @@
+"""Metrics of members and of their average, as pure functions of probabilities and labels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# Probabilities are clipped before the log so a confident mistake costs a large, finite loss.
+_EPS = 1e-7
+ECE_BINS = 15
+
+
+def average_probabilities(member_probs: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean over members of probability rows: (members, rows, classes) -> (rows, classes)."""
+    member_probs = np.asarray(member_probs, dtype="float64")
+    w = np.asarray(weights, dtype="float64")
+    if member_probs.ndim != 3 or member_probs.shape[0] != len(w):
+        raise ValueError(
+            f"expected probabilities of shape (members={len(w)}, rows, classes), got {member_probs.shape}"
+        )
+    if np.any(w < 0) or not np.isclose(w.sum(), 1.0):
+        raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
+    return np.tensordot(w, member_probs, axes=1)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose most probable class is the label."""
+    return float(np.mean(np.argmax(probs, axis=1) == labels))
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of -log p(label): the log-loss."""
+    p = np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over rows of the squared distance between the probability row and the one-hot label."""
+    onehot = np.zeros_like(probs, dtype="float64")
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Confidence-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    confidence = np.max(probs, axis=1)
+    correct = np.argmax(probs, axis=1) == labels
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur with softmax.
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """All four metrics of one probability matrix against integer labels."""
+    probs = np.asarray(probs, dtype="float64")
+    labels = np.asarray(labels)
+    if probs.ndim != 2 or len(probs) != len(labels):
+        raise ValueError(f"expected (rows, classes) probabilities for {len(labels)} labels, got {probs.shape}")
+    return {
+        "accuracy": accuracy(probs, labels),
+        "nll": negative_log_likelihood(probs, labels),
+        "brier": brier_score(probs, labels),
+        "ece": expected_calibration_error(probs, labels),
+    }
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per member and the ensemble, one column per metric."""
+    metrics = ["accuracy", "nll", "brier", "ece"]
+    width = max(len("member"), *(len(k) for k in rows))
+    lines = [f"{'member':<{width}}  " + "  ".join(f"{m:>8}" for m in metrics)]
+    for name, values in rows.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{values[m]:>8.4f}" for m in metrics))
+    return "\n".join(lines)

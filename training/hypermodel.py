@@ -1,0 +1,79 @@
+"""The search space: a Keras Tuner HyperModel that fits its architecture to the input.
+
+Images (height, width, channels) get a small convolutional network, anything else a dense one.
+Every model starts with a Normalization layer holding the training split's statistics, so the
+exported SavedModel takes raw values and clients never need to know the scaling.
+"""
+
+from __future__ import annotations
+
+import keras
+import keras_tuner as kt
+import numpy as np
+
+
+# Part of the tuner's project name: a changed search space must not resume an old search.
+SEARCH_SPACE_VERSION = 2
+
+
+def is_image(input_shape: tuple[int, ...]) -> bool:
+    """A rank-3 instance (height, width, channels) is treated as an image."""
+    return len(input_shape) == 3
+
+
+class EnsembleHyperModel(kt.HyperModel):
+    """Builds a compiled softmax classifier for one set of hyperparameters."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        mean: np.ndarray,
+        variance: np.ndarray,
+    ):
+        super().__init__(name="ensemble_member")
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        self.mean = np.asarray(mean, dtype="float32")
+        self.variance = np.asarray(variance, dtype="float32")
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        inputs = keras.Input(shape=self.input_shape, name="instances")
+        x = keras.layers.Normalization(mean=self.mean, variance=self.variance)(inputs)
+        if is_image(self.input_shape):
+            x = self._conv_body(hp, x)
+        else:
+            x = self._dense_body(hp, x)
+        outputs = keras.layers.Dense(self.num_classes, activation="softmax", name="probabilities")(x)
+        model = keras.Model(inputs, outputs)
+        model.compile(
+            optimizer=keras.optimizers.Adam(hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        return model
+
+    def _conv_body(self, hp: kt.HyperParameters, x):
+        # Shifts of up to an eighth of the image, active in training only: cheap extra data.
+        x = keras.layers.RandomTranslation(0.125, 0.125, fill_mode="constant")(x)
+        filters = hp.Choice("filters", [16, 32, 64])
+        for block in range(hp.Int("conv_blocks", 1, 2)):
+            x = keras.layers.Conv2D(filters * 2**block, 3, padding="same", activation="relu")(x)
+            # Pool only while the map is big enough; 8x8 digits allow two halvings.
+            if min(x.shape[1], x.shape[2]) >= 4:
+                x = keras.layers.MaxPooling2D(2)(x)
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dropout(hp.Float("dropout", 0.0, 0.5, step=0.1))(x)
+        return keras.layers.Dense(hp.Choice("dense_units", [32, 64, 128]), activation="relu")(x)
+
+    def _dense_body(self, hp: kt.HyperParameters, x):
+        if len(self.input_shape) > 1:
+            x = keras.layers.Flatten()(x)
+        units = hp.Choice("units", [32, 64, 128, 256])
+        dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
+        for _ in range(hp.Int("dense_layers", 1, 3)):
+            x = keras.layers.Dense(units, activation="relu")(x)
+            x = keras.layers.Dropout(dropout)(x)
+        return x

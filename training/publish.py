@@ -1,0 +1,177 @@
+"""Atomic publishing of a version into the model repository.
+
+A version is assembled under a hidden staging folder beside the versions, the manifest is
+written last and everything is fsynced, then the folder is renamed to the next free number.
+Readers ignore hidden folders and folders without a manifest, so a crash at any point leaves
+nothing they would serve.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from service.repository import (
+    MANIFEST_FILE,
+    MEMBERS_DIR,
+    DataInfo,
+    InputSpec,
+    Manifest,
+    MemberEntry,
+    OutputSpec,
+    file_digests,
+    is_valid_name,
+    next_version,
+    read_manifest,
+    scan_model,
+)
+
+STAGING_PREFIX = ".staging-"
+# A staging folder older than this belongs to a writer that died; it is removed on next publish.
+STALE_STAGING_SECONDS = 24 * 3600
+_RENAME_ATTEMPTS = 20
+
+
+class PublishError(Exception):
+    """The version could not be published; nothing was made visible."""
+
+
+@dataclass(frozen=True)
+class MemberArtifact:
+    """A member ready to publish: an exported SavedModel folder and what is known about it."""
+
+    name: str
+    kind: str
+    source: Path
+    weight: float
+    hyperparameters: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under directory, then directory itself."""
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for filename in filenames:
+            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_staging(model_dir: Path, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Delete staging folders left by writers that died long ago; returns what was removed."""
+    removed = []
+    now = time.time()
+    for path in model_dir.glob(f"{STAGING_PREFIX}*"):
+        try:
+            if now - path.stat().st_mtime > older_than:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def check_writable(root: Path) -> None:
+    """Fail early, with the path, if the repository cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PublishError(f"cannot create repository folder {root}: {exc.strerror}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PublishError(f"repository folder {root} is not writable; pass a writable --repository")
+
+
+def latest_committed(root: Path, name: str) -> int | None:
+    """The newest version of `name` whose manifest is present."""
+    committed = [v.version for v in scan_model(root, name) if v.committed]
+    return max(committed, default=None)
+
+
+def publish_version(
+    root: Path,
+    name: str,
+    members: list[MemberArtifact],
+    input_spec: InputSpec,
+    output_spec: OutputSpec,
+    metrics: dict[str, float],
+    data: DataInfo | None = None,
+) -> Manifest:
+    """Copy members into a new version folder of `root/name` atomically and return its manifest."""
+    if not is_valid_name(name):
+        raise PublishError(
+            f"ensemble name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    if not members:
+        raise PublishError("an ensemble needs at least one member")
+    check_writable(root)
+    model_dir = root / name
+    model_dir.mkdir(exist_ok=True)
+    remove_stale_staging(model_dir)
+
+    staging = model_dir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+    staging.mkdir()
+    try:
+        entries = []
+        for member in members:
+            rel = f"{MEMBERS_DIR}/{member.name}"
+            shutil.copytree(member.source, staging / rel)
+            entries.append(
+                MemberEntry(
+                    name=member.name,
+                    path=rel,
+                    kind=member.kind,
+                    hyperparameters=member.hyperparameters,
+                    metrics=member.metrics,
+                    weight=member.weight,
+                    files=file_digests(staging / rel),
+                )
+            )
+        replaces = latest_committed(root, name)
+        for _ in range(_RENAME_ATTEMPTS):
+            version = next_version(v.version for v in scan_model(root, name))
+            manifest = Manifest(
+                name=name,
+                version=version,
+                created=datetime.now(timezone.utc),
+                input=input_spec,
+                output=output_spec,
+                members=tuple(entries),
+                metrics=metrics,
+                data=data,
+                replaces=replaces,
+            )
+            # The manifest is written last: it is the commit marker.
+            (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+            _fsync_tree(staging)
+            target = model_dir / str(version)
+            if target.exists():  # another writer took this number; try the next one
+                continue
+            try:
+                os.rename(staging, target)
+            except OSError:  # lost a race for this number between exists() and rename()
+                if target.exists():
+                    continue
+                raise
+            _fsync_dir(model_dir)
+            return read_manifest(target)
+        raise PublishError(f"could not claim a version number in {model_dir} after {_RENAME_ATTEMPTS} tries")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
