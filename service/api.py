@@ -159,7 +159,7 @@ def create_app(
             "model": {"name": ensemble.name, "version": ensemble.version},
         }
         if members:
-            body["members"] = {m.name: per_member[:, i, :] for i, m in enumerate(ensemble.manifest.members)}
+            body["members"] = codec.members_by_name(per_member, [m.name for m in ensemble.manifest.members])
             body["disagreement"] = codec.disagreement(per_member, average)
         return Response(codec.encode(body), media_type=JSON)
 

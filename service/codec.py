@@ -64,13 +64,20 @@ def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: st
             raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
         out = array.astype(spec.dtype, copy=False)
-    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
-        first = int(np.argwhere(~np.isfinite(out.reshape(len(out), -1)).any(axis=1))[0, 0])
+    first = first_nonfinite_row(out)
+    if first is not None:
         raise InvalidInput(
             f"'{field}' holds a non-finite number in instance {first} "
             f"(NaN, infinity, or beyond the range of {spec.dtype})"
         )
     return np.ascontiguousarray(out)
+
+
+def first_nonfinite_row(x: np.ndarray) -> int | None:
+    """Index of the first row holding NaN or infinity, or None if every value is finite."""
+    if x.dtype.kind != "f" or np.all(np.isfinite(x)):
+        return None
+    return int(np.argmax((~np.isfinite(x.reshape(len(x), -1))).any(axis=1)))
 
 
 def _describe_kind(dtype: np.dtype) -> str:
@@ -82,6 +89,12 @@ def _describe_kind(dtype: np.dtype) -> str:
 def predicted_labels(probabilities: np.ndarray, classes: Sequence[str]) -> list[str]:
     """The most probable class label of every row."""
     return [classes[i] for i in np.argmax(probabilities, axis=1)]
+
+
+def members_by_name(member_probabilities: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """(rows, members, classes) -> {member name: (rows, classes)}, each contiguous for encoding."""
+    by_member = np.ascontiguousarray(member_probabilities.transpose(1, 0, 2))
+    return dict(zip(names, by_member))
 
 
 def disagreement(member_probabilities: np.ndarray, ensemble_probabilities: np.ndarray) -> np.ndarray:

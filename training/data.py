@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from service.codec import first_nonfinite_row
+
 
 class DataError(Exception):
     """The data cannot be used for training; the message says what to change."""
@@ -112,8 +114,8 @@ def validate(data: Dataset) -> Dataset:
     """Refuse data that cannot train a classifier, naming the problem."""
     if len(data.x) != len(data.y):
         raise DataError(f"{data.source}: x has {len(data.x)} rows but y has {len(data.y)}")
-    if not np.all(np.isfinite(data.x)):
-        bad = int(np.argwhere(~np.isfinite(data.x.reshape(len(data.x), -1)).any(axis=1))[0, 0])
+    bad = first_nonfinite_row(data.x)
+    if bad is not None:
         raise DataError(f"{data.source}: x holds NaN or infinite values (first in row {bad})")
     present = np.unique(data.y)
     if len(present) < 2:

@@ -99,9 +99,25 @@ def train_member(
     trained = len(history.history["loss"])
     val_acc = max(history.history.get("val_accuracy", [float("nan")]))
     report(f"[member] {plan.name}: {trained} epochs, best val_accuracy={val_acc:.4f}")
-    model.export(str(export_dir), format="tf_saved_model", verbose=False)
+    export_member(model, export_dir)
     keras.backend.clear_session(free_memory=True)
     return TrainedMember(plan, export_dir, trained)
+
+
+def export_member(model: keras.Model, export_dir: Path) -> None:
+    """Write a SavedModel whose `serve` endpoint (and `serving_default`) runs in inference mode.
+
+    `model.export` registers `model.__call__` without `training=False`, and Keras 3's random
+    augmentation layers default to `training=True`: the exported model would augment at
+    inference. The endpoint is therefore added explicitly.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.as_dtype(model.inputs[0].dtype), name="instances")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda x: model(x, training=False), input_signature=[spec])
+    archive.write_out(str(export_dir), verbose=False)
 
 
 def predict_saved_model(export_dir: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:

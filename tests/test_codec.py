@@ -1,0 +1,71 @@
+"""Turning request bodies into arrays: every kind of bad input gets a clear 4xx (no TF)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.codec import disagreement, instances_to_array, parse_json_object, predicted_labels
+from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from service.repository import InputSpec
+
+SPEC = InputSpec(shape=(2, 2, 1))
+ROW = [[[1], [2]], [[3], [16]]]
+
+
+def test_valid_rows_become_float32_of_the_spec_shape():
+    x = instances_to_array([ROW, ROW], SPEC, max_rows=10)
+    assert x.shape == (2, 2, 2, 1) and x.dtype == np.float32
+    assert x[0, 1, 1, 0] == 16.0
+
+
+@pytest.mark.parametrize(
+    "body, error, message",
+    [
+        (b"", MalformedRequest, "empty"),
+        (b"{not json", MalformedRequest, "not valid JSON"),
+        (b"[1, 2]", MalformedRequest, "must be a JSON object, got a JSON list"),
+    ],
+)
+def test_unparseable_bodies_are_400(body, error, message):
+    with pytest.raises(error, match=message):
+        parse_json_object(body)
+
+
+@pytest.mark.parametrize(
+    "instances, message",
+    [
+        (None, "missing field 'instances'"),
+        ({"a": 1}, "must be a list of instances, got a JSON dict"),
+        ([], "is empty"),
+        ([[1, 2, 3, 4]], r"shape \[2, 2, 1\], got \[4\]"),
+        ([1.0], r"got a bare number"),
+        ([ROW, [[[1], [2]]]], "ragged"),
+        ([[[["a"], [2]], [[3], [4]]]], "numbers only; found strings"),
+        ([[[[True], [False]], [[True], [True]]]], "found true/false"),
+        ([[[[None], [2]], [[3], [4]]]], "found null"),
+        ([ROW, [[[1], [2]], [[3], [1e39]]]], "non-finite number in instance 1"),
+    ],
+)
+def test_bad_instances_are_422_naming_the_problem(instances, message):
+    with pytest.raises(InvalidInput, match=message):
+        instances_to_array(instances, SPEC, max_rows=10)
+
+
+def test_too_many_rows_is_413():
+    with pytest.raises(PayloadTooLarge, match="at most 2"):
+        instances_to_array([ROW] * 3, SPEC, max_rows=2)
+
+
+def test_integer_inputs_refuse_fractions():
+    spec = InputSpec(shape=(2,), dtype="int32")
+    assert instances_to_array([[1, 2]], spec, 5).dtype == np.int32
+    with pytest.raises(InvalidInput, match="whole numbers"):
+        instances_to_array([[1.5, 2]], spec, 5)
+
+
+def test_labels_and_disagreement():
+    avg = np.array([[0.6, 0.4], [0.2, 0.8]])
+    members = np.array([[[0.9, 0.1], [0.3, 0.7]], [[0.1, 0.9], [0.3, 0.7]]])
+    assert predicted_labels(avg, ["cat", "dog"]) == ["cat", "dog"]
+    np.testing.assert_allclose(disagreement(members, avg), [0.5, 0.0])
