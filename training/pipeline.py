@@ -97,6 +97,7 @@ def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -
     keras.utils.set_random_seed(config.seed)
     ranked = search(hypermodel, splits, config.budget, work / "tuning", f"{config.name}-{digest[:12]}-s{SEARCH_SPACE_VERSION}",
                     config.seed, report, config.verbose)
+    report(f"[tune] search done after {time.monotonic() - started:.0f} s; {len(ranked)} trials")
     plans = plan_tuned_members([config_values(hp) for hp in ranked], config.members, config.seed)
 
     exports = Path(tempfile.mkdtemp(prefix="members-", dir=work))

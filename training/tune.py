@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -87,12 +88,16 @@ def search(
         project_name=f"{project}-{budget.key()}",
         overwrite=False,
     )
-    tuner.search(
-        splits.train.x,
-        splits.train.y,
-        validation_data=(splits.val.x, splits.val.y),
-        batch_size=budget.batch_size,
-        callbacks=[_TrialProgress(report, budget.objective)],
-        verbose=verbose,
-    )
+    with warnings.catch_warnings():
+        # Hyperband resumes promoted trials from checkpoints without their optimizer state,
+        # on purpose; Keras warns about it on every promotion.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        tuner.search(
+            splits.train.x,
+            splits.train.y,
+            validation_data=(splits.val.x, splits.val.y),
+            batch_size=budget.batch_size,
+            callbacks=[_TrialProgress(report, budget.objective)],
+            verbose=verbose,
+        )
     return tuner.get_best_hyperparameters(num_trials=len(tuner.oracle.trials) or 1)

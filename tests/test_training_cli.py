@@ -1,0 +1,73 @@
+"""`ensemble-train`: bad input fails with one clear line and publishes nothing; npz vectors work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.repository import read_manifest, scan_model
+from training.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+
+FAST = ["--max-epochs", "2", "--factor", "2", "--members", "2", "--epochs", "2", "--patience", "1"]
+
+
+def vectors(path, n=120, classes=3, d=6):
+    rng = np.random.default_rng(1)
+    y = np.arange(n) % classes
+    x = rng.normal(size=(n, d)) + 3 * y[:, None]
+    np.savez(path, x=x.astype("float32"), y=np.array(["red", "green", "blue"])[y])
+
+
+def run(args, tmp_path, capsys):
+    code = main([*args, "--repository", str(tmp_path / "models")])
+    return code, capsys.readouterr()
+
+
+def test_npz_feature_vectors_train_and_publish_a_dense_ensemble(tmp_path, capsys):
+    vectors(tmp_path / "v.npz")
+    code, out = run(["--data", str(tmp_path / "v.npz"), "--name", "vectors", *FAST], tmp_path, capsys)
+    assert code == EXIT_OK, out.err
+    manifest = read_manifest(tmp_path / "models" / "vectors" / "1")
+    assert manifest.input.shape == (6,) and manifest.output.classes == ("blue", "green", "red")
+    assert len(manifest.members) == 2 and {"accuracy", "nll", "best_member_accuracy"} <= set(manifest.metrics)
+    assert manifest.data.fingerprint and manifest.data.rows["test"] == 24
+    assert "[publish] vectors version 1" in out.out and "ENSEMBLE" in out.out
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_text("garbage"), "not a readable .npz"),
+        (lambda p: np.savez(p, x=np.zeros((30, 2))), "no array 'y'"),
+        (lambda p: np.savez(p, x=np.zeros((30, 2)), y=np.zeros(30)), "1 class"),
+        (lambda p: np.savez(p, x=np.full((30, 2), np.nan), y=np.arange(30) % 2), "NaN"),
+        (lambda p: np.savez(p, x=np.zeros((4, 2)), y=np.arange(4) % 2), "at least 3"),
+    ],
+)
+def test_bad_data_exits_1_with_a_clear_line_and_publishes_nothing(tmp_path, capsys, setup, message):
+    setup(tmp_path / "d.npz")
+    code, out = run(["--data", str(tmp_path / "d.npz"), *FAST], tmp_path, capsys)
+    assert code == EXIT_FAILED
+    assert message in out.err and "nothing was published" in out.err
+    assert scan_model(tmp_path / "models", "digits") == []
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    code, out = run(["--name", "Bad Name"], tmp_path, capsys)
+    assert code == EXIT_USAGE and "is not valid" in out.err
+    code, out = run(["--members", "0"], tmp_path, capsys)
+    assert code == EXIT_USAGE and "--members must be at least 1" in out.err
+    code, out = run(["--data", "mnist", *FAST], tmp_path, capsys)
+    assert code == EXIT_FAILED and "unknown data source 'mnist'" in out.err
+
+
+def test_unwritable_repository_exits_1(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code = main(["--repository", str(tmp_path / "file" / "models"), *FAST])
+    assert code == EXIT_FAILED and "cannot create repository folder" in capsys.readouterr().err
+
+
+def test_if_empty_skips_when_a_version_exists(trained_repository, capsys):
+    assert main(["--repository", str(trained_repository), "--if-empty"]) == EXIT_OK
+    assert "already has version 1" in capsys.readouterr().out
