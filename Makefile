@@ -22,14 +22,14 @@ install: $(STAMP)
 ## Train the default ensemble if the repository has none, then serve it on $(HOST):$(PORT).
 run: $(STAMP)
 	$(BIN)/ensemble-train --data digits --name $(NAME) --repository $(REPOSITORY) --if-empty
-	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --default-model $(NAME)
 
 ## Train and publish a new version, whatever the repository holds.
 train: $(STAMP)
 	$(BIN)/ensemble-train --data digits --name $(NAME) --repository $(REPOSITORY)
 
 serve: $(STAMP)
-	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --default-model $(NAME)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -142,11 +142,7 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.post("/predict")
-    async def predict(request: Request, members: bool = False) -> Response:
-        """TensorFlow Serving row format in; probabilities, labels and the version out."""
-        manager: ModelManager = request.app.state.manager
-        ensemble = manager.live(manager.default_name(settings.default_model))
+    async def answer(request: Request, ensemble, members: bool) -> Response:
         payload = codec.parse_json_object(await _read_body(request, settings.max_body_bytes))
         x = codec.instances_to_array(payload.get("instances"), ensemble.input_spec,
                                      settings.max_rows_per_request)
@@ -162,5 +158,16 @@ def create_app(
             body["members"] = codec.members_by_name(per_member, [m.name for m in ensemble.manifest.members])
             body["disagreement"] = codec.disagreement(per_member, average)
         return Response(codec.encode(body), media_type=JSON)
+
+    @app.post("/predict")
+    async def predict(request: Request, members: bool = False) -> Response:
+        """TensorFlow Serving row format in; probabilities, labels and the version out."""
+        manager: ModelManager = request.app.state.manager
+        return await answer(request, manager.live(manager.default_name(settings.default_model)), members)
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict_named(request: Request, name: str, members: bool = False) -> Response:
+        """The same, for a named ensemble (TensorFlow Serving's REST path)."""
+        return await answer(request, request.app.state.manager.live(name), members)
 
     return app

@@ -112,12 +112,20 @@ class ModelManager:
         )
 
     def readiness(self, configured: str | None) -> tuple[bool, str]:
-        """(ready, reason): ready when the default ensemble has a live version."""
-        try:
-            ensemble = self.live(self.default_name(configured))
-        except (ModelNotFound, NotReady) as exc:
-            return False, str(exc)
-        return True, f"{ensemble.name} version {ensemble.version} is live"
+        """(ready, reason): the configured default ensemble is live, or, with none configured,
+        at least one ensemble is (one broken ensemble must not take the others out of service)."""
+        if configured:
+            try:
+                ensemble = self.live(configured)
+            except (ModelNotFound, NotReady) as exc:
+                return False, str(exc)
+            return True, f"{ensemble.name} version {ensemble.version} is live"
+        live = [s.live for s in self.slots.values() if s.live is not None]
+        if live:
+            return True, ", ".join(f"{e.name} version {e.version} is live" for e in live)
+        if not self.slots:
+            return False, f"the repository {self.repository} holds no ensemble yet"
+        return False, "; ".join(f"{s.name}: {self._why_not(s)}" for s in self.slots.values())
 
     def _why_not(self, slot: ModelSlot) -> str:
         if slot.loading is not None:

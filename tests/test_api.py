@@ -149,3 +149,43 @@ def test_broken_new_version_is_not_served_and_says_why(client, repository):
     assert client.get("/models").json()["models"][0]["live"] == 1
     assert client.metrics.registry.get_sample_value(
         "ensemble_model_reloads_total", {"model": "digits", "result": "failure"}) == 1.0
+
+
+def copy_as(repository, name):
+    """Publish the digits version again under another ensemble name."""
+    dst = repository / name / "1"
+    shutil.copytree(repository / "digits" / "1", dst)
+    raw = (dst / "manifest.json").read_text().replace('"name": "digits"', f'"name": "{name}"')
+    (dst / "manifest.json").write_text(raw)
+
+
+def test_several_ensembles_are_served_by_name(repository, digits_test_split):
+    copy_as(repository, "other")
+    rows = {"instances": digits_test_split.x[:2].tolist()}
+    c, _ = make_client(repository)
+    with c:
+        assert c.get("/readyz").status_code == 200
+        for name in ("digits", "other"):
+            resp = c.post(f"/v1/models/{name}:predict", json=rows)
+            assert resp.status_code == 200 and resp.json()["model"]["name"] == name
+        unknown = c.post("/v1/models/nope:predict", json=rows)
+        assert unknown.status_code == 404 and "known: digits, other" in unknown.json()["error"]
+        ambiguous = c.post("/predict", json=rows)
+        assert ambiguous.status_code == 404 and "ENSEMBLE_DEFAULT_MODEL" in ambiguous.json()["error"]
+    c, _ = make_client(repository, default_model="other")
+    with c:
+        assert c.post("/predict", json=rows).json()["model"]["name"] == "other"
+
+
+def test_a_broken_ensemble_does_not_make_the_others_unready(repository):
+    copy_as(repository, "broken")
+    (repository / "broken" / "1" / "manifest.json").write_text("{}")
+    c, _ = make_client(repository)
+    with c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and "digits version 1 is live" in ready.json()["reason"]
+        assert c.post("/v1/models/broken:predict", json={"instances": []}).status_code == 503
+    c, _ = make_client(repository, default_model="broken")
+    with c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "does not follow the schema" in ready.json()["reason"]
