@@ -11,7 +11,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-TINY = dict(members=3, epochs=3, patience=2)
+# All four kinds of member, trained for a few epochs: 5 members from 4 runs.
+TINY_MEMBERS = {"tuned": 1, "seed": 1, "snapshot": 2, "swa": 1}
 
 
 def free_port() -> int:
@@ -22,14 +23,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def trained_repository(tmp_path_factory) -> Path:
-    """A repository holding digits/1: three members trained on the built-in digits in seconds."""
+    """A repository holding digits/1: five members of all four kinds, trained on the built-in
+    digits in seconds."""
+    from training.members import MemberOptions
     from training.pipeline import TrainConfig, train_ensemble
     from training.tune import SearchBudget
 
     root = tmp_path_factory.mktemp("repo")
     config = TrainConfig(
         data="digits", name="digits", repository=root, work_dir=tmp_path_factory.mktemp("work"),
-        budget=SearchBudget(max_epochs=2, factor=2), **TINY,
+        budget=SearchBudget(max_epochs=2, factor=2), members=TINY_MEMBERS,
+        member_options=MemberOptions(epochs=3, patience=2, snapshot_epochs_per_cycle=2, swa_epochs=3),
     )
     train_ensemble(config, report=lambda line: None)
     return root

@@ -66,7 +66,7 @@ def test_predict_accepts_the_raw_integer_pixels_of_the_data(client, digits_test_
 
 def test_predict_can_return_members_and_disagreement(client, digits_test_split):
     body = client.post("/predict?members=true", json={"instances": digits_test_split.x[:2].tolist()}).json()
-    assert len(body["members"]) == 3 and all(name.startswith(("tuned-", "seed-")) for name in body["members"])
+    assert list(body["members"]) == ["tuned-0", "seed-1", "snapshot-2", "snapshot-3", "swa-4"]
     assert all(np.shape(v) == (2, 10) for v in body["members"].values())
     assert len(body["disagreement"]) == 2 and all(0 <= d <= 1 for d in body["disagreement"])
 
@@ -108,7 +108,7 @@ def test_health_models_and_metrics(client):
     assert ready.status_code == 200 and ready.json()["reason"] == "digits version 1 is live"
     (model,) = client.get("/models").json()["models"]
     assert (model["name"], model["live"]) == ("digits", 1)
-    assert model["versions"][0]["state"] == "live" and model["versions"][0]["members"] == 3
+    assert model["versions"][0]["state"] == "live" and model["versions"][0]["members"] == 5
     client.post("/predict", json={"instances": []})
     text = client.get("/metrics").text
     assert 'ensemble_model_version{model="digits"} 1.0' in text

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training.data import (
+    DataOptions,
     DataError,
     DigitsSource,
     NpzSource,
@@ -101,3 +102,54 @@ def test_normalization_stats_per_channel_and_constant_features():
     mean, var = normalization_stats(x)
     np.testing.assert_allclose(mean, [0.0, 2.0])
     np.testing.assert_allclose(var, [1.0, 2.0])  # constant feature: variance 1, not 0
+
+
+def write_csv(path, header, rows):
+    path.write_text("\n".join([",".join(header), *(",".join(map(str, r)) for r in rows)]) + "\n")
+
+
+def test_csv_with_a_named_label_column(tmp_path):
+    x, y = blobs(n=30, d=3)
+    write_csv(tmp_path / "d.csv", ["a", "species", "b", "c"],
+              [[r[0], ["x", "y", "z"][l], r[1], r[2]] for r, l in zip(x, y)])
+    data = open_source(str(tmp_path / "d.csv"), DataOptions(label_column="species")).load()
+    assert data.x.shape == (30, 3) and data.classes == ("x", "y", "z")
+    np.testing.assert_allclose(data.x[:, 1], x[:, 1], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        (["a", "b"], [[1, 0]], "no column 'label' .columns: a, b.; name the label column"),
+        (["a", "label"], [[1, 0], [2]], "line 3: 1 fields, the header has 2"),
+        (["a", "label"], [["oops", 0]], "line 2: column 'a' is not a number"),
+        (["label"], [[0]], "no feature columns"),
+    ],
+)
+def test_bad_csv_files_are_refused_with_line_and_column(tmp_path, header, rows, message):
+    write_csv(tmp_path / "d.csv", header, rows)
+    with pytest.raises(DataError, match=message):
+        open_source(str(tmp_path / "d.csv")).load()
+
+
+def test_image_folders_load_in_a_stable_order_with_raw_pixels(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    options = DataOptions(image_size=(8, 8), color_mode="grayscale")
+    first = open_source(str(tmp_path / "imgs"), options).load()
+    again = open_source(str(tmp_path / "imgs"), options).load()
+    assert first.x.shape == (8, 8, 8, 1) and first.classes == ("cat", "dog")
+    assert first.x.max() > 1.0  # raw 0..255, not rescaled
+    assert np.array_equal(first.x, again.x) and list(first.y) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert fingerprint(first) == fingerprint(again)
+
+
+def test_empty_image_folder_is_refused(tmp_path):
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    with pytest.raises(DataError):
+        open_source(str(tmp_path / "imgs")).load()

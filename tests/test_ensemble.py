@@ -33,7 +33,7 @@ def test_ensemble_equals_the_average_of_its_members(trained_repository, digits_t
 def test_weighted_manifest_averages_with_its_weights(repository, digits_test_split):
     vdir = repository / "digits" / "1"
     raw = json.loads((vdir / "manifest.json").read_text())
-    weights = [0.6, 0.3, 0.1]
+    weights = [0.5, 0.2, 0.15, 0.1, 0.05]
     for m, w in zip(raw["members"], weights):
         m["weight"] = w
     (vdir / "manifest.json").write_text(json.dumps(raw))

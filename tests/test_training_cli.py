@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from service.repository import read_manifest, scan_model
-from training.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from training.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, main
 
-FAST = ["--max-epochs", "2", "--factor", "2", "--members", "2", "--epochs", "2", "--patience", "1"]
+FAST = ["--max-epochs", "2", "--factor", "2", "--members", "2", "--epochs", "2", "--patience", "1",
+        "--snapshot-epochs-per-cycle", "1", "--swa-epochs", "2"]
 
 
 def vectors(path, n=120, classes=3, d=6):
@@ -56,8 +57,10 @@ def test_bad_data_exits_1_with_a_clear_line_and_publishes_nothing(tmp_path, caps
 def test_usage_errors_exit_2(tmp_path, capsys):
     code, out = run(["--name", "Bad Name"], tmp_path, capsys)
     assert code == EXIT_USAGE and "is not valid" in out.err
-    code, out = run(["--members", "0"], tmp_path, capsys)
-    assert code == EXIT_USAGE and "--members must be at least 1" in out.err
+    code, out = run(["--members", "tuned:0"], tmp_path, capsys)
+    assert code == EXIT_USAGE and "tuned needs a count of at least 1" in out.err
+    code, out = run(["--members", "bagged:2"], tmp_path, capsys)
+    assert code == EXIT_USAGE and "unknown kind 'bagged'" in out.err
     code, out = run(["--data", "mnist", *FAST], tmp_path, capsys)
     assert code == EXIT_FAILED and "unknown data source 'mnist'" in out.err
 
@@ -71,3 +74,36 @@ def test_unwritable_repository_exits_1(tmp_path, capsys):
 def test_if_empty_skips_when_a_version_exists(trained_repository, capsys):
     assert main(["--repository", str(trained_repository), "--if-empty"]) == EXIT_OK
     assert "already has version 1" in capsys.readouterr().out
+
+
+def test_gate_refuses_a_worse_challenger_and_no_gate_publishes(tmp_path, capsys):
+    vectors(tmp_path / "v.npz")
+    common = ["--data", str(tmp_path / "v.npz"), "--name", "vectors", *FAST]
+    strong = [*common, "--tuner", "random", "--max-trials", "2", "--epochs", "40", "--patience", "5"]
+    assert run(strong, tmp_path, capsys)[0] == EXIT_OK
+    # One epoch of one member cannot match forty epochs by NLL on the same test rows (same seed).
+    weak = [*common, "--tuner", "random", "--max-trials", "1", "--max-epochs", "1", "--epochs", "1",
+            "--members", "seed:1", "--gate-metric", "nll"]
+    code, out = run(weak, tmp_path, capsys)
+    assert code == EXIT_REFUSED, out.err
+    assert "challenger is refused: nll" in out.err and "version 1's" in out.err and "nothing was published" in out.err
+    assert [v.version for v in scan_model(tmp_path / "models", "vectors")] == [1]
+    code, out = run([*weak, "--no-gate"], tmp_path, capsys)
+    assert code == EXIT_OK and "gate disabled" in out.out
+    vdir = tmp_path / "models" / "vectors" / "2"
+    assert {"report.json", "reliability.png", "metrics.png"} <= {p.name for p in vdir.iterdir()}
+
+
+def test_fitted_weights_are_stored_and_csv_data_trains(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(90, 3))
+    y = np.arange(90) % 3
+    x[:, 0] += 3 * y
+    lines = ["f1,f2,f3,kind", *(f"{a},{b},{c},k{l}" for (a, b, c), l in zip(x, y))]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    code, out = run(["--data", str(tmp_path / "d.csv"), "--label-column", "kind", "--name", "csv", *FAST,
+                     "--members", "tuned:1,seed:1", "--weights", "fitted"], tmp_path, capsys)
+    assert code == EXIT_OK, out.err
+    manifest = read_manifest(tmp_path / "models" / "csv" / "1")
+    assert manifest.output.classes == ("k0", "k1", "k2") and manifest.input.shape == (3,)
+    assert "[weights] fitted on the validation split" in out.out
+    assert sum(manifest.weights) == pytest.approx(1.0)

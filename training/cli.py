@@ -1,9 +1,18 @@
-"""`ensemble-train`: tune, train, evaluate and publish an ensemble from the command line."""
+"""`ensemble-train`: train and publish an ensemble; `import` foreign members; `schedule` retraining.
+
+    ensemble-train [train] [--data digits] [--name digits] [--repository models] [...]
+    ensemble-train import --name NAME --repository models PATH...
+    ensemble-train schedule (--cron EXPR | --every 6h) [train flags...]
+
+Exit codes: 0 published (or nothing to do), 1 failed (nothing published), 2 usage error,
+3 refused by the gate (nothing published).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,42 +21,96 @@ from service.repository import is_valid_name, scan_model
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 32x32") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError("image height and width must be positive")
+    return h, w
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="digits",
+                      help="'digits' (built in, no download), an .npz file (arrays x, y, optional classes), "
+                           "a .csv file with a header, or a folder with one sub-folder of images per class. "
+                           "Default: digits")
+    data.add_argument("--label-column", default="label", help="CSV: the label column's name. Default: label")
+    data.add_argument("--image-size", type=_image_size, default=(32, 32),
+                      help="image folders: resize to HEIGHTxWIDTH. Default: 32x32")
+    data.add_argument("--color-mode", default="rgb", choices=["rgb", "grayscale", "rgba"],
+                      help="image folders: channels. Default: rgb")
+    p.add_argument("--name", default="digits", help="ensemble name in the repository. Default: digits")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository folder. Default: models")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="tuner state and training backups (resumable). Default: <repository>/.work")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, search and members. Default: 0")
+
+    tune = p.add_argument_group("search")
+    tune.add_argument("--tuner", default="hyperband", choices=["hyperband", "random", "bayesian"],
+                      help="Default: hyperband")
+    tune.add_argument("--objective", default="val_accuracy", choices=["val_accuracy", "val_loss"],
+                      help="Default: val_accuracy")
+    tune.add_argument("--max-epochs", type=int, default=9,
+                      help="Hyperband: the largest per-trial budget; random/bayesian: epochs per trial. Default: 9")
+    tune.add_argument("--factor", type=int, default=3, help="Hyperband reduction factor. Default: 3")
+    tune.add_argument("--max-trials", type=int, default=10, help="random/bayesian: number of trials. Default: 10")
+
+    members = p.add_argument_group("members")
+    members.add_argument("--members", default="tuned:2,seed:1,snapshot:1,swa:1",
+                         help="the member mix, KIND:COUNT,... with kinds tuned, seed, snapshot, swa "
+                              "(a plain number N means tuned:N). Default: tuned:2,seed:1,snapshot:1,swa:1")
+    members.add_argument("--epochs", type=int, default=60,
+                         help="tuned/seed members: epoch cap (early stopping on validation loss). Default: 60")
+    members.add_argument("--patience", type=int, default=10, help="early-stopping patience. Default: 10")
+    members.add_argument("--batch-size", type=int, default=32, help="training batch size. Default: 32")
+    members.add_argument("--snapshot-epochs-per-cycle", type=int, default=10,
+                         help="snapshot members: epochs per cosine cycle; one member per cycle. Default: 10")
+    members.add_argument("--swa-epochs", type=int, default=30, help="swa members: epochs. Default: 30")
+    members.add_argument("--swa-start-fraction", type=float, default=0.6,
+                         help="swa members: average the weights from this share of the epochs on. Default: 0.6")
+    members.add_argument("--weights", default="uniform", choices=["uniform", "fitted"],
+                         help="averaging weights: equal, or fitted on the validation split. Default: uniform")
+
+    gate = p.add_argument_group("publish gate")
+    gate.add_argument("--gate-metric", default="accuracy", choices=["accuracy", "nll", "brier", "ece"],
+                      help="compare the new ensemble with the newest published one by this metric. "
+                           "Default: accuracy")
+    gate.add_argument("--gate-tolerance", type=float, default=0.0,
+                      help="how much worse the challenger may be and still publish. Default: 0")
+    gate.add_argument("--no-gate", action="store_true", help="publish whatever the comparison says")
+
+    p.add_argument("--if-empty", action="store_true",
+                   help="do nothing if the repository already holds a published version of --name")
+    p.add_argument("--verbose", action="store_true", help="let Keras Tuner print every epoch")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ensemble-train",
-        description="Tune Keras models with Keras Tuner, train the top configurations as ensemble "
-        "members, evaluate them on a held-out split and publish a new version atomically.",
+        description="Tune Keras models with Keras Tuner, train ensemble members (tuned, seed, snapshot, "
+        "swa), evaluate them on a held-out split and publish a new version atomically if it passes "
+        "the gate. Subcommands: 'import' publishes members made elsewhere; 'schedule' retrains on a "
+        "cron expression or interval (see 'ensemble-train import --help', 'ensemble-train schedule --help').",
     )
-    p.add_argument("--data", default="digits",
-                   help="'digits' (built in, no download) or a path to an .npz file with arrays x and y "
-                        "(and optionally classes). Default: digits")
-    p.add_argument("--name", default="digits", help="ensemble name in the repository. Default: digits")
-    p.add_argument("--repository", type=Path, default=Path("models"),
-                   help="model repository folder. Default: models")
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help="where tuner state is kept (resumable). Default: <repository>/.work")
-    p.add_argument("--members", type=int, default=5, help="number of ensemble members. Default: 5")
-    p.add_argument("--max-epochs", type=int, default=9,
-                   help="Hyperband's largest per-trial epoch budget; the search cost grows with it. Default: 9")
-    p.add_argument("--factor", type=int, default=3, help="Hyperband reduction factor. Default: 3")
-    p.add_argument("--epochs", type=int, default=60,
-                   help="maximum epochs for each member (early stopping on validation loss). Default: 60")
-    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs. Default: 10")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size. Default: 32")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, search and members. Default: 0")
-    p.add_argument("--if-empty", action="store_true",
-                   help="do nothing if the repository already holds a published version of --name")
-    p.add_argument("--verbose", action="store_true", help="let Keras Tuner print every epoch")
+    add_train_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _error(message: str) -> None:
+    print(f"ensemble-train: error: {message}", file=sys.stderr)
+
+
+def train_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not is_valid_name(args.name):
-        print(f"ensemble-train: error: --name {args.name!r} is not valid: use 1-64 characters of "
-              "a-z, 0-9, '_' and '-', starting with a letter or digit", file=sys.stderr)
+        _error(f"--name {args.name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
+               "starting with a letter or digit")
         return EXIT_USAGE
     if args.if_empty:
         published = [v.version for v in scan_model(args.repository, args.name) if v.committed]
@@ -57,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.data import DataError
+    from training.data import DataError, DataOptions
+    from training.members import MemberOptions, parse_member_mix
     from training.pipeline import TrainConfig, train_ensemble
     from training.publish import PublishError
     from training.tune import SearchBudget
@@ -68,23 +132,128 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             repository=args.repository,
             work_dir=args.work_dir,
-            budget=SearchBudget(max_epochs=args.max_epochs, factor=args.factor, batch_size=args.batch_size),
-            members=args.members,
-            epochs=args.epochs,
-            patience=args.patience,
+            data_options=DataOptions(args.label_column, args.image_size, args.color_mode),
+            budget=SearchBudget(tuner=args.tuner, max_epochs=args.max_epochs, factor=args.factor,
+                                max_trials=args.max_trials, objective=args.objective,
+                                batch_size=args.batch_size),
+            members=parse_member_mix(args.members),
+            member_options=MemberOptions(epochs=args.epochs, patience=args.patience,
+                                         batch_size=args.batch_size,
+                                         snapshot_epochs_per_cycle=args.snapshot_epochs_per_cycle,
+                                         swa_epochs=args.swa_epochs,
+                                         swa_start_fraction=args.swa_start_fraction),
+            weighting=args.weights,
+            gate=not args.no_gate,
+            gate_metric=args.gate_metric,
+            gate_tolerance=args.gate_tolerance,
             seed=args.seed,
             verbose=1 if args.verbose else 0,
         )
     except ValueError as exc:
-        print(f"ensemble-train: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_USAGE
     try:
-        train_ensemble(config, report=lambda line: print(line, flush=True))
+        result = train_ensemble(config, report=lambda line: print(line, flush=True))
     except (DataError, PublishError) as exc:
-        print(f"ensemble-train: error: {exc}", file=sys.stderr)
+        _error(str(exc))
+        print("ensemble-train: nothing was published", file=sys.stderr)
+        return EXIT_FAILED
+    if result is not None and result.manifest is None:
+        print(f"ensemble-train: {result.decision.reason}; nothing was published", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def import_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="ensemble-train import",
+        description="Publish existing members (SavedModel folders or .keras files) as a new version. "
+        "The input spec is read from their signatures; outputs must be probability rows.")
+    p.add_argument("--name", required=True, help="ensemble name in the repository")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="Default: models")
+    p.add_argument("--classes", help="comma-separated class labels in output order. Default: 0,1,...")
+    p.add_argument("paths", nargs="+", type=Path, help="SavedModel folders or .keras files")
+    args = p.parse_args(argv)
+    if not is_valid_name(args.name):
+        _error(f"--name {args.name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-'")
+        return EXIT_USAGE
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.importer import import_members
+    from training.publish import PublishError
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    try:
+        import_members(args.repository, args.name, args.paths, classes,
+                       report=lambda line: print(line, flush=True))
+    except PublishError as exc:
+        _error(str(exc))
         print("ensemble-train: nothing was published", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def schedule_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="ensemble-train schedule",
+        description="Run the training pipeline on a schedule, one run at a time. Every training flag "
+        "is accepted and passed to each run. A failed run publishes nothing and is retried at the "
+        "next tick.")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help="cron expression, UTC, e.g. '0 3 * * *' (03:00 every day)")
+    when.add_argument("--every", help="interval, e.g. 90s, 15m, 6h, 1d, 1h30m")
+    p.add_argument("--initial-run", choices=["if-empty", "always", "never"], default="if-empty",
+                   help="run once at start: when the repository holds no version of --name (default), "
+                        "always, or never")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: never)")
+    args, train_args = p.parse_known_args(argv)
+    train_parser = build_parser()
+    try:
+        train = train_parser.parse_args(train_args)
+    except SystemExit:
+        return EXIT_USAGE
+
+    from training.schedule import ScheduleError, parse_interval, run_schedule, single_scheduler, validate_cron
+
+    try:
+        every = parse_interval(args.every) if args.every else None
+        if args.cron:
+            validate_cron(args.cron)
+    except ScheduleError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    empty = not any(v.committed for v in scan_model(train.repository, train.name))
+    run_first = args.initial_run == "always" or (args.initial_run == "if-empty" and empty)
+    lock = (train.work_dir or train.repository / ".work") / f"schedule-{train.name}.lock"
+    # SIGTERM (docker stop, Kubernetes) ends the scheduler like Ctrl-C: a running training child
+    # is killed with it, which is safe, since an unfinished run has published nothing.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        with single_scheduler(lock):
+            print(f"[schedule] {train.name}: {'cron ' + args.cron if args.cron else 'every ' + args.every}"
+                  f"{'; first run now' if run_first else ''}", flush=True)
+            failures = run_schedule([a for a in train_args if a != "--if-empty"], args.cron, every,
+                                    run_first, args.max_runs, report=lambda line: print(line, flush=True))
+    except ScheduleError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_FAILED if failures and args.max_runs else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "import":
+        return import_main(argv[1:])
+    if argv and argv[0] == "schedule":
+        return schedule_main(argv[1:])
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
+    return train_main(argv)
 
 
 if __name__ == "__main__":

@@ -101,13 +101,111 @@ class NpzSource:
         return validate(Dataset(x.astype("float32"), labels.astype("int64"), classes, str(self.path)))
 
 
-def open_source(spec: str) -> DataSource:
-    """Resolve a `--data` argument: `digits` or a path to an `.npz` file."""
+@dataclass(frozen=True)
+class DataOptions:
+    """Source-specific options: the CSV label column, the size and colour of folder images."""
+
+    label_column: str = "label"
+    image_size: tuple[int, int] = (32, 32)
+    color_mode: str = "rgb"
+
+
+class CsvSource:
+    """A CSV file with a header: one named label column, every other column a numeric feature."""
+
+    def __init__(self, path: Path, label_column: str):
+        self.path = Path(path)
+        self.label_column = label_column
+
+    def load(self) -> Dataset:
+        import csv
+
+        try:
+            with open(self.path, newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                rows = [row for row in reader if row]
+        except FileNotFoundError:
+            raise DataError(f"data file {self.path} does not exist") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{self.path} is not a readable CSV file: {exc}") from None
+        if not header:
+            raise DataError(f"{self.path} is empty; it needs a header row naming the columns")
+        if self.label_column not in header:
+            raise DataError(f"{self.path} has no column {self.label_column!r} (columns: {', '.join(header)}); "
+                            "name the label column with --label-column")
+        label_at = header.index(self.label_column)
+        features = [i for i in range(len(header)) if i != label_at]
+        if not features:
+            raise DataError(f"{self.path} has no feature columns besides {self.label_column!r}")
+        x = np.empty((len(rows), len(features)), dtype="float32")
+        labels = []
+        for line, row in enumerate(rows, start=2):
+            if len(row) != len(header):
+                raise DataError(f"{self.path}, line {line}: {len(row)} fields, the header has {len(header)}")
+            try:
+                x[line - 2] = [float(row[i]) for i in features]
+            except ValueError:
+                bad = next(header[i] for i in features if not _is_number(row[i]))
+                raise DataError(f"{self.path}, line {line}: column {bad!r} is not a number") from None
+            labels.append(row[label_at])
+        values, y = np.unique(np.array(labels), return_inverse=True)
+        return validate(Dataset(x, y.astype("int64"), tuple(str(v) for v in values), str(self.path)))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class ImageFolderSource:
+    """Images in one sub-folder per class (`keras.utils.image_dataset_from_directory`), resized
+    to a fixed size; pixel values stay 0..255, as a client would send them."""
+
+    def __init__(self, path: Path, image_size: tuple[int, int], color_mode: str):
+        self.path = Path(path)
+        self.image_size = image_size
+        self.color_mode = color_mode
+
+    def load(self) -> Dataset:
+        import keras
+
+        if self.color_mode not in ("rgb", "grayscale", "rgba"):
+            raise DataError(f"--color-mode must be rgb, grayscale or rgba, got {self.color_mode!r}")
+        try:
+            ds = keras.utils.image_dataset_from_directory(
+                str(self.path), labels="inferred", label_mode="int", image_size=self.image_size,
+                color_mode=self.color_mode, batch_size=None, shuffle=False, verbose=False)
+        except ValueError as exc:
+            raise DataError(f"{self.path}: {exc}") from None
+        xs, ys = [], []
+        for image, label in ds.as_numpy_iterator():
+            xs.append(image)
+            ys.append(label)
+        if not xs:
+            raise DataError(f"{self.path} holds no images in class sub-folders")
+        return validate(Dataset(np.stack(xs).astype("float32"), np.array(ys, dtype="int64"),
+                                tuple(ds.class_names), str(self.path)))
+
+
+def open_source(spec: str, options: DataOptions | None = None) -> DataSource:
+    """Resolve a `--data` argument: `digits`, an `.npz` or `.csv` file, or a folder of images."""
+    options = options or DataOptions()
     if spec == "digits":
         return DigitsSource()
     if spec.endswith(".npz"):
         return NpzSource(Path(spec))
-    raise DataError(f"unknown data source {spec!r}: use 'digits' or a path ending in .npz")
+    if spec.endswith(".csv"):
+        return CsvSource(Path(spec), options.label_column)
+    if Path(spec).is_dir():
+        return ImageFolderSource(Path(spec), options.image_size, options.color_mode)
+    raise DataError(
+        f"unknown data source {spec!r}: use 'digits', a path ending in .npz or .csv, "
+        "or a folder with one sub-folder of images per class"
+    )
 
 
 def validate(data: Dataset) -> Dataset:

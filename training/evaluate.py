@@ -42,18 +42,31 @@ def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Confidence-weighted gap between confidence and accuracy over equal-width confidence bins."""
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """Per equal-width confidence bin: (mean confidence, accuracy, rows), NaN where a bin is empty.
+
+    Bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur with softmax.
+    """
     confidence = np.max(probs, axis=1)
     correct = np.argmax(probs, axis=1) == labels
-    # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur with softmax.
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
-    return float(ece)
+    counts = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / counts
+        bin_accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / counts
+    return mean_confidence, bin_accuracy, counts
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Row-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    mean_confidence, bin_accuracy, counts = reliability_bins(probs, labels, bins)
+    filled = counts > 0
+    gaps = np.abs(mean_confidence[filled] - bin_accuracy[filled])
+    return float(np.sum(counts[filled] * gaps) / counts.sum())
+
+
+METRICS = ("accuracy", "nll", "brier", "ece")
+HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "brier": False, "ece": False}
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -72,7 +85,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per member and the ensemble, one column per metric."""
-    metrics = ["accuracy", "nll", "brier", "ece"]
+    metrics = METRICS
     width = max(len("member"), *(len(k) for k in rows))
     lines = [f"{'member':<{width}}  " + "  ".join(f"{m:>8}" for m in metrics)]
     for name, values in rows.items():

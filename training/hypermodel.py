@@ -13,7 +13,7 @@ import numpy as np
 
 
 # Part of the tuner's project name: a changed search space must not resume an old search.
-SEARCH_SPACE_VERSION = 2
+SEARCH_SPACE_VERSION = 3
 
 
 def is_image(input_shape: tuple[int, ...]) -> bool:
@@ -59,8 +59,12 @@ class EnsembleHyperModel(kt.HyperModel):
         # Shifts of up to an eighth of the image, active in training only: cheap extra data.
         x = keras.layers.RandomTranslation(0.125, 0.125, fill_mode="constant")(x)
         filters = hp.Choice("filters", [16, 32, 64])
+        batch_norm = hp.Boolean("batch_norm")
         for block in range(hp.Int("conv_blocks", 1, 2)):
-            x = keras.layers.Conv2D(filters * 2**block, 3, padding="same", activation="relu")(x)
+            x = keras.layers.Conv2D(filters * 2**block, 3, padding="same", use_bias=not batch_norm)(x)
+            if batch_norm:
+                x = keras.layers.BatchNormalization()(x)
+            x = keras.layers.Activation("relu")(x)
             # Pool only while the map is big enough; 8x8 digits allow two halvings.
             if min(x.shape[1], x.shape[2]) >= 4:
                 x = keras.layers.MaxPooling2D(2)(x)

@@ -1,8 +1,21 @@
-"""Training ensemble members from tuned configurations, and exporting them as SavedModels."""
+"""The four ways to get ensemble members, and exporting members as SavedModels.
+
+1. tuned:    the top-k distinct configurations of the search, each retrained from scratch.
+2. seed:     the best configuration, trained from k random initialisations.
+3. snapshot: one run of the best configuration on a cosine learning rate with warm restarts;
+             the weights at the end of each cycle are a member (Huang et al. 2017).
+4. swa:      the best configuration trained with stochastic weight averaging (Izmailov et al.
+             2018), batch-normalisation statistics recomputed for the averaged weights.
+
+Every fit uses `keras.callbacks.BackupAndRestore`, so an interrupted run resumes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,26 +25,71 @@ import numpy as np
 
 from training.data import Splits
 from training.hypermodel import EnsembleHyperModel
+from training.swa import StochasticWeightAveraging, recompute_batch_norm
 
 # Keras Tuner bookkeeping values (Hyperband's epochs, bracket, round...) are not architecture.
 _TUNER_PREFIX = "tuner/"
+STRATEGIES = ("tuned", "seed", "snapshot", "swa")
 
 
 @dataclass(frozen=True)
-class MemberPlan:
-    """One member to train: its name, kind, configuration and seed."""
+class MemberOptions:
+    """How long and how each kind of member trains."""
 
-    name: str
+    epochs: int = 60
+    patience: int = 10
+    batch_size: int = 32
+    snapshot_epochs_per_cycle: int = 10
+    swa_epochs: int = 30
+    swa_start_fraction: float = 0.6
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "patience", "batch_size", "snapshot_epochs_per_cycle", "swa_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.swa_start_fraction < 1.0:
+            raise ValueError(f"--swa-start-fraction must be in [0, 1), got {self.swa_start_fraction}")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run: of kind `kind`, on one configuration and seed, yielding `names` members."""
+
     kind: str
+    names: tuple[str, ...]
     hyperparameters: dict
     seed: int
 
 
 @dataclass(frozen=True)
 class TrainedMember:
-    plan: MemberPlan
+    name: str
+    kind: str
     export_dir: Path
-    epochs_trained: int
+    hyperparameters: dict = field(default_factory=dict)
+
+
+def parse_member_mix(text: str) -> dict[str, int]:
+    """`5` (five tuned) or `tuned:3,seed:2,snapshot:3,swa:1` -> {kind: count}, in the order given."""
+    text = text.strip()
+    if text.isdigit():
+        text = f"tuned:{text}"
+    mix: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"([a-z]+):(\d+)", part)
+        if not match:
+            raise ValueError(f"--members: {part!r} is not KIND:COUNT (e.g. tuned:3,seed:2,snapshot:3,swa:1)")
+        kind, count = match.group(1), int(match.group(2))
+        if kind not in STRATEGIES:
+            raise ValueError(f"--members: unknown kind {kind!r}; choose from {', '.join(STRATEGIES)}")
+        if kind in mix:
+            raise ValueError(f"--members: {kind!r} is given twice")
+        if count < 1:
+            raise ValueError(f"--members: {kind} needs a count of at least 1")
+        mix[kind] = count
+    if not mix:
+        raise ValueError("--members: ask for at least one member, e.g. tuned:5")
+    return mix
 
 
 def config_values(hp: kt.HyperParameters) -> dict:
@@ -50,17 +108,36 @@ def distinct_configs(ranked: Sequence[dict], k: int) -> list[dict]:
     return out
 
 
-def plan_tuned_members(ranked: Sequence[dict], k: int, seed: int) -> list[MemberPlan]:
-    """Top-k distinct configurations; if the search found fewer, the best one again with new seeds."""
-    if k < 1:
-        raise ValueError(f"the ensemble needs at least one member, got {k}")
+def plan_runs(ranked: Sequence[dict], mix: dict[str, int], seed: int) -> list[RunPlan]:
+    """Training runs for a member mix; members are numbered across kinds, each run has its own seed.
+
+    If the search found fewer distinct configurations than `tuned` asks for, the missing ones
+    are trained as `seed` members of the best configuration.
+    """
     if not ranked:
         raise ValueError("the search produced no configuration")
-    configs = distinct_configs(ranked, k)
-    plans = [MemberPlan(f"tuned-{i}", "tuned", c, seed + i) for i, c in enumerate(configs)]
-    for i in range(len(configs), k):
-        plans.append(MemberPlan(f"seed-{i}", "seed", configs[0], seed + i))
-    return plans
+    best = ranked[0]
+    runs: list[RunPlan] = []
+    index = 0
+
+    def add(kind: str, count: int, config: dict) -> None:
+        nonlocal index
+        runs.append(RunPlan(kind, tuple(f"{kind}-{index + i}" for i in range(count)), config, seed + len(runs)))
+        index += count
+
+    for kind, count in mix.items():
+        if kind == "tuned":
+            configs = distinct_configs(ranked, count)
+            for config in configs:
+                add("tuned", 1, config)
+            for _ in range(count - len(configs)):
+                add("seed", 1, best)
+        elif kind == "snapshot":
+            add("snapshot", count, best)
+        else:  # seed and swa: one run per member
+            for _ in range(count):
+                add(kind, 1, best)
+    return runs
 
 
 def hyperparameters_from(values: dict) -> kt.HyperParameters:
@@ -71,37 +148,120 @@ def hyperparameters_from(values: dict) -> kt.HyperParameters:
     return hp
 
 
-def train_member(
-    plan: MemberPlan,
-    hypermodel: EnsembleHyperModel,
-    splits: Splits,
-    export_dir: Path,
-    epochs: int,
-    patience: int,
-    batch_size: int,
-    report: Callable[[str], None] = print,
-) -> TrainedMember:
-    """Train one member with early stopping on the validation split and export it."""
-    keras.utils.set_random_seed(plan.seed)
-    model = hypermodel.build(hyperparameters_from(plan.hyperparameters))
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True
-    )
-    history = model.fit(
-        splits.train.x,
-        splits.train.y,
-        validation_data=(splits.val.x, splits.val.y),
-        epochs=epochs,
-        batch_size=batch_size,
-        callbacks=[stop],
-        verbose=0,
-    )
-    trained = len(history.history["loss"])
-    val_acc = max(history.history.get("val_accuracy", [float("nan")]))
-    report(f"[member] {plan.name}: {trained} epochs, best val_accuracy={val_acc:.4f}")
-    export_member(model, export_dir)
-    keras.backend.clear_session(free_memory=True)
-    return TrainedMember(plan, export_dir, trained)
+def snapshot_cycle_ends(cycles: int, epochs_per_cycle: int) -> list[int]:
+    """0-based epochs after which a snapshot is taken: the last epoch of every cycle."""
+    return [(c + 1) * epochs_per_cycle - 1 for c in range(cycles)]
+
+
+def swa_start_epoch(epochs: int, fraction: float) -> int:
+    """First 0-based epoch whose weights enter the average."""
+    return min(epochs - 1, int(math.floor(epochs * fraction)))
+
+
+class _SnapshotSaver(keras.callbacks.Callback):
+    """Saves the weights at the end of every learning-rate cycle."""
+
+    def __init__(self, epochs: list[int], paths: list[Path]):
+        super().__init__()
+        self.at = dict(zip(epochs, paths))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch in self.at:
+            self.model.save_weights(str(self.at[epoch]))
+
+
+class MemberTrainer:
+    """Trains the runs of a plan and exports every member they yield."""
+
+    def __init__(
+        self,
+        hypermodel: EnsembleHyperModel,
+        splits: Splits,
+        options: MemberOptions,
+        export_root: Path,
+        backup_root: Path,
+        report: Callable[[str], None] = print,
+    ):
+        self.hypermodel = hypermodel
+        self.splits = splits
+        self.options = options
+        self.export_root = Path(export_root)
+        self.backup_root = Path(backup_root)
+        self.report = report
+
+    def train_run(self, run: RunPlan, key: str) -> list[TrainedMember]:
+        """Train one run (resuming its backup under `key` if interrupted) and export its members."""
+        keras.utils.set_random_seed(run.seed)
+        model = self.hypermodel.build(hyperparameters_from(run.hyperparameters))
+        backup = self.backup_root / f"{'-'.join(run.names)}-{key}"
+        train = {"tuned": self._standard, "seed": self._standard, "snapshot": self._snapshot,
+                 "swa": self._swa}[run.kind]
+        members = train(run, model, backup)
+        # Training finished: the backup (and saved snapshots) are no longer needed.
+        shutil.rmtree(backup, ignore_errors=True)
+        keras.backend.clear_session(free_memory=True)
+        return members
+
+    def _fit(self, model: keras.Model, epochs: int, backup: Path, callbacks: list) -> dict:
+        o = self.options
+        history = model.fit(
+            self.splits.train.x,
+            self.splits.train.y,
+            validation_data=(self.splits.val.x, self.splits.val.y),
+            epochs=epochs,
+            batch_size=o.batch_size,
+            callbacks=[keras.callbacks.BackupAndRestore(str(backup / "backup")), *callbacks],
+            verbose=0,
+        )
+        return history.history
+
+    def _export(self, run: RunPlan, name: str, model: keras.Model, extra: dict) -> TrainedMember:
+        export_member(model, self.export_root / name)
+        return TrainedMember(name, run.kind, self.export_root / name,
+                             {**run.hyperparameters, "seed": run.seed, **extra})
+
+    def _standard(self, run: RunPlan, model: keras.Model, backup: Path) -> list[TrainedMember]:
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.options.patience,
+                                             restore_best_weights=True)
+        history = self._fit(model, self.options.epochs, backup, [stop])
+        epochs = len(history.get("loss", []))
+        self.report(f"[member] {run.names[0]} ({run.kind}): {epochs} epochs, "
+                    f"best val_accuracy={max(history.get('val_accuracy', [float('nan')])):.4f}")
+        return [self._export(run, run.names[0], model, {"epochs_trained": epochs})]
+
+    def _snapshot(self, run: RunPlan, model: keras.Model, backup: Path) -> list[TrainedMember]:
+        o = self.options
+        cycles = len(run.names)
+        steps = math.ceil(len(self.splits.train.y) / o.batch_size)
+        peak = float(run.hyperparameters.get("learning_rate", 1e-3))
+        schedule = keras.optimizers.schedules.CosineDecayRestarts(
+            initial_learning_rate=peak, first_decay_steps=o.snapshot_epochs_per_cycle * steps,
+            t_mul=1.0, m_mul=1.0, alpha=0.0)
+        model.compile(optimizer=keras.optimizers.Adam(schedule), loss=model.loss, metrics=["accuracy"])
+        backup.mkdir(parents=True, exist_ok=True)
+        paths = [backup / f"{name}.weights.h5" for name in run.names]
+        ends = snapshot_cycle_ends(cycles, o.snapshot_epochs_per_cycle)
+        self._fit(model, cycles * o.snapshot_epochs_per_cycle, backup, [_SnapshotSaver(ends, paths)])
+        members = []
+        for cycle, (name, path) in enumerate(zip(run.names, paths), 1):
+            model.load_weights(str(path))
+            members.append(self._export(run, name, model, {"cycle": cycle, "epochs_per_cycle": o.snapshot_epochs_per_cycle}))
+        self.report(f"[member] {', '.join(run.names)} (snapshot): {cycles} cycles of "
+                    f"{o.snapshot_epochs_per_cycle} epochs, peak learning rate {peak:.2g}")
+        return members
+
+    def _swa(self, run: RunPlan, model: keras.Model, backup: Path) -> list[TrainedMember]:
+        o = self.options
+        start = swa_start_epoch(o.swa_epochs, o.swa_start_fraction)
+        swa = StochasticWeightAveraging(start_epoch=start, state_path=backup / "swa-average.npz")
+        self._fit(model, o.swa_epochs, backup, [swa])
+        swa.apply_to(model)
+        recompute_batch_norm(model, self.splits.train.x, o.batch_size)
+        self.report(f"[member] {run.names[0]} (swa): {o.swa_epochs} epochs, "
+                    f"{swa.count} weight sets averaged from epoch {start + 1}")
+        return [self._export(run, run.names[0], model, {"swa_epochs": o.swa_epochs,
+                                                         "swa_start_epoch": start + 1,
+                                                         "swa_averaged": swa.count})]
 
 
 def export_member(model: keras.Model, export_dir: Path) -> None:

@@ -111,8 +111,10 @@ def publish_version(
     output_spec: OutputSpec,
     metrics: dict[str, float],
     data: DataInfo | None = None,
+    attachments: dict[str, bytes] | None = None,
 ) -> Manifest:
-    """Copy members into a new version folder of `root/name` atomically and return its manifest."""
+    """Copy members (and attachments: report files beside the manifest) into a new version
+    folder of `root/name` atomically, and return its manifest."""
     if not is_valid_name(name):
         raise PublishError(
             f"ensemble name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
@@ -143,6 +145,10 @@ def publish_version(
                     files=file_digests(staging / rel),
                 )
             )
+        for filename, content in (attachments or {}).items():
+            if "/" in filename or filename in (MANIFEST_FILE, MEMBERS_DIR) or filename.startswith("."):
+                raise PublishError(f"attachment name {filename!r} is not allowed")
+            (staging / filename).write_bytes(content)
         replaces = latest_committed(root, name)
         for _ in range(_RENAME_ATTEMPTS):
             version = next_version(v.version for v in scan_model(root, name))

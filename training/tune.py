@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,30 +21,61 @@ import keras_tuner as kt
 from training.data import Splits
 from training.hypermodel import EnsembleHyperModel
 
-TUNERS = ("hyperband",)
+TUNERS = ("hyperband", "random", "bayesian")
+OBJECTIVES = ("val_accuracy", "val_loss")
 
 
 @dataclass(frozen=True)
 class SearchBudget:
-    """How much searching to do. Hyperband's cost grows with max_epochs * log(max_epochs)."""
+    """How much searching to do. Hyperband's cost grows with max_epochs * log(max_epochs);
+    random and Bayesian search run `max_trials` trials of `max_epochs` epochs each."""
 
     tuner: str = "hyperband"
     max_epochs: int = 9
     factor: int = 3
+    max_trials: int = 10
     objective: str = "val_accuracy"
     batch_size: int = 32
 
     def __post_init__(self) -> None:
         if self.tuner not in TUNERS:
             raise ValueError(f"unknown tuner {self.tuner!r}: choose one of {', '.join(TUNERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
+            raise ValueError(f"--max-epochs must be at least 1, got {self.max_epochs}")
         if self.factor < 2:
-            raise ValueError(f"the Hyperband factor must be at least 2, got {self.factor}")
+            raise ValueError(f"--factor (Hyperband) must be at least 2, got {self.factor}")
+        if self.max_trials < 1:
+            raise ValueError(f"--max-trials must be at least 1, got {self.max_trials}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
     def key(self) -> str:
         """Short stable digest of the budget, part of the tuner's project name."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+
+    def describe(self) -> str:
+        if self.tuner == "hyperband":
+            return f"hyperband, max_epochs={self.max_epochs}, factor={self.factor}, objective={self.objective}"
+        return f"{self.tuner}, {self.max_trials} trials of {self.max_epochs} epochs, objective={self.objective}"
+
+
+def is_distributed_worker() -> bool:
+    """True in a Keras Tuner worker process (KERASTUNER_TUNER_ID set, and not the chief)."""
+    return bool(os.environ.get("KERASTUNER_ORACLE_IP")) and "chief" not in os.environ.get("KERASTUNER_TUNER_ID", "")
+
+
+def make_tuner(hypermodel: kt.HyperModel, budget: SearchBudget, directory: Path, project: str, seed: int):
+    """The Keras Tuner tuner named by the budget, resuming its project folder if it exists."""
+    common = dict(objective=budget.objective, seed=seed, directory=str(directory),
+                  project_name=f"{project}-{budget.key()}", overwrite=False)
+    if budget.tuner == "hyperband":
+        return kt.Hyperband(hypermodel, max_epochs=budget.max_epochs, factor=budget.factor,
+                            hyperband_iterations=1, **common)
+    if budget.tuner == "random":
+        return kt.RandomSearch(hypermodel, max_trials=budget.max_trials, **common)
+    return kt.BayesianOptimization(hypermodel, max_trials=budget.max_trials, **common)
 
 
 class _TrialProgress(keras.callbacks.Callback):
@@ -76,18 +108,9 @@ def search(
     report: Callable[[str], None] = print,
     verbose: int = 0,
 ) -> list[kt.HyperParameters]:
-    """Run (or resume) the search and return every configuration, best first."""
-    tuner = kt.Hyperband(
-        hypermodel,
-        objective=budget.objective,
-        max_epochs=budget.max_epochs,
-        factor=budget.factor,
-        hyperband_iterations=1,
-        seed=seed,
-        directory=str(directory),
-        project_name=f"{project}-{budget.key()}",
-        overwrite=False,
-    )
+    """Run (or resume) the search and return every configuration, best first (none in a worker)."""
+    tuner = make_tuner(hypermodel, budget, directory, project, seed)
+    epochs = {} if budget.tuner == "hyperband" else {"epochs": budget.max_epochs}
     with warnings.catch_warnings():
         # Hyperband resumes promoted trials from checkpoints without their optimizer state,
         # on purpose; Keras warns about it on every promotion.
@@ -99,5 +122,8 @@ def search(
             batch_size=budget.batch_size,
             callbacks=[_TrialProgress(report, budget.objective)],
             verbose=verbose,
+            **epochs,
         )
+    if is_distributed_worker():
+        return []  # a worker only runs trials; the chief ranks them
     return tuner.get_best_hyperparameters(num_trials=len(tuner.oracle.trials) or 1)

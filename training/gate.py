@@ -1,0 +1,63 @@
+"""The publish gate: a challenger is published only if it is not worse than the current version
+on the same held-out rows, by a chosen metric and tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.repository import Manifest, read_manifest
+from training.evaluate import HIGHER_IS_BETTER, average_probabilities, classification_metrics
+from training.publish import latest_committed
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    metric: str
+    tolerance: float
+    challenger: float
+    champion: float | None
+    champion_version: int | None
+    reason: str
+
+
+def judge(metric: str, challenger: float, champion: float, tolerance: float) -> bool:
+    """Not worse than the champion by more than `tolerance`, in the metric's own direction."""
+    if HIGHER_IS_BETTER[metric]:
+        return challenger >= champion - tolerance
+    return challenger <= champion + tolerance
+
+
+def champion_on(repository: Path, name: str, x: np.ndarray, labels: np.ndarray,
+                shape: tuple[int, ...], classes: tuple[str, ...]) -> tuple[Manifest, dict] | None:
+    """The newest published version of `name` and its metrics on these rows, if it is comparable
+    (same input shape and class labels); None when there is nothing to compare with."""
+    from training.members import predict_saved_model
+
+    version = latest_committed(repository, name)
+    if version is None:
+        return None
+    vdir = repository / name / str(version)
+    manifest = read_manifest(vdir)
+    if manifest.input.shape != tuple(shape) or manifest.output.classes != tuple(classes):
+        return None
+    probs = np.stack([predict_saved_model(vdir / m.path, x) for m in manifest.members])
+    return manifest, classification_metrics(average_probabilities(probs, manifest.weights), labels)
+
+
+def decide(challenger: dict, champion: tuple[Manifest, dict] | None, metric: str,
+           tolerance: float) -> GateDecision:
+    """The gate's verdict and a sentence a person can read."""
+    ours = challenger[metric]
+    if champion is None:
+        return GateDecision(True, metric, tolerance, ours, None, None,
+                            "no comparable published version: the first one passes")
+    manifest, theirs = champion
+    passed = judge(metric, ours, theirs[metric], tolerance)
+    verb = "passes" if passed else "is refused"
+    return GateDecision(passed, metric, tolerance, ours, theirs[metric], manifest.version,
+                        f"challenger {verb}: {metric} {ours:.4f} vs version {manifest.version}'s "
+                        f"{theirs[metric]:.4f} on the same test rows (tolerance {tolerance:g})")
