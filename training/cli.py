@@ -62,15 +62,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     tune.add_argument("--max-trials", type=int, default=10, help="random/bayesian: number of trials. Default: 10")
 
     members = p.add_argument_group("members")
-    members.add_argument("--members", default="tuned:2,seed:1,snapshot:1,swa:1",
+    members.add_argument("--members", default="tuned:1,seed:2,snapshot:1,swa:1",
                          help="the member mix, KIND:COUNT,... with kinds tuned, seed, snapshot, swa "
-                              "(a plain number N means tuned:N). Default: tuned:2,seed:1,snapshot:1,swa:1")
+                              "(a plain number N means tuned:N). Default: tuned:1,seed:2,snapshot:1,swa:1")
     members.add_argument("--epochs", type=int, default=60,
                          help="tuned/seed members: epoch cap (early stopping on validation loss). Default: 60")
     members.add_argument("--patience", type=int, default=10, help="early-stopping patience. Default: 10")
     members.add_argument("--batch-size", type=int, default=32, help="training batch size. Default: 32")
-    members.add_argument("--snapshot-epochs-per-cycle", type=int, default=10,
-                         help="snapshot members: epochs per cosine cycle; one member per cycle. Default: 10")
+    members.add_argument("--snapshot-epochs-per-cycle", type=int, default=15,
+                         help="snapshot members: epochs per cosine cycle; one member per cycle. Default: 15")
     members.add_argument("--swa-epochs", type=int, default=30, help="swa members: epochs. Default: 30")
     members.add_argument("--swa-start-fraction", type=float, default=0.6,
                          help="swa members: average the weights from this share of the epochs on. Default: 0.6")

@@ -22,7 +22,7 @@ from training.members import STRATEGIES, MemberOptions, RunPlan
 from training.publish import MemberArtifact, check_writable, publish_version
 from training.tune import SearchBudget
 
-DEFAULT_MEMBERS = {"tuned": 2, "seed": 1, "snapshot": 1, "swa": 1}
+DEFAULT_MEMBERS = {"tuned": 1, "seed": 2, "snapshot": 1, "swa": 1}
 
 
 @dataclass(frozen=True)
