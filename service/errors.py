@@ -43,3 +43,15 @@ class InferenceFailed(ServiceError):
     """The ensemble raised or returned something that is not one probability row per input."""
 
     status = 500
+
+
+class QueueFull(ServiceError):
+    """The batch queue is at its bound (or the service is draining): come back shortly."""
+
+    status = 429
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it could be computed."""
+
+    status = 504

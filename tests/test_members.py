@@ -127,3 +127,44 @@ def test_recompute_batch_norm_sets_population_statistics():
     h = keras.Model(model.input, bn.input)(x).numpy()
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=0), rtol=1e-4, atol=1e-5)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Simulates a crash at the end of an epoch."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+class _FirstEpoch(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_interrupted_member_training_resumes_from_its_backup(tmp_path):
+    from training.data import Dataset, Splits
+    from training.hypermodel import EnsembleHyperModel
+    from training.members import MemberOptions, MemberTrainer, hyperparameters_from
+
+    rng = np.random.default_rng(0)
+    part = lambda n: Dataset(rng.normal(size=(n, 3)).astype("float32"), np.arange(n) % 2, ("a", "b"), "t")  # noqa: E731
+    splits = Splits(part(32), part(16), part(16))
+    hypermodel = EnsembleHyperModel((3,), 2, np.zeros(3, "float32"), np.ones(3, "float32"))
+    trainer = MemberTrainer(hypermodel, splits, MemberOptions(epochs=5, batch_size=8), tmp_path / "out",
+                            tmp_path / "backup", report=lambda _: None)
+    config = {"units": 32, "dropout": 0.0, "dense_layers": 1, "learning_rate": 0.01}
+    model = hypermodel.build(hyperparameters_from(config))
+    with pytest.raises(KeyboardInterrupt):
+        trainer._fit(model, 5, tmp_path / "backup" / "run", [_Interrupt(at=2)])
+    resumed, seen = hypermodel.build(hyperparameters_from(config)), _FirstEpoch()
+    trainer._fit(resumed, 5, tmp_path / "backup" / "run", [seen])
+    assert seen.epochs == [3, 4]  # epochs 0-2 were done before the crash

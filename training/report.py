@@ -33,15 +33,20 @@ def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, (ax, counts_ax) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
+                                        gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    for name, (probs, labels) in curves.items():
+    width = 1.0 / 15 / (len(curves) + 1)
+    for i, (name, (probs, labels)) in enumerate(curves.items()):
         confidence, accuracy, counts = reliability_bins(probs, labels)
         filled = counts > 0
         ax.plot(confidence[filled], accuracy[filled], marker="o", label=name)
-    ax.set(xlabel="confidence (max probability)", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02),
-           title="Reliability on the held-out test split")
+        # Few rows in a bin make its point jumpy: the counts below say how much each point weighs.
+        centres = (np.arange(len(counts)) + 0.5) / len(counts)
+        counts_ax.bar(centres + (i - 0.5) * width, counts, width=width, label=name)
+    ax.set(ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02), title="Reliability on the held-out test split")
     ax.legend(loc="upper left")
+    counts_ax.set(xlabel="confidence (max probability), 15 equal-width bins", ylabel="rows", yscale="log")
     return _png(fig)
 
 
