@@ -23,7 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -109,6 +109,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._closing = False
+        self._busy = False
 
     @property
     def queued_rows(self) -> int:
@@ -140,8 +141,6 @@ class Batcher:
         self._queue.clear()
         self._queued_rows = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    _busy = False
 
     async def submit(self, predictor: Predictor, x: np.ndarray, deadline: float | None = None):
         """(averaged, per-member) probabilities for x, computed in some batch."""
@@ -240,7 +239,3 @@ class Batcher:
         self.on_batch(BatchStats(len(x), len(batch), [started - item.enqueued for item in batch],
                                  time.monotonic() - started))
 
-
-def describe(batcher: Batcher) -> dict[str, Any]:
-    return {"max_batch_size": batcher.max_batch_size, "max_delay_seconds": batcher.max_delay,
-            "max_queue_rows": batcher.max_queue_rows, "queued_rows": batcher.queued_rows}

@@ -44,33 +44,14 @@ def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: st
         raise PayloadTooLarge(
             f"'{field}' has {len(instances)} rows; at most {max_rows} are allowed per request"
         )
-    try:
-        array = np.asarray(instances)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(
-            f"'{field}' is ragged or mixes types: every instance must be a nested list of numbers "
-            f"of shape {list(spec.shape)}"
-        ) from None
-    if array.dtype.kind not in _JSON_NUMERIC_KINDS:
-        raise InvalidInput(
-            f"'{field}' must hold numbers only; found {_describe_kind(array.dtype)} "
-            f"(expected {spec.dtype} values of shape {list(spec.shape)})"
-        )
+    array = _numeric(instances, field, hint=f" of shape {list(spec.shape)}")
     if array.shape[1:] != spec.shape:
         got = list(array.shape[1:]) if array.ndim > 1 else "a bare number"
         raise InvalidInput(f"each instance must have shape {list(spec.shape)}, got {got}")
     if spec.dtype.startswith(("int", "uint")) and array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = array.astype(spec.dtype, copy=False)
-    first = first_nonfinite_row(out)
-    if first is not None:
-        raise InvalidInput(
-            f"'{field}' holds a non-finite number in instance {first} "
-            f"(NaN, infinity, or beyond the range of {spec.dtype})"
-        )
-    return np.ascontiguousarray(out)
+    return _to_spec(array, spec, field, row="instance")
 
 
 def first_nonfinite_row(x: np.ndarray) -> int | None:
@@ -106,3 +87,145 @@ def disagreement(member_probabilities: np.ndarray, ensemble_probabilities: np.nd
 def encode(payload: dict[str, Any]) -> bytes:
     """JSON bytes; numpy arrays are serialised natively by orjson."""
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# -- TensorFlow Serving columnar format ------------------------------------------------------------
+
+def columnar_inputs(inputs: Any, spec: InputSpec, max_rows: int) -> np.ndarray:
+    """TF Serving's columnar `inputs`: the batch tensor itself, or {name: tensor} for one input."""
+    if isinstance(inputs, dict):
+        if len(inputs) != 1:
+            raise InvalidInput(f"'inputs' names {len(inputs)} tensors; this model takes exactly one")
+        inputs = next(iter(inputs.values()))
+    return instances_to_array(inputs, spec, max_rows, field="inputs")
+
+
+# -- Open Inference Protocol (KServe V2) -----------------------------------------------------------
+
+V2_DATATYPES = {"FP32": "float32", "FP64": "float64", "INT32": "int32", "INT64": "int64",
+                "UINT8": "uint8", "INT16": "int16", "INT8": "int8", "UINT16": "uint16", "FP16": "float16"}
+V2_NAMES = {v: k for k, v in V2_DATATYPES.items()}
+V2_OUTPUTS = ("probabilities", "members")
+
+
+def v2_datatype(dtype: str) -> str:
+    return V2_NAMES[dtype]
+
+
+def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a V2 body, using Inference-Header-Content-Length if present."""
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit():
+        raise MalformedRequest(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
+    n = int(header_length)
+    if n > len(body):
+        raise MalformedRequest(
+            f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def v2_input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_rows: int) -> np.ndarray:
+    """The single input tensor of a V2 inference request, from JSON `data` or the binary part."""
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("missing field 'inputs': send [{\"name\", \"shape\", \"datatype\", \"data\"}]")
+    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidInput(f"'inputs' holds {len(inputs)} tensors; this model takes exactly one")
+    tensor = inputs[0]
+    shape, datatype = tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidInput("inputs[0].shape must be a list of non-negative integers")
+    if datatype not in V2_DATATYPES:
+        raise InvalidInput(f"inputs[0].datatype {datatype!r} is not one of {', '.join(V2_DATATYPES)}")
+    expected = [spec.shape[i] for i in range(len(spec.shape))]
+    if len(shape) != len(expected) + 1 or shape[1:] != expected:
+        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
+    rows = shape[0]
+    if rows == 0:
+        raise InvalidInput("inputs[0] has 0 rows: send at least one")
+    if rows > max_rows:
+        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
+    dtype = np.dtype(V2_DATATYPES[datatype]).newbyteorder("<")
+    count = int(np.prod(shape))
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise InvalidInput(
+                f"inputs[0] declares binary_data_size {size} but shape {shape} of {datatype} needs "
+                f"{count * dtype.itemsize} bytes")
+        if len(binary) != size:
+            raise InvalidInput(f"the binary part of the body has {len(binary)} bytes; inputs[0] declares {size}")
+        array = np.frombuffer(binary, dtype=dtype).reshape(shape)
+    else:
+        if "data" not in tensor:
+            raise InvalidInput("inputs[0] has neither 'data' nor parameters.binary_data_size")
+        array = _numeric(tensor["data"], "inputs[0].data")
+        if array.size != count:
+            raise InvalidInput(f"inputs[0].data holds {array.size} values; shape {shape} needs {count}")
+        array = array.reshape(shape)
+    return _to_spec(array, spec, "inputs[0]")
+
+
+def _numeric(values: Any, field: str, hint: str = "") -> np.ndarray:
+    """One numpy conversion of nested JSON lists; ragged or non-numeric content is a 422."""
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"'{field}' is ragged or mixes types: it must be nested lists of numbers{hint}") from None
+    if array.dtype.kind not in _JSON_NUMERIC_KINDS:
+        raise InvalidInput(f"'{field}' must hold numbers only; found {_describe_kind(array.dtype)}")
+    return array
+
+
+def _to_spec(array: np.ndarray, spec: InputSpec, field: str, row: str = "row") -> np.ndarray:
+    """Cast to the input dtype; NaN, infinity, or overflow of the dtype is a 422."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = array.astype(spec.dtype, copy=False)
+    first = first_nonfinite_row(out)
+    if first is not None:
+        raise InvalidInput(
+            f"'{field}' holds a non-finite number in {row} {first} "
+            f"(NaN, infinity, or beyond the range of {spec.dtype})")
+    return np.ascontiguousarray(out)
+
+
+def v2_wants(payload: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """(outputs to return, those to return as binary) from a V2 request's `outputs`/`parameters`."""
+    all_binary = bool((payload.get("parameters") or {}).get("binary_data_output", False))
+    requested = payload.get("outputs")
+    if requested is None:
+        return ["probabilities"], ({"probabilities"} if all_binary else set())
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
+        raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
+    names, binary = [], set()
+    for output in requested:
+        if output["name"] not in V2_OUTPUTS:
+            raise InvalidInput(f"unknown output {output['name']!r}; this model has {', '.join(V2_OUTPUTS)}")
+        names.append(output["name"])
+        if all_binary or (output.get("parameters") or {}).get("binary_data"):
+            binary.add(output["name"])
+    return names, binary
+
+
+def v2_response(model: str, version: int, request_id: Any, tensors: dict[str, np.ndarray],
+                binary: set[str]) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None): JSON outputs inline, binary ones appended raw."""
+    outputs, raw = [], []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": v2_datatype(array.dtype.name)}
+        if name in binary:
+            blob = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            raw.append(blob)
+        else:
+            entry["data"] = array.reshape(-1)
+        outputs.append(entry)
+    header = {"model_name": model, "model_version": str(version), "outputs": outputs}
+    if request_id is not None:
+        header["id"] = request_id
+    head = encode(header)
+    if not raw:
+        return head, None
+    return head + b"".join(raw), len(head)

@@ -31,6 +31,14 @@ class Settings(BaseSettings):
         2.0, gt=0, le=3600, description="how often the repository is checked for new versions"
     )
     max_rows_per_request: int = Field(4096, ge=1, description="rows allowed in one request")
+    max_batch_size: int = Field(64, ge=1, description="most rows merged into one call of the ensemble")
+    max_batch_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="how long a partial batch may wait for company (0: never)")
+    max_queue_rows: int = Field(2048, ge=1, description="rows allowed to wait; beyond it: 429")
+    request_timeout_ms: float = Field(
+        0.0, ge=0, description="default deadline of a request in the queue (0: none); "
+        "a request may set its own with the X-Request-Timeout-Ms header")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body")
     warmup_batch_sizes: tuple[int, ...] = Field(
         (1, 32), description="batch sizes run through a new version before it goes live"

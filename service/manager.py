@@ -98,6 +98,17 @@ class ModelManager:
             raise NotReady(f"ensemble {name!r} has no verified version yet: {self._why_not(slot)}")
         return slot.live
 
+    def get(self, name: str, version: int | None = None):
+        """The live ensemble, or a specific loaded version (the live or the previous one)."""
+        ensemble = self.live(name)
+        if version is None or version == ensemble.version:
+            return ensemble
+        previous = self.slots[name].previous
+        if previous is not None and previous.version == version:
+            return previous
+        loaded = [str(e.version) for e in (ensemble, previous) if e is not None]
+        raise ModelNotFound(f"version {version} of {name!r} is not loaded (loaded: {', '.join(loaded)})")
+
     def default_name(self, configured: str | None) -> str:
         """The ensemble /predict serves: the configured one, else the only one there is."""
         if configured:

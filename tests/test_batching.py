@@ -1,0 +1,185 @@
+"""The dynamic batcher with a fake predictor: merging, bounds, splitting, failures, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, split_rows, take_batch
+from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
+
+
+class Fake:
+    """Echoes row sums as 'probabilities'; records batch sizes; can block, fail or lie."""
+
+    def __init__(self, delay=0.0, fail=False, short=False):
+        self.delay, self.fail, self.short = delay, fail, short
+        self.batches = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def predict(self, x):
+        self.gate.wait(5)
+        self.batches.append(len(x))
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("boom")
+        out = x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+        if self.short:
+            out = out[:-1]
+        return out, out[:, None, :]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(**kw) -> Batcher:
+    b = Batcher(**kw)
+    b.start()
+    return b
+
+
+def test_split_rows_and_take_batch():
+    assert split_rows(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert split_rows(2, 8) == [(0, 2)]
+
+    class I:
+        def __init__(self, p, n):
+            self.predictor, self.x = p, np.zeros(n)
+
+    a, b = object(), object()
+    q = deque([I(a, 3), I(b, 1), I(a, 2), I(a, 4)])
+    batch = take_batch(q, limit=5)
+    assert [len(i.x) for i in batch] == [3, 2]  # same predictor, within the limit
+    assert [len(i.x) for i in q] == [1, 4] and q[0].predictor is b  # others keep their order
+
+
+def test_lone_request_runs_at_once_and_gets_its_rows():
+    async def go():
+        b, fake = await started(max_batch_size=8), Fake()
+        t = time.monotonic()
+        avg, members = await b.submit(fake, np.array([[1.0, 2.0]]))
+        elapsed = time.monotonic() - t
+        await b.stop()
+        return avg, members, elapsed
+
+    avg, members, elapsed = run(go())
+    assert avg.tolist() == [[3.0]] and members.shape == (1, 1, 1) and elapsed < 0.1
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_rows():
+    async def go():
+        b, fake = await started(max_batch_size=64), Fake()
+        fake.gate.clear()  # hold the first batch so the others queue up behind it
+        first = asyncio.ensure_future(b.submit(fake, np.array([[0.0]])))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.ensure_future(b.submit(fake, np.full((2, 1), float(i)))) for i in range(1, 11)]
+        await asyncio.sleep(0.02)
+        fake.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await b.stop()
+        return fake.batches, results
+
+    batches, results = run(go())
+    assert batches == [1, 20]
+    for i, (avg, _) in enumerate(results[1:], start=1):
+        assert avg.tolist() == [[float(i)], [float(i)]]
+
+
+def test_large_requests_are_split_to_the_batch_limit():
+    async def go():
+        b, fake = await started(max_batch_size=4), Fake()
+        avg, _ = await b.submit(fake, np.arange(10.0).reshape(10, 1))
+        await b.stop()
+        return fake.batches, avg
+
+    batches, avg = run(go())
+    assert max(batches) <= 4 and sum(batches) == 10
+    assert avg.ravel().tolist() == list(np.arange(10.0))
+
+
+def test_full_queue_refuses_at_once():
+    async def go():
+        b, fake = await started(max_batch_size=2, max_queue_rows=4), Fake()
+        fake.gate.clear()
+        held = [asyncio.ensure_future(b.submit(fake, np.zeros((2, 1))))]
+        await asyncio.sleep(0.05)  # that batch is running (blocked); now fill the queue
+        held += [asyncio.ensure_future(b.submit(fake, np.zeros((2, 1)))) for _ in range(2)]
+        await asyncio.sleep(0.01)  # 4 rows wait behind the running batch
+        t = time.monotonic()
+        with pytest.raises(QueueFull, match="limit of 4"):
+            await b.submit(fake, np.zeros((1, 1)))
+        refused_in = time.monotonic() - t
+        fake.gate.set()
+        await asyncio.gather(*held)
+        await b.stop()
+        return refused_in
+
+    assert run(go()) < 0.01
+
+
+def test_a_failed_batch_fails_every_waiter_and_the_batcher_goes_on():
+    async def go():
+        b, bad, good = await started(), Fake(fail=True), Fake()
+        bad.gate.clear()
+        waiters = [asyncio.ensure_future(b.submit(bad, np.zeros((1, 1)))) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        bad.gate.set()
+        outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+        after = await b.submit(good, np.ones((1, 1)))
+        await b.stop()
+        return outcomes, after
+
+    outcomes, after = run(go())
+    assert all(isinstance(o, InferenceFailed) and "boom" in str(o) for o in outcomes)
+    assert after[0].tolist() == [[1.0]]
+
+
+def test_outputs_must_match_inputs_in_number():
+    async def go():
+        b = await started()
+        try:
+            await b.submit(Fake(short=True), np.zeros((3, 1)))
+        finally:
+            await b.stop()
+
+    with pytest.raises(InferenceFailed, match="2 rows for a batch of 3"):
+        run(go())
+
+
+def test_expired_requests_are_not_computed():
+    async def go():
+        b, fake = await started(), Fake()
+        fake.gate.clear()
+        first = asyncio.ensure_future(b.submit(fake, np.zeros((1, 1))))
+        await asyncio.sleep(0.02)
+        late = asyncio.ensure_future(b.submit(fake, np.zeros((5, 1)), deadline=time.monotonic() + 0.01))
+        await asyncio.sleep(0.05)
+        fake.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await late
+        await b.stop()
+        return fake.batches
+
+    assert run(go()) == [1]
+
+
+def test_max_delay_waits_for_company_but_not_forever():
+    async def go():
+        b, fake = await started(max_batch_size=4, max_delay_seconds=0.05), Fake()
+        t = time.monotonic()
+        await b.submit(fake, np.zeros((1, 1)))
+        lone = time.monotonic() - t
+        full = await asyncio.gather(*[b.submit(fake, np.zeros((1, 1))) for _ in range(4)])
+        await b.stop()
+        return lone, fake.batches, full
+
+    lone, batches, _ = run(go())
+    assert 0.04 < lone < 0.5 and batches == [1, 4]
