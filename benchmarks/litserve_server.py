@@ -1,0 +1,45 @@
+"""(d) A serving framework with its own dynamic batching: LitServe, on the same ensemble and
+`tf.function`. Installed for the benchmark only (`pip install litserve`).
+
+    python benchmarks/litserve_server.py VERSION_DIR PORT
+"""
+
+import sys
+from pathlib import Path
+
+import litserve as ls
+import numpy as np
+
+VERSION_DIR, PORT = Path(sys.argv[1]), int(sys.argv[2])
+
+
+class EnsembleAPI(ls.LitAPI):
+    def setup(self, device):
+        from service.ensemble import load_ensemble
+        from service.repository import read_manifest
+
+        self.ensemble = load_ensemble(read_manifest(VERSION_DIR), VERSION_DIR, (1, 32))
+        self.sizes = []
+
+    def decode_request(self, request):
+        return np.asarray(request["instances"], dtype="float32")
+
+    def batch(self, inputs):
+        # One worker runs batch -> predict -> unbatch in turn, so the sizes can wait here.
+        self.sizes = [len(x) for x in inputs]
+        return np.concatenate(inputs)
+
+    def predict(self, x):
+        return self.ensemble.predict(x)[0]
+
+    def unbatch(self, output):
+        return np.split(output, np.cumsum(self.sizes)[:-1])
+
+    def encode_response(self, output):
+        return {"predictions": output.tolist()}
+
+
+if __name__ == "__main__":
+    api = EnsembleAPI(max_batch_size=64, batch_timeout=0.001)
+    ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/ready").run(
+        port=PORT, host="127.0.0.1", generate_client_file=False)
