@@ -8,7 +8,7 @@ NAME ?= digits
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run train serve test test-slow clean
+.PHONY: install run train serve test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "Python 3.11 is required (found %d.%d); set PYTHON=/path/to/python3.11" % v)'
@@ -36,6 +36,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+## The serving benchmark (benchmarks/RESULTS.md): wrk from Debian, LitServe only for the benchmark.
+bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python -m pip install --quiet litserve
+	$(BIN)/ensemble-train --data digits --name $(NAME) --repository $(REPOSITORY) --if-empty
+	$(BIN)/python benchmarks/bench.py --repository $(REPOSITORY) --name $(NAME)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

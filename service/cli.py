@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-request", type=int, help="rows allowed per request (default: 4096)")
     p.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: 0, TF decides)")
     p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, TF decides)")
+    p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 64)")
+    p.add_argument("--max-batch-delay-ms", type=float, help="wait for a fuller batch (default: 0)")
+    p.add_argument("--max-queue-rows", type=int, help="rows allowed to wait before 429 (default: 2048)")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes, each with its own ensemble (default: 1)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     return p
 
@@ -36,6 +42,26 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with every flag that was given taking precedence."""
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return Settings(**overrides)
+
+
+def prepare_multiprocess_metrics() -> Path:
+    """A fresh folder for prometheus_client's multiprocess files, shared by the workers."""
+    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="ensemble-metrics-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):  # values of a previous run would be summed in
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
+
+
+def worker_app():
+    """App factory for `--workers N`: settings from the ENSEMBLE_* environment."""
+    from service.api import create_app
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +79,20 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from service.api import create_app
+    common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                  timeout_graceful_shutdown=30)
+    if settings.workers == 1:
+        from service.api import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=30)
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Several processes: each worker builds its app from the environment, so the settings
+    # (flags included) are handed down as ENSEMBLE_* variables; metrics are aggregated
+    # across workers through prometheus_client's multiprocess mode.
+    for name, value in settings.model_dump(exclude_none=True).items():
+        os.environ[f"ENSEMBLE_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
+    prepare_multiprocess_metrics()
+    uvicorn.run("service.cli:worker_app", factory=True, workers=settings.workers, **common)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,6 +12,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
@@ -72,4 +75,9 @@ class ServiceMetrics:
             self.queue_wait.observe(wait)
 
     def exposition(self) -> bytes:
+        """The exposition text; with several worker processes, every worker's values combined."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)

@@ -71,3 +71,34 @@ def test_invalid_setting_exits_2_naming_the_variable(tmp_path):
     )
     assert result.returncode == 2
     assert "ENSEMBLE_PORT" in result.stderr and "65535" in result.stderr
+
+
+def test_two_workers_serve_and_aggregate_their_metrics(repository, digits_test_split, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "--repository", str(repository), "--port", str(port),
+         "--workers", "2", "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        ready = 0
+        while time.monotonic() < deadline and ready < 5:  # both workers must have loaded
+            try:
+                ready = ready + 1 if httpx.get(f"{base}/readyz", timeout=1).status_code == 200 else 0
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert ready >= 5, proc.stdout.read1().decode() if proc.poll() is not None else "not ready"
+        rows = {"instances": digits_test_split.x[:1].tolist()}
+        for _ in range(40):  # a new connection each, so both workers get some
+            assert httpx.post(f"{base}/predict", json=rows).status_code == 200
+        text = httpx.get(f"{base}/metrics").text
+        line = next(l for l in text.splitlines()
+                    if l.startswith('ensemble_requests_total{') and 'route="/predict"' in l and 'status="200"' in l)
+        assert float(line.rsplit(" ", 1)[1]) == 40.0
+        pids = {p.name for p in (tmp_path / "prom").glob("counter_*.db")}
+        assert len(pids) >= 2, pids  # values came from more than one process
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
