@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -103,8 +104,9 @@ class Server:
 
     def __enter__(self) -> "Server":
         self.log = open(HERE / f".{self.name}.log", "w")
+        # A session of its own, so stopping it stops its worker processes too (LitServe forks).
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
+                                     cwd=ROOT, start_new_session=True)
         import urllib.request
 
         deadline = time.monotonic() + 180
@@ -121,11 +123,15 @@ class Server:
         raise RuntimeError(f"{self.name} did not become ready in 180 s")
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        try:  # whatever is left of the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log.close()
 
 

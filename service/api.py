@@ -9,6 +9,7 @@ Inference Protocol's `/infer`) are the pure ASGI layer of `service.inference_rou
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 
@@ -43,15 +44,22 @@ def default_loader(settings: Settings) -> Loader:
     return load
 
 
+def tensorflow_threads(intra: int, inter: int, workers: int, cores: int) -> tuple[int, int]:
+    """Thread pool sizes; 0 means automatic: the cores a worker has, less one for its event
+    loop (at least one) for intra-op, and one for inter-op (an ensemble call is one chain)."""
+    per_worker = max(1, cores // workers)
+    return (intra or max(1, per_worker - 1), inter or 1)
+
+
 def configure_tensorflow(settings: Settings) -> None:
     """Thread pools must be set before TensorFlow runs its first op."""
     import tensorflow as tf
 
+    intra, inter = tensorflow_threads(settings.intra_op_threads, settings.inter_op_threads,
+                                      settings.workers, os.cpu_count() or 1)
     try:
-        if settings.intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
-        if settings.inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError as exc:  # already initialised (e.g. several apps in one test process)
         log.warning("TensorFlow threads not changed: %s", exc)
 

@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from service.background import cancel
 from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,8 @@ class Batcher:
         return not self._queue and not self._busy
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(QueueFull("the service is shutting down"))

@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-policy", help="'latest' (default) or a version number to pin")
     p.add_argument("--poll-interval-seconds", type=float, help="repository polling interval (default: 2)")
     p.add_argument("--max-rows-per-request", type=int, help="rows allowed per request (default: 4096)")
-    p.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: 0, TF decides)")
-    p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, TF decides)")
-    p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 64)")
+    p.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: 0, the worker's share of cores less one)")
+    p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, one)")
+    p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 256)")
     p.add_argument("--max-batch-delay-ms", type=float, help="wait for a fuller batch (default: 0)")
     p.add_argument("--max-queue-rows", type=int, help="rows allowed to wait before 429 (default: 2048)")
     p.add_argument("--workers", type=int, help="uvicorn worker processes, each with its own ensemble (default: 1)")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                  timeout_graceful_shutdown=30)
+                  access_log=settings.access_log, timeout_graceful_shutdown=30)
     if settings.workers == 1:
         from service.api import create_app
 

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         2.0, gt=0, le=3600, description="how often the repository is checked for new versions"
     )
     max_rows_per_request: int = Field(4096, ge=1, description="rows allowed in one request")
-    max_batch_size: int = Field(64, ge=1, description="most rows merged into one call of the ensemble")
+    max_batch_size: int = Field(256, ge=1, description="most rows merged into one call of the ensemble")
     max_batch_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a partial batch may wait for company (0: never)")
     max_queue_rows: int = Field(2048, ge=1, description="rows allowed to wait; beyond it: 429")
@@ -43,9 +43,11 @@ class Settings(BaseSettings):
     warmup_batch_sizes: tuple[int, ...] = Field(
         (1, 32), description="batch sizes run through a new version before it goes live"
     )
-    intra_op_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0: TF decides)")
-    inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: TF decides)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of cores, less one)")
+    inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: one)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    access_log: bool = Field(False, description="log every request (costs throughput at high rates)")
 
     @field_validator("version_policy", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from service.background import cancel
 from service.errors import ModelNotFound, NotReady
 from service.metrics import ServiceMetrics
 from service.repository import (
@@ -154,13 +155,8 @@ class ModelManager:
         self._task = asyncio.create_task(self._poll_forever(), name="model-manager-poll")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _poll_forever(self) -> None:
         while True:

@@ -183,3 +183,37 @@ def test_max_delay_waits_for_company_but_not_forever():
 
     lone, batches, _ = run(go())
     assert 0.04 < lone < 0.5 and batches == [1, 4]
+
+
+def test_inference_routes_match_templates_and_parameters():
+    from service.inference_routes import match_route
+
+    assert match_route("/predict") == ("/predict", "predict", {})
+    assert match_route("/v1/models/digits:predict") == ("/v1/models/{name}:predict", "tfs_predict", {"name": "digits"})
+    assert match_route("/v1/models/digits/versions/3:predict")[2] == {"name": "digits", "version": "3"}
+    assert match_route("/v2/models/digits/versions/12/infer")[1:] == ("v2_infer", {"name": "digits", "version": "12"})
+    assert match_route("/v2/models/digits/ready") is None
+    assert match_route("/predict/extra") is None
+
+
+def test_deadline_header_and_default():
+    from service.errors import InvalidInput
+    from service.inference_routes import deadline_from
+
+    now = time.monotonic()
+    assert deadline_from({}, 0) is None
+    assert now + 0.09 < deadline_from({}, 100) < now + 0.2
+    assert now + 0.009 < deadline_from({"x-request-timeout-ms": "10"}, 100) < now + 0.1
+    for bad in ("soon", "0", "-5"):
+        with pytest.raises(InvalidInput):
+            deadline_from({"x-request-timeout-ms": bad}, 0)
+
+
+def test_tensorflow_thread_defaults_leave_a_core_for_the_event_loop():
+    from service.api import tensorflow_threads
+
+    assert tensorflow_threads(0, 0, workers=1, cores=2) == (1, 1)
+    assert tensorflow_threads(0, 0, workers=1, cores=8) == (7, 1)
+    assert tensorflow_threads(0, 0, workers=2, cores=8) == (3, 1)
+    assert tensorflow_threads(0, 0, workers=4, cores=2) == (1, 1)
+    assert tensorflow_threads(4, 2, workers=1, cores=2) == (4, 2)
