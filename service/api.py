@@ -45,10 +45,10 @@ def default_loader(settings: Settings) -> Loader:
 
 
 def tensorflow_threads(intra: int, inter: int, workers: int, cores: int) -> tuple[int, int]:
-    """Thread pool sizes; 0 means automatic: the cores a worker has, less one for its event
-    loop (at least one) for intra-op, and one for inter-op (an ensemble call is one chain)."""
-    per_worker = max(1, cores // workers)
-    return (intra or max(1, per_worker - 1), inter or 1)
+    """Thread pool sizes; 0 means automatic: the worker's share of the cores for intra-op (a
+    large batch needs them all), and one inter-op thread (one batch runs at a time, and more
+    threads only compete with the event loop)."""
+    return (intra or max(1, cores // workers), inter or 1)
 
 
 def configure_tensorflow(settings: Settings) -> None:

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-policy", help="'latest' (default) or a version number to pin")
     p.add_argument("--poll-interval-seconds", type=float, help="repository polling interval (default: 2)")
     p.add_argument("--max-rows-per-request", type=int, help="rows allowed per request (default: 4096)")
-    p.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: 0, the worker's share of cores less one)")
+    p.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: 0, the worker's share of the cores)")
     p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, one)")
     p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 256)")
     p.add_argument("--max-batch-delay-ms", type=float, help="wait for a fuller batch (default: 0)")

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         (1, 32), description="batch sizes run through a new version before it goes live"
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of cores, less one)")
+        0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of the cores)")
     inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: one)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     access_log: bool = Field(False, description="log every request (costs throughput at high rates)")

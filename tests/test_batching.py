@@ -209,11 +209,11 @@ def test_deadline_header_and_default():
             deadline_from({"x-request-timeout-ms": bad}, 0)
 
 
-def test_tensorflow_thread_defaults_leave_a_core_for_the_event_loop():
+def test_tensorflow_thread_defaults_share_the_cores_among_workers():
     from service.api import tensorflow_threads
 
-    assert tensorflow_threads(0, 0, workers=1, cores=2) == (1, 1)
-    assert tensorflow_threads(0, 0, workers=1, cores=8) == (7, 1)
-    assert tensorflow_threads(0, 0, workers=2, cores=8) == (3, 1)
+    assert tensorflow_threads(0, 0, workers=1, cores=2) == (2, 1)
+    assert tensorflow_threads(0, 0, workers=1, cores=8) == (8, 1)
+    assert tensorflow_threads(0, 0, workers=2, cores=8) == (4, 1)
     assert tensorflow_threads(0, 0, workers=4, cores=2) == (1, 1)
     assert tensorflow_threads(4, 2, workers=1, cores=2) == (4, 2)
