@@ -110,25 +110,15 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._closing = False
-        self._busy = False
-
-    @property
-    def queued_rows(self) -> int:
-        return self._queued_rows
 
     def start(self) -> None:
+        """Start the batching loop on the running event loop."""
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="batcher")
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop taking new work and wait up to `timeout` for what is queued; True if it all ran."""
-        self._closing = True
-        deadline = time.monotonic() + timeout
-        while (self._queue or self._busy) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        return not self._queue and not self._busy
-
     async def stop(self) -> None:
+        """Refuse new work, stop the loop, and fail whatever is still queued."""
+        self._closing = True
         await cancel(self._task)
         self._task = None
         for item in self._queue:
@@ -179,11 +169,7 @@ class Batcher:
             batch = self._drop_expired(batch)
             if not batch:
                 continue
-            self._busy = True
-            try:
-                await self._execute(loop, batch)
-            finally:
-                self._busy = False
+            await self._execute(loop, batch)
 
     async def _wait_for_company(self) -> None:
         """Hold a partial batch until it fills or its oldest request has waited max_delay."""
