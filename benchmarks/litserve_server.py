@@ -42,4 +42,4 @@ class EnsembleAPI(ls.LitAPI):
 if __name__ == "__main__":
     api = EnsembleAPI(max_batch_size=64, batch_timeout=0.001)
     ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/ready").run(
-        port=PORT, host="127.0.0.1", generate_client_file=False)
+        port=PORT, host="127.0.0.1", generate_client_file=False, log_level="warning")  # no access log, like the others
