@@ -32,6 +32,7 @@ serve: $(STAMP)
 	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --default-model $(NAME)
 
 test: $(STAMP)
+	$(BIN)/ruff check --no-cache --select F,E9 service training tests benchmarks
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: $(STAMP)

@@ -9,7 +9,6 @@ Writes the table to benchmarks/RESULTS.md (and prints it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re

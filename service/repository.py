@@ -231,14 +231,6 @@ class VersionDir:
     path: Path
     committed: bool
 
-    def stamp(self) -> tuple[int, int] | None:
-        """(mtime_ns, size) of the manifest: changes when the version's commit marker changes."""
-        try:
-            st = (self.path / MANIFEST_FILE).stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
-
 
 def is_valid_name(name: str) -> bool:
     return re.fullmatch(NAME_PATTERN, name) is not None

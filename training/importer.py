@@ -37,7 +37,6 @@ class ImportedMember:
 
 def _signature_of(loaded, source: Path):
     """The single-input, single-output serving function of a SavedModel and its input spec."""
-    import tensorflow as tf
 
     if hasattr(loaded, "serve") and getattr(loaded.serve, "input_signature", None):
         fn, signature = loaded.serve, loaded.serve.input_signature

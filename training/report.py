@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -73,6 +72,3 @@ def metrics_png(members: dict[str, dict[str, float]], ensemble: dict[str, float]
     fig.tight_layout()
     return _png(fig)
 
-
-def decision_dict(decision) -> dict:
-    return asdict(decision)
