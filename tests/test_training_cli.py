@@ -107,3 +107,21 @@ def test_fitted_weights_are_stored_and_csv_data_trains(tmp_path, capsys):
     assert manifest.output.classes == ("k0", "k1", "k2") and manifest.input.shape == (3,)
     assert "[weights] fitted on the validation split" in out.out
     assert sum(manifest.weights) == pytest.approx(1.0)
+
+
+def test_schedule_runs_training_children_and_reports_failures(tmp_path, capfd):
+    (tmp_path / "bad.npz").write_text("not an npz")
+    code = main(["schedule", "--every", "1s", "--max-runs", "2", "--initial-run", "always",
+                 "--data", str(tmp_path / "bad.npz"), "--repository", str(tmp_path / "models")])
+    out = capfd.readouterr()
+    assert code == EXIT_FAILED
+    assert out.out.count("failed with exit code 1 (nothing published); retrying at the next tick") == 2
+    assert "not a readable .npz file" in out.err
+    assert scan_model(tmp_path / "models", "digits") == []
+
+
+def test_schedule_refuses_bad_cron_and_interval(tmp_path, capsys):
+    assert main(["schedule", "--cron", "61 * * * *", "--repository", str(tmp_path)]) == EXIT_USAGE
+    assert "not a valid cron expression" in capsys.readouterr().err
+    assert main(["schedule", "--every", "soon", "--repository", str(tmp_path)]) == EXIT_USAGE
+    assert "not an interval" in capsys.readouterr().err
