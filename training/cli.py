@@ -230,7 +230,7 @@ def schedule_main(argv: list[str]) -> int:
     lock = (train.work_dir or train.repository / ".work") / f"schedule-{train.name}.lock"
     # SIGTERM (docker stop, Kubernetes) ends the scheduler like Ctrl-C: a running training child
     # is killed with it, which is safe, since an unfinished run has published nothing.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         with single_scheduler(lock):
             print(f"[schedule] {train.name}: {'cron ' + args.cron if args.cron else 'every ' + args.every}"
@@ -242,6 +242,8 @@ def schedule_main(argv: list[str]) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return EXIT_FAILED if failures and args.max_runs else EXIT_OK
 
 
