@@ -170,11 +170,20 @@ class InferenceRoutes:
         self.handlers = InferenceHandlers(settings, metrics, app.state)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             found = match_route(scope["path"])
             if found is not None:
-                return await self._serve(scope, receive, send, *found)
+                if scope["method"] == "POST":
+                    return await self._serve(scope, receive, send, *found)
+                return await self._method_not_allowed(scope, send, found[0])
         await self.app(scope, receive, send)
+
+    async def _method_not_allowed(self, scope, send, template: str) -> None:
+        body = codec.encode({"error": f"{scope['method']} is not allowed on {template}; use POST"})
+        await send({"type": "http.response.start", "status": 405,
+                    "headers": [(b"content-type", JSON), (b"allow", b"POST")]})
+        await send({"type": "http.response.body", "body": body})
+        self.metrics.requests.labels(template, "405").inc()
 
     async def _serve(self, scope, receive, send, template: str, handler: str, params: dict) -> None:
         started = time.perf_counter()

@@ -114,3 +114,10 @@ def test_batch_metrics_are_recorded(client, rows):
     client.post("/predict", json={"instances": rows.tolist()})
     assert client.metrics.registry.get_sample_value("ensemble_batch_size_rows_count") >= 1
     assert client.metrics.registry.get_sample_value("ensemble_queue_depth_rows") == 0
+
+
+def test_inference_routes_answer_405_to_other_methods(client):
+    resp = client.get("/predict")
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    assert "GET is not allowed on /predict; use POST" in resp.json()["error"]
+    assert client.get("/v2/models/digits/infer").status_code == 405
