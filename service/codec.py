@@ -48,9 +48,6 @@ def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: st
     if array.shape[1:] != spec.shape:
         got = list(array.shape[1:]) if array.ndim > 1 else "a bare number"
         raise InvalidInput(f"each instance must have shape {list(spec.shape)}, got {got}")
-    if spec.dtype.startswith(("int", "uint")) and array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
     return _to_spec(array, spec, field, row="instance")
 
 
@@ -138,7 +135,7 @@ def v2_input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_
         raise InvalidInput("inputs[0].shape must be a list of non-negative integers")
     if datatype not in V2_DATATYPES:
         raise InvalidInput(f"inputs[0].datatype {datatype!r} is not one of {', '.join(V2_DATATYPES)}")
-    expected = [spec.shape[i] for i in range(len(spec.shape))]
+    expected = list(spec.shape)
     if len(shape) != len(expected) + 1 or shape[1:] != expected:
         raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
     rows = shape[0]
@@ -179,7 +176,11 @@ def _numeric(values: Any, field: str, hint: str = "") -> np.ndarray:
 
 
 def _to_spec(array: np.ndarray, spec: InputSpec, field: str, row: str = "row") -> np.ndarray:
-    """Cast to the input dtype; NaN, infinity, or overflow of the dtype is a 422."""
+    """Cast to the input dtype; NaN, infinity, overflow of the dtype, or a fraction for an
+    integer input is a 422."""
+    if spec.dtype.startswith(("int", "uint")) and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
         out = array.astype(spec.dtype, copy=False)
     first = first_nonfinite_row(out)

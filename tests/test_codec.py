@@ -69,3 +69,13 @@ def test_labels_and_disagreement():
     members = np.array([[[0.9, 0.1], [0.3, 0.7]], [[0.1, 0.9], [0.3, 0.7]]])
     assert predicted_labels(avg, ["cat", "dog"]) == ["cat", "dog"]
     np.testing.assert_allclose(disagreement(members, avg), [0.5, 0.0])
+
+
+def test_v2_data_for_integer_inputs_refuses_fractions_like_instances_do():
+    from service.codec import v2_input_array
+
+    spec = InputSpec(shape=(2,), dtype="int32")
+    tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32"}
+    assert v2_input_array({"inputs": [{**tensor, "data": [1.0, 2.0]}]}, b"", spec, 5).dtype == np.int32
+    with pytest.raises(InvalidInput, match="whole numbers"):
+        v2_input_array({"inputs": [{**tensor, "data": [1.5, 2.0]}]}, b"", spec, 5)
