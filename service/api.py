@@ -183,7 +183,10 @@ def create_app(
         ready, _ = manager_of(request).readiness(settings.default_model)
         return Response(codec.encode({"ready": ready}), 200 if ready else 503, media_type=JSON)
 
-    def v2_metadata(ensemble) -> Response:
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def v2_model(request: Request, name: str, version: int | None = None) -> Response:
+        ensemble = manager_of(request).get(name, version)
         spec = ensemble.input_spec
         body = {
             "name": ensemble.name,
@@ -200,21 +203,9 @@ def create_app(
         }
         return Response(codec.encode(body), media_type=JSON)
 
-    @app.get("/v2/models/{name}")
-    async def v2_model(request: Request, name: str) -> Response:
-        return v2_metadata(manager_of(request).get(name))
-
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def v2_model_version(request: Request, name: str, version: int) -> Response:
-        return v2_metadata(manager_of(request).get(name, version))
-
     @app.get("/v2/models/{name}/ready")
-    async def v2_model_ready(request: Request, name: str) -> Response:
-        manager_of(request).get(name)
-        return Response(codec.encode({"name": name, "ready": True}), media_type=JSON)
-
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def v2_model_version_ready(request: Request, name: str, version: int) -> Response:
+    async def v2_model_ready(request: Request, name: str, version: int | None = None) -> Response:
         manager_of(request).get(name, version)
         return Response(codec.encode({"name": name, "ready": True}), media_type=JSON)
 

@@ -174,7 +174,7 @@ class Batcher:
     async def _wait_for_company(self) -> None:
         """Hold a partial batch until it fills or its oldest request has waited max_delay."""
         oldest = self._queue[0].enqueued
-        while sum(len(i.x) for i in self._queue) < self.max_batch_size:
+        while self._queued_rows < self.max_batch_size:
             remaining = oldest + self.max_delay - time.monotonic()
             if remaining <= 0:
                 return

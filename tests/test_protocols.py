@@ -57,6 +57,9 @@ def test_v2_health_and_metadata(client):
     meta = client.get("/v2/models/digits").json()
     assert meta["inputs"] == [{"name": "instances", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
     assert meta["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+    assert client.get("/v2/models/digits/versions/1").json() == meta
+    assert client.get("/v2/models/digits/versions/1/ready").json() == {"name": "digits", "ready": True}
+    assert client.get("/v2/models/digits/versions/9/ready").status_code == 404
     assert client.get("/v2/models/nope").status_code == 404
     assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
 
