@@ -65,6 +65,7 @@ class TrainConfig:
 class EvaluationResult:
     member_metrics: dict[str, dict[str, float]]
     ensemble_metrics: dict[str, float]
+    ensemble_probabilities: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def evaluate_members(
 ) -> EvaluationResult:
     """Metrics of every member and of their weighted average on the same rows."""
     per_member = {n: classification_metrics(p, labels) for n, p in zip(names, member_probs)}
-    ensemble = classification_metrics(average_probabilities(member_probs, weights), labels)
-    return EvaluationResult(per_member, ensemble)
+    average = average_probabilities(member_probs, weights)
+    return EvaluationResult(per_member, classification_metrics(average, labels), average)
 
 
 def best_member(result: EvaluationResult) -> str:
@@ -197,7 +198,7 @@ def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -
         attachments = {
             "report.json": report_json(run_report),
             "reliability.png": reliability_png({
-                "ensemble": (average_probabilities(probs, weights), splits.test.y),
+                "ensemble": (result.ensemble_probabilities, splits.test.y),
                 f"best member ({best})": (probs[best_index], splits.test.y)}),
             "metrics.png": metrics_png(result.member_metrics, ens),
         }
