@@ -8,12 +8,14 @@ Inference Protocol's `/infer`) are the pure ASGI layer of `service.inference_rou
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import codec
 from service.batching import Batcher
 from service.config import Settings
-from service.errors import ServiceError
+from service.errors import Forbidden, ServiceError, Unauthorized
 from service.inference_routes import InferenceRoutes
-from service.manager import Loader, ModelManager
+from service.manager import Loader, ModelManager, PinStore
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,40 @@ JSON = "application/json"
 
 def _error(status: int, message: str, headers: dict | None = None) -> Response:
     return Response(codec.encode({"error": message}), status_code=status, media_type=JSON, headers=headers)
+
+
+_ROWS = {"type": "array", "minItems": 1, "description": "one instance per row, each of the "
+         "manifest's input shape (nested lists of numbers)", "items": {}}
+_TFS_BODY = {"type": "object", "properties": {"instances": _ROWS, "inputs": _ROWS},
+             "description": "row format ('instances') or columnar format ('inputs')"}
+_V2_BODY = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "inputs": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "datatype": {"type": "string", "enum": ["FP32", "FP64", "INT32", "INT64", "UINT8"]},
+            "data": {"type": "array", "items": {}},
+            "parameters": {"type": "object"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string", "enum": ["probabilities", "members"]},
+        "parameters": {"type": "object"}}}}}}
+INFERENCE_DOCS = [
+    ("/predict", "Predict with the default ensemble (?members=true adds each member's answer)",
+     {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}}),
+    ("/v1/models/{name}:predict", "TensorFlow Serving REST predict", _TFS_BODY),
+    ("/v1/models/{name}/versions/{version}:predict", "TensorFlow Serving REST predict, one version",
+     _TFS_BODY),
+    ("/v2/models/{name}/infer", "Open Inference Protocol infer (JSON, or binary tensors with "
+     "Inference-Header-Content-Length)", _V2_BODY),
+    ("/v2/models/{name}/versions/{version}/infer", "Open Inference Protocol infer, one version",
+     _V2_BODY),
+]
+
+
+async def _answered_in_front() -> Response:
+    """Never called: InferenceRoutes answers these paths before FastAPI sees them."""
+    return _error(404, "not found")
 
 
 def default_loader(settings: Settings) -> Loader:
@@ -106,7 +142,8 @@ def create_app(
         if loader is None:
             configure_tensorflow(settings)
         manager = ModelManager(settings.repository, loader or default_loader(settings), metrics,
-                               settings.version_policy, settings.poll_interval_seconds)
+                               settings.version_policy, settings.poll_interval_seconds,
+                               settings.default_model, PinStore(settings.state_dir))
         batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                           settings.max_queue_rows, on_batch=metrics.observe_batch,
                           on_depth=metrics.queue_depth.set)
@@ -116,6 +153,10 @@ def create_app(
         try:
             yield
         finally:
+            # uvicorn has stopped accepting and waited for the requests it had; whatever is
+            # still queued gets the rest of the grace period before it is failed.
+            if not await batcher.drain(settings.shutdown_grace_seconds):
+                log.warning("shutdown: the queue did not drain in %.0f s", settings.shutdown_grace_seconds)
             await manager.stop()
             await batcher.stop()
 
@@ -128,7 +169,8 @@ def create_app(
     async def service_error(request: Request, exc: ServiceError):
         if exc.status >= 500 and exc.status not in (503, 504):
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
-        return _error(exc.status, str(exc))
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return _error(exc.status, str(exc), headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -156,7 +198,7 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
-        ready, reason = manager_of(request).readiness(settings.default_model)
+        ready, reason = manager_of(request).readiness()
         return Response(codec.encode({"ready": ready, "reason": reason}), 200 if ready else 503, media_type=JSON)
 
     @app.get("/models")
@@ -166,6 +208,53 @@ def create_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    # -- admin: reload, rollback, pin ----------------------------------------------------------
+
+    def admin(request: Request) -> ModelManager:
+        """Bearer-token check of the admin routes; disabled (403) when no token is configured."""
+        if settings.admin_token is None:
+            raise Forbidden("admin routes are disabled: set ENSEMBLE_ADMIN_TOKEN to enable them")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = settings.admin_token.get_secret_value().encode()
+        # Constant time: the comparison must not tell an attacker how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("admin routes need the header 'Authorization: Bearer <ENSEMBLE_ADMIN_TOKEN>'")
+        return manager_of(request)
+
+    def _state(body: dict) -> Response:
+        return Response(codec.encode(body), media_type=JSON)
+
+    @app.post("/models/{name}/reload")
+    async def reload(name: str, manager: ModelManager = Depends(admin)) -> Response:
+        """Check the repository for `name` now instead of at the next poll."""
+        return _state(await manager.reload(name))
+
+    @app.post("/models/{name}/rollback")
+    async def rollback(name: str, manager: ModelManager = Depends(admin)) -> Response:
+        """Serve the previous version again at once, pinned until DELETE /models/{name}/pin."""
+        return _state(await manager.rollback(name))
+
+    @app.post("/models/{name}/pin/{version}")
+    async def pin(name: str, version: int = PathParam(ge=1),
+                  manager: ModelManager = Depends(admin)) -> Response:
+        """Serve `version` (loading and checking it first), whatever is published later."""
+        return _state(await manager.pin(name, version))
+
+    @app.delete("/models/{name}/pin")
+    async def unpin(name: str, manager: ModelManager = Depends(admin)) -> Response:
+        """Follow the configured policy again (normally: the newest good version)."""
+        return _state(await manager.unpin(name))
+
+    # -- inference routes: answered by service.inference_routes, listed here for the schema ----
+
+    for path, summary, body_schema in INFERENCE_DOCS:
+        params = [{"name": p, "in": "path", "required": True,
+                   "schema": {"type": "integer", "minimum": 1} if p == "version" else {"type": "string"}}
+                  for p in ("name", "version") if f"{{{p}}}" in path]
+        app.add_api_route(path, _answered_in_front, methods=["POST"], summary=summary,
+                          openapi_extra={"parameters": params, "requestBody": {
+                              "required": True, "content": {"application/json": {"schema": body_schema}}}})
 
     # -- Open Inference Protocol (KServe V2) ----------------------------------------------------
 
@@ -180,7 +269,7 @@ def create_app(
 
     @app.get("/v2/health/ready")
     async def v2_ready(request: Request) -> Response:
-        ready, _ = manager_of(request).readiness(settings.default_model)
+        ready, _ = manager_of(request).readiness()
         return Response(codec.encode({"ready": ready}), 200 if ready else 503, media_type=JSON)
 
     @app.get("/v2/models/{name}")

@@ -28,7 +28,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from service.background import cancel
-from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ class BatchStats:
     requests: int
     queue_wait: list[float] = field(default_factory=list)
     inference_seconds: float = 0.0
+    model: str = ""
+    classes: tuple[str, ...] = ()
+    average: np.ndarray | None = None  # the batch's outputs, for disagreement and class metrics
+    members: np.ndarray | None = None
 
 
 class Batcher:
@@ -110,11 +114,21 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._closing = False
+        self._running = False
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="batcher")
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work and let what is queued finish, for at most `timeout` seconds;
+        True if nothing was left."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not (self._queue or self._running)
 
     async def stop(self) -> None:
         """Refuse new work, stop the loop, and fail whatever is still queued."""
@@ -123,7 +137,7 @@ class Batcher:
         self._task = None
         for item in self._queue:
             if not item.future.done():
-                item.future.set_exception(QueueFull("the service is shutting down"))
+                item.future.set_exception(NotReady("the service is shutting down"))
         self._queue.clear()
         self._queued_rows = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -132,7 +146,7 @@ class Batcher:
         """(averaged, per-member) probabilities for x, computed in some batch."""
         rows = len(x)
         if self._closing:
-            raise QueueFull("the service is shutting down")
+            raise NotReady("the service is shutting down")
         if self._queued_rows + rows > self.max_queue_rows:
             raise QueueFull(
                 f"the queue holds {self._queued_rows} rows; {rows} more would pass the limit of "
@@ -169,7 +183,11 @@ class Batcher:
             batch = self._drop_expired(batch)
             if not batch:
                 continue
-            await self._execute(loop, batch)
+            self._running = True
+            try:
+                await self._execute(loop, batch)
+            finally:
+                self._running = False
 
     async def _wait_for_company(self) -> None:
         """Hold a partial batch until it fills or its oldest request has waited max_delay."""
@@ -218,6 +236,9 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result((average[offset:offset + n], members[offset:offset + n]))
             offset += n
+        predictor = batch[0].predictor
+        classes = getattr(predictor, "classes", ())
         self.on_batch(BatchStats(len(x), len(batch), [started - item.enqueued for item in batch],
-                                 time.monotonic() - started))
+                                 time.monotonic() - started, getattr(predictor, "name", ""), classes,
+                                 average if classes else None, members if classes else None))
 

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 256)")
     p.add_argument("--max-batch-delay-ms", type=float, help="wait for a fuller batch (default: 0)")
     p.add_argument("--max-queue-rows", type=int, help="rows allowed to wait before 429 (default: 2048)")
+    p.add_argument("--admin-token", help="bearer token enabling the admin routes (default: unset, disabled); "
+                   "prefer the ENSEMBLE_ADMIN_TOKEN variable, flags show in the process list")
+    p.add_argument("--state-dir", type=Path, help="where admin pins are kept across restarts (default: memory)")
+    p.add_argument("--shutdown-grace-seconds", type=float, help="on SIGTERM, time for requests to finish (default: 30)")
     p.add_argument("--workers", type=int, help="uvicorn worker processes, each with its own ensemble (default: 1)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     return p
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                  access_log=settings.access_log, timeout_graceful_shutdown=30)
+                  access_log=settings.access_log,
+                  timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     if settings.workers == 1:
         from service.api import create_app
 
@@ -89,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     # Several processes: each worker builds its app from the environment, so the settings
     # (flags included) are handed down as ENSEMBLE_* variables; metrics are aggregated
     # across workers through prometheus_client's multiprocess mode.
+    if settings.state_dir is None:  # pins set on one worker must reach the others
+        settings.state_dir = Path(tempfile.mkdtemp(prefix="ensemble-state-"))
     for name, value in settings.model_dump(exclude_none=True).items():
+        if name == "admin_token":
+            value = settings.admin_token.get_secret_value()
         os.environ[f"ENSEMBLE_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
     prepare_multiprocess_metrics()
     uvicorn.run("service.cli:worker_app", factory=True, workers=settings.workers, **common)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.repository import NAME_PATTERN
@@ -46,6 +46,16 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of the cores)")
     inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: one)")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin routes (reload, rollback, pin); unset: they "
+        "answer 403")
+    state_dir: Path | None = Field(
+        None, description="folder where pins set through the admin routes are kept, so they "
+        "survive a restart and reach every worker; unset: in memory (with --workers N, a "
+        "temporary folder shared by the workers)")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, le=3600, description="on SIGTERM: how long requests already received may "
+        "take to finish before the process exits")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     access_log: bool = Field(False, description="log every request (costs throughput at high rates)")
 
@@ -64,3 +74,15 @@ class Settings(BaseSettings):
         if not sizes or any(s < 1 for s in sizes):
             raise ValueError("warm-up batch sizes must be positive integers, at least one")
         return sizes
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, token: object) -> object:
+        return None if token == "" else token
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("the admin token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return token

@@ -29,31 +29,45 @@ _WARMUP_SEED = 20240601
 class LoadError(RepositoryError):
     """A version's members cannot be loaded, assembled or warmed up into a servable ensemble."""
 
+    category = "load"
+
+
+class SignatureError(LoadError):
+    """A member's serving signature does not match the manifest's input spec."""
+
+    category = "signature"
+
+
+class WarmupError(LoadError):
+    """The warm-up batch failed, or its outputs are not probability rows."""
+
+    category = "warmup"
+
 
 def check_probabilities(probs: np.ndarray, rows: int, classes: int, what: str) -> None:
     """Raise LoadError unless probs is (rows, classes), finite, in [0, 1], each row summing to 1."""
     if probs.shape != (rows, classes):
-        raise LoadError(f"{what} returned shape {list(probs.shape)}, expected [{rows}, {classes}]")
+        raise WarmupError(f"{what} returned shape {list(probs.shape)}, expected [{rows}, {classes}]")
     if not np.all(np.isfinite(probs)):
-        raise LoadError(f"{what} returned non-finite values (NaN or infinity)")
+        raise WarmupError(f"{what} returned non-finite values (NaN or infinity)")
     if np.any(probs < -ROW_SUM_TOLERANCE) or np.any(probs > 1 + ROW_SUM_TOLERANCE):
-        raise LoadError(f"{what} returned values outside [0, 1]: not probabilities")
+        raise WarmupError(f"{what} returned values outside [0, 1]: not probabilities")
     sums = probs.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1.0)))
     if abs(sums[worst] - 1.0) > ROW_SUM_TOLERANCE:
-        raise LoadError(f"{what} returned rows that do not sum to 1 (row {worst} sums to {sums[worst]:.4f})")
+        raise WarmupError(f"{what} returned rows that do not sum to 1 (row {worst} sums to {sums[worst]:.4f})")
 
 
 def check_signature(member: str, signature: Sequence[tf.TensorSpec], spec: InputSpec) -> None:
     """The member's serving endpoint must take exactly one tensor compatible with the input spec."""
     if len(signature) != 1:
-        raise LoadError(f"member {member}: serving endpoint takes {len(signature)} inputs, expected 1")
+        raise SignatureError(f"member {member}: serving endpoint takes {len(signature)} inputs, expected 1")
     expected = tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype))
     got = signature[0]
     if got.dtype != expected.dtype:
-        raise LoadError(f"member {member}: takes dtype {got.dtype.name}, manifest says {spec.dtype}")
+        raise SignatureError(f"member {member}: takes dtype {got.dtype.name}, manifest says {spec.dtype}")
     if not got.shape.is_compatible_with(expected.shape):
-        raise LoadError(
+        raise SignatureError(
             f"member {member}: takes shape {got.shape.as_list()[1:]}, manifest says {list(spec.shape)}"
         )
 
@@ -143,9 +157,9 @@ def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[
         try:
             average, members = ensemble.predict(warmup_batch(spec, rows))
         except Exception as exc:  # a member that fails on a valid batch is a broken version
-            raise LoadError(f"warm-up on {rows} rows failed: {exc}") from None
+            raise WarmupError(f"warm-up on {rows} rows failed: {exc}") from None
         if members.shape != (rows, n_members, n_classes):
-            raise LoadError(
+            raise WarmupError(
                 f"members returned shape {list(members.shape)}, expected [{rows}, {n_members}, {n_classes}] "
                 f"(one row of {n_classes} class probabilities per input)"
             )

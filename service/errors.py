@@ -55,3 +55,21 @@ class DeadlineExceeded(ServiceError):
     """The request's deadline passed before it could be computed."""
 
     status = 504
+
+
+class Conflict(ServiceError):
+    """The request cannot be carried out in the current state (e.g. nothing to roll back to)."""
+
+    status = 409
+
+
+class Unauthorized(ServiceError):
+    """An admin route was called without the right bearer token."""
+
+    status = 401
+
+
+class Forbidden(ServiceError):
+    """An admin route was called while admin routes are disabled (no token configured)."""
+
+    status = 403

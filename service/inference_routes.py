@@ -98,7 +98,7 @@ class InferenceHandlers:
 
     async def predict(self, call: Call) -> Reply:
         manager = self.state.manager
-        ensemble = manager.get(manager.default_name(self.settings.default_model))
+        ensemble = manager.get(manager.default_name())
         return await self._rows(call, ensemble)
 
     async def tfs_predict(self, call: Call) -> Reply:

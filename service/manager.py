@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
 
 from service.background import cancel
-from service.errors import ModelNotFound, NotReady
+from service.errors import Conflict, ModelNotFound, NotReady
 from service.metrics import ServiceMetrics
 from service.repository import (
     Manifest,
@@ -51,6 +54,12 @@ class Failure:
     reason: str
     stamp: tuple
     at: float
+    category: str = "invalid"
+
+
+UNCOMMITTED_REASON = (
+    "no manifest.json: the folder is not a committed version. Publish atomically: stage in a "
+    "hidden folder, write the manifest last, rename into place (ensemble-train does)")
 
 
 @dataclass
@@ -65,6 +74,58 @@ class ModelSlot:
 
 
 Loader = Callable[[Manifest, Path], object]
+PINS_FILE = "pins.json"
+
+
+class PinStore:
+    """Versions pinned through the admin routes, by ensemble name.
+
+    In memory, and also in `<folder>/pins.json` when a folder is given: then every worker
+    process reads the same pins at each poll, and a restarted service keeps them (a rollback
+    must not be undone by a restart)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.path = Path(folder) / PINS_FILE if folder is not None else None
+        self._pins: dict[str, int] = {}
+        self._seen: int | None = None  # mtime_ns of the file when last read
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.refresh()
+
+    def refresh(self) -> dict[str, int]:
+        """Re-read the file if another process changed it; the pins now in force."""
+        if self.path is None:
+            return self._pins
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            self._pins, self._seen = {}, None
+            return self._pins
+        if mtime != self._seen:
+            try:
+                raw = json.loads(self.path.read_text())
+                self._pins = {str(k): int(v) for k, v in raw.items() if int(v) >= 1}
+            except (OSError, ValueError, AttributeError, TypeError) as exc:
+                log.error("ignoring unreadable pins file %s: %s", self.path, exc)
+            self._seen = mtime
+        return self._pins
+
+    def get(self, name: str) -> int | None:
+        return self._pins.get(name)
+
+    def set(self, name: str, version: int | None) -> None:
+        """Pin `name` to `version`, or unpin it with None; written atomically."""
+        pins = dict(self.refresh())
+        if version is None:
+            pins.pop(name, None)
+        else:
+            pins[name] = version
+        if self.path is not None:
+            tmp = self.path.with_name(f".{PINS_FILE}.{os.getpid()}")
+            tmp.write_text(json.dumps(pins, sort_keys=True))
+            os.replace(tmp, self.path)
+            self._seen = self.path.stat().st_mtime_ns
+        self._pins = pins
 
 
 class ModelManager:
@@ -77,12 +138,16 @@ class ModelManager:
         metrics: ServiceMetrics,
         policy: Literal["latest"] | int = "latest",
         poll_interval: float = 2.0,
+        default_model: str | None = None,
+        pins: PinStore | None = None,
     ):
         self.repository = Path(repository)
         self.loader = loader
         self.metrics = metrics
         self.policy = policy
         self.poll_interval = poll_interval
+        self.default_model = default_model
+        self.pins = pins or PinStore()
         self.slots: dict[str, ModelSlot] = {}
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -110,10 +175,10 @@ class ModelManager:
         loaded = [str(e.version) for e in (ensemble, previous) if e is not None]
         raise ModelNotFound(f"version {version} of {name!r} is not loaded (loaded: {', '.join(loaded)})")
 
-    def default_name(self, configured: str | None) -> str:
+    def default_name(self) -> str:
         """The ensemble /predict serves: the configured one, else the only one there is."""
-        if configured:
-            return configured
+        if self.default_model:
+            return self.default_model
         if len(self.slots) == 1:
             return next(iter(self.slots))
         if not self.slots:
@@ -123,12 +188,12 @@ class ModelManager:
             "ENSEMBLE_DEFAULT_MODEL or call /v1/models/<name>:predict"
         )
 
-    def readiness(self, configured: str | None) -> tuple[bool, str]:
+    def readiness(self) -> tuple[bool, str]:
         """(ready, reason): the configured default ensemble is live, or, with none configured,
         at least one ensemble is (one broken ensemble must not take the others out of service)."""
-        if configured:
+        if self.default_model:
             try:
-                ensemble = self.live(configured)
+                ensemble = self.live(self.default_model)
             except (ModelNotFound, NotReady) as exc:
                 return False, str(exc)
             return True, f"{ensemble.name} version {ensemble.version} is live"
@@ -169,23 +234,99 @@ class ModelManager:
     async def poll_once(self) -> None:
         """Scan the repository and bring every ensemble to the version its policy chooses."""
         async with self._lock:
+            self.pins.refresh()
             for name in scan_names(self.repository):
                 slot = self.slots.setdefault(name, ModelSlot(name))
                 await self._refresh(slot)
+        self.metrics.ready.set(1 if self.readiness()[0] else 0)
+        self.metrics.update_process()
+
+    def policy_of(self, name: str) -> Literal["latest"] | int:
+        """A pin set through the admin routes, else the configured policy."""
+        return self.pins.get(name) or self.policy
 
     async def _refresh(self, slot: ModelSlot) -> None:
-        versions = {v.version: v for v in scan_model(self.repository, slot.name) if v.committed}
+        folders = {v.version: v for v in scan_model(self.repository, slot.name)}
         # A failed version is retried only once its files have changed.
         for number, failure in list(slot.failures.items()):
-            if number not in versions or version_stamp(versions[number]) != failure.stamp:
+            if number not in folders or version_stamp(folders[number]) != failure.stamp:
                 del slot.failures[number]
-        live_version = getattr(slot.live, "version", None)
+        # Under the repository contract a numbered folder appears complete, manifest included;
+        # one without is a copy in progress or an abandoned one: reported once, never loaded.
+        live_now = getattr(slot.live, "version", 0)
+        for number, folder in folders.items():
+            if not folder.committed and number > live_now and number not in slot.failures:
+                self._record_failure(slot, number, UNCOMMITTED_REASON, version_stamp(folder), "uncommitted")
+        versions = {n: v for n, v in folders.items() if v.committed}
+        policy = self.policy_of(slot.name)
+        self.metrics.model_pinned_version.labels(slot.name).set(0 if policy == "latest" else policy)
         while True:
-            chosen = choose_version(versions, self.policy, rejected=slot.failures)
+            live_version = getattr(slot.live, "version", None)
+            chosen = choose_version(versions, policy, rejected=slot.failures)
             if chosen is None or chosen == live_version:
+                return
+            if slot.previous is not None and chosen == slot.previous.version:
+                self.swap(slot, slot.previous)  # still loaded and verified: instant
                 return
             if await self._load(slot, versions[chosen]):
                 return
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def _slot(self, name: str) -> ModelSlot:
+        if name not in self.slots and name in scan_names(self.repository):
+            self.slots[name] = ModelSlot(name)
+        if name not in self.slots:
+            known = ", ".join(sorted(self.slots)) or "none"
+            raise ModelNotFound(f"no ensemble named {name!r} in the repository (known: {known})")
+        return self.slots[name]
+
+    async def reload(self, name: str) -> dict:
+        """Check the repository now (admin), instead of at the next poll."""
+        self._slot(name)
+        await self.poll_once()
+        return self.status_of(name)
+
+    async def rollback(self, name: str) -> dict:
+        """Make the previous version live again at once, and pin it until told otherwise."""
+        async with self._lock:
+            slot = self._slot(name)
+            if slot.previous is None:
+                raise Conflict(f"{name} has no previous version loaded to roll back to")
+            target = slot.previous
+            self.pins.set(name, target.version)
+            self.swap(slot, target)
+            self.metrics.model_pinned_version.labels(name).set(target.version)
+        log.warning("%s rolled back to version %d, pinned", name, target.version)
+        return self.status_of(name)
+
+    async def pin(self, name: str, version: int) -> dict:
+        """Serve `version` from now on, whatever is published later; loads it if needed. A version
+        that fails its checks is refused (409) and the live version stays."""
+        async with self._lock:
+            slot = self._slot(name)
+            versions = {v.version: v for v in scan_model(self.repository, name)}
+            if version not in versions or not versions[version].committed:
+                raise ModelNotFound(f"{name} has no committed version {version}")
+            if slot.live is None or slot.live.version != version:
+                if slot.previous is not None and slot.previous.version == version:
+                    self.swap(slot, slot.previous)
+                else:
+                    slot.failures.pop(version, None)  # asked for explicitly: try it again
+                    if not await self._load(slot, versions[version]):
+                        raise Conflict(f"{name} version {version} was not pinned: "
+                                       f"{slot.failures[version].reason}")
+            self.pins.set(name, version)
+            self.metrics.model_pinned_version.labels(name).set(version)
+        log.warning("%s pinned to version %d", name, version)
+        return self.status_of(name)
+
+    async def unpin(self, name: str) -> dict:
+        """Back to the configured policy (normally: the newest good version)."""
+        self._slot(name)
+        self.pins.set(name, None)
+        await self.poll_once()
+        return self.status_of(name)
 
     async def _load(self, slot: ModelSlot, version: VersionDir) -> bool:
         """Verify and load one version in a worker thread; swap it in on success."""
@@ -195,10 +336,11 @@ class ModelManager:
         try:
             ensemble = await asyncio.to_thread(self._verify_and_load, version)
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, RepositoryError) else f"{type(exc).__name__}: {exc}"
-            slot.failures[version.version] = Failure(reason, stamp, time.time())
-            self.metrics.reloads.labels(slot.name, "failure").inc()
-            log.error("version %s/%d is not served: %s", slot.name, version.version, reason)
+            if isinstance(exc, RepositoryError):
+                reason, category = str(exc), exc.category
+            else:  # TensorFlow and Keras raise many types for unloadable models
+                reason, category = f"{type(exc).__name__}: {exc}", "load"
+            self._record_failure(slot, version.version, reason, stamp, category)
             return False
         finally:
             slot.loading = None
@@ -207,6 +349,12 @@ class ModelManager:
         self.swap(slot, ensemble)
         return True
 
+    def _record_failure(self, slot: ModelSlot, version: int, reason: str, stamp: tuple, category: str) -> None:
+        slot.failures[version] = Failure(reason, stamp, time.time(), category)
+        self.metrics.reloads.labels(slot.name, "failure").inc()
+        self.metrics.reload_failures.labels(slot.name, category).inc()
+        log.error("version %s/%d is not served (%s): %s", slot.name, version, category, reason)
+
     def _verify_and_load(self, version: VersionDir):
         manifest = read_manifest(version.path)
         verify_checksums(version.path, manifest)
@@ -214,7 +362,7 @@ class ModelManager:
 
     def swap(self, slot: ModelSlot, ensemble) -> None:
         """Make `ensemble` live; the old live version becomes the previous one, older ones go."""
-        dropped = slot.previous
+        dropped = slot.previous if slot.previous is not ensemble else None
         slot.previous, slot.live = slot.live, ensemble
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
@@ -232,32 +380,36 @@ class ModelManager:
 
     def status(self) -> list[dict]:
         """Every ensemble and each of its version folders with its state, for GET /models."""
-        out = []
-        for name in scan_names(self.repository):
-            slot = self.slots.get(name, ModelSlot(name))
-            live = getattr(slot.live, "version", None)
-            previous = getattr(slot.previous, "version", None)
-            versions = []
-            for v in reversed(scan_model(self.repository, name)):
-                entry: dict = {"version": v.version}
-                if v.version == live:
-                    entry["state"] = "live"
-                elif v.version == slot.loading:
-                    entry["state"] = "loading"
-                elif v.version in slot.failures:
-                    entry["state"] = "failed"
-                    entry["reason"] = slot.failures[v.version].reason
-                elif not v.committed:
-                    entry["state"] = "uncommitted"
-                elif v.version == previous:
-                    entry["state"] = "previous"
-                else:
-                    entry["state"] = "available"
-                loaded = {live: slot.live, previous: slot.previous}.get(v.version)
-                if loaded is not None:
-                    m = loaded.manifest
-                    entry.update(created=m.created.isoformat(), members=len(m.members), metrics=m.metrics)
-                versions.append(entry)
-            out.append({"name": name, "live": live, "previous": previous,
-                        "policy": self.policy, "versions": versions})
-        return out
+        return [self.status_of(name) for name in scan_names(self.repository)]
+
+    def status_of(self, name: str) -> dict:
+        """One ensemble's versions and their states."""
+        slot = self.slots.get(name, ModelSlot(name))
+        live = getattr(slot.live, "version", None)
+        previous = getattr(slot.previous, "version", None)
+        versions = []
+        for v in reversed(scan_model(self.repository, name)):
+            entry: dict = {"version": v.version}
+            if v.version == live:
+                entry["state"] = "live"
+            elif v.version == slot.loading:
+                entry["state"] = "loading"
+            elif v.version in slot.failures:
+                failure = slot.failures[v.version]
+                entry["state"] = "uncommitted" if failure.category == "uncommitted" else "failed"
+                entry.update(reason=failure.reason, category=failure.category,
+                             failed_at=datetime.fromtimestamp(failure.at, timezone.utc).isoformat())
+            elif not v.committed:
+                entry["state"] = "uncommitted"
+            elif v.version == previous:
+                entry["state"] = "previous"
+            else:
+                entry["state"] = "available"
+            loaded = {live: slot.live, previous: slot.previous}.get(v.version)
+            if loaded is not None:
+                m = loaded.manifest
+                entry.update(created=m.created.isoformat(), members=len(m.members), metrics=m.metrics)
+            versions.append(entry)
+        policy = self.policy_of(name)
+        return {"name": name, "live": live, "previous": previous, "policy": policy,
+                "pinned": self.pins.get(name) is not None, "versions": versions}

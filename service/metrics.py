@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -20,6 +22,42 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RELOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Share of members disagreeing with the ensemble: k/M for M members; these bounds separate
+# every k for M <= 10 (0 is its own bucket: full agreement).
+DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """Resident memory of this process (Linux /proc), 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def disagreement_shares(average: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Per row: the share of members whose argmax differs from the ensemble's.
+    average (rows, classes), members (rows, members, classes)."""
+    if len(average) == 0:
+        return np.zeros(0)
+    return (members.argmax(axis=2) != average.argmax(axis=1)[:, None]).mean(axis=1)
+
+
+def observe_many(histogram, values: np.ndarray) -> None:
+    """Histogram.observe for every value, in one pass: counts per bucket and one sum.
+
+    prometheus_client has no bulk observe; per-row calls would cost the event loop ~2 us each.
+    This writes the same per-bucket counts `observe` would (it stores them non-cumulative,
+    one value per upper bound) and works in multiprocess mode too."""
+    if len(values) == 0:
+        return
+    bounds = np.asarray(histogram._upper_bounds)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(np.sum(values)))
+    for i in np.flatnonzero(counts):
+        histogram._buckets[i].inc(int(counts[i]))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `*_created` series double the exposition and no dashboard here uses them.
 disable_created_metrics()
@@ -48,6 +86,9 @@ class ServiceMetrics:
         self.reloads = Counter(
             "ensemble_model_reloads", "Attempts to load a version, by result (success, failure)",
             ["model", "result"], registry=r)
+        self.reload_failures = Counter(
+            "ensemble_model_reload_failures", "Versions refused, by reason (uncommitted, manifest, "
+            "checksum, signature, warmup, load)", ["model", "reason"], registry=r)
         self.reload_duration = Histogram(
             "ensemble_model_reload_duration_seconds", "Time to verify, load and warm a version",
             ["model"], buckets=RELOAD_BUCKETS, registry=r)
@@ -63,6 +104,25 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "ensemble_queue_depth_rows", "Rows waiting in the batch queue", registry=r,
             multiprocess_mode="livesum")
+        self.disagreement = Histogram(
+            "ensemble_member_disagreement_ratio", "Per predicted row: share of members whose top "
+            "class differs from the ensemble's", ["model"], buckets=DISAGREEMENT_BUCKETS, registry=r)
+        self.predicted_class = Counter(
+            "ensemble_predicted_class", "Rows by the ensemble's top class", ["model", "class"], registry=r)
+        self.ready = Gauge(
+            "ensemble_ready", "1 when the service can answer predictions (GET /readyz is 200)",
+            registry=r, multiprocess_mode="livemin")
+        self.model_pinned_version = Gauge(
+            "ensemble_model_pinned_version", "Version pinned through the admin routes or the "
+            "configured policy (0: follows the newest good version)", ["model"], registry=r,
+            multiprocess_mode="livemax")
+        self.resident_memory = Gauge(
+            "ensemble_process_resident_memory_bytes", "Resident memory of the service "
+            "(summed over worker processes)", registry=r, multiprocess_mode="livesum")
+        self.start_time = Gauge(
+            "ensemble_process_start_time_seconds", "Start time of the service process, Unix time",
+            registry=r, multiprocess_mode="livemin")
+        self.start_time.set(time.time())
         self.rejected = Counter(
             "ensemble_rejected_requests", "Requests refused before inference, by reason "
             "(queue_full, deadline, too_large)", ["reason"], registry=r)
@@ -71,11 +131,23 @@ class ServiceMetrics:
         """Record one batch (service.batching.BatchStats)."""
         self.batch_size.observe(stats.rows)
         self.inference_duration.observe(stats.inference_seconds)
-        for wait in stats.queue_wait:
-            self.queue_wait.observe(wait)
+        observe_many(self.queue_wait, np.asarray(stats.queue_wait))
+        if stats.average is not None:
+            self.observe_predictions(stats.model, stats.classes, stats.average, stats.members)
+
+    def observe_predictions(self, model: str, classes, average: np.ndarray, members: np.ndarray) -> None:
+        """What only an ensemble has: member disagreement, and the predicted classes (drift)."""
+        observe_many(self.disagreement.labels(model), disagreement_shares(average, members))
+        counts = np.bincount(average.argmax(axis=1), minlength=len(classes))
+        for i in np.flatnonzero(counts):
+            self.predicted_class.labels(model, classes[i]).inc(int(counts[i]))
+
+    def update_process(self) -> None:
+        self.resident_memory.set(resident_bytes())
 
     def exposition(self) -> bytes:
         """The exposition text; with several worker processes, every worker's values combined."""
+        self.update_process()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             combined = CollectorRegistry()
             multiprocess.MultiProcessCollector(combined)

@@ -36,13 +36,19 @@ _CHUNK = 1 << 20
 class RepositoryError(Exception):
     """A version on disk is not a valid, complete version."""
 
+    category = "invalid"  # the reason label of the reload-failure metric
+
 
 class ManifestError(RepositoryError):
     """The manifest is missing, unreadable or does not follow the schema."""
 
+    category = "manifest"
+
 
 class ChecksumError(RepositoryError):
     """A member file is missing, unexpected, or its bytes do not match the manifest."""
+
+    category = "checksum"
 
 
 class _Strict(BaseModel):
