@@ -1,0 +1,71 @@
+# One image for both roles of ensemble-serving:
+#   ensemble-serve (default CMD)   the HTTP service, on 0.0.0.0:8000, repository /models
+#   ensemble-train ...             training, `ensemble-train schedule ...` for the retraining job
+#
+#   docker build -t ensemble-serving .
+#   docker run -v models:/models ensemble-serving ensemble-train --data digits --name digits --repository /models --if-empty
+#   docker run -v models:/models:ro -p 8000:8000 ensemble-serving
+#
+# Three stages: `requirements` turns pyproject.toml's dependency list into requirements.txt;
+# `builder` installs those into /opt/venv (the big, slow layer: TensorFlow), then the project;
+# the final stage is a fresh python:3.11-slim with only /opt/venv copied in (no compilers, no
+# pip cache, no source tree beside the installed packages). Editing the code, or the version
+# in pyproject.toml, reuses the cached dependency layer: its cache key is requirements.txt's
+# content, not pyproject.toml's.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')"
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
+RUN pip install --upgrade pip && pip install -r /tmp/requirements.txt
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY training ./training
+COPY service ./service
+# A regular (not editable) install: the packages land in the venv's site-packages.
+RUN pip install --no-deps . && rm -rf /src
+
+FROM ${PYTHON_IMAGE}
+ARG UID=10001
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    MPLBACKEND=Agg \
+    ENSEMBLE_HOST=0.0.0.0 \
+    ENSEMBLE_PORT=8000 \
+    ENSEMBLE_REPOSITORY=/models
+# A fixed numeric user, so Kubernetes' runAsNonRoot can check it and volumes can be chowned to
+# it. /models is created owned by it: a fresh named volume mounted there takes that ownership,
+# so the trainer can write into it.
+RUN groupadd --gid ${UID} ensemble \
+    && useradd --uid ${UID} --gid ensemble --home-dir /home/ensemble --create-home \
+       --shell /usr/sbin/nologin ensemble \
+    && mkdir -p /models \
+    && chown ensemble:ensemble /models
+COPY --from=builder /opt/venv /opt/venv
+USER ${UID}:${UID}
+WORKDIR /home/ensemble
+# matplotlib (the training report's pictures) builds its font cache on first import: once here,
+# not in every container start.
+RUN python -c "import matplotlib.font_manager"
+EXPOSE 8000
+# Liveness only (the process answers); readiness (a version is live) is /readyz, for load
+# balancers and Kubernetes. No curl in the slim image: Python's own urllib.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ENSEMBLE_PORT', '8000'), timeout=2).status == 200 else 1)"]
+# uvicorn drains on SIGTERM: it stops accepting, lets in-flight requests finish (up to
+# ENSEMBLE_SHUTDOWN_GRACE_SECONDS, default 30), then exits. Give the container longer than that
+# before SIGKILL: docker stop -t 40, compose stop_grace_period: 40s, Kubernetes
+# terminationGracePeriodSeconds: 45. The scheduler (ensemble-train schedule) also ends on SIGTERM.
+STOPSIGNAL SIGTERM
+CMD ["ensemble-serve"]
