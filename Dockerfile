@@ -6,12 +6,12 @@
 #   docker run -v models:/models ensemble-serving ensemble-train --data digits --name digits --repository /models --if-empty
 #   docker run -v models:/models:ro -p 8000:8000 ensemble-serving
 #
-# Three stages: `requirements` turns pyproject.toml's dependency list into requirements.txt;
-# `builder` installs those into /opt/venv (the big, slow layer: TensorFlow), then the project;
-# the final stage is a fresh python:3.11-slim with only /opt/venv copied in (no compilers, no
-# pip cache, no source tree beside the installed packages). Editing the code, or the version
-# in pyproject.toml, reuses the cached dependency layer: its cache key is requirements.txt's
-# content, not pyproject.toml's.
+# Stages: `requirements` turns pyproject.toml's dependency list into requirements.txt; `deps`
+# installs those into /opt/venv (the big, slow layer: TensorFlow); `wheel` builds the project's
+# own wheel. The final stage is a fresh python:3.11-slim with /opt/venv copied in and the wheel
+# installed on top: no compilers, no pip cache, no source tree. Editing the code rebuilds only
+# the wheel and a layer of a few hundred KB; the dependency layers stay cached (their cache key
+# is requirements.txt's content, so even a version bump in pyproject.toml keeps them).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS requirements
@@ -19,7 +19,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')"
 
-FROM ${PYTHON_IMAGE} AS builder
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -27,12 +27,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
 RUN pip install --upgrade pip && pip install -r /tmp/requirements.txt
+
+FROM deps AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY training ./training
 COPY service ./service
-# A regular (not editable) install: the packages land in the venv's site-packages.
-RUN pip install --no-deps . && rm -rf /src
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 ARG UID=10001
@@ -45,14 +46,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     ENSEMBLE_PORT=8000 \
     ENSEMBLE_REPOSITORY=/models
 # A fixed numeric user, so Kubernetes' runAsNonRoot can check it and volumes can be chowned to
-# it. /models is created owned by it: a fresh named volume mounted there takes that ownership,
-# so the trainer can write into it.
+# it. /models (the repository) and /state (ENSEMBLE_STATE_DIR, pins) are created owned by it: a
+# fresh named volume mounted there takes that ownership, so the user can write into it.
 RUN groupadd --gid ${UID} ensemble \
     && useradd --uid ${UID} --gid ensemble --home-dir /home/ensemble --create-home \
        --shell /usr/sbin/nologin ensemble \
-    && mkdir -p /models \
-    && chown ensemble:ensemble /models
-COPY --from=builder /opt/venv /opt/venv
+    && mkdir -p /models /state \
+    && chown ensemble:ensemble /models /state
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /wheels /tmp/wheels
+RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 pip install --no-deps /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels
 USER ${UID}:${UID}
 WORKDIR /home/ensemble
 # matplotlib (the training report's pictures) builds its font cache on first import: once here,

@@ -47,3 +47,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+## The image for real (tests/test_container.py): podman build on a local stand-in for
+## python:3.11-slim, trainer and api containers, then api + trainer with podman-compose.
+.PHONY: test-container
+test-container: $(STAMP)
+	ENSEMBLE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -m slow tests/test_container.py
