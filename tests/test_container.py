@@ -300,3 +300,30 @@ def test_compose_trainer_seeds_the_empty_volume_and_the_api_serves_it(podman, di
         assert "first run now" in trainer and "run 1 succeeded" in trainer, trainer[-3000:]
     finally:
         sh([*compose_cmd, "down", "-v", "-t", "10"], env, timeout=300, check=False)
+
+
+@pytest.mark.slow
+@needs_containers
+@pytest.mark.usefixtures("image")
+def test_compose_tune_profile_spreads_the_search_over_two_workers_and_the_chief_publishes(podman):
+    exe = Path(sys.executable).parent / "podman-compose"
+    if not exe.exists():
+        sh([sys.executable, "-m", "pip", "install", "--quiet", "podman-compose"], podman, timeout=300)
+    project = f"enstune{uuid.uuid4().hex[:6]}"
+    env = {**podman, "TUNE_ARGS": "--tuner random --max-trials 3 --max-epochs 1 --members tuned:2 --epochs 1 --patience 1"}
+    compose_cmd = [str(exe), "-f", str(COMPOSE_FILE), "-p", project, "--in-pod", "false",
+                   f"--podman-run-args={' '.join(flags('run'))}", "--profile", "tune"]
+    started = time.monotonic()
+    try:
+        # In the foreground: returns when the chief and both workers have exited.
+        out = sh([*compose_cmd, "up", "tune-chief", "tune-worker-0", "tune-worker-1"], env, timeout=900)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # the per-container colours
+        print(f"\n[container] compose tune profile finished in {time.monotonic() - started:.0f} s")
+        for worker in ("tune-worker-0", "tune-worker-1"):
+            lines = [line for line in text.splitlines() if worker in line]
+            assert any("this worker is done" in line for line in lines), text[-3000:]
+        trials = len(re.findall(r"\[tune-worker-\d\]\s*\|\s*\[tune\] trial \d+ done", text))
+        assert trials == 3, text[-3000:]
+        assert "[publish] digits version 1 with 2 members" in text, text[-3000:]
+    finally:
+        sh([*compose_cmd, "down", "-v", "-t", "10"], env, timeout=300, check=False)
