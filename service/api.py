@@ -72,10 +72,10 @@ async def _answered_in_front() -> Response:
 
 def default_loader(settings: Settings) -> Loader:
     """The real loader: TensorFlow is imported here, on first use, not at module import."""
-    def load(manifest, path):
+    def load(manifest, path, pace):
         from service.ensemble import load_ensemble
 
-        return load_ensemble(manifest, path, settings.warmup_batch_sizes)
+        return load_ensemble(manifest, path, settings.warmup_batch_sizes, pace)
 
     return load
 
@@ -143,7 +143,8 @@ def create_app(
             configure_tensorflow(settings)
         manager = ModelManager(settings.repository, loader or default_loader(settings), metrics,
                                settings.version_policy, settings.poll_interval_seconds,
-                               settings.default_model, PinStore(settings.state_dir))
+                               settings.default_model, PinStore(settings.state_dir),
+                               settings.loader_duty_cycle)
         batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                           settings.max_queue_rows, on_batch=metrics.observe_batch,
                           on_depth=metrics.queue_depth.set)

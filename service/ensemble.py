@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -125,8 +125,13 @@ def _combine(outputs: list, weights: Sequence[float]):
     return keras.layers.Add(name="weighted_average")(scaled)
 
 
-def assemble(manifest: Manifest, version_dir: Path) -> keras.Model:
-    """Reload every member and build the averaging Functional model; checks each signature."""
+def _no_pause() -> None:
+    return None
+
+
+def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = _no_pause) -> keras.Model:
+    """Reload every member and build the averaging Functional model; checks each signature.
+    `pace` is called between steps (the manager's loader uses it to share the CPU)."""
     spec = manifest.input
     inputs = keras.Input(shape=spec.shape, dtype=spec.dtype, name="instances")
     outputs = []
@@ -138,6 +143,7 @@ def assemble(manifest: Manifest, version_dir: Path) -> keras.Model:
             raise LoadError(f"member {member.name}: cannot load SavedModel: {exc}") from None
         check_signature(member.name, layer.call_endpoint_fn.input_signature, spec)
         outputs.append(layer(inputs))
+        pace()
     average = _combine(outputs, manifest.weights)
     stacked = keras.layers.Concatenate(axis=1, name="members")(
         [keras.layers.Reshape((1, -1))(o) for o in outputs]
@@ -145,13 +151,15 @@ def assemble(manifest: Manifest, version_dir: Path) -> keras.Model:
     return keras.Model(inputs, [average, stacked], name=f"{manifest.name}_v{manifest.version}")
 
 
-def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int]) -> Ensemble:
+def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int],
+                  pace: Callable[[], None] = _no_pause) -> Ensemble:
     """Assemble, trace and smoke-test a version. Raises LoadError with the reason on any problem."""
-    model = assemble(manifest, version_dir)
+    model = assemble(manifest, version_dir, pace)
     spec = manifest.input
     signature = [tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype), name="instances")]
     fn = tf.function(lambda x: model(x, training=False), input_signature=signature)
     ensemble = Ensemble(manifest, version_dir, model, fn.get_concrete_function())
+    pace()
     n_classes, n_members = len(manifest.output.classes), len(manifest.members)
     for rows in sorted(set(warmup_sizes)):
         try:
@@ -166,6 +174,7 @@ def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[
         for i, member in enumerate(manifest.members):
             check_probabilities(members[:, i, :], rows, n_classes, f"member {member.name}")
         check_probabilities(average, rows, n_classes, "the ensemble")
+        pace()
     log.info("loaded %s version %d: %d members, warmed on %s rows", manifest.name, manifest.version,
              n_members, sorted(set(warmup_sizes)))
     return ensemble

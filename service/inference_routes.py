@@ -181,14 +181,17 @@ class InferenceRoutes:
     async def _method_not_allowed(self, scope, send, template: str) -> None:
         body = codec.encode({"error": f"{scope['method']} is not allowed on {template}; use POST"})
         await send({"type": "http.response.start", "status": 405,
-                    "headers": [(b"content-type", JSON), (b"allow", b"POST")]})
+                    "headers": [(b"content-type", JSON), (b"content-length", str(len(body)).encode()),
+                                (b"allow", b"POST")]})
         await send({"type": "http.response.body", "body": body})
         self.metrics.requests.labels(template, "405").inc()
 
     async def _serve(self, scope, receive, send, template: str, handler: str, params: dict) -> None:
         started = time.perf_counter()
         reply = await self._reply(scope, receive, getattr(self.handlers, handler), params)
-        headers = [(b"content-type", reply.content_type), *reply.headers]
+        # With a content-length the server writes one framed response, not a chunked one.
+        headers = [(b"content-type", reply.content_type),
+                   (b"content-length", str(len(reply.body)).encode()), *reply.headers]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
         self.metrics.requests.labels(template, str(reply.status)).inc()

@@ -113,10 +113,25 @@ def test_bad_timeout_header_is_422(client, rows):
     assert resp.status_code == 422 and "milliseconds" in resp.json()["error"]
 
 
-def test_batch_metrics_are_recorded(client, rows):
+def test_batch_metrics_are_recorded(client, rows, reference):
+    before = client.metrics.registry.get_sample_value("ensemble_member_disagreement_ratio_count",
+                                                      {"model": "digits"}) or 0
     client.post("/predict", json={"instances": rows.tolist()})
-    assert client.metrics.registry.get_sample_value("ensemble_batch_size_rows_count") >= 1
-    assert client.metrics.registry.get_sample_value("ensemble_queue_depth_rows") == 0
+    sample = client.metrics.registry.get_sample_value
+    assert sample("ensemble_batch_size_rows_count") >= 1
+    assert sample("ensemble_queue_depth_rows") == 0
+    assert sample("ensemble_member_disagreement_ratio_count", {"model": "digits"}) == before + len(rows)
+    top = str(int(np.argmax(reference[0])))
+    assert sample("ensemble_predicted_class_total", {"model": "digits", "class": top}) >= 1
+    assert sample("ensemble_ready") == 1
+
+
+def test_responses_carry_their_length(client, rows):
+    """One framed response, not chunked transfer encoding."""
+    for resp in (client.post("/predict", json={"instances": rows.tolist()}), client.get("/predict"),
+                 client.post("/predict", content=b"{")):
+        assert int(resp.headers["content-length"]) == len(resp.content)
+        assert "transfer-encoding" not in resp.headers
 
 
 def test_inference_routes_answer_405_to_other_methods(client):
