@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         (1, 32), description="batch sizes run through a new version before it goes live"
     )
     loader_duty_cycle: float = Field(
-        0.5, gt=0, le=1, description="share of time a version being loaded may work; the rest it "
+        0.25, gt=0, le=1, description="share of time a version being loaded may work; the rest it "
         "sleeps, leaving the cores to the requests being served (1: load at full speed)")
     intra_op_threads: int = Field(
         0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of the cores)")

@@ -92,7 +92,7 @@ def release_garbage(first: bool) -> None:
     gc.collect()
     if first:
         gc.freeze()
-    log.warning("garbage collection after swap: %.1f ms", (time.perf_counter() - started) * 1000)
+    log.debug("garbage collection after swap: %.1f ms", (time.perf_counter() - started) * 1000)
 
 
 @dataclass
@@ -289,8 +289,7 @@ class ModelManager:
         async with self._lock:
             self.pins.refresh()
             for name in scan_names(self.repository):
-                slot = self.slots.setdefault(name, ModelSlot(name))
-                await self._refresh(slot)
+                await self._refresh(self._slot(name))
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         self.metrics.update_process()
 
@@ -329,6 +328,7 @@ class ModelManager:
     def _slot(self, name: str) -> ModelSlot:
         if name not in self.slots and name in scan_names(self.repository):
             self.slots[name] = ModelSlot(name)
+            self.metrics.register_model(name)
         if name not in self.slots:
             known = ", ".join(sorted(self.slots)) or "none"
             raise ModelNotFound(f"no ensemble named {name!r} in the repository (known: {known})")
