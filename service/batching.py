@@ -142,6 +142,14 @@ class Batcher:
         self._queued_rows = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def check_admission(self) -> None:
+        """Refuse at once when nothing more can be queued: called before a body is parsed, so
+        an overloaded service spends next to nothing on the requests it turns away."""
+        if self._closing:
+            raise NotReady("the service is shutting down")
+        if self._queued_rows >= self.max_queue_rows:
+            raise QueueFull(f"the queue is full ({self._queued_rows} rows, the limit is {self.max_queue_rows})")
+
     async def submit(self, predictor: Predictor, x: np.ndarray, deadline: float | None = None):
         """(averaged, per-member) probabilities for x, computed in some batch."""
         rows = len(x)

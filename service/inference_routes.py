@@ -201,6 +201,7 @@ class InferenceRoutes:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             body = await self._read_body(headers, receive)
+            self.handlers.state.batcher.check_admission()
             query = dict(parse_qsl(scope["query_string"].decode("latin-1"))) if scope["query_string"] else {}
             return await handler(Call(params, query, headers, body))
         except ServiceError as exc:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, split_rows, take_batch
-from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 
 
 class Fake:
@@ -116,12 +116,26 @@ def test_full_queue_refuses_at_once():
         with pytest.raises(QueueFull, match="limit of 4"):
             await b.submit(fake, np.zeros((1, 1)))
         refused_in = time.monotonic() - t
+        with pytest.raises(QueueFull, match="queue is full"):
+            b.check_admission()  # before any body is parsed
         fake.gate.set()
         await asyncio.gather(*held)
         await b.stop()
         return refused_in
 
     assert run(go()) < 0.01
+
+
+def test_admission_is_open_below_the_bound_and_closed_when_draining():
+    async def go():
+        b = await started(max_queue_rows=4)
+        b.check_admission()
+        assert await b.drain(1.0)
+        with pytest.raises(NotReady, match="shutting down"):
+            b.check_admission()
+        await b.stop()
+
+    run(go())
 
 
 def test_a_failed_batch_fails_every_waiter_and_the_batcher_goes_on():

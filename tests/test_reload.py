@@ -291,16 +291,20 @@ def test_overload_refuses_fast_and_recovers(repository, body):
 def test_sigterm_drains_what_was_received(repository, digits_test_split):
     server = ServerProcess(repository).start()
     big = orjson.dumps({"instances": digits_test_split.x[:256].tolist()})
-    with Load(server.port, big, connections=16) as load:
+    # 6 x 256 rows stay under the default queue bound (2048 rows): every request is admitted.
+    with Load(server.port, big, connections=6) as load:
         time.sleep(2)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(timeout=60)
         exited = time.monotonic()
     before = [a for a in load.result.answers if a.started < signalled]
-    report("drain on SIGTERM (16 connections of 256-row requests)", answered_before_signal=len(before),
+    report("drain on SIGTERM (6 connections of 256-row requests)", answered_before_signal=len(before),
            exit_seconds=f"{exited - signalled:.2f}")
-    assert code == 0
+    # uvicorn re-raises the SIGTERM it caught once its shutdown is complete (exit by signal 15,
+    # what a supervisor expects); an exit code of its own would mean a crash.
+    assert code in (0, -signal.SIGTERM)
+    assert exited - signalled < 10
     assert before and {a.status for a in before} == {200}, [a for a in before if a.status != 200][:3]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.base}/healthz", timeout=2)
