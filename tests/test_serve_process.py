@@ -12,35 +12,15 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.server import ServerProcess
 
 
 @pytest.fixture()
 def server(repository):
-    port = free_port()
-    env = {**os.environ, "ENSEMBLE_POLL_INTERVAL_SECONDS": "0.2"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "--repository", str(repository), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready in 90 s")
-    yield base, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    process = ServerProcess(repository).start(timeout=90)
+    yield process.base, process.proc
+    if process.proc.poll() is None:
+        process.terminate(timeout=30)
 
 
 def test_served_over_http_with_env_settings(server, digits_test_split):
