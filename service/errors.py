@@ -46,7 +46,7 @@ class InferenceFailed(ServiceError):
 
 
 class QueueFull(ServiceError):
-    """The batch queue is at its bound (or the service is draining): come back shortly."""
+    """The batch queue is at its bound: come back shortly."""
 
     status = 429
 

@@ -17,6 +17,8 @@ from prometheus_client import (
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service import codec
+
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,14 +39,6 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def disagreement_shares(average: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Per row: the share of members whose argmax differs from the ensemble's.
-    average (rows, classes), members (rows, members, classes)."""
-    if len(average) == 0:
-        return np.zeros(0)
-    return (members.argmax(axis=2) != average.argmax(axis=1)[:, None]).mean(axis=1)
 
 
 def observe_many(histogram, values: np.ndarray) -> None:
@@ -148,7 +142,7 @@ class ServiceMetrics:
 
     def observe_predictions(self, model: str, classes, average: np.ndarray, members: np.ndarray) -> None:
         """What only an ensemble has: member disagreement, and the predicted classes (drift)."""
-        observe_many(self.disagreement.labels(model), disagreement_shares(average, members))
+        observe_many(self.disagreement.labels(model), codec.disagreement(members, average))
         counts = np.bincount(average.argmax(axis=1), minlength=len(classes))
         for i in np.flatnonzero(counts):
             self.predicted_class.labels(model, classes[i]).inc(int(counts[i]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.metrics import DISAGREEMENT_BUCKETS, disagreement_shares, observe_many, resident_bytes
+from service.codec import disagreement
+from service.metrics import DISAGREEMENT_BUCKETS, observe_many, resident_bytes
 
 
 def samples(h: Histogram) -> dict:
@@ -30,8 +31,8 @@ def test_disagreement_is_the_share_of_members_off_the_ensembles_top_class():
     members = np.array([[[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]],
                         [[0.1, 0.9], [0.2, 0.8], [0.4, 0.6]]])
     average = members.mean(axis=1)
-    np.testing.assert_allclose(disagreement_shares(average, members), [1 / 3, 0.0])
-    assert disagreement_shares(average[:0], members[:0]).shape == (0,)
+    np.testing.assert_allclose(disagreement(members, average), [1 / 3, 0.0])
+    assert disagreement(members[:0], average[:0]).shape == (0,)
 
 
 def test_resident_memory_is_read():
