@@ -24,7 +24,7 @@ from service import codec
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import Forbidden, ServiceError, Unauthorized
-from service.inference_routes import InferenceRoutes
+from service.inference_routes import ROUTES, InferenceRoutes
 from service.manager import Loader, ModelManager, PinStore
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 
@@ -52,17 +52,14 @@ _V2_BODY = {"type": "object", "required": ["inputs"], "properties": {
     "outputs": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string", "enum": ["probabilities", "members"]},
         "parameters": {"type": "object"}}}}}}
-INFERENCE_DOCS = [
-    ("/predict", "Predict with the default ensemble (?members=true adds each member's answer)",
-     {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}}),
-    ("/v1/models/{name}:predict", "TensorFlow Serving REST predict", _TFS_BODY),
-    ("/v1/models/{name}/versions/{version}:predict", "TensorFlow Serving REST predict, one version",
-     _TFS_BODY),
-    ("/v2/models/{name}/infer", "Open Inference Protocol infer (JSON, or binary tensors with "
-     "Inference-Header-Content-Length)", _V2_BODY),
-    ("/v2/models/{name}/versions/{version}/infer", "Open Inference Protocol infer, one version",
-     _V2_BODY),
-]
+# Schema documentation of the inference handlers; their paths come from inference_routes.ROUTES.
+INFERENCE_DOCS = {
+    "predict": ("Predict with the default ensemble (?members=true adds each member's answer)",
+                {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}}),
+    "tfs_predict": ("TensorFlow Serving REST predict (row or columnar format)", _TFS_BODY),
+    "v2_infer": ("Open Inference Protocol infer (JSON, or binary tensors with "
+                 "Inference-Header-Content-Length)", _V2_BODY),
+}
 
 
 async def _answered_in_front() -> Response:
@@ -249,7 +246,8 @@ def create_app(
 
     # -- inference routes: answered by service.inference_routes, listed here for the schema ----
 
-    for path, summary, body_schema in INFERENCE_DOCS:
+    for path, _, handler in ROUTES:
+        summary, body_schema = INFERENCE_DOCS[handler]
         params = [{"name": p, "in": "path", "required": True,
                    "schema": {"type": "integer", "minimum": 1} if p == "version" else {"type": "string"}}
                   for p in ("name", "version") if f"{{{p}}}" in path]
