@@ -13,12 +13,10 @@ Prometheus and promtool come from Debian's `prometheus` package, installed here 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.server import ServerProcess
 from tests.deploy_checks import (
     PROMETHEUS_DIR,
     dashboard_queries,
@@ -136,19 +135,16 @@ def live(promtool, trained_repository, digits_test_split, tmp_path_factory):
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "1" / "manifest.json").write_text("{}")
 
-    port, prom_port = free_port(), free_port()
-    env = {**os.environ, "ENSEMBLE_POLL_INTERVAL_SECONDS": "0.5", "ENSEMBLE_DEFAULT_MODEL": "digits",
-           "ENSEMBLE_MAX_ROWS_PER_REQUEST": str(MAX_ROWS), "ENSEMBLE_MAX_QUEUE_ROWS": str(MAX_QUEUE)}
-    service = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "--repository", str(repo), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    prom_port = free_port()
+    service = ServerProcess(repo, env={
+        "ENSEMBLE_POLL_INTERVAL_SECONDS": "0.5", "ENSEMBLE_DEFAULT_MODEL": "digits",
+        "ENSEMBLE_MAX_ROWS_PER_REQUEST": str(MAX_ROWS), "ENSEMBLE_MAX_QUEUE_ROWS": str(MAX_QUEUE)})
     prometheus = None
-    base, prom = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}"
+    base, prom = service.base, f"http://127.0.0.1:{prom_port}"
     try:
-        wait_for("service ready", lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200, 120, service)
+        service.start(timeout=120)
         prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={scrape_config(port, tmp)}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+            ["prometheus", f"--config.file={scrape_config(service.port, tmp)}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for("prometheus ready", lambda: httpx.get(f"{prom}/-/ready", timeout=1).status_code == 200, 60, prometheus)
@@ -168,7 +164,7 @@ def live(promtool, trained_repository, digits_test_split, tmp_path_factory):
         time.sleep(3)  # a few more scrapes and rule evaluations after the last request
         yield base, prom, result
     finally:
-        for proc in (prometheus, service):
+        for proc in (prometheus, service.proc):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
