@@ -68,11 +68,26 @@ async def _answered_in_front() -> Response:
 
 
 def default_loader(settings: Settings) -> Loader:
-    """The real loader: TensorFlow is imported here, on first use, not at module import."""
+    """The real loader: the version is compiled into one frozen graph (in a child process with
+    isolated_loading; from the cache when it was compiled before), which the server imports and
+    warms up. TensorFlow is imported here, on first use, not at module import."""
     def load(manifest, path, pace):
-        from service.ensemble import load_ensemble
+        from service.frozen import GraphCache, compile_version, import_frozen
 
-        return load_ensemble(manifest, path, settings.warmup_batch_sizes, pace)
+        folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
+        cache = GraphCache(folder) if folder is not None else None
+        graph = cache.get(path) if cache is not None else None
+        if graph is None:
+            if settings.isolated_loading:
+                from service.compiler import compile_in_child
+                from service.manager import LOADER_NICENESS
+
+                graph = compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS)
+            else:
+                graph = compile_version(manifest, path, pace)
+            if cache is not None:
+                cache.put(path, graph)
+        return import_frozen(manifest, path, graph, settings.warmup_batch_sizes, pace)
 
     return load
 
@@ -156,6 +171,10 @@ def create_app(
             if not await batcher.drain(settings.shutdown_grace_seconds):
                 log.warning("shutdown: the queue did not drain in %.0f s", settings.shutdown_grace_seconds)
             await manager.stop()
+            if settings.isolated_loading:
+                from service.compiler import stop_all
+
+                stop_all()  # a version still compiling will not be needed
             await batcher.stop()
 
     app = FastAPI(title="ensemble-serving", version="0.1.0", lifespan=lifespan)

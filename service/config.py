@@ -44,8 +44,19 @@ class Settings(BaseSettings):
         (1, 32), description="batch sizes run through a new version before it goes live"
     )
     loader_duty_cycle: float = Field(
-        0.25, gt=0, le=1, description="share of time a version being loaded may work; the rest it "
-        "sleeps, leaving the cores to the requests being served (1: load at full speed)")
+        0.25, gt=0, le=1, description="share of time the server's loader thread may work on a new "
+        "version (importing, warming up; all of loading without isolated_loading); the rest it "
+        "sleeps, leaving the cores to the requests being served (1: full speed)")
+    isolated_loading: bool = Field(
+        True, description="load, check and freeze each new version in a short-lived child process, "
+        "so restoring SavedModels never stalls the requests being served (false: in the server's "
+        "loader thread; faster to load, for tests and debugging)")
+    compile_cache_dir: Path | None = Field(
+        None, description="folder where compiled versions are kept, so a restart or another "
+        "worker imports a version instead of compiling it again; unset: <state_dir>/compiled when "
+        "state_dir is set, else nothing is kept")
+    load_timeout_seconds: float = Field(
+        600.0, gt=0, description="a version whose loading process takes longer is refused")
     intra_op_threads: int = Field(
         0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of the cores)")
     inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: one)")

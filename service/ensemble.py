@@ -3,6 +3,8 @@
 The members are SavedModels (`model.export`), reloaded as `keras.layers.TFSMLayer`s and joined
 in a Functional-API model whose outputs are the (weighted) average and the stacked per-member
 probabilities. One `tf.function` with a fixed input signature runs it: traced once, at load.
+The service does not serve this function itself: `service.frozen` compiles it into one frozen
+graph, which is what `Ensemble.fn` runs in the server.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ class Ensemble:
 
     manifest: Manifest
     path: Path
-    model: keras.Model
-    _fn: tf.types.experimental.ConcreteFunction
+    fn: tf.types.experimental.ConcreteFunction  # x -> (average, stacked member probabilities)
+    owner: object = None  # keeps alive what `fn` reads (the Keras model's variables), if anything
 
     @property
     def name(self) -> str:
@@ -106,7 +108,7 @@ class Ensemble:
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(averaged probabilities (rows, classes), member probabilities (rows, members, classes))."""
         # The concrete function skips the polymorphic dispatch: about 0.5 ms less per call.
-        average, members = self._fn(tf.constant(x))
+        average, members = self.fn(tf.constant(x))
         average, members = average.numpy(), members.numpy()
         if len(average) != len(x) or len(members) != len(x):
             raise InferenceFailed(
@@ -151,15 +153,25 @@ def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = _
     return keras.Model(inputs, [average, stacked], name=f"{manifest.name}_v{manifest.version}")
 
 
+def input_signature(spec: InputSpec) -> list[tf.TensorSpec]:
+    """The one input of the ensemble's function: a batch of rows of the manifest's input spec."""
+    return [tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype), name="instances")]
+
+
 def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int],
                   pace: Callable[[], None] = _no_pause) -> Ensemble:
     """Assemble, trace and smoke-test a version. Raises LoadError with the reason on any problem."""
     model = assemble(manifest, version_dir, pace)
-    spec = manifest.input
-    signature = [tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype), name="instances")]
-    fn = tf.function(lambda x: model(x, training=False), input_signature=signature)
-    ensemble = Ensemble(manifest, version_dir, model, fn.get_concrete_function())
+    fn = tf.function(lambda x: model(x, training=False), input_signature=input_signature(manifest.input))
+    ensemble = Ensemble(manifest, version_dir, fn.get_concrete_function(), owner=model)
     pace()
+    return warm_up(ensemble, warmup_sizes, pace)
+
+
+def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], None] = _no_pause) -> Ensemble:
+    """Run each batch size once (compiling it) and check every output is a probability row;
+    raises WarmupError otherwise. Returns the ensemble."""
+    manifest, spec = ensemble.manifest, ensemble.manifest.input
     n_classes, n_members = len(manifest.output.classes), len(manifest.members)
     for rows in sorted(set(warmup_sizes)):
         try:
@@ -175,6 +187,6 @@ def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[
             check_probabilities(members[:, i, :], rows, n_classes, f"member {member.name}")
         check_probabilities(average, rows, n_classes, "the ensemble")
         pace()
-    log.info("loaded %s version %d: %d members, warmed on %s rows", manifest.name, manifest.version,
-             n_members, sorted(set(warmup_sizes)))
+    log.debug("%s version %d: %d members, warmed on %s rows", manifest.name, manifest.version,
+              n_members, sorted(set(warmup_sizes)))
     return ensemble

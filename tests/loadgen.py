@@ -3,14 +3,16 @@ sending the next request as soon as the previous answer arrived, every answer re
 
 Raw asyncio streams, not an HTTP client library: about ten times cheaper per request, so the
 generator does not starve the server it measures of the machine's two cores. It runs in a
-thread with its own event loop, so a test can change the repository while load goes on.
+process of its own: in a thread of the test's process it shared one interpreter (one GIL) with
+whatever the test does meanwhile (copying versions, polling /models with httpx), and the
+latencies it recorded during those steps included its own waits for the GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -60,8 +62,7 @@ def request_bytes(path: str, body: bytes, headers: dict[str, str] | None = None)
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-async def _connection(port: int, request: bytes, stop: threading.Event, result: LoadResult,
-                      pause: float) -> None:
+async def _connection(port: int, request: bytes, stop, result: LoadResult, pause: float) -> None:
     reader = writer = None
     while not stop.is_set():
         if writer is None:
@@ -97,31 +98,50 @@ async def _connection(port: int, request: bytes, stop: threading.Event, result: 
         writer.close()
 
 
+def _generate(port: int, request: bytes, connections: int, pause: float, started, stop, pipe) -> None:
+    """The load process: run the connections until `stop` is set, then send back the answers."""
+    result = LoadResult()
+
+    async def main():
+        started.set()
+        await asyncio.gather(*(_connection(port, request, stop, result, pause) for _ in range(connections)))
+
+    asyncio.run(main())
+    pipe.send(([(a.started, a.latency, a.status, a.version) for a in result.answers], result.errors[:1000]))
+    pipe.close()
+
+
 class Load:
-    """`with Load(port, body, connections=16) as load: ...`; `load.result` while and after."""
+    """`with Load(port, body, connections=16) as load: ...`; `load.result` once it has stopped.
+    Times are `time.monotonic()`, the same clock in every process of the machine."""
 
     def __init__(self, port: int, body: bytes, connections: int = 16, path: str = "/predict",
                  headers: dict[str, str] | None = None, pause: float = 0.0):
-        self.port, self.connections, self.pause = port, connections, pause
-        self.request = request_bytes(path, body, headers)
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding TensorFlow
         self.result = LoadResult()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="loadgen")
-
-    def _run(self) -> None:
-        async def main():
-            await asyncio.gather(*(_connection(self.port, self.request, self._stop, self.result, self.pause)
-                                   for _ in range(self.connections)))
-        asyncio.run(main())
+        self._started, self._stop = ctx.Event(), ctx.Event()
+        self._receive, send = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_generate, daemon=True, name="loadgen",
+            args=(port, request_bytes(path, body, headers), connections, pause, self._started, self._stop, send))
 
     def __enter__(self) -> "Load":
-        self._thread.start()
+        self._process.start()
+        if not self._started.wait(60):
+            raise RuntimeError("the load generator process did not start")
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def stop(self) -> LoadResult:
+        if self._stop.is_set():
+            return self.result
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._receive.poll(60):
+            answers, errors = self._receive.recv()
+            self.result = LoadResult([Answer(*a) for a in answers], errors)
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
         return self.result

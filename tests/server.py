@@ -15,6 +15,11 @@ import httpx
 from tests.conftest import free_port
 
 
+# Versions compiled by any server of the test session: the first start on a version compiles it
+# in a child process, later starts import it (as a restarted production server does).
+COMPILED = Path(tempfile.mkdtemp(prefix="tests-server-compiled-"))
+
+
 class ServerProcess:
     """Start with `ServerProcess(repository, ...).start()`; `.base`, `.port`, `.proc`, `.rss()`."""
 
@@ -23,10 +28,15 @@ class ServerProcess:
         self.repository = repository
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "ENSEMBLE_POLL_INTERVAL_SECONDS": "0.2", **(env or {})}
+        self.env = {**os.environ, "ENSEMBLE_POLL_INTERVAL_SECONDS": "0.2",
+                    "ENSEMBLE_COMPILE_CACHE_DIR": str(COMPILED), **(env or {})}
         self.args = args or []
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()
+        # One client for every poll: httpx.get() builds a client and its TLS context each call,
+        # ~45 ms of CPU here. Polling /models 20 times a second that way took most of a core from
+        # the server under test and inflated its latencies during reloads.
+        self.client = httpx.Client(base_url=self.base, timeout=10)
 
     def start(self, wait_ready: bool = True, timeout: float = 120) -> "ServerProcess":
         self.proc = subprocess.Popen(
@@ -39,7 +49,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()[-3000:]}")
             try:
-                status = httpx.get(f"{self.base}/readyz", timeout=2).status_code
+                status = self.client.get("/readyz", timeout=2).status_code
                 if status == 200 or not wait_ready:
                     return self
             except httpx.TransportError:
@@ -60,7 +70,7 @@ class ServerProcess:
         raise RuntimeError("no VmRSS")
 
     def models(self, name: str = "digits") -> dict:
-        return next(m for m in httpx.get(f"{self.base}/models", timeout=10).json()["models"] if m["name"] == name)
+        return next(m for m in self.client.get("/models").json()["models"] if m["name"] == name)
 
     def wait_live(self, version: int, name: str = "digits", timeout: float = 120) -> float:
         """Wait until `version` is live; seconds waited."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -19,8 +21,16 @@ from training.evaluate import average_probabilities
 from training.members import predict_saved_model
 
 
+# Compiled versions shared by every app of the test session: a version is compiled once.
+COMPILED = Path(tempfile.mkdtemp(prefix="tests-compiled-"))
+
+
 def make_client(root, **kw) -> tuple[TestClient, ServiceMetrics]:
     metrics = ServiceMetrics(CollectorRegistry())
+    # Loading in the loader thread: a child process per load (tests/test_frozen.py, the process
+    # tests) would add ~10 s to each of these tests.
+    kw.setdefault("isolated_loading", False)
+    kw.setdefault("compile_cache_dir", COMPILED)
     settings = Settings(repository=root, poll_interval_seconds=0.1, warmup_batch_sizes=(1,), **kw)
     return TestClient(create_app(settings, metrics)), metrics
 

@@ -1,0 +1,148 @@
+"""Compiling a version in a short-lived child process, so the server never restores a SavedModel.
+
+Restoring SavedModels is Python and C++ that holds the GIL for long stretches; done in the
+server's own interpreter it stalls the event loop for tens of milliseconds at a time while a new
+version loads. The child (`python -m service.compiler`) loads, checks and freezes the version
+(`service.frozen.compile_version`) and writes the frozen graph to a file; the server only imports
+that graph. A child that crashes, hangs or runs out of memory costs a failed version, not the
+server. The child runs at a lower priority, on one TensorFlow thread, and dies with the server.
+
+    python -m service.compiler VERSION_DIR OUT_FILE PARENT_PID NICENESS
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from service.ensemble import LoadError
+
+log = logging.getLogger(__name__)
+
+RESULT_SUFFIX = ".result.json"
+STDERR_TAIL_CHARS = 2000
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
+
+
+class CompileFailed(LoadError):
+    """The child refused the version; `category` is the one it reported."""
+
+    def __init__(self, reason: str, category: str = "load"):
+        super().__init__(reason)
+        self.category = category
+
+
+def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10):
+    """The version's FrozenGraph, compiled by a child process; raises CompileFailed with the
+    child's reason and category, or with why the child did not finish."""
+    from service.frozen import FrozenGraph
+
+    with tempfile.TemporaryDirectory(prefix="ensemble-compile-") as work:
+        out = Path(work) / "graph.bin"
+        stderr_path = Path(work) / "stderr.txt"
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                   CUDA_VISIBLE_DEVICES="-1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child has no metrics to report
+        with open(stderr_path, "wb") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "service.compiler", str(version_dir), str(out), str(os.getpid()),
+                 str(niceness)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+            with _running_lock:
+                _running.add(child)
+            try:
+                code = child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                raise CompileFailed(f"loading took longer than {timeout:.0f} s "
+                                    "(ENSEMBLE_LOAD_TIMEOUT_SECONDS); the loading process was killed") from None
+            finally:
+                with _running_lock:
+                    _running.discard(child)
+        result_path = out.with_name(out.name + RESULT_SUFFIX)
+        if not result_path.exists():
+            tail = stderr_path.read_text(errors="replace")[-STDERR_TAIL_CHARS:].strip()
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            raise CompileFailed(f"the loading process {how} without an answer" + (f": {tail}" if tail else ""))
+        result = json.loads(result_path.read_text())
+        if not result["ok"]:
+            raise CompileFailed(result["reason"], result["category"])
+        return FrozenGraph.read(out)
+
+
+def stop_all() -> None:
+    """Kill every child still compiling (the server is stopping)."""
+    with _running_lock:
+        children = list(_running)
+    for child in children:
+        child.kill()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this process when its parent dies; exit now if it already has."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent kills its children on stop
+        pass
+    if os.getppid() != parent:
+        sys.exit(3)
+
+
+def _yield_the_cpu(niceness: int) -> None:
+    """Run only when the server does not need the core: SCHED_IDLE on Linux (a request's thread
+    that wakes up takes the core at once, where a merely niced process keeps it for a slice),
+    else a lower priority. Threads started later (TensorFlow's) inherit it."""
+    os.nice(niceness)
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.debug("SCHED_IDLE not available: %s", exc)
+
+
+def _answer(out: Path, result: dict) -> None:
+    path = out.with_name(out.name + RESULT_SUFFIX)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    version_dir, out, parent, niceness = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
+    _die_with_parent(parent)
+    _yield_the_cpu(niceness)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from service.frozen import compile_version
+    from service.repository import RepositoryError, read_manifest
+
+    try:
+        graph = compile_version(read_manifest(version_dir), version_dir)
+    except RepositoryError as exc:
+        _answer(out, {"ok": False, "category": exc.category, "reason": str(exc)})
+        return 0
+    except Exception as exc:  # TensorFlow and Keras raise many types for unloadable models
+        _answer(out, {"ok": False, "category": "load", "reason": f"{type(exc).__name__}: {exc}"})
+        return 0
+    graph.write(out)
+    _answer(out, {"ok": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

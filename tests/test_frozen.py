@@ -1,0 +1,144 @@
+"""A version compiled into one frozen graph, in this process and in a child process: the same
+answers as the members, and every refusal with its category."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.compiler import CompileFailed, compile_in_child, stop_all
+from service.ensemble import LoadError, load_ensemble
+from service.api import default_loader
+from service.config import Settings
+from service.frozen import FrozenGraph, GraphCache, compile_version, import_frozen
+from service.repository import read_manifest
+from tests.repo_tools import export_nan_member, publish_with_member
+
+
+@pytest.fixture(scope="module")
+def compiled(trained_repository):
+    vdir = trained_repository / "digits" / "1"
+    manifest = read_manifest(vdir)
+    return manifest, vdir, compile_version(manifest, vdir)
+
+
+def test_frozen_graph_answers_what_the_assembled_members_answer(compiled, digits_test_split, tmp_path):
+    manifest, vdir, graph = compiled
+    graph.write(tmp_path / "graph.bin")
+    frozen = import_frozen(manifest, vdir, FrozenGraph.read(tmp_path / "graph.bin"), (1, 8))
+    assembled = load_ensemble(manifest, vdir, (1,))
+    x = digits_test_split.x[:100]
+    for got, want in zip(frozen.predict(x), assembled.predict(x)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert frozen.version == 1 and frozen.owner is None  # nothing of the SavedModels is kept
+    # One graph, no variables and no nested functions left to restore.
+    from tensorflow.core.framework.graph_pb2 import GraphDef
+
+    graph_def = GraphDef.FromString(graph.graph_def)
+    assert len(graph_def.library.function) == 0
+    assert not {n.op for n in graph_def.node} & {"VarHandleOp", "ReadVariableOp", "StatefulPartitionedCall"}
+
+
+def test_frozen_graph_file_must_be_one(tmp_path):
+    (tmp_path / "graph.bin").write_bytes(b"\x08\x01 not a frozen graph")
+    with pytest.raises(LoadError, match="not a frozen ensemble graph"):
+        FrozenGraph.read(tmp_path / "graph.bin")
+
+
+def test_import_checks_the_warm_up_outputs(compiled):
+    manifest, vdir, graph = compiled
+    swapped = FrozenGraph(graph.graph_def, graph.input, (graph.outputs[1], graph.outputs[0]))
+    with pytest.raises(LoadError):  # outputs in the wrong order: shapes do not match
+        import_frozen(manifest, vdir, swapped, (2,))
+
+
+def test_child_process_compiles_the_same_graph(compiled, digits_test_split):
+    manifest, vdir, graph = compiled
+    started = time.monotonic()
+    from_child = compile_in_child(vdir, timeout=300)
+    took = time.monotonic() - started
+    x = digits_test_split.x[:50]
+    a = import_frozen(manifest, vdir, from_child, (1,)).predict(x)
+    b = import_frozen(manifest, vdir, graph, (1,)).predict(x)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    print(f"[figures] child compile of the 5-member test ensemble: {took:.1f} s")
+
+
+def test_child_reports_the_category_of_a_refused_version(repository, tmp_path):
+    version = publish_with_member(repository, export_nan_member(tmp_path / "nan"))
+    with pytest.raises(CompileFailed, match="non-finite") as refused:
+        compile_in_child(repository / "digits" / str(version), timeout=300)
+    assert refused.value.category == "warmup"
+
+
+def test_child_with_a_wrong_input_shape_is_a_signature_failure(repository):
+    vdir = repository / "digits" / "1"
+    raw = json.loads((vdir / "manifest.json").read_text())
+    raw["input"]["shape"] = [64]
+    (vdir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(CompileFailed, match=r"manifest says \[64\]") as refused:
+        compile_in_child(vdir, timeout=300)
+    assert refused.value.category == "signature"
+
+
+def test_child_past_its_timeout_is_killed_and_named(trained_repository):
+    started = time.monotonic()
+    with pytest.raises(CompileFailed, match="longer than 1 s"):
+        compile_in_child(trained_repository / "digits" / "1", timeout=1)
+    assert time.monotonic() - started < 5
+
+
+def test_stop_all_kills_a_compiling_child(trained_repository):
+    outcome: list = []
+
+    def run():
+        try:
+            compile_in_child(trained_repository / "digits" / "1", timeout=300)
+        except CompileFailed as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.0)
+    stop_all()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert outcome and "killed by signal 9" in str(outcome[0])
+    assert outcome[0].category == "load"
+
+
+def test_cache_keys_on_the_manifest_and_survives_damage(compiled, repository, tmp_path):
+    manifest, vdir, graph = compiled
+    cache = GraphCache(tmp_path / "cache", keep=2)
+    assert cache.get(vdir) is None
+    cache.put(vdir, graph)
+    assert cache.get(vdir) == graph
+    copy = repository / "digits" / "1"  # same files, same manifest: same entry
+    assert cache.get(copy) == graph
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text().replace('"version": 1', '"version": 7'))
+    assert cache.get(copy) is None  # another manifest is another version
+    cache.path_of(vdir).write_bytes(b"damaged")
+    assert cache.get(vdir) is None  # compiled again, not a crash
+    for i in range(3):
+        (tmp_path / f"v{i}").mkdir()
+        (tmp_path / f"v{i}" / "manifest.json").write_text(str(i))
+        cache.put(tmp_path / f"v{i}", graph)
+    assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
+
+
+def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_path, monkeypatch):
+    import service.frozen
+
+    manifest, _, graph = compiled
+    calls = []
+    monkeypatch.setattr(service.frozen, "compile_version", lambda m, p, pace: calls.append(p) or graph)
+    settings = Settings(isolated_loading=False, state_dir=tmp_path / "state", warmup_batch_sizes=(1,))
+    vdir = repository / "digits" / "1"
+    first = default_loader(settings)(manifest, vdir, lambda: None)
+    again = default_loader(settings)(manifest, vdir, lambda: None)  # e.g. after a restart
+    assert len(calls) == 1 and again.version == first.version == 1
+    assert list((tmp_path / "state" / "compiled").glob("*.graph"))
