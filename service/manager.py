@@ -341,15 +341,18 @@ class ModelManager:
         return self.status_of(name)
 
     async def rollback(self, name: str) -> dict:
-        """Make the previous version live again at once, and pin it until told otherwise."""
-        async with self._lock:
-            slot = self._slot(name)
-            if slot.previous is None:
-                raise Conflict(f"{name} has no previous version loaded to roll back to")
-            target = slot.previous
-            self.pins.set(name, target.version)
-            self.swap(slot, target)
-            self.metrics.model_pinned_version.labels(name).set(target.version)
+        """Make the previous version live again at once, and pin it until told otherwise.
+
+        It does not wait for a load in progress (that can take tens of seconds): pin and swap
+        happen with no await between them, and a load that finishes later sees the pin and
+        does not go live (`_load`)."""
+        slot = self._slot(name)
+        if slot.previous is None:
+            raise Conflict(f"{name} has no previous version loaded to roll back to")
+        target = slot.previous
+        self.pins.set(name, target.version)
+        self.swap(slot, target)
+        self.metrics.model_pinned_version.labels(name).set(target.version)
         log.warning("%s rolled back to version %d, pinned", name, target.version)
         return self.status_of(name)
 
@@ -400,6 +403,11 @@ class ModelManager:
             slot.loading = None
         self.metrics.reload_duration.labels(slot.name).observe(time.monotonic() - started)
         self.metrics.reloads.labels(slot.name, "success").inc()
+        pinned = self.pins.get(slot.name)
+        if pinned is not None and pinned != ensemble.version:  # rolled back while it loaded
+            log.warning("%s version %d loaded but not made live: pinned to version %d meanwhile",
+                        slot.name, ensemble.version, pinned)
+            return True
         self.swap(slot, ensemble)
         return True
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -140,3 +143,42 @@ def test_every_refused_version_shows_its_reason_and_is_counted(admin, repository
     admin.post("/models/digits/reload", headers=AUTH)
     assert sample("ensemble_model_reload_failures_total", {"model": "digits", "reason": "manifest"}) == 1, \
         "a failed version is not retried until its files change"
+
+
+def test_rollback_during_a_slow_load_is_immediate_and_stays(repository):
+    from prometheus_client import CollectorRegistry
+
+    from service.manager import ModelManager
+    from service.metrics import ServiceMetrics
+
+    release = threading.Event()
+
+    class Loaded:
+        def __init__(self, manifest):
+            self.manifest, self.name, self.version = manifest, manifest.name, manifest.version
+
+    def loader(manifest, path, pace):
+        if manifest.version == 3:  # a version that takes long to compile
+            release.wait(30)
+        return Loaded(manifest)
+
+    async def scenario():
+        manager = ModelManager(repository, loader, ServiceMetrics(CollectorRegistry()), poll_interval=3600)
+        await manager.start()
+        publish_copy(repository)
+        await manager.poll_once()
+        assert manager.live("digits").version == 2
+        publish_copy(repository)
+        polling = asyncio.create_task(manager.poll_once())
+        await asyncio.sleep(0.3)  # version 3 is loading, the manager's lock held
+        started = time.monotonic()
+        await asyncio.wait_for(manager.rollback("digits"), 1)
+        assert manager.live("digits").version == 1
+        assert time.monotonic() - started < 0.5
+        release.set()
+        await polling
+        assert manager.live("digits").version == 1, "the load that finished later did not undo the rollback"
+        assert manager.pins.get("digits") == 1
+        await manager.stop()
+
+    asyncio.run(scenario())

@@ -58,9 +58,14 @@ def metric_values(base: str, name: str) -> dict[str, float]:
     return out
 
 
+def open_files(server) -> int:
+    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
 def test_reload_under_load_drops_nothing_and_keeps_latency(served, repository, body):
     published = {1: 0.0}
     waits = []
+    rss_before, files_before = served.rss(), open_files(served)
     with Load(served.port, body, connections=16) as load:
         time.sleep(3)  # connections open, caches warm
         t0 = time.monotonic()
@@ -74,6 +79,7 @@ def test_reload_under_load_drops_nothing_and_keeps_latency(served, repository, b
         t2 = time.monotonic()
         time.sleep(1)
     result = load.result
+    rss_growth = (served.rss() - rss_before) / 2**20
     assert result.statuses == {200: len(result.answers)}, (result.statuses, result.errors[:5])
     for a in result.answers:
         assert a.version in published, a
@@ -88,13 +94,13 @@ def test_reload_under_load_drops_nothing_and_keeps_latency(served, repository, b
            rate_reloading=f"{reloading.rate():.0f}/s", p50_calm_ms=f"{calm.percentile(50) * 1000:.1f}",
            p99_calm_ms=f"{p99_calm:.1f}", p50_reloading_ms=f"{reloading.percentile(50) * 1000:.1f}",
            p99_reloading_ms=f"{p99_reloading:.1f}", mean_reload_s=f"{mean_reload:.2f}",
-           publish_to_live_s=f"{np.mean(waits):.2f} mean / {np.max(waits):.2f} max")
+           publish_to_live_s=f"{np.mean(waits):.2f} mean / {np.max(waits):.2f} max",
+           rss_growth_mb=f"{rss_growth:.1f}", open_files=f"{files_before}->{open_files(served)}")
     assert len(reloading.answers) > 1000
-    # The issue asks for p99 within 2x; measured here 2.9-3.6x (benchmarks/RESULTS.md says why:
-    # loading holds the GIL in bursts the event loop waits behind). This bound catches a
-    # regression to stalls (unpaced loading with full collections measured 17x).
-    assert p99_reloading <= 4 * p99_calm, (p99_calm, p99_reloading)
+    assert p99_reloading <= 2 * p99_calm, (p99_calm, p99_reloading)
     assert reloading.percentile(50) <= 2 * calm.percentile(50)
+    assert rss_growth < 40, "20 reloads; 50 must stay under 100 MB"
+    assert open_files(served) <= files_before + 4, "nothing of the loading processes is left open"
 
 
 def test_broken_versions_are_never_served(served, repository, body, tmp_path):
@@ -115,6 +121,15 @@ def test_broken_versions_are_never_served(served, repository, body, tmp_path):
         # (c) the wrong input shape; (d) a member that answers NaN
         publish_copy(repository, edit=lambda raw: raw["input"].update(shape=[64]))
         publish_with_member(repository, export_nan_member(tmp_path / "nan"))
+        # Each is tried (newest first, a child process compiling each) before the next step:
+        # once (e) is complete and live, older versions are no longer candidates.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            states = {v["version"]: v["state"] for v in served.models()["versions"]}
+            if all(states.get(n) in ("failed", "uncommitted") for n in (2, 3, 4, 5)):
+                break
+            time.sleep(0.5)
+        assert served.models()["live"] == 1
         # (e) copied in slowly, file by file, the manifest first
         slow = root / "6"
         slow.mkdir()
@@ -147,8 +162,12 @@ def test_broken_versions_are_never_served(served, repository, body, tmp_path):
 
 
 def test_fifty_reloads_do_not_grow_memory(repository):
-    # Loading at full speed: this test is about memory, and 50 paced loads would take minutes.
-    served = ServerProcess(repository, env={"ENSEMBLE_LOADER_DUTY_CYCLE": "1"}).start()
+    # Loading at full speed and in the server's own thread: this test is about the server's
+    # memory, and 50 child compilations would take ~10 minutes. In-thread loading does in the
+    # server everything the default (a child compiles, the server imports) does there, and
+    # restores the SavedModels on top; the default path's growth is measured by the test above.
+    served = ServerProcess(repository, env={"ENSEMBLE_LOADER_DUTY_CYCLE": "1",
+                                            "ENSEMBLE_ISOLATED_LOADING": "false"}).start()
     try:
         fifty_reloads(served, repository)
     finally:
@@ -182,7 +201,8 @@ def test_rollback_and_pin_over_http(served, repository, body):
     v3 = publish_copy(repository)
     time.sleep(1)
     assert served.models()["live"] == 1, "pinned by the rollback"
-    assert httpx.delete(f"{served.base}/models/digits/pin", headers=AUTH).json()["live"] == v3
+    # Unpinning loads version 3 (a child process compiles it) before it answers.
+    assert httpx.delete(f"{served.base}/models/digits/pin", headers=AUTH, timeout=120).json()["live"] == v3
 
 
 def test_disabled_admin_routes_answer_403(repository):
