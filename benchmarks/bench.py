@@ -136,11 +136,12 @@ class Server:
 
 
 def raw_rates(version_dir: Path, seconds: float = 3.0) -> dict[int, tuple[float, float]]:
-    """The ensemble's tf.function called in-process: {batch: (rows per second, ms per call)}."""
-    from service.ensemble import load_ensemble
+    """The ensemble's function as the service runs it (the frozen graph), called in-process:
+    {batch: (rows per second, ms per call)}."""
+    from service.frozen import load_frozen
     from service.repository import read_manifest
 
-    ensemble = load_ensemble(read_manifest(version_dir), version_dir, (1, 32, 256))
+    ensemble = load_frozen(read_manifest(version_dir), version_dir, (1, 32, 256))
     rng = np.random.default_rng(0)
     out = {}
     for batch in (1, 32, 256):
@@ -240,7 +241,7 @@ def render(results: dict, raw: dict, manifest, duration: float) -> str:
         f"{duration:.0f} s per figure. Ensemble: {manifest.name} v{manifest.version}, "
         f"{len(manifest.members)} members, input {list(manifest.input.shape)}. Command: `make bench`.",
         "",
-        "Raw in-process rate of the ensemble's `tf.function` (averaged and per-member outputs):",
+        "Raw in-process rate of the ensemble's function as the service runs it (the frozen graph; averaged and per-member outputs):",
         "",
         "| batch | rows/s | ms per call |",
         "| ---: | ---: | ---: |",

@@ -1,5 +1,5 @@
 """(d) A serving framework with its own dynamic batching: LitServe, on the same ensemble and
-`tf.function`. Installed for the benchmark only (`pip install litserve`).
+frozen graph the service runs. Installed for the benchmark only (`pip install litserve`).
 
     python benchmarks/litserve_server.py VERSION_DIR PORT
 """
@@ -15,10 +15,11 @@ VERSION_DIR, PORT = Path(sys.argv[1]), int(sys.argv[2])
 
 class EnsembleAPI(ls.LitAPI):
     def setup(self, device):
-        from service.ensemble import load_ensemble
+        from service.frozen import load_frozen
         from service.repository import read_manifest
 
-        self.ensemble = load_ensemble(read_manifest(VERSION_DIR), VERSION_DIR, (1, 32))
+        # The same frozen graph the service runs: the comparison is of the serving, not the model.
+        self.ensemble = load_frozen(read_manifest(VERSION_DIR), VERSION_DIR, (1, 32))
         self.sizes = []
 
     def decode_request(self, request):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from service.ensemble import LoadError
@@ -53,6 +54,7 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10):
                    CUDA_VISIBLE_DEVICES="-1",
                    PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child has no metrics to report
+        started = time.monotonic()
         with open(stderr_path, "wb") as stderr:
             child = subprocess.Popen(
                 [sys.executable, "-m", "service.compiler", str(version_dir), str(out), str(os.getpid()),
@@ -76,6 +78,8 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10):
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             raise CompileFailed(f"the loading process {how} without an answer" + (f": {tail}" if tail else ""))
         result = json.loads(result_path.read_text())
+        log.info("%s compiled by a child process in %.1f s (its peak resident memory: %.0f MB)",
+                 version_dir, time.monotonic() - started, result.get("peak_rss_mb", float("nan")))
         if not result["ok"]:
             raise CompileFailed(result["reason"], result["category"])
         return FrozenGraph.read(out)
@@ -114,6 +118,9 @@ def _yield_the_cpu(niceness: int) -> None:
 
 
 def _answer(out: Path, result: dict) -> None:
+    import resource
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     path = out.with_name(out.name + RESULT_SUFFIX)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result))

@@ -154,3 +154,9 @@ def compile_version(manifest: Manifest, version_dir: Path, pace: Callable[[], No
     pace()
     check_faithful(original, import_frozen(manifest, version_dir, graph, ()))
     return graph
+
+
+def load_frozen(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int]) -> Ensemble:
+    """Compile and import in this process: the ensemble exactly as the server runs it (for the
+    benchmarks, and whoever wants the served function without a server)."""
+    return import_frozen(manifest, version_dir, compile_version(manifest, version_dir), warmup_sizes)
