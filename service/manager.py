@@ -369,7 +369,7 @@ class ModelManager:
                     self.swap(slot, slot.previous)
                 else:
                     slot.failures.pop(version, None)  # asked for explicitly: try it again
-                    if not await self._load(slot, versions[version]):
+                    if not await self._load(slot, versions[version], pinning=True):
                         raise Conflict(f"{name} version {version} was not pinned: "
                                        f"{slot.failures[version].reason}")
             self.pins.set(name, version)
@@ -384,8 +384,10 @@ class ModelManager:
         await self.poll_once()
         return self.status_of(name)
 
-    async def _load(self, slot: ModelSlot, version: VersionDir) -> bool:
-        """Verify and load one version in a worker thread; swap it in on success."""
+    async def _load(self, slot: ModelSlot, version: VersionDir, pinning: bool = False) -> bool:
+        """Verify and load one version in a worker thread; swap it in on success, unless a pin
+        to another version was set meanwhile (by a rollback; `pinning`: the caller is pinning
+        this very version)."""
         slot.loading = version.version
         started = time.monotonic()
         stamp = version_stamp(version)
@@ -404,7 +406,7 @@ class ModelManager:
         self.metrics.reload_duration.labels(slot.name).observe(time.monotonic() - started)
         self.metrics.reloads.labels(slot.name, "success").inc()
         pinned = self.pins.get(slot.name)
-        if pinned is not None and pinned != ensemble.version:  # rolled back while it loaded
+        if not pinning and pinned is not None and pinned != ensemble.version:  # rolled back meanwhile
             log.warning("%s version %d loaded but not made live: pinned to version %d meanwhile",
                         slot.name, ensemble.version, pinned)
             return True

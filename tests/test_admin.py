@@ -179,6 +179,8 @@ def test_rollback_during_a_slow_load_is_immediate_and_stays(repository):
         await polling
         assert manager.live("digits").version == 1, "the load that finished later did not undo the rollback"
         assert manager.pins.get("digits") == 1
+        await manager.pin("digits", 3)  # pinning over a pin loads and serves the new one
+        assert manager.live("digits").version == 3 and manager.pins.get("digits") == 3
         await manager.stop()
 
     asyncio.run(scenario())
