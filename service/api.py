@@ -71,10 +71,11 @@ def default_loader(settings: Settings) -> Loader:
     """The real loader: the version is compiled into one frozen graph (in a child process with
     isolated_loading; from the cache when it was compiled before), which the server imports and
     warms up. TensorFlow is imported here, on first use, not at module import."""
+    folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
+
     def load(manifest, path, pace):
         from service.frozen import GraphCache, compile_version, import_frozen
 
-        folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
         cache = GraphCache(folder) if folder is not None else None
         graph = cache.get(path) if cache is not None else None
         if graph is None:

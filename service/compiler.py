@@ -136,15 +136,13 @@ def main(argv: list[str]) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from service.frozen import compile_version
-    from service.repository import RepositoryError, read_manifest
+    from service.repository import failure_of, read_manifest
 
     try:
         graph = compile_version(read_manifest(version_dir), version_dir)
-    except RepositoryError as exc:
-        _answer(out, {"ok": False, "category": exc.category, "reason": str(exc)})
-        return 0
-    except Exception as exc:  # TensorFlow and Keras raise many types for unloadable models
-        _answer(out, {"ok": False, "category": "load", "reason": f"{type(exc).__name__}: {exc}"})
+    except Exception as exc:  # every refusal goes back to the server with its category
+        reason, category = failure_of(exc)
+        _answer(out, {"ok": False, "category": category, "reason": reason})
         return 0
     graph.write(out)
     _answer(out, {"ok": True})

@@ -24,7 +24,15 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from service.ensemble import Ensemble, LoadError, input_signature, load_ensemble, warm_up, warmup_batch
+from service.ensemble import (
+    Ensemble,
+    LoadError,
+    _no_pause,
+    input_signature,
+    load_ensemble,
+    warm_up,
+    warmup_batch,
+)
 from service.repository import MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
@@ -34,10 +42,6 @@ log = logging.getLogger(__name__)
 FAITHFUL_ATOL = 1e-5
 FAITHFUL_ROWS = 32
 _MAGIC = b"ensemble-frozen-graph/1\n"
-
-
-def _no_pause() -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,6 @@ class GraphCache:
 
     def __init__(self, folder: Path, keep: int = 16):
         self.folder, self.keep = Path(folder), keep
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def path_of(self, version_dir: Path) -> Path:
         digest = hashlib.sha256((Path(version_dir) / MANIFEST_FILE).read_bytes())
@@ -94,6 +97,7 @@ class GraphCache:
         path = self.path_of(version_dir)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             graph.write(tmp)
             os.replace(tmp, path)
         except OSError as exc:  # a cache that cannot be written costs time, not service

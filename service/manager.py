@@ -27,9 +27,9 @@ from service.errors import Conflict, ModelNotFound, NotReady
 from service.metrics import ServiceMetrics
 from service.repository import (
     Manifest,
-    RepositoryError,
     VersionDir,
     choose_version,
+    failure_of,
     read_manifest,
     scan_model,
     scan_names,
@@ -395,10 +395,7 @@ class ModelManager:
             ensemble = await asyncio.get_running_loop().run_in_executor(
                 self._loader, self._verify_and_load, version)
         except Exception as exc:
-            if isinstance(exc, RepositoryError):
-                reason, category = str(exc), exc.category
-            else:  # TensorFlow and Keras raise many types for unloadable models
-                reason, category = f"{type(exc).__name__}: {exc}", "load"
+            reason, category = failure_of(exc)
             self._record_failure(slot, version.version, reason, stamp, category)
             return False
         finally:

@@ -39,6 +39,15 @@ class RepositoryError(Exception):
     category = "invalid"  # the reason label of the reload-failure metric
 
 
+def failure_of(exc: Exception) -> tuple[str, str]:
+    """(reason, category) of why a version could not be loaded: a RepositoryError says both;
+    anything else (TensorFlow and Keras raise many types for unloadable models) is a `load`
+    failure named by its type."""
+    if isinstance(exc, RepositoryError):
+        return str(exc), exc.category
+    return f"{type(exc).__name__}: {exc}", "load"
+
+
 class ManifestError(RepositoryError):
     """The manifest is missing, unreadable or does not follow the schema."""
 

@@ -128,6 +128,10 @@ def test_cache_keys_on_the_manifest_and_survives_damage(compiled, repository, tm
         (tmp_path / f"v{i}" / "manifest.json").write_text(str(i))
         cache.put(tmp_path / f"v{i}", graph)
     assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
+    (tmp_path / "a-file").write_text("not a folder")
+    unwritable = GraphCache(tmp_path / "a-file" / "cache")  # costs time, never a refused version
+    unwritable.put(vdir, graph)
+    assert unwritable.get(vdir) is None
 
 
 def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_path, monkeypatch):
