@@ -136,8 +136,7 @@ class RequestMetrics:
             await self.app(scope, receive, send_with_status)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+            self.metrics.observe_request(route, status, time.perf_counter() - started)
 
 
 def create_app(

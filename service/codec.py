@@ -44,7 +44,7 @@ def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: st
         raise PayloadTooLarge(
             f"'{field}' has {len(instances)} rows; at most {max_rows} are allowed per request"
         )
-    array = _numeric(instances, field, hint=f" of shape {list(spec.shape)}")
+    array = _numeric(instances, field, spec.shape)
     if array.shape[1:] != spec.shape:
         got = list(array.shape[1:]) if array.ndim > 1 else "a bare number"
         raise InvalidInput(f"each instance must have shape {list(spec.shape)}, got {got}")
@@ -53,9 +53,12 @@ def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: st
 
 def first_nonfinite_row(x: np.ndarray) -> int | None:
     """Index of the first row holding NaN or infinity, or None if every value is finite."""
-    if x.dtype.kind != "f" or np.all(np.isfinite(x)):
+    # NaN and infinity reach the sum; a float64 sum of finite values overflows only for float64
+    # inputs near its limit, and then the row-by-row check below decides.
+    if x.dtype.kind != "f" or np.isfinite(x.sum(dtype=np.float64)):
         return None
-    return int(np.argmax((~np.isfinite(x.reshape(len(x), -1))).any(axis=1)))
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def _describe_kind(dtype: np.dtype) -> str:
@@ -164,11 +167,12 @@ def v2_input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_
     return _to_spec(array, spec, "inputs[0]")
 
 
-def _numeric(values: Any, field: str, hint: str = "") -> np.ndarray:
+def _numeric(values: Any, field: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """One numpy conversion of nested JSON lists; ragged or non-numeric content is a 422."""
     try:
         array = np.asarray(values)
     except (ValueError, TypeError, OverflowError):
+        hint = f" of shape {list(shape)}" if shape else ""
         raise InvalidInput(f"'{field}' is ragged or mixes types: it must be nested lists of numbers{hint}") from None
     if array.dtype.kind not in _JSON_NUMERIC_KINDS:
         raise InvalidInput(f"'{field}' must hold numbers only; found {_describe_kind(array.dtype)}")

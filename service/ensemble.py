@@ -89,6 +89,9 @@ class Ensemble:
     fn: tf.types.experimental.ConcreteFunction  # x -> (average, stacked member probabilities)
     owner: object = None  # keeps alive what `fn` reads (the Keras model's variables), if anything
 
+    def __post_init__(self):
+        self._call = flat_call(self.fn)
+
     @property
     def name(self) -> str:
         return self.manifest.name
@@ -107,14 +110,25 @@ class Ensemble:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(averaged probabilities (rows, classes), member probabilities (rows, members, classes))."""
-        # The concrete function skips the polymorphic dispatch: about 0.5 ms less per call.
-        average, members = self.fn(tf.constant(x))
+        average, members = self._call(tf.constant(x))
         average, members = average.numpy(), members.numpy()
         if len(average) != len(x) or len(members) != len(x):
             raise InferenceFailed(
                 f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"
             )
         return average, members
+
+
+def flat_call(fn) -> Callable:
+    """`fn` without the Python around a call: the concrete function already skips the
+    polymorphic dispatch (about 0.5 ms), and its flat entry point skips the structured-signature
+    checks too (0.49 against 0.62 ms for one row of the default ensemble). The input signature
+    is fixed at load, so those checks have nothing to find. Falls back to `fn` itself if this
+    TensorFlow has no flat entry point; the warm-up runs whichever is chosen."""
+    call_flat, captured = getattr(fn, "_call_flat", None), getattr(fn, "captured_inputs", None)
+    if call_flat is None or captured is None:
+        return fn
+    return lambda x: call_flat([x], captured)
 
 
 def _combine(outputs: list, weights: Sequence[float]):

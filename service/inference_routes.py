@@ -93,7 +93,7 @@ class InferenceHandlers:
     async def _infer(self, call: Call, ensemble, x):
         deadline = deadline_from(call.headers, self.settings.request_timeout_ms)
         result = await self.state.batcher.submit(ensemble, x, deadline)
-        self.metrics.predicted_rows.labels(ensemble.name).inc(len(x))
+        self.metrics.observe_rows(ensemble.name, len(x))
         return result
 
     async def predict(self, call: Call) -> Reply:
@@ -194,8 +194,7 @@ class InferenceRoutes:
                    (b"content-length", str(len(reply.body)).encode()), *reply.headers]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
-        self.metrics.requests.labels(template, str(reply.status)).inc()
-        self.metrics.request_duration.labels(template).observe(time.perf_counter() - started)
+        self.metrics.observe_request(template, reply.status, time.perf_counter() - started)
 
     async def _reply(self, scope, receive, handler: Callable[[Call], Awaitable[Reply]], params: dict) -> Reply:
         try:

@@ -124,6 +124,26 @@ class ServiceMetrics:
             "(queue_full, deadline, too_large)", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # at 0 from the start, so `increase()` sees the first
             self.rejected.labels(reason)
+        # `labels()` takes a lock and validates on every call (~2 us); the hot paths below look
+        # each labelled child up once.
+        self._request_children: dict[tuple[str, int], tuple] = {}
+        self._rows_children: dict[str, object] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """One answered HTTP request: its count by route and status, and its duration."""
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = self._request_children[(route, status)] = (
+                self.requests.labels(route, str(status)), self.request_duration.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_rows(self, model: str, rows: int) -> None:
+        """Rows answered by a model's ensemble."""
+        child = self._rows_children.get(model)
+        if child is None:
+            child = self._rows_children[model] = self.predicted_rows.labels(model)
+        child.inc(rows)
 
     def register_model(self, model: str) -> None:
         """Create a model's failure series at 0, so `increase()` sees its first failure."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.codec import disagreement, instances_to_array, parse_json_object, predicted_labels
+from service.codec import (
+    disagreement,
+    first_nonfinite_row,
+    instances_to_array,
+    parse_json_object,
+    predicted_labels,
+)
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from service.repository import InputSpec
 
@@ -50,6 +56,18 @@ def test_unparseable_bodies_are_400(body, error, message):
 def test_bad_instances_are_422_naming_the_problem(instances, message):
     with pytest.raises(InvalidInput, match=message):
         instances_to_array(instances, SPEC, max_rows=10)
+
+
+def test_first_nonfinite_row_even_when_finite_values_overflow_the_sum():
+    huge = np.full((3, 4), 1e308)  # finite, but their sum is not: the row check decides
+    assert first_nonfinite_row(huge) is None
+    huge[2, 1] = np.nan
+    assert first_nonfinite_row(huge) == 2
+    small = np.ones((4, 2), np.float32)
+    assert first_nonfinite_row(small) is None
+    small[1, 0] = -np.inf
+    assert first_nonfinite_row(small) == 1
+    assert first_nonfinite_row(np.ones((2, 2), np.int64)) is None
 
 
 def test_too_many_rows_is_413():
