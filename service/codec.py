@@ -53,9 +53,11 @@ def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: st
 
 def first_nonfinite_row(x: np.ndarray) -> int | None:
     """Index of the first row holding NaN or infinity, or None if every value is finite."""
-    # NaN and infinity reach the sum; a float64 sum of finite values overflows only for float64
-    # inputs near its limit, and then the row-by-row check below decides.
-    if x.dtype.kind != "f" or np.isfinite(x.sum(dtype=np.float64)):
+    if x.dtype.kind != "f":
+        return None
+    # For float32 and narrower, one float64 sum decides: NaN and infinity reach it, and finite
+    # values cannot overflow it. A float64 sum could overflow, so float64 is checked value by value.
+    if x.dtype.itemsize < 8 and np.isfinite(x.sum(dtype=np.float64)):
         return None
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     return int(np.argmax(bad)) if bad.any() else None
