@@ -98,8 +98,8 @@ class ServiceMetrics:
             "ensemble_inference_duration_seconds", "Time of one batched call of the ensemble",
             buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge(
-            "ensemble_queue_depth_rows", "Rows waiting in the batch queue", registry=r,
-            multiprocess_mode="livesum")
+            "ensemble_queue_depth_rows", "Rows left waiting in the batch queue when the last batch "
+            "was taken", registry=r, multiprocess_mode="livesum")
         self.disagreement = Histogram(
             "ensemble_member_disagreement_ratio", "Per predicted row: share of members whose top "
             "class differs from the ensemble's", ["model"], buckets=DISAGREEMENT_BUCKETS, registry=r)
