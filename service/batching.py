@@ -9,8 +9,8 @@ under load batches grow by themselves. `max_delay_seconds` may additionally hold
 batch back for company (0 by default: measured, waiting never paid off on these models).
 
 The queue is bounded in rows; a full queue refuses at once (429). Its depth is reported each
-time a batch is taken (what the batch left behind), not on every request. A request with more rows
-than a batch holds is split into chunks. A batch that fails fails each of its requests with
+time a batch is taken (what the batch left behind), not on every request. A request with
+more rows than a batch holds is split into chunks. A batch that fails fails each of its requests with
 the error; a batch whose outputs do not match its inputs in number fails likewise. Requests
 whose deadline has passed while queued are answered 504 and not computed.
 
@@ -118,7 +118,7 @@ class Batcher:
         self.on_depth = on_depth or (lambda depth: None)
         # Shared with the inference thread, under `_cond`'s lock: the queue, its row count,
         # the number of batches taken and not yet answered, and the stop flag.
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._unanswered = 0

@@ -92,6 +92,24 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows():
         assert avg.tolist() == [[float(i)], [float(i)]]
 
 
+def test_the_next_batch_starts_without_waiting_for_the_event_loop():
+    async def go():
+        b, fake = await started(), Fake(delay=0.05)
+        first = asyncio.ensure_future(b.submit(fake, np.zeros((1, 1))))
+        await asyncio.sleep(0.01)  # the first batch is computing
+        second = asyncio.ensure_future(b.submit(fake, np.ones((1, 1))))
+        await asyncio.sleep(0)  # the second request is queued
+        time.sleep(0.3)  # the loop is busy: the thread must go on to the second batch by itself
+        computed_while_busy = list(fake.batches)
+        results = await asyncio.gather(first, second)
+        await b.stop()
+        return computed_while_busy, results
+
+    computed_while_busy, results = run(go())
+    assert computed_while_busy == [1, 1]
+    assert [avg.tolist() for avg, _ in results] == [[[0.0]], [[1.0]]]
+
+
 def test_large_requests_are_split_to_the_batch_limit():
     async def go():
         b, fake = await started(max_batch_size=4), Fake()
