@@ -57,9 +57,14 @@ class Settings(BaseSettings):
         "state_dir is set, else nothing is kept")
     load_timeout_seconds: float = Field(
         600.0, gt=0, description="a version whose loading process takes longer is refused")
+    inference_threads: int = Field(
+        0, ge=0, le=64, description="batches computed at once, each in its own thread (0: two, or "
+        "one where the worker has a single core)")
     intra_op_threads: int = Field(
-        0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of the cores)")
-    inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: one)")
+        0, ge=0, description="TensorFlow intra-op threads (0: the worker's share of the cores, "
+        "divided among the inference threads)")
+    inter_op_threads: int = Field(
+        0, ge=0, description="TensorFlow inter-op threads (0: one per inference thread)")
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin routes (reload, rollback, pin); unset: they "
         "answer 403")

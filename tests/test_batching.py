@@ -110,6 +110,20 @@ def test_the_next_batch_starts_without_waiting_for_the_event_loop():
     assert [avg.tolist() for avg, _ in results] == [[[0.0]], [[1.0]]]
 
 
+def test_with_two_threads_two_batches_compute_side_by_side():
+    async def go():
+        b, fake = await started(threads=2), Fake(delay=0.2)
+        t = time.monotonic()
+        results = await asyncio.gather(*[b.submit(fake, np.full((1, 1), float(i))) for i in range(2)])
+        elapsed = time.monotonic() - t
+        await b.stop()
+        return elapsed, results
+
+    elapsed, results = run(go())
+    assert elapsed < 0.35  # one after the other would take 0.4 s
+    assert [avg.tolist() for avg, _ in results] == [[[0.0]], [[1.0]]]
+
+
 def test_large_requests_are_split_to_the_batch_limit():
     async def go():
         b, fake = await started(max_batch_size=4), Fake()
@@ -241,11 +255,14 @@ def test_deadline_header_and_default():
             deadline_from({"x-request-timeout-ms": bad}, 0)
 
 
-def test_tensorflow_thread_defaults_share_the_cores_among_workers():
-    from service.api import tensorflow_threads
+def test_thread_plan_shares_the_cores_among_workers_and_batches():
+    from service.api import thread_plan
 
-    assert tensorflow_threads(0, 0, workers=1, cores=2) == (2, 1)
-    assert tensorflow_threads(0, 0, workers=1, cores=8) == (8, 1)
-    assert tensorflow_threads(0, 0, workers=2, cores=8) == (4, 1)
-    assert tensorflow_threads(0, 0, workers=4, cores=2) == (1, 1)
-    assert tensorflow_threads(4, 2, workers=1, cores=2) == (4, 2)
+    # (inference threads, intra-op, inter-op) from (settings..., workers, cores)
+    assert thread_plan(0, 0, 0, workers=1, cores=2) == (2, 1, 2)
+    assert thread_plan(0, 0, 0, workers=1, cores=8) == (2, 4, 2)
+    assert thread_plan(0, 0, 0, workers=2, cores=8) == (2, 2, 2)
+    assert thread_plan(0, 0, 0, workers=2, cores=2) == (1, 1, 1)  # one core each: one batch
+    assert thread_plan(0, 0, 0, workers=1, cores=1) == (1, 1, 1)
+    assert thread_plan(1, 0, 0, workers=1, cores=2) == (1, 2, 1)  # one batch at a time gets both
+    assert thread_plan(3, 4, 2, workers=1, cores=2) == (3, 4, 2)  # explicit values are kept
