@@ -25,7 +25,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.errors import Forbidden, ServiceError, Unauthorized
 from service.inference_routes import ROUTES, InferenceRoutes
-from service.manager import Loader, ModelManager, PinStore
+from service.manager import Loader, ModelManager, PinStore, tune_garbage_collector
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ def create_app(
                                                   os.cpu_count() or 1)
         if loader is None:
             configure_tensorflow(intra, inter)
+        tune_garbage_collector()
         manager = ModelManager(settings.repository, loader or default_loader(settings), metrics,
                                settings.version_policy, settings.poll_interval_seconds,
                                settings.default_model, PinStore(settings.state_dir),

@@ -79,6 +79,20 @@ class Pacer:
         self.last = self.clock()
 
 
+# Young collections every 20,000 allocations instead of 700. A one-row request allocates a few
+# hundred objects (JSON, lists, futures), so the default collected every few requests.
+# Measured at 32 connections, default ensemble, 3 interleaved rounds: 10-17% less CPU per
+# request, and 9-18% more requests/s. Only cyclic garbage waits for a collection; the rest
+# is freed at once.
+YOUNG_GENERATION_THRESHOLD = 20_000
+
+
+def tune_garbage_collector() -> None:
+    """Fewer young collections while serving (see YOUNG_GENERATION_THRESHOLD)."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, older, oldest)
+
+
 def release_garbage(first: bool) -> None:
     """Free a dropped version without stalling the event loop.
 
