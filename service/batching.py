@@ -120,7 +120,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.on_batch = on_batch or (lambda stats: None)
         self.on_depth = on_depth or (lambda depth: None)
-        # Shared with the inference thread, under `_cond`'s lock: the queue, its row count,
+        # Shared with the inference threads, under `_cond`'s lock: the queue, its row count,
         # the number of batches taken and not yet answered, and the stop flag.
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
@@ -146,7 +146,7 @@ class Batcher:
         return not (self._queue or self._unanswered)
 
     async def stop(self) -> None:
-        """Refuse new work, stop the thread after its current batch, and fail whatever is
+        """Refuse new work, stop each thread after its current batch, and fail whatever is
         still queued."""
         self._closing = True
         with self._cond:

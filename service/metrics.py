@@ -124,26 +124,25 @@ class ServiceMetrics:
             "(queue_full, deadline, too_large)", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # at 0 from the start, so `increase()` sees the first
             self.rejected.labels(reason)
-        # `labels()` takes a lock and validates on every call (~2 us); the hot paths below look
-        # each labelled child up once.
-        self._request_children: dict[tuple[str, int], tuple] = {}
-        self._rows_children: dict[str, object] = {}
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels):
+        """`metric.labels(*labels)`, looked up once: `labels()` takes a lock and validates on
+        every call (~2 us), too much for every request and every batch."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """One answered HTTP request: its count by route and status, and its duration."""
-        children = self._request_children.get((route, status))
-        if children is None:
-            children = self._request_children[(route, status)] = (
-                self.requests.labels(route, str(status)), self.request_duration.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self._child(self.requests, route, status).inc()
+        self._child(self.request_duration, route).observe(seconds)
 
     def observe_rows(self, model: str, rows: int) -> None:
         """Rows answered by a model's ensemble."""
-        child = self._rows_children.get(model)
-        if child is None:
-            child = self._rows_children[model] = self.predicted_rows.labels(model)
-        child.inc(rows)
+        self._child(self.predicted_rows, model).inc(rows)
 
     def register_model(self, model: str) -> None:
         """Create a model's failure series at 0, so `increase()` sees its first failure."""
@@ -162,10 +161,10 @@ class ServiceMetrics:
 
     def observe_predictions(self, model: str, classes, average: np.ndarray, members: np.ndarray) -> None:
         """What only an ensemble has: member disagreement, and the predicted classes (drift)."""
-        observe_many(self.disagreement.labels(model), codec.disagreement(members, average))
+        observe_many(self._child(self.disagreement, model), codec.disagreement(members, average))
         counts = np.bincount(average.argmax(axis=1), minlength=len(classes))
         for i in np.flatnonzero(counts):
-            self.predicted_class.labels(model, classes[i]).inc(int(counts[i]))
+            self._child(self.predicted_class, model, classes[i]).inc(int(counts[i]))
 
     def update_process(self) -> None:
         self.resident_memory.set(resident_bytes())
