@@ -1,5 +1,5 @@
 """(d) A serving framework with its own dynamic batching: LitServe, on the same ensemble and
-frozen graph the service runs. Installed for the benchmark only (`pip install litserve`).
+engine the service runs (TensorFlow Lite when the version converts, else the frozen graph). Installed for the benchmark only (`pip install litserve`).
 
     python benchmarks/litserve_server.py VERSION_DIR PORT
 """
@@ -18,7 +18,7 @@ class EnsembleAPI(ls.LitAPI):
         from service.frozen import load_frozen
         from service.repository import read_manifest
 
-        # The same frozen graph the service runs: the comparison is of the serving, not the model.
+        # The same engine the service runs: the comparison is of the serving, not the model.
         self.ensemble = load_frozen(read_manifest(VERSION_DIR), VERSION_DIR, (1, 32))
         self.sizes = []
 

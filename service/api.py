@@ -68,9 +68,10 @@ async def _answered_in_front() -> Response:
 
 
 def default_loader(settings: Settings) -> Loader:
-    """The real loader: the version is compiled into one frozen graph (in a child process with
-    isolated_loading; from the cache when it was compiled before), which the server imports and
-    warms up. TensorFlow is imported here, on first use, not at module import."""
+    """The real loader: the version is compiled into one frozen graph and its TensorFlow Lite
+    model (in a child process with isolated_loading; from the cache when it was compiled
+    before), which the server imports and warms up, running the engine of settings.engine.
+    TensorFlow is imported here, on first use, not at module import."""
     folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
 
     def load(manifest, path, pace):
@@ -88,7 +89,10 @@ def default_loader(settings: Settings) -> Loader:
                 graph = compile_version(manifest, path, pace)
             if cache is not None:
                 cache.put(path, graph)
-        return import_frozen(manifest, path, graph, settings.warmup_batch_sizes, pace)
+        batch_threads, intra, _ = thread_plan(settings.inference_threads, settings.intra_op_threads,
+                                              settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
+        return import_frozen(manifest, path, graph, settings.warmup_batch_sizes, pace, settings.engine,
+                             threads=intra, pool=batch_threads)
 
     return load
 

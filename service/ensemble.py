@@ -4,7 +4,8 @@ The members are SavedModels (`model.export`), reloaded as `keras.layers.TFSMLaye
 in a Functional-API model whose outputs are the (weighted) average and the stacked per-member
 probabilities. One `tf.function` with a fixed input signature runs it: traced once, at load.
 The service does not serve this function itself: `service.frozen` compiles it into one frozen
-graph, which is what `Ensemble.fn` runs in the server.
+graph (`Ensemble.fn` in the server), and `service.lite` converts that to TensorFlow Lite, which
+the server runs when the version converts (`Ensemble.lite`).
 """
 
 from __future__ import annotations
@@ -88,9 +89,16 @@ class Ensemble:
     path: Path
     fn: tf.types.experimental.ConcreteFunction  # x -> (average, stacked member probabilities)
     owner: object = None  # keeps alive what `fn` reads (the Keras model's variables), if anything
+    # The same ensemble converted to TensorFlow Lite (service.lite.LiteRunner): when set, it is
+    # what `predict` runs; `fn` stays for whoever wants the TensorFlow function.
+    lite: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     def __post_init__(self):
         self._call = flat_call(self.fn)
+
+    @property
+    def engine(self) -> str:
+        return "tflite" if self.lite is not None else "tensorflow"
 
     @property
     def name(self) -> str:
@@ -110,8 +118,11 @@ class Ensemble:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(averaged probabilities (rows, classes), member probabilities (rows, members, classes))."""
-        average, members = self._call(tf.constant(x))
-        average, members = average.numpy(), members.numpy()
+        if self.lite is not None:
+            average, members = self.lite(x)
+        else:
+            average, members = self._call(tf.constant(x))
+            average, members = average.numpy(), members.numpy()
         if len(average) != len(x) or len(members) != len(x):
             raise InferenceFailed(
                 f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"

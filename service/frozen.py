@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,6 +33,7 @@ from service.ensemble import (
     warm_up,
     warmup_batch,
 )
+from service.lite import LiteRunner, to_lite
 from service.repository import MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
@@ -41,29 +42,35 @@ log = logging.getLogger(__name__)
 # reorder a sum).
 FAITHFUL_ATOL = 1e-5
 FAITHFUL_ROWS = 32
-_MAGIC = b"ensemble-frozen-graph/1\n"
+_MAGIC = b"ensemble-frozen-graph/2\n"  # 2: graph size in the header, then the TensorFlow Lite model
 
 
 @dataclass(frozen=True)
 class FrozenGraph:
-    """A serialized GraphDef and the names of its input and its two outputs (average, members)."""
+    """A serialized GraphDef and the names of its input and its two outputs (average, members);
+    with the same ensemble as a TensorFlow Lite model when it converted and agreed (`lite`)."""
 
     graph_def: bytes
     input: str
     outputs: tuple[str, str]
+    lite: bytes | None = None
 
     def write(self, path: Path) -> None:
-        header = json.dumps({"input": self.input, "outputs": list(self.outputs)}).encode()
-        Path(path).write_bytes(_MAGIC + header + b"\n" + self.graph_def)
+        header = json.dumps({"input": self.input, "outputs": list(self.outputs),
+                             "graph_bytes": len(self.graph_def)}).encode()
+        Path(path).write_bytes(_MAGIC + header + b"\n" + self.graph_def + (self.lite or b""))
 
     @classmethod
     def read(cls, path: Path) -> "FrozenGraph":
         data = Path(path).read_bytes()
         if not data.startswith(_MAGIC):
             raise LoadError(f"{path} is not a frozen ensemble graph")
-        header, _, graph_def = data[len(_MAGIC):].partition(b"\n")
+        header, _, rest = data[len(_MAGIC):].partition(b"\n")
         meta = json.loads(header)
-        return cls(graph_def, meta["input"], tuple(meta["outputs"]))
+        size = meta["graph_bytes"]
+        if len(rest) < size:
+            raise LoadError(f"{path} is truncated: {len(rest)} bytes where the graph alone has {size}")
+        return cls(rest[:size], meta["input"], tuple(meta["outputs"]), rest[size:] or None)
 
 
 class GraphCache:
@@ -124,8 +131,14 @@ def freeze(ensemble: Ensemble) -> FrozenGraph:
 
 
 def import_frozen(manifest: Manifest, version_dir: Path, graph: FrozenGraph, warmup_sizes: Sequence[int],
-                  pace: Callable[[], None] = _no_pause) -> Ensemble:
-    """The servable ensemble of a frozen graph, warmed on `warmup_sizes` (outputs checked)."""
+                  pace: Callable[[], None] = _no_pause, engine: str = "tflite", threads: int = 1,
+                  pool: int = 1) -> Ensemble:
+    """The servable ensemble of a frozen graph, warmed on `warmup_sizes` (outputs checked).
+
+    With engine "tflite" and a TensorFlow Lite model in `graph`, that model computes (on `pool`
+    interpreters of `threads` threads each, the inference threads' plan); should it fail to load
+    or warm up here, the version runs on TensorFlow instead (logged). Engine "tensorflow": always
+    TensorFlow."""
     graph_def = tf.compat.v1.GraphDef.FromString(graph.graph_def)
 
     def run(x):
@@ -138,6 +151,13 @@ def import_frozen(manifest: Manifest, version_dir: Path, graph: FrozenGraph, war
     except Exception as exc:  # a graph that does not import is a broken compilation, not a crash
         raise LoadError(f"cannot import the frozen ensemble graph: {type(exc).__name__}: {exc}") from None
     pace()
+    if engine == "tflite" and graph.lite is not None:
+        try:
+            lite = LiteRunner(graph.lite, threads, pool)
+            return warm_up(Ensemble(manifest, version_dir, fn, lite=lite), warmup_sizes, pace)
+        except LoadError as exc:
+            log.warning("%s version %d runs on TensorFlow: its TensorFlow Lite model failed: %s",
+                        manifest.name, manifest.version, exc)
     return warm_up(Ensemble(manifest, version_dir, fn), warmup_sizes, pace)
 
 
@@ -152,12 +172,28 @@ def check_faithful(original: Ensemble, frozen: Ensemble) -> None:
 
 def compile_version(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = _no_pause) -> FrozenGraph:
     """Load every member (signature and warm-up checks included), freeze, and check the frozen
-    graph against the members. Raises a LoadError (with its category) on any problem."""
+    graph against the members; then convert it to TensorFlow Lite, kept if it answers the same
+    too. Raises a LoadError (with its category) on any problem with the frozen graph; a model
+    that does not convert only runs on TensorFlow."""
     original = load_ensemble(manifest, version_dir, (1, FAITHFUL_ROWS), pace)
     graph = freeze(original)
     pace()
-    check_faithful(original, import_frozen(manifest, version_dir, graph, ()))
-    return graph
+    frozen = import_frozen(manifest, version_dir, graph, (), engine="tensorflow")
+    check_faithful(original, frozen)
+    pace()
+    return replace(graph, lite=convert_checked(original, frozen))
+
+
+def convert_checked(original: Ensemble, frozen: Ensemble) -> bytes | None:
+    """The TensorFlow Lite model of the frozen ensemble if it converts and answers what the
+    members answer; None (logged) otherwise."""
+    try:
+        lite = to_lite(frozen.fn)
+        check_faithful(original, warm_up(replace(frozen, lite=LiteRunner(lite)), (1, FAITHFUL_ROWS)))
+        return lite
+    except LoadError as exc:  # WarmupError included
+        log.warning("%s version %d will run on TensorFlow: %s", original.name, original.version, exc)
+        return None
 
 
 def load_frozen(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int]) -> Ensemble:

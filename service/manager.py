@@ -443,7 +443,7 @@ class ModelManager:
         slot.previous, slot.live = slot.live, ensemble
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
-        log.info("%s version %d is live", slot.name, ensemble.version)
+        log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, getattr(ensemble, "engine", "?"))
         del dropped
         release_garbage(first=self._first_swap)
         self._first_swap = False
@@ -481,6 +481,8 @@ class ModelManager:
             if loaded is not None:
                 m = loaded.manifest
                 entry.update(created=m.created.isoformat(), members=len(m.members), metrics=m.metrics)
+                if getattr(loaded, "engine", None):  # what computes it: tflite or tensorflow
+                    entry["engine"] = loaded.engine
             versions.append(entry)
         policy = self.policy_of(name)
         return {"name": name, "live": live, "previous": previous, "policy": policy,

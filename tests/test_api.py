@@ -119,6 +119,7 @@ def test_health_models_and_metrics(client):
     (model,) = client.get("/models").json()["models"]
     assert (model["name"], model["live"]) == ("digits", 1)
     assert model["versions"][0]["state"] == "live" and model["versions"][0]["members"] == 5
+    assert model["versions"][0]["engine"] == "tflite"
     client.post("/predict", json={"instances": []})
     text = client.get("/metrics").text
     assert 'ensemble_model_version{model="digits"} 1.0' in text

@@ -1,0 +1,112 @@
+"""The TensorFlow Lite engine: conversion at compile time, faithfulness, threads, fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import service.frozen
+from service.ensemble import LoadError, load_ensemble
+from service.frozen import FrozenGraph, compile_version, convert_checked, import_frozen
+from service.lite import LiteRunner
+from service.repository import read_manifest
+
+
+@pytest.fixture(scope="module")
+def compiled(trained_repository):
+    vdir = trained_repository / "digits" / "1"
+    manifest = read_manifest(vdir)
+    return manifest, vdir, compile_version(manifest, vdir)
+
+
+@pytest.fixture(scope="module")
+def reference(compiled):
+    """The frozen TensorFlow graph of the same version: what TensorFlow Lite must agree with."""
+    manifest, vdir, graph = compiled
+    return import_frozen(manifest, vdir, graph, (1,), engine="tensorflow")
+
+
+def test_compiled_version_runs_on_tensorflow_lite_with_the_same_answers(compiled, reference, digits_test_split):
+    manifest, vdir, graph = compiled
+    assert graph.lite and graph.lite[4:8] == b"TFL3"  # a TensorFlow Lite flatbuffer
+    lite = import_frozen(manifest, vdir, graph, (1, 8))
+    assert (lite.engine, reference.engine) == ("tflite", "tensorflow")
+    x = digits_test_split.x[:100]
+    for got, want in zip(lite.predict(x), reference.predict(x)):
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_runner_serves_any_batch_size_from_several_threads(compiled, reference, digits_test_split):
+    runner = LiteRunner(compiled[2].lite)
+    sizes = (1, 3, 17, 64)
+    x = digits_test_split.x[:64]
+    want = {n: reference.predict(x[:n]) for n in sizes}
+    failures, calls = [], []
+
+    def client(offset: int):
+        for i in range(24):
+            n = sizes[(i + offset) % len(sizes)]  # every thread changes size on every call
+            average, members = runner(x[:n])
+            calls.append(n)
+            if not (np.allclose(average, want[n][0], atol=1e-5) and np.allclose(members, want[n][1], atol=1e-5)):
+                failures.append((offset, i, n))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 96 and not failures
+    assert 1 <= runner._idle.qsize() <= 4  # one interpreter per call running at once, kept
+
+
+def test_file_keeps_the_lite_model_and_refuses_a_truncated_one(compiled, tmp_path):
+    graph = compiled[2]
+    for version in (graph, replace(graph, lite=None)):
+        version.write(tmp_path / "graph.bin")
+        assert FrozenGraph.read(tmp_path / "graph.bin") == version
+    graph.write(tmp_path / "graph.bin")
+    (tmp_path / "graph.bin").write_bytes((tmp_path / "graph.bin").read_bytes()[:200])
+    with pytest.raises(LoadError, match="truncated"):
+        FrozenGraph.read(tmp_path / "graph.bin")
+
+
+def test_engine_tensorflow_and_a_broken_lite_model_run_on_tensorflow(compiled, caplog):
+    manifest, vdir, graph = compiled
+    assert import_frozen(manifest, vdir, graph, (1,), engine="tensorflow").engine == "tensorflow"
+    with caplog.at_level(logging.WARNING, logger="service.frozen"):
+        broken = import_frozen(manifest, vdir, replace(graph, lite=b"\x00" * 64), (1,))
+    assert broken.engine == "tensorflow"
+    assert "runs on TensorFlow" in caplog.text
+
+
+def test_a_model_that_does_not_convert_or_disagrees_is_not_kept(compiled, reference, monkeypatch, caplog):
+    manifest, vdir, graph = compiled
+    original = load_ensemble(manifest, vdir, (1,))
+    assert convert_checked(original, reference) is not None
+
+    def refuse(fn):
+        raise LoadError("cannot convert the ensemble to TensorFlow Lite: op Foo is not supported")
+
+    monkeypatch.setattr(service.frozen, "to_lite", refuse)
+    with caplog.at_level(logging.WARNING, logger="service.frozen"):
+        assert convert_checked(original, reference) is None
+    assert "op Foo is not supported" in caplog.text
+    monkeypatch.undo()
+
+    call = LiteRunner.__call__
+
+    def classes_reversed(self, x):  # still probabilities, but not the members' answer
+        average, members = call(self, x)
+        return average[:, ::-1].copy(), members
+
+    monkeypatch.setattr(LiteRunner, "__call__", classes_reversed)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="service.frozen"):
+        assert convert_checked(original, reference) is None
+    assert "differ from the members" in caplog.text
