@@ -140,17 +140,14 @@ def raw_rates(version_dir: Path, seconds: float = 3.0) -> dict[str, dict[int, tu
     {"tflite": {batch: (rows per second, ms per call)}, "tensorflow": {...}}. "tflite" is what
     the service computes with (absent if this version does not convert); "tensorflow" is the
     frozen graph's function (TensorFlow's default thread pools)."""
-    import tensorflow as tf
-
-    from service.ensemble import flat_call
+    from service.ensemble import tensorflow_run
     from service.frozen import load_frozen
     from service.repository import read_manifest
 
     ensemble = load_frozen(read_manifest(version_dir), version_dir, (1, 32, 256))
-    call = flat_call(ensemble.fn)
-    engines = {"tensorflow": lambda x: [t.numpy() for t in call(tf.constant(x))]}
-    if ensemble.lite is not None:
-        engines = {"tflite": ensemble.lite, **engines}
+    engines = {"tensorflow": tensorflow_run(ensemble.fn)}
+    if ensemble.engine == "tflite":
+        engines = {"tflite": ensemble.run, **engines}
     rng = np.random.default_rng(0)
     out: dict[str, dict[int, tuple[float, float]]] = {}
     for engine, run in engines.items():

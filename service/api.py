@@ -8,6 +8,7 @@ Inference Protocol's `/infer`) are the pure ASGI layer of `service.inference_rou
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -27,6 +28,7 @@ from service.errors import Forbidden, ServiceError, Unauthorized
 from service.inference_routes import ROUTES, InferenceRoutes
 from service.manager import Loader, ModelManager, PinStore, tune_garbage_collector
 from service.metrics import CONTENT_TYPE, ServiceMetrics
+from service.servable import LoadError
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -70,13 +72,18 @@ async def _answered_in_front() -> Response:
 def default_loader(settings: Settings) -> Loader:
     """The real loader: the version is compiled into one frozen graph and its TensorFlow Lite
     model (in a child process with isolated_loading; from the cache when it was compiled
-    before), which the server imports and warms up, running the engine of settings.engine.
-    TensorFlow is imported here, on first use, not at module import."""
+    before), and the server loads and warms up the engine of settings.engine: TensorFlow Lite
+    when the version has a model for it, else TensorFlow. TensorFlow is imported only for a
+    version that runs on it (or is compiled in this process): a server whose versions all run
+    on TensorFlow Lite never imports it."""
     folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
 
     def load(manifest, path, pace):
-        from service.frozen import GraphCache, compile_version, import_frozen
+        from service.compiled import GraphCache
 
+        batch_threads, intra, inter = thread_plan(settings.inference_threads, settings.intra_op_threads,
+                                                  settings.inter_op_threads, settings.workers,
+                                                  os.cpu_count() or 1)
         cache = GraphCache(folder) if folder is not None else None
         graph = cache.get(path) if cache is not None else None
         if graph is None:
@@ -86,13 +93,25 @@ def default_loader(settings: Settings) -> Loader:
 
                 graph = compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS)
             else:
+                configure_tensorflow(intra, inter)
+                from service.frozen import compile_version
+
                 graph = compile_version(manifest, path, pace)
             if cache is not None:
                 cache.put(path, graph)
-        batch_threads, intra, _ = thread_plan(settings.inference_threads, settings.intra_op_threads,
-                                              settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
-        return import_frozen(manifest, path, graph, settings.warmup_batch_sizes, pace, settings.engine,
-                             threads=intra, pool=batch_threads)
+        if settings.engine == "tflite" and graph.lite is not None:
+            from service.lite import load_lite
+
+            try:
+                return load_lite(manifest, path, graph.lite, settings.warmup_batch_sizes, pace,
+                                 threads=intra, pool=batch_threads)
+            except LoadError as exc:  # the frozen graph was checked on its own: it can still serve
+                log.warning("%s version %d runs on TensorFlow: its TensorFlow Lite model failed: %s",
+                            manifest.name, manifest.version, exc)
+        configure_tensorflow(intra, inter)
+        from service.frozen import import_frozen
+
+        return import_frozen(manifest, path, graph, settings.warmup_batch_sizes, pace)
 
     return load
 
@@ -111,8 +130,10 @@ def thread_plan(batch_threads: int, intra: int, inter: int, workers: int, cores:
     return batch_threads, intra or max(1, share // batch_threads), inter or batch_threads
 
 
+@functools.lru_cache(maxsize=None)
 def configure_tensorflow(intra: int, inter: int) -> None:
-    """Thread pools must be set before TensorFlow runs its first op."""
+    """Import TensorFlow and size its thread pools, once: before it runs its first op, and only
+    when a version needs it."""
     import tensorflow as tf
 
     try:
@@ -160,11 +181,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batch_threads, intra, inter = thread_plan(settings.inference_threads, settings.intra_op_threads,
-                                                  settings.inter_op_threads, settings.workers,
-                                                  os.cpu_count() or 1)
-        if loader is None:
-            configure_tensorflow(intra, inter)
+        batch_threads, _, _ = thread_plan(settings.inference_threads, settings.intra_op_threads,
+                                          settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
         tune_garbage_collector()
         manager = ModelManager(settings.repository, loader or default_loader(settings), metrics,
                                settings.version_policy, settings.poll_interval_seconds,

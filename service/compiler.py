@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.ensemble import LoadError
+from service.servable import LoadError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class CompileFailed(LoadError):
 def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10):
     """The version's FrozenGraph, compiled by a child process; raises CompileFailed with the
     child's reason and category, or with why the child did not finish."""
-    from service.frozen import FrozenGraph
+    from service.compiled import FrozenGraph
 
     with tempfile.TemporaryDirectory(prefix="ensemble-compile-") as work:
         out = Path(work) / "graph.bin"

@@ -7,34 +7,36 @@ ensemble's function (variables folded into constants, member calls inlined) leav
 of a few hundred nodes: importing it takes ~0.1 s, and it computes the same numbers faster (no
 variable reads, no nested function calls: ~0.6 against ~0.9 ms for one row, default ensemble).
 
-`compile_version` does the heavy part (load, check, freeze) and is what runs in the child
-process of `service.compiler`; `import_frozen` is the light part the server does itself.
+`compile_version` does the heavy part (load, check, freeze, convert to TensorFlow Lite) and is
+what runs in the child process of `service.compiler`; `import_frozen` is the light part, done
+by a server only for a version that runs on TensorFlow (the others run on TensorFlow Lite,
+`service.lite`, and the server never imports TensorFlow for them).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from service.compiled import FrozenGraph, GraphCache  # noqa: F401  (re-exported)
 from service.ensemble import (
     Ensemble,
     LoadError,
     _no_pause,
     input_signature,
     load_ensemble,
+    tensorflow_run,
     warm_up,
     warmup_batch,
 )
-from service.lite import LiteRunner, to_lite
-from service.repository import MANIFEST_FILE, Manifest
+from service.lite import load_lite
+from service.repository import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,77 +44,6 @@ log = logging.getLogger(__name__)
 # reorder a sum).
 FAITHFUL_ATOL = 1e-5
 FAITHFUL_ROWS = 32
-_MAGIC = b"ensemble-frozen-graph/2\n"  # 2: graph size in the header, then the TensorFlow Lite model
-
-
-@dataclass(frozen=True)
-class FrozenGraph:
-    """A serialized GraphDef and the names of its input and its two outputs (average, members);
-    with the same ensemble as a TensorFlow Lite model when it converted and agreed (`lite`)."""
-
-    graph_def: bytes
-    input: str
-    outputs: tuple[str, str]
-    lite: bytes | None = None
-
-    def write(self, path: Path) -> None:
-        header = json.dumps({"input": self.input, "outputs": list(self.outputs),
-                             "graph_bytes": len(self.graph_def)}).encode()
-        Path(path).write_bytes(_MAGIC + header + b"\n" + self.graph_def + (self.lite or b""))
-
-    @classmethod
-    def read(cls, path: Path) -> "FrozenGraph":
-        data = Path(path).read_bytes()
-        if not data.startswith(_MAGIC):
-            raise LoadError(f"{path} is not a frozen ensemble graph")
-        header, _, rest = data[len(_MAGIC):].partition(b"\n")
-        meta = json.loads(header)
-        size = meta["graph_bytes"]
-        if len(rest) < size:
-            raise LoadError(f"{path} is truncated: {len(rest)} bytes where the graph alone has {size}")
-        return cls(rest[:size], meta["input"], tuple(meta["outputs"]), rest[size:] or None)
-
-
-class GraphCache:
-    """Compiled versions kept in a folder, so a restarted server (or another worker) imports a
-    version instead of compiling it again (~10 s in a child process).
-
-    The key is the hash of the version's manifest.json, which holds every member file's
-    sha256, plus the TensorFlow version. Only use it after the files were verified against the
-    manifest (the manager does, before loading). Entries are written atomically; the newest
-    `keep` are kept."""
-
-    def __init__(self, folder: Path, keep: int = 16):
-        self.folder, self.keep = Path(folder), keep
-
-    def path_of(self, version_dir: Path) -> Path:
-        digest = hashlib.sha256((Path(version_dir) / MANIFEST_FILE).read_bytes())
-        digest.update(tf.__version__.encode())
-        return self.folder / f"{digest.hexdigest()[:32]}.graph"
-
-    def get(self, version_dir: Path) -> FrozenGraph | None:
-        path = self.path_of(version_dir)
-        try:
-            return FrozenGraph.read(path)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, LoadError) as exc:  # damaged: compile again
-            log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
-            return None
-
-    def put(self, version_dir: Path, graph: FrozenGraph) -> None:
-        path = self.path_of(version_dir)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            graph.write(tmp)
-            os.replace(tmp, path)
-        except OSError as exc:  # a cache that cannot be written costs time, not service
-            log.warning("compiled graph not cached in %s: %s", self.folder, exc)
-            return
-        entries = sorted(self.folder.glob("*.graph"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[self.keep:]:
-            old.unlink(missing_ok=True)
 
 
 def freeze(ensemble: Ensemble) -> FrozenGraph:
@@ -131,14 +62,9 @@ def freeze(ensemble: Ensemble) -> FrozenGraph:
 
 
 def import_frozen(manifest: Manifest, version_dir: Path, graph: FrozenGraph, warmup_sizes: Sequence[int],
-                  pace: Callable[[], None] = _no_pause, engine: str = "tflite", threads: int = 1,
-                  pool: int = 1) -> Ensemble:
-    """The servable ensemble of a frozen graph, warmed on `warmup_sizes` (outputs checked).
-
-    With engine "tflite" and a TensorFlow Lite model in `graph`, that model computes (on `pool`
-    interpreters of `threads` threads each, the inference threads' plan); should it fail to load
-    or warm up here, the version runs on TensorFlow instead (logged). Engine "tensorflow": always
-    TensorFlow."""
+                  pace: Callable[[], None] = _no_pause) -> Ensemble:
+    """The frozen graph as a servable ensemble on TensorFlow, warmed on `warmup_sizes` (outputs
+    checked)."""
     graph_def = tf.compat.v1.GraphDef.FromString(graph.graph_def)
 
     def run(x):
@@ -151,23 +77,17 @@ def import_frozen(manifest: Manifest, version_dir: Path, graph: FrozenGraph, war
     except Exception as exc:  # a graph that does not import is a broken compilation, not a crash
         raise LoadError(f"cannot import the frozen ensemble graph: {type(exc).__name__}: {exc}") from None
     pace()
-    if engine == "tflite" and graph.lite is not None:
-        try:
-            lite = LiteRunner(graph.lite, threads, pool)
-            return warm_up(Ensemble(manifest, version_dir, fn, lite=lite), warmup_sizes, pace)
-        except LoadError as exc:
-            log.warning("%s version %d runs on TensorFlow: its TensorFlow Lite model failed: %s",
-                        manifest.name, manifest.version, exc)
-    return warm_up(Ensemble(manifest, version_dir, fn), warmup_sizes, pace)
+    return warm_up(Ensemble(manifest, version_dir, tensorflow_run(fn), "tensorflow", fn), warmup_sizes, pace)
 
 
-def check_faithful(original: Ensemble, frozen: Ensemble) -> None:
-    """The frozen graph must answer what the assembled members answer; LoadError otherwise."""
+def check_faithful(original: Ensemble, compiled: Ensemble) -> None:
+    """The compiled ensemble must answer what the assembled members answer; LoadError otherwise."""
     x = warmup_batch(original.manifest.input, FAITHFUL_ROWS)
-    for what, a, b in zip(("average", "member"), original.predict(x), frozen.predict(x)):
+    for what, a, b in zip(("average", "member"), original.predict(x), compiled.predict(x)):
         worst = float(np.max(np.abs(a - b)))
         if not worst <= FAITHFUL_ATOL:
-            raise LoadError(f"the frozen ensemble's {what} probabilities differ from the members' by {worst:.2g}")
+            raise LoadError(f"the {compiled.engine} ensemble's {what} probabilities differ from the "
+                            f"members' by {worst:.2g}")
 
 
 def compile_version(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = _no_pause) -> FrozenGraph:
@@ -178,10 +98,24 @@ def compile_version(manifest: Manifest, version_dir: Path, pace: Callable[[], No
     original = load_ensemble(manifest, version_dir, (1, FAITHFUL_ROWS), pace)
     graph = freeze(original)
     pace()
-    frozen = import_frozen(manifest, version_dir, graph, (), engine="tensorflow")
+    frozen = import_frozen(manifest, version_dir, graph, ())
     check_faithful(original, frozen)
     pace()
     return replace(graph, lite=convert_checked(original, frozen))
+
+
+def to_lite(fn) -> bytes:
+    """The TensorFlow Lite flatbuffer of a concrete function x -> (average, members), with
+    TensorFlow Lite's own ops only; LoadError if it does not convert."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecated conversion path of bare concrete functions
+            return converter.convert()
+    except Exception as exc:  # the converter raises many types (ConverterError, ValueError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"cannot convert the ensemble to TensorFlow Lite: {first}") from None
 
 
 def convert_checked(original: Ensemble, frozen: Ensemble) -> bytes | None:
@@ -189,7 +123,7 @@ def convert_checked(original: Ensemble, frozen: Ensemble) -> bytes | None:
     members answer; None (logged) otherwise."""
     try:
         lite = to_lite(frozen.fn)
-        check_faithful(original, warm_up(replace(frozen, lite=LiteRunner(lite)), (1, FAITHFUL_ROWS)))
+        check_faithful(original, load_lite(original.manifest, original.path, lite, (1, FAITHFUL_ROWS)))
         return lite
     except LoadError as exc:  # WarmupError included
         log.warning("%s version %d will run on TensorFlow: %s", original.name, original.version, exc)
@@ -197,6 +131,11 @@ def convert_checked(original: Ensemble, frozen: Ensemble) -> bytes | None:
 
 
 def load_frozen(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int]) -> Ensemble:
-    """Compile and import in this process: the ensemble exactly as the server runs it (for the
-    benchmarks, and whoever wants the served function without a server)."""
-    return import_frozen(manifest, version_dir, compile_version(manifest, version_dir), warmup_sizes)
+    """Compile and import in this process: the ensemble as the server runs it, on TensorFlow
+    Lite when it converted (for the benchmarks, and whoever wants it without a server). `fn` is
+    the frozen graph's TensorFlow function either way."""
+    graph = compile_version(manifest, version_dir)
+    frozen = import_frozen(manifest, version_dir, graph, warmup_sizes)
+    if graph.lite is None:
+        return frozen
+    return replace(load_lite(manifest, version_dir, graph.lite, warmup_sizes), fn=frozen.fn)

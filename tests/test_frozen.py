@@ -65,6 +65,7 @@ def test_child_process_compiles_the_same_graph(compiled, digits_test_split):
     a = import_frozen(manifest, vdir, from_child, (1,)).predict(x)
     b = import_frozen(manifest, vdir, graph, (1,)).predict(x)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert from_child.lite is not None  # converted to TensorFlow Lite in the child too
     print(f"[figures] child compile of the 5-member test ensemble: {took:.1f} s")
 
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import service.frozen
+from service.api import default_loader
+from service.config import Settings
 from service.ensemble import LoadError, load_ensemble
-from service.frozen import FrozenGraph, compile_version, convert_checked, import_frozen
-from service.lite import LiteRunner
+from service.frozen import FrozenGraph, GraphCache, compile_version, convert_checked, import_frozen
+from service.lite import LiteRunner, load_lite
 from service.repository import read_manifest
 
 
@@ -27,14 +29,14 @@ def compiled(trained_repository):
 def reference(compiled):
     """The frozen TensorFlow graph of the same version: what TensorFlow Lite must agree with."""
     manifest, vdir, graph = compiled
-    return import_frozen(manifest, vdir, graph, (1,), engine="tensorflow")
+    return import_frozen(manifest, vdir, graph, (1,))
 
 
 def test_compiled_version_runs_on_tensorflow_lite_with_the_same_answers(compiled, reference, digits_test_split):
     manifest, vdir, graph = compiled
     assert graph.lite and graph.lite[4:8] == b"TFL3"  # a TensorFlow Lite flatbuffer
-    lite = import_frozen(manifest, vdir, graph, (1, 8))
-    assert (lite.engine, reference.engine) == ("tflite", "tensorflow")
+    lite = load_lite(manifest, vdir, graph.lite, (1, 8))
+    assert (lite.engine, reference.engine) == ("tflite", "tensorflow") and lite.fn is None
     x = digits_test_split.x[:100]
     for got, want in zip(lite.predict(x), reference.predict(x)):
         assert got.shape == want.shape and got.dtype == np.float32
@@ -76,13 +78,25 @@ def test_file_keeps_the_lite_model_and_refuses_a_truncated_one(compiled, tmp_pat
         FrozenGraph.read(tmp_path / "graph.bin")
 
 
-def test_engine_tensorflow_and_a_broken_lite_model_run_on_tensorflow(compiled, caplog):
+def loaded_by_the_server(graph, tmp_path, manifest, vdir, **settings):
+    """What the server's loader makes of a compiled version (from its cache, as after a restart)."""
+    GraphCache(tmp_path / "cache").put(vdir, graph)
+    loader = default_loader(Settings(compile_cache_dir=tmp_path / "cache", warmup_batch_sizes=(1,), **settings))
+    return loader(manifest, vdir, lambda: None)
+
+
+def test_the_loader_runs_the_engine_asked_for_and_falls_back_to_tensorflow(compiled, tmp_path, caplog):
     manifest, vdir, graph = compiled
-    assert import_frozen(manifest, vdir, graph, (1,), engine="tensorflow").engine == "tensorflow"
-    with caplog.at_level(logging.WARNING, logger="service.frozen"):
-        broken = import_frozen(manifest, vdir, replace(graph, lite=b"\x00" * 64), (1,))
+    assert loaded_by_the_server(graph, tmp_path, manifest, vdir).engine == "tflite"
+    assert loaded_by_the_server(graph, tmp_path, manifest, vdir, engine="tensorflow").engine == "tensorflow"
+    without = loaded_by_the_server(replace(graph, lite=None), tmp_path, manifest, vdir)
+    assert without.engine == "tensorflow"  # a version that did not convert
+    with caplog.at_level(logging.WARNING, logger="service.api"):
+        broken = loaded_by_the_server(replace(graph, lite=b"\x00" * 64), tmp_path, manifest, vdir)
     assert broken.engine == "tensorflow"
     assert "runs on TensorFlow" in caplog.text
+    with pytest.raises(LoadError):
+        load_lite(manifest, vdir, b"\x00" * 64, (1,))
 
 
 def test_a_model_that_does_not_convert_or_disagrees_is_not_kept(compiled, reference, monkeypatch, caplog):

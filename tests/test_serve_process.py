@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -33,6 +34,15 @@ def test_served_over_http_with_env_settings(server, digits_test_split):
     accuracy = sum(int(l) == y for l, y in zip(body["labels"], digits_test_split.y[:5])) / 5
     assert accuracy >= 0.4  # a 3-epoch tiny ensemble; the full run is measured in the README
     assert "ensemble_requests_total" in httpx.get(f"{base}/metrics").text
+
+
+def test_a_server_whose_versions_run_on_tensorflow_lite_never_loads_tensorflow(server):
+    base, proc = server
+    (version,) = httpx.get(f"{base}/models").json()["models"][0]["versions"]
+    assert version["engine"] == "tflite"
+    libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+    assert "_pywrap_litert_interpreter_wrapper" in libraries  # what computes
+    assert "libtensorflow_framework" not in libraries and "_pywrap_tensorflow_internal" not in libraries
 
 
 def test_sigterm_stops_the_server_promptly(server):

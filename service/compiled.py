@@ -1,0 +1,101 @@
+"""A compiled version as bytes: its frozen graph and, when it converted, its TensorFlow Lite
+model; the file they are kept in, and the cache of those files. No TensorFlow here: a server
+whose versions run on TensorFlow Lite reads these without importing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from service.repository import MANIFEST_FILE
+from service.servable import LoadError
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"ensemble-frozen-graph/2\n"  # 2: graph size in the header, then the TensorFlow Lite model
+
+
+def tensorflow_version() -> str:
+    """The installed TensorFlow's version, read from its package metadata (not by importing it)."""
+    for dist in ("tensorflow-cpu", "tensorflow", "tf-nightly-cpu", "tf-nightly"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class FrozenGraph:
+    """A serialized GraphDef and the names of its input and its two outputs (average, members);
+    with the same ensemble as a TensorFlow Lite model when it converted and agreed (`lite`)."""
+
+    graph_def: bytes
+    input: str
+    outputs: tuple[str, str]
+    lite: bytes | None = None
+
+    def write(self, path: Path) -> None:
+        header = json.dumps({"input": self.input, "outputs": list(self.outputs),
+                             "graph_bytes": len(self.graph_def)}).encode()
+        Path(path).write_bytes(_MAGIC + header + b"\n" + self.graph_def + (self.lite or b""))
+
+    @classmethod
+    def read(cls, path: Path) -> "FrozenGraph":
+        data = Path(path).read_bytes()
+        if not data.startswith(_MAGIC):
+            raise LoadError(f"{path} is not a frozen ensemble graph")
+        header, _, rest = data[len(_MAGIC):].partition(b"\n")
+        meta = json.loads(header)
+        size = meta["graph_bytes"]
+        if len(rest) < size:
+            raise LoadError(f"{path} is truncated: {len(rest)} bytes where the graph alone has {size}")
+        return cls(rest[:size], meta["input"], tuple(meta["outputs"]), rest[size:] or None)
+
+
+class GraphCache:
+    """Compiled versions kept in a folder, so a restarted server (or another worker) imports a
+    version instead of compiling it again (~10 s in a child process).
+
+    The key is the hash of the version's manifest.json, which holds every member file's
+    sha256, plus the TensorFlow version. Only use it after the files were verified against the
+    manifest (the manager does, before loading). Entries are written atomically; the newest
+    `keep` are kept."""
+
+    def __init__(self, folder: Path, keep: int = 16):
+        self.folder, self.keep = Path(folder), keep
+
+    def path_of(self, version_dir: Path) -> Path:
+        digest = hashlib.sha256((Path(version_dir) / MANIFEST_FILE).read_bytes())
+        digest.update(tensorflow_version().encode())
+        return self.folder / f"{digest.hexdigest()[:32]}.graph"
+
+    def get(self, version_dir: Path) -> FrozenGraph | None:
+        path = self.path_of(version_dir)
+        try:
+            return FrozenGraph.read(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, LoadError) as exc:  # damaged: compile again
+            log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
+            return None
+
+    def put(self, version_dir: Path, graph: FrozenGraph) -> None:
+        path = self.path_of(version_dir)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            graph.write(tmp)
+            os.replace(tmp, path)
+        except OSError as exc:  # a cache that cannot be written costs time, not service
+            log.warning("compiled graph not cached in %s: %s", self.folder, exc)
+            return
+        entries = sorted(self.folder.glob("*.graph"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[self.keep:]:
+            old.unlink(missing_ok=True)
