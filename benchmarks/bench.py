@@ -200,7 +200,6 @@ def main() -> int:
     print(f"ensemble {manifest.name} v{manifest.version}: {len(manifest.members)} members", flush=True)
 
     raw_by_engine = raw_rates(vdir)
-    raw = next(iter(raw_by_engine.values()))  # the engine the service runs: the targets' reference
     for engine, rates in raw_by_engine.items():
         print(f"raw in-process, {engine}:", {b: f"{r:.0f} rows/s, {ms:.2f} ms" for b, (r, ms) in rates.items()},
               flush=True)
