@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "prefer the ENSEMBLE_ADMIN_TOKEN variable, flags show in the process list")
     p.add_argument("--state-dir", type=Path, help="where admin pins are kept across restarts (default: memory)")
     p.add_argument("--shutdown-grace-seconds", type=float, help="on SIGTERM, time for requests to finish (default: 30)")
-    p.add_argument("--workers", type=int, help="uvicorn worker processes, each with its own ensemble (default: 1)")
+    p.add_argument("--workers", type=int, help="server processes on the port, each with its own socket and ensemble (default: 1)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     return p
 
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
         uvicorn.run(create_app(settings), **common)
         return 0
-    # Several processes: each worker builds its app from the environment, so the settings
-    # (flags included) are handed down as ENSEMBLE_* variables; metrics are aggregated
-    # across workers through prometheus_client's multiprocess mode.
+    # Several processes (service.workers: each accepts on its own socket): each worker builds
+    # its app from the environment, so the settings (flags included) are handed down as
+    # ENSEMBLE_* variables; metrics are aggregated across workers through prometheus_client's
+    # multiprocess mode.
     if settings.state_dir is None:  # pins set on one worker must reach the others
         settings.state_dir = Path(tempfile.mkdtemp(prefix="ensemble-state-"))
     for name, value in settings.model_dump(exclude_none=True).items():
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             value = settings.admin_token.get_secret_value()
         os.environ[f"ENSEMBLE_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
     prepare_multiprocess_metrics()
-    uvicorn.run("service.cli:worker_app", factory=True, workers=settings.workers, **common)
-    return 0
+    from service.workers import supervise
+
+    options = {k: v for k, v in common.items() if k not in ("host", "port")}
+    return supervise(settings.workers, settings.host, settings.port, options, settings.shutdown_grace_seconds)
 
 
 if __name__ == "__main__":

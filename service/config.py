@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(
         0.0, ge=0, description="default deadline of a request in the queue (0: none); "
         "a request may set its own with the X-Request-Timeout-Ms header")
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    workers: int = Field(1, ge=1, le=64, description="server processes on the port, each accepting on its own "
+                         "socket and holding its own ensemble")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body")
     warmup_batch_sizes: tuple[int, ...] = Field(
         (1, 32), description="batch sizes run through a new version before it goes live"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,7 +64,9 @@ def test_invalid_setting_exits_2_naming_the_variable(tmp_path):
     assert "ENSEMBLE_PORT" in result.stderr and "65535" in result.stderr
 
 
-def test_two_workers_serve_and_aggregate_their_metrics(repository, digits_test_split, tmp_path):
+@pytest.fixture()
+def two_workers(repository, tmp_path):
+    """`ensemble-serve --workers 2`, both workers ready: (base URL, port, supervisor process)."""
     port = free_port()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
     proc = subprocess.Popen(
@@ -80,15 +83,76 @@ def test_two_workers_serve_and_aggregate_their_metrics(repository, digits_test_s
                 pass
             time.sleep(0.5)
         assert ready >= 5, proc.stdout.read1().decode() if proc.poll() is not None else "not ready"
-        rows = {"instances": digits_test_split.x[:1].tolist()}
-        for _ in range(40):  # a new connection each, so both workers get some
-            assert httpx.post(f"{base}/predict", json=rows).status_code == 200
-        text = httpx.get(f"{base}/metrics").text
-        line = next(l for l in text.splitlines()
-                    if l.startswith('ensemble_requests_total{') and 'route="/predict"' in l and 'status="200"' in l)
-        assert float(line.rsplit(" ", 1)[1]) == 40.0
-        pids = {p.name for p in (tmp_path / "prom").glob("counter_*.db")}
-        assert len(pids) >= 2, pids  # values came from more than one process
+        yield base, port, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def test_two_workers_serve_and_aggregate_their_metrics(two_workers, digits_test_split, tmp_path):
+    base, _, proc = two_workers
+    rows = {"instances": digits_test_split.x[:1].tolist()}
+    for _ in range(40):  # a new connection each, so both workers get some
+        assert httpx.post(f"{base}/predict", json=rows).status_code == 200
+    text = httpx.get(f"{base}/metrics").text
+    line = next(l for l in text.splitlines()
+                if l.startswith('ensemble_requests_total{') and 'route="/predict"' in l and 'status="200"' in l)
+    assert float(line.rsplit(" ", 1)[1]) == 40.0
+    pids = {p.name for p in (tmp_path / "prom").glob("counter_*.db")}
+    assert len(pids) >= 2, pids  # values came from more than one process
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # ends like one uvicorn process: by the signal
+
+
+def established_by_process(port: int, pids: list[int]) -> dict[int, int]:
+    """How many established connections to `port` each process holds (from /proc)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                established.add(fields[9])
+    counts = {}
+    for pid in pids:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        counts[pid] = len(inodes & established)
+    return counts
+
+
+def test_workers_share_connections_opened_all_at_once(two_workers):
+    _, port, proc = two_workers
+    children = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]  # like a pool, or wrk
+    try:
+        time.sleep(1.0)
+        counts = {pid: n for pid, n in established_by_process(port, children).items() if n}
+        # uvicorn's shared socket gave all 32 to one worker; per-worker sockets spread them
+        # (a 32-coin toss: fewer than 4 on one side has odds of about 1e-6).
+        assert sum(counts.values()) == 32 and len(counts) == 2 and min(counts.values()) >= 4, counts
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_workers_refuse_an_address_in_use(tmp_path):
+    from service.workers import listening_socket, supervise
+
+    port = free_port()
+    a, b = listening_socket("127.0.0.1", port), listening_socket("127.0.0.1", port)  # they share
+    a.close(), b.close()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    try:
+        assert supervise(2, "127.0.0.1", port, {}, 1.0) == 1  # said once, no worker started
+    finally:
+        taken.close()
