@@ -77,13 +77,12 @@ def default_loader(settings: Settings) -> Loader:
     version that runs on it (or is compiled in this process): a server whose versions all run
     on TensorFlow Lite never imports it."""
     folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
+    batch_threads, intra, inter = thread_plan(settings.inference_threads, settings.intra_op_threads,
+                                              settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
 
     def load(manifest, path, pace):
         from service.compiled import GraphCache
 
-        batch_threads, intra, inter = thread_plan(settings.inference_threads, settings.intra_op_threads,
-                                                  settings.inter_op_threads, settings.workers,
-                                                  os.cpu_count() or 1)
         cache = GraphCache(folder) if folder is not None else None
         graph = cache.get(path) if cache is not None else None
         if graph is None:

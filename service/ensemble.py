@@ -11,7 +11,6 @@ version converts. The servable `Ensemble` and its checks are TensorFlow-free, in
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,8 +28,6 @@ from service.servable import (  # noqa: F401  (re-exported: the TensorFlow side'
     warm_up,
     warmup_batch,
 )
-
-log = logging.getLogger(__name__)
 
 
 class SignatureError(LoadError):
