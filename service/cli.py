@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
+    from service.http_protocol import protocol
+
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                  access_log=settings.access_log,
+                  access_log=settings.access_log, http=protocol(),
                   timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     if settings.workers == 1:
         from service.api import create_app

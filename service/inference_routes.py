@@ -106,12 +106,18 @@ class InferenceHandlers:
 
     async def _rows(self, call: Call, ensemble) -> Reply:
         s = self.settings
-        payload = codec.parse_json_object(call.body)
-        columnar = "inputs" in payload and "instances" not in payload
-        if columnar:
-            x = codec.columnar_inputs(payload["inputs"], ensemble.input_spec, s.max_rows_per_request)
+        fast = codec.numeric_rows(call.body, ensemble.input_spec, s.max_rows_per_request)
+        if fast is not None:
+            field, x = fast
+            columnar = field == "inputs"
         else:
-            x = codec.instances_to_array(payload.get("instances"), ensemble.input_spec, s.max_rows_per_request)
+            payload = codec.parse_json_object(call.body)
+            columnar = "inputs" in payload and "instances" not in payload
+            if columnar:
+                x = codec.columnar_inputs(payload["inputs"], ensemble.input_spec, s.max_rows_per_request)
+            else:
+                x = codec.instances_to_array(payload.get("instances"), ensemble.input_spec,
+                                             s.max_rows_per_request)
         average, per_member = await self._infer(call, ensemble, x)
         body: dict[str, Any] = {
             "outputs" if columnar else "predictions": average,

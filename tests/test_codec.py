@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from service.codec import (
     disagreement,
     first_nonfinite_row,
     instances_to_array,
+    numeric_rows,
     parse_json_object,
     predicted_labels,
 )
@@ -97,3 +99,82 @@ def test_v2_data_for_integer_inputs_refuses_fractions_like_instances_do():
     assert v2_input_array({"inputs": [{**tensor, "data": [1.0, 2.0]}]}, b"", spec, 5).dtype == np.int32
     with pytest.raises(InvalidInput, match="whole numbers"):
         v2_input_array({"inputs": [{**tensor, "data": [1.5, 2.0]}]}, b"", spec, 5)
+
+
+# -- numeric_rows: the fast path for bodies that are only rows of numbers ---------------------------
+
+def general_path(body: bytes, spec: InputSpec, max_rows: int = 10) -> np.ndarray:
+    payload = parse_json_object(body)
+    field = "instances" if "instances" in payload else "inputs"
+    return instances_to_array(payload.get(field), spec, max_rows, field=field)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 1), (3,), (1, 4), (8, 8, 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numeric_rows_reads_what_the_general_path_reads(shape, dtype):
+    rng = np.random.default_rng(7)
+    spec = InputSpec(shape=shape, dtype=dtype)
+    for rows in (1, 2, 7):
+        ints = rng.integers(-20, 20, (rows, *shape)).tolist()
+        floats = (rng.standard_normal((rows, *shape)) * 10.0 ** rng.integers(-8, 8, (rows, *shape))).tolist()
+        for field in ("instances", "inputs"):
+            for values in (ints, floats):
+                for option in (0, orjson.OPT_INDENT_2):
+                    body = orjson.dumps({field: values}, option=option)
+                    got = numeric_rows(body, spec, max_rows=10)
+                    assert got is not None, body
+                    assert got[0] == field
+                    expected = general_path(body, spec)
+                    assert got[1].dtype == expected.dtype and got[1].shape == expected.shape
+                    np.testing.assert_array_equal(got[1], expected)
+
+
+@pytest.mark.parametrize("body", [
+    b'{ "instances" :[[ [[ 1 ],[2]] , [[3e0],[-4.5E-1]] ]] }\n',
+    b'{"instances":[[[[1],[2]],[[3],[4]]]]}',
+    b'{"inputs":[[[[-0.0],[1e3]],[[3.25],[0]]], [[[1],[2]],[[3],[4]]]]}',
+    b'\t{"instances":\r\n[[[[1],[2]],[[3],[4]]]]}  ',
+])
+def test_numeric_rows_takes_any_json_spelling_of_numbers_and_space(body):
+    got = numeric_rows(body, SPEC, max_rows=10)
+    assert got is not None
+    np.testing.assert_array_equal(got[1], general_path(body, SPEC))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"instances": [[[[true], [false]], [[true], [true]]]]}',
+    b'{"instances": [[[[null], [2]], [[3], [4]]]]}',
+    b'{"instances": [[[["1"], [2]], [[3], [4]]]]}',
+    b'{"instances": [[[[1], [2]], [[3], [4]]], [[[1], [2]]]]}',  # ragged
+    b'{"instances": [[[[1, 2], [2]], [[3], [4]]]]}',  # ragged inside
+    b'{"instances": [[1, 2, 3, 4]]}',  # wrong shape
+    b'{"instances": [[[[1], [2]], [[3], [4]]]], "signature_name": "x"}',  # more than the rows
+    b'{"signature_name": "x", "instances": [[[[1], [2]], [[3], [4]]]]}',
+    b'{"instances": []}',
+    b'{"instances": [[[[01], [2]], [[3], [4]]]]}',  # not JSON numbers
+    b'{"instances": [[[[+1], [2]], [[3], [4]]]]}',
+    b'{"instances": [[[[1.], [2]], [[3], [4]]]]}',
+    b'{"instances": [[[[1 2], [2]], [[3], [4]]]]}',
+    b'{"instances": [[[[NaN], [2]], [[3], [4]]]]}',
+    b'{"instances": [[[[1], [2]], [[3], [4]]]]} x',  # trailing garbage
+    b'{"instances": [[[[1], [2]], [[3], [4]]]]}}',
+    b'{"instances": [[[[1], [2]], [[3], [4]]]',  # truncated
+    b'{"\\u0069nstances": [[[[1], [2]], [[3], [4]]]]}',
+    b'[[[[1], [2]], [[3], [4]]]]',
+])
+def test_numeric_rows_leaves_everything_else_to_the_general_path(body):
+    assert numeric_rows(body, SPEC, max_rows=10) is None
+
+
+def test_numeric_rows_leaves_too_many_rows_and_integer_inputs_to_the_general_path():
+    body = orjson.dumps({"instances": [ROW] * 11})
+    assert numeric_rows(body, SPEC, max_rows=10) is None
+    with pytest.raises(PayloadTooLarge):
+        general_path(body, SPEC)
+    assert numeric_rows(orjson.dumps({"instances": [ROW]}), InputSpec(shape=(2, 2, 1), dtype="int32"), 10) is None
+
+
+def test_numeric_rows_refuses_non_finite_values_like_the_general_path():
+    body = orjson.dumps({"instances": [ROW, [[[1], [2]], [[3], [1e39]]]]})
+    with pytest.raises(InvalidInput, match="non-finite number in instance 1"):
+        numeric_rows(body, SPEC, max_rows=10)
