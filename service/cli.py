@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-request", type=int, help="rows allowed per request (default: 4096)")
     p.add_argument("--engine", choices=["tflite", "tensorflow"], help="what computes the ensemble (default: "
                    "tflite, TensorFlow Lite when the version converts and agrees, else TensorFlow)")
-    p.add_argument("--inference-threads", type=int, help="batches computed at once (default: 0, two; one on a single core)")
+    p.add_argument("--inference-threads", type=int, help="batches computed at once (default: 0, one on all the worker's cores)")
+    p.add_argument("--switch-interval-ms", type=float, help="Python's thread switch interval in the server (default: 1; 0: Python's 5)")
     p.add_argument("--intra-op-threads", type=int, help="threads of one batch, TensorFlow intra-op or TensorFlow Lite (default: 0, the worker's share of the cores per inference thread)")
     p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, one per inference thread)")
     p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 256)")

@@ -1,7 +1,8 @@
 """Request bodies to numpy arrays and predictions back to JSON, without per-element Python loops.
 
-JSON is parsed with orjson and turned into an array by numpy in one call; the checks that
-follow (shape, dtype kind, finiteness) are vectorised.
+A body that is only rows of numbers is read by `numeric_rows` (shape checked on the text, the
+numbers parsed as one flat list); any other JSON is parsed with orjson and turned into an array
+by numpy in one call. The checks that follow (shape, dtype kind, finiteness) are vectorised.
 """
 
 from __future__ import annotations

@@ -64,8 +64,13 @@ class Settings(BaseSettings):
         "converts and answers what the members answer, else TensorFlow; tensorflow: always the "
         "frozen TensorFlow graph")
     inference_threads: int = Field(
-        0, ge=0, le=64, description="batches computed at once, each in its own thread (0: two, or "
-        "one where the worker has a single core)")
+        0, ge=0, le=64, description="batches computed at once, each in its own thread (0: one, "
+        "on all of the worker's cores)")
+    switch_interval_ms: float = Field(
+        1.0, ge=0, le=100, description="Python's thread switch interval in the server "
+        "(sys.setswitchinterval): the longest an inference thread waits for a busy event loop to "
+        "let go of the interpreter lock, to take a batch or hand back its outputs (0: Python's "
+        "default, 5 ms)")
     intra_op_threads: int = Field(
         0, ge=0, description="threads of one batch's computation, TensorFlow intra-op or TensorFlow "
         "Lite (0: the worker's share of the cores, divided among the inference threads)")

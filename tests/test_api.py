@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +106,20 @@ def test_too_many_rows_is_413(repository, digits_test_split):
     with c:
         resp = c.post("/predict", json={"instances": digits_test_split.x[:3].tolist()})
     assert resp.status_code == 413 and "at most 2" in resp.json()["error"]
+
+
+def test_the_server_sets_the_configured_switch_interval(repository):
+    before = sys.getswitchinterval()
+    try:
+        c, _ = make_client(repository, switch_interval_ms=0.5)
+        with c:
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+        c, _ = make_client(repository, switch_interval_ms=0)  # 0: left as it is
+        sys.setswitchinterval(0.004)
+        with c:
+            assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_unknown_route_is_json_404(client):

@@ -259,10 +259,10 @@ def test_thread_plan_shares_the_cores_among_workers_and_batches():
     from service.api import thread_plan
 
     # (inference threads, intra-op, inter-op) from (settings..., workers, cores)
-    assert thread_plan(0, 0, 0, workers=1, cores=2) == (2, 1, 2)
-    assert thread_plan(0, 0, 0, workers=1, cores=8) == (2, 4, 2)
-    assert thread_plan(0, 0, 0, workers=2, cores=8) == (2, 2, 2)
-    assert thread_plan(0, 0, 0, workers=2, cores=2) == (1, 1, 1)  # one core each: one batch
+    assert thread_plan(0, 0, 0, workers=1, cores=2) == (1, 2, 1)  # one batch at a time gets both
+    assert thread_plan(0, 0, 0, workers=1, cores=8) == (1, 8, 1)
+    assert thread_plan(0, 0, 0, workers=2, cores=8) == (1, 4, 1)
+    assert thread_plan(0, 0, 0, workers=2, cores=2) == (1, 1, 1)  # one core each
     assert thread_plan(0, 0, 0, workers=1, cores=1) == (1, 1, 1)
-    assert thread_plan(1, 0, 0, workers=1, cores=2) == (1, 2, 1)  # one batch at a time gets both
+    assert thread_plan(2, 0, 0, workers=1, cores=2) == (2, 1, 2)  # two batches share the cores
     assert thread_plan(3, 4, 2, workers=1, cores=2) == (3, 4, 2)  # explicit values are kept
