@@ -123,10 +123,12 @@ def thread_plan(batch_threads: int, intra: int, inter: int, workers: int, cores:
     thread. With TensorFlow Lite and one-row requests the model is not what limits a process:
     its event loop is, and every batch needs the interpreter lock twice in its thread (to take
     the batch, to hand back the outputs), so a second inference thread only adds waits for the
-    lock. Measured on 2 cores, `wrk -c32` 8 s, 3 interleaved rounds, switch interval 1 ms: one
-    thread of two XNNPACK threads 3,189-3,266 req/s, p99 15.0-16.5 ms; two single-threaded
-    (the previous default, switch interval 2 ms): 2,488-2,688 req/s, p99 20.0-20.9 ms; 256-row
-    requests at 4 connections ran at the same rate either way. README, Speed, has the table."""
+    lock. Measured on 2 cores, `wrk -c32` 8 s, 3 interleaved rounds: one thread of two XNNPACK
+    threads with the 1 ms switch interval (`switch_interval_ms`) 3,189-3,266 req/s, p99
+    15.0-16.5 ms; two single-threaded, 2 ms: 2,488-2,688 req/s, p99 20.0-20.9 ms; two
+    single-threaded, Python's 5 ms (the previous default): 2,421-2,861 req/s, p99 14.8-18.5 ms.
+    256-row requests at 4 connections ran at the same rate either way. README, Speed, has the
+    table."""
     share = max(1, cores // workers)
     batch_threads = batch_threads or 1
     return batch_threads, intra or max(1, share // batch_threads), inter or batch_threads
@@ -186,6 +188,7 @@ def create_app(
         batch_threads, _, _ = thread_plan(settings.inference_threads, settings.intra_op_threads,
                                           settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
         tune_garbage_collector()
+        switch_interval = sys.getswitchinterval()
         if settings.switch_interval_ms:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
         manager = ModelManager(settings.repository, loader or default_loader(settings), metrics,
@@ -211,6 +214,7 @@ def create_app(
 
                 stop_all()  # a version still compiling will not be needed
             await batcher.stop()
+            sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="ensemble-serving", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestMetrics, metrics=metrics)

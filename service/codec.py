@@ -80,8 +80,9 @@ def numeric_rows(body: bytes, spec: InputSpec, max_rows: int) -> tuple[str, np.n
     numbers and spaces deleted, the array must read exactly as the skeleton of its shape, so
     nothing is ragged and every leaf is made of number characters; with the brackets deleted it
     is a flat JSON list, which orjson then parses (rejecting anything that is not a number).
-    One digit: 5 us against 19 us; 256 digits: 1.6 ms against 8.8 ms. Integers come out as
-    float64 before the cast to the input's float dtype, exact up to 2**53."""
+    Measured with the checks and the cast that follow: one digit 17.6 against 27.4 us, 256
+    digits 1.09 against 5.03 ms. Integers come out as float64 before the cast to the input's
+    float dtype, exact up to 2**53."""
     if spec.dtype[0] != "f":
         return None
     head = _ONLY_ROWS.match(body)

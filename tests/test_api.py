@@ -108,14 +108,15 @@ def test_too_many_rows_is_413(repository, digits_test_split):
     assert resp.status_code == 413 and "at most 2" in resp.json()["error"]
 
 
-def test_the_server_sets_the_configured_switch_interval(repository):
+def test_the_server_sets_the_configured_switch_interval_and_gives_it_back(repository):
     before = sys.getswitchinterval()
     try:
+        sys.setswitchinterval(0.004)
         c, _ = make_client(repository, switch_interval_ms=0.5)
         with c:
             assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() == pytest.approx(0.004)  # given back at shutdown
         c, _ = make_client(repository, switch_interval_ms=0)  # 0: left as it is
-        sys.setswitchinterval(0.004)
         with c:
             assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:
