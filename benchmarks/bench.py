@@ -205,12 +205,11 @@ def main() -> int:
               flush=True)
 
     py = sys.executable
+    ours = [py, "-m", "service.cli", "--repository", str(args.repository), "--port", "{port}",
+            "--default-model", args.name, "--log-level", "warning"]
     servers = {
-        "ours": Server("ours", [py, "-m", "service.cli", "--repository", str(args.repository), "--port", "{port}",
-                                "--default-model", args.name, "--log-level", "warning"], "/readyz", "/predict"),
-        "ours2": Server("ours2", [py, "-m", "service.cli", "--repository", str(args.repository), "--port", "{port}",
-                                  "--default-model", args.name, "--log-level", "warning", "--workers", "2"],
-                        "/readyz", "/predict"),
+        "ours": Server("ours", ours, "/readyz", "/predict"),
+        "ours2": Server("ours2", [*ours, "--workers", "2"], "/readyz", "/predict"),
         "usual": Server("usual", [py, str(HERE / "usual_server.py"), str(vdir), "{port}"], "/ready", "/predict"),
         "bare": Server("bare", [py, str(HERE / "bare_server.py"), "{port}"], "/ready", "/predict"),
         "litserve": Server("litserve", [py, str(HERE / "litserve_server.py"), str(vdir), "{port}"], "/ready", "/predict"),

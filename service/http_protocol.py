@@ -12,8 +12,8 @@ one). Nothing else changes: a `100 Continue` (written before the response starts
 head of a HEAD response pass at once, and a cycle that closes the connection after its head
 sends the head first, as uvicorn would have.
 
-Pass `http=PROTOCOL` to uvicorn; where the installed uvicorn lacks the hook this relies on, the
-protocol is its own and a warning says so (`protocol()`).
+Pass `http=protocol()` to uvicorn: this module's protocol, or, where the installed uvicorn lacks
+the hook it relies on, uvicorn's own choice with a warning.
 """
 
 from __future__ import annotations
