@@ -18,7 +18,9 @@ the hook it relies on, uvicorn's own choice with a warning.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import time
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +76,122 @@ class OneWriteTransport:
         return getattr(self._transport, name)
 
 
+def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The request's Content-Length, or None when it has none, an invalid one, or a
+    Transfer-Encoding (names are lower-case, as uvicorn gives them)."""
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            length = value
+        elif name == b"transfer-encoding":
+            return None
+    return int(length) if length is not None and length.isdigit() else None
+
+
+def find_lane(app):
+    """The application object under uvicorn's middleware that answers POSTs directly (one
+    with `direct_route`, `direct_reply` and `direct_done`), or None."""
+    for _ in range(8):  # uvicorn wraps the app in at most a few middlewares
+        if app is None or hasattr(app, "direct_route"):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
 if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_task"):
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
     class OneWriteProtocol(HttpToolsProtocol):
-        """HttpToolsProtocol whose request cycles write each response once."""
+        """HttpToolsProtocol whose request cycles write each response once, and which answers
+        plain POSTs on the application's direct routes without ASGI (see `_direct`)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Access lines are written by uvicorn's ASGI cycle (with the client address its
+            # proxy-headers middleware works out), so with an access log every request takes it.
+            self.lane = None if self.access_log else find_lane(self.app)
 
         def _start_asgi_task(self, cycle, app) -> None:
+            lane = self.lane
+            if lane is not None and app is self.app and not cycle.waiting_for_100_continue:
+                scope = cycle.scope
+                if scope["method"] == "POST":
+                    route = lane.direct_route(scope["path"])
+                    if route is not None:
+                        length = declared_length(scope["headers"])
+                        if length is not None and length <= lane.settings.max_body_bytes:
+                            self._start_direct(cycle, lane, route)
+                            return
             cycle.transport = OneWriteTransport(self.transport, cycle)
             super()._start_asgi_task(cycle, app)
+
+        def _start_direct(self, cycle, lane, route) -> None:
+            if self.config.reset_contextvars:
+                task = self.loop.create_task(self._direct(cycle, lane, route), context=contextvars.Context())
+            else:
+                task = self.loop.create_task(self._direct(cycle, lane, route))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+
+        async def _direct(self, cycle, lane, route) -> None:
+            """Answer one request with the lane's reply: read the body as uvicorn's `receive`
+            would, then write the response as its `send` would, head and body in one write.
+
+            Skipped per request, against the ASGI path: uvicorn's proxy-headers middleware and
+            ASGI wrapper, the receive and send messages and their checks. Measured: see
+            benchmarks/RESULTS.md. Requests the lane is not given (other methods and paths,
+            no Content-Length or one over the limit, chunked bodies, `Expect: 100-continue`,
+            an access log) take the ASGI path, which refuses or serves them as before."""
+            started = time.perf_counter()
+            try:
+                while cycle.more_body and not cycle.disconnected:
+                    cycle.flow.resume_reading()
+                    await cycle.message_event.wait()
+                    cycle.message_event.clear()
+                if cycle.disconnected:
+                    return
+                scope = cycle.scope
+                reply = await lane.direct_reply(route, scope["path"], scope["headers"],
+                                                scope["query_string"], bytes(cycle.body))
+                cycle.body = bytearray()
+                if cycle.flow.write_paused and not cycle.disconnected:
+                    await cycle.flow.drain()
+                if not cycle.disconnected:
+                    content = [STATUS_LINE[reply.status]]
+                    for name, value in cycle.default_headers:
+                        content += (name, b": ", value, b"\r\n")
+                    content += (b"content-type: ", reply.content_type,
+                                b"\r\ncontent-length: ", str(len(reply.body)).encode(), b"\r\n")
+                    for name, value in reply.headers:
+                        content += (name, b": ", value, b"\r\n")
+                    if not cycle.keep_alive:
+                        content.append(b"connection: close\r\n")
+                    content += (b"\r\n", reply.body)
+                    cycle.response_started = True
+                    cycle.transport.write(b"".join(content))
+                    cycle.response_complete = True
+                    cycle.message_event.set()
+                    if not cycle.keep_alive:
+                        cycle.transport.close()
+                    cycle.on_response()
+                lane.direct_done(route, reply.status, started)
+            except BaseException as exc:  # as uvicorn's ASGI wrapper: a 500, or a closed connection
+                self.logger.error("Exception answering %s", cycle.scope["path"], exc_info=exc)
+                if not cycle.response_started:
+                    await cycle.send_500_response()
+                else:
+                    cycle.transport.close()
+            finally:
+                cycle.on_response = _nothing
 
     SUPPORTED = True
 else:  # pragma: no cover - depends on the installed uvicorn
     OneWriteProtocol = HttpToolsProtocol
     SUPPORTED = False
+
+
+def _nothing() -> None:
+    pass
 
 
 def protocol() -> str:

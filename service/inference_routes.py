@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from service import codec
@@ -75,6 +75,11 @@ def deadline_from(headers: dict[str, str], default_ms: float) -> float | None:
     if not ms > 0:
         raise InvalidInput("X-Request-Timeout-Ms must be positive")
     return time.monotonic() + ms / 1000
+
+
+def decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI's header pairs as a dict of lower-case names (a repeated header keeps its last value)."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
 
 
 def _version(call: Call) -> int | None:
@@ -194,7 +199,13 @@ class InferenceRoutes:
 
     async def _serve(self, scope, receive, send, template: str, handler: str, params: dict) -> None:
         started = time.perf_counter()
-        reply = await self._reply(scope, receive, getattr(self.handlers, handler), params)
+        try:
+            headers = decode_headers(scope["headers"])
+            body = await self._read_body(headers, receive)
+        except ServiceError as exc:
+            reply = self._refusal(exc, scope["path"])
+        else:
+            reply = await self._answer(scope["path"], handler, params, headers, scope["query_string"], body)
         # With a content-length the server writes one framed response, not a chunked one.
         headers = [(b"content-type", reply.content_type),
                    (b"content-length", str(len(reply.body)).encode()), *reply.headers]
@@ -202,23 +213,43 @@ class InferenceRoutes:
         await send({"type": "http.response.body", "body": reply.body})
         self.metrics.observe_request(template, reply.status, time.perf_counter() - started)
 
-    async def _reply(self, scope, receive, handler: Callable[[Call], Awaitable[Reply]], params: dict) -> Reply:
+    # -- the direct lane (service.http_protocol): complete POSTs answered without ASGI ----------
+
+    def direct_route(self, path: str) -> tuple[str, str, dict[str, str]] | None:
+        """What `direct_reply` needs to answer a POST on `path`, or None: not an inference route."""
+        return match_route(path)
+
+    async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
+                           raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
+        """The reply to a POST whose whole body has arrived (within the size limit); never raises."""
         try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            body = await self._read_body(headers, receive)
+            headers = decode_headers(raw_headers)
+        except ServiceError as exc:  # pragma: no cover - latin-1 decodes any bytes
+            return self._refusal(exc, path)
+        return await self._answer(path, route[1], route[2], headers, query_string, body)
+
+    def direct_done(self, route: tuple[str, str, dict[str, str]], status: int, started: float) -> None:
+        self.metrics.observe_request(route[0], status, time.perf_counter() - started)
+
+    async def _answer(self, path: str, handler: str, params: dict, headers: dict[str, str],
+                      query_string: bytes, body: bytes) -> Reply:
+        try:
             self.handlers.state.batcher.check_admission()
-            query = dict(parse_qsl(scope["query_string"].decode("latin-1"))) if scope["query_string"] else {}
-            return await handler(Call(params, query, headers, body))
+            query = dict(parse_qsl(query_string.decode("latin-1"))) if query_string else {}
+            return await getattr(self.handlers, handler)(Call(params, query, headers, body))
         except ServiceError as exc:
-            reason = _REJECT_REASONS.get(type(exc))
-            if reason:
-                self.metrics.rejected.labels(reason).inc()
-            if exc.status >= 500 and exc.status not in (503, 504):
-                log.error("POST %s failed: %s", scope["path"], exc)
-            return error_reply(exc)
+            return self._refusal(exc, path)
         except Exception as exc:  # a bug must cost one 500, never the connection or the batcher
-            log.exception("POST %s failed unexpectedly", scope["path"])
+            log.exception("POST %s failed unexpectedly", path)
             return Reply(500, codec.encode({"error": f"internal error: {type(exc).__name__}"}))
+
+    def _refusal(self, exc: ServiceError, path: str) -> Reply:
+        reason = _REJECT_REASONS.get(type(exc))
+        if reason:
+            self.metrics.rejected.labels(reason).inc()
+        if exc.status >= 500 and exc.status not in (503, 504):
+            log.error("POST %s failed: %s", path, exc)
+        return error_reply(exc)
 
     async def _read_body(self, headers: dict[str, str], receive) -> bytes:
         """The body, refusing (413) before reading past the configured limit."""

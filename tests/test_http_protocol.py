@@ -59,22 +59,63 @@ async def answer(scope, receive, send):
     await send({"type": "http.response.body", "body": body or b"ok"})
 
 
-def exchange(*chunks: bytes, cls=OneWriteProtocol) -> Transport:
+class Reply:
+    def __init__(self, status: int, body: bytes, headers=()):
+        self.status, self.body, self.content_type, self.headers = status, body, b"text/plain", list(headers)
+
+
+class Lane:
+    """An application with direct routes (as service.inference_routes.InferenceRoutes):
+    POSTs under /direct are answered by `direct_reply`, everything else by `answer`."""
+
+    class settings:
+        max_body_bytes = 1000
+
+    def __init__(self, fail: bool = False):
+        self.app = answer
+        self.fail = fail
+        self.calls: list[tuple] = []
+        self.done: list[tuple] = []
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+    def direct_route(self, path):
+        return ("/direct", path) if path.startswith("/direct") else None
+
+    async def direct_reply(self, route, path, headers, query_string, body):
+        self.calls.append((route, path, headers, query_string, body))
+        await asyncio.sleep(0)  # as a batched request would: the answer comes later
+        if self.fail:
+            raise RuntimeError("a bug in the lane")
+        return Reply(201, b"direct:" + body, [(b"x-lane", b"1")])
+
+    def direct_done(self, route, status, started):
+        self.done.append((route, status))
+
+
+def exchange(*chunks: bytes, cls=OneWriteProtocol, app=answer, access_log=False, **options) -> Transport:
     """Feed request bytes to a fresh connection of the protocol; what it wrote back."""
 
     async def scenario():
-        config = uvicorn.Config(answer, http=protocol() if cls is OneWriteProtocol else cls,
-                                log_level="critical", lifespan="off")
+        config = uvicorn.Config(app, http=protocol() if cls is OneWriteProtocol else cls,
+                                log_level="critical", lifespan="off", access_log=access_log,
+                                **options)
         config.load()
         assert config.http_protocol_class is cls
         transport = Transport()
-        conn = cls(config=config, server_state=ServerState(), app_state={})
+        state = ServerState()
+        state.default_headers = [(b"server", b"uvicorn")]  # as uvicorn's Server sets them
+        conn = cls(config=config, server_state=state, app_state={})
         conn.connection_made(transport)
         for chunk in chunks:
             conn.data_received(chunk)
             for _ in range(20):  # let the request tasks run
                 await asyncio.sleep(0)
-        await asyncio.gather(*conn.tasks, return_exceptions=True)
+        for _ in range(10_000):  # and the pipelined ones, each started as the one before ends
+            if not conn.tasks and not conn.pipeline:
+                break
+            await asyncio.sleep(0)
         transport.closed_by_server = transport.closed
         conn.connection_lost(None)
         return transport
@@ -150,3 +191,93 @@ def test_answered_requests_leave_no_garbage_cycles_behind():
 
     plain, ours = garbage(HttpToolsProtocol), garbage(OneWriteProtocol)
     assert ours <= plain + 10, (ours, plain)
+
+
+# -- the direct lane: plain POSTs on the application's direct routes, without ASGI ---------------
+
+
+def test_direct_route_is_answered_by_the_lane_in_one_write():
+    lane = Lane()
+    t = exchange(post("/direct/x?members=1", b"abc"), app=lane)
+    assert len(lane.calls) == 1
+    route, path, headers, query, body = lane.calls[0]
+    assert (route, path, query, body) == (("/direct", "/direct/x"), "/direct/x", b"members=1", b"abc")
+    assert (b"content-length", b"3") in headers
+    assert lane.done == [(("/direct", "/direct/x"), 201)]
+    assert len(t.writes) == 1 and not t.closed_by_server
+    head, _, body = t.writes[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 201 Created"
+    assert b"content-type: text/plain" in lines and b"content-length: 10" in lines and b"x-lane: 1" in lines
+    assert any(line.startswith(b"server: uvicorn") for line in lines)  # uvicorn's default headers too
+    assert body == b"direct:abc"
+
+
+def test_direct_route_with_connection_close_is_answered_then_closed():
+    t = exchange(post("/direct", b"abc", b"connection: close\r\n"), app=Lane())
+    assert t.closed_by_server
+    assert b"\r\nconnection: close\r\n" in t.writes[0] and t.writes[0].endswith(b"direct:abc")
+
+
+def test_direct_body_in_several_packets_is_answered_once_complete():
+    request = post("/direct", b"0123456789")
+    lane = Lane()
+    t = exchange(request[:-7], request[-7:-3], request[-3:], app=lane)
+    assert [c[4] for c in lane.calls] == [b"0123456789"]
+    assert len(t.writes) == 1 and t.writes[0].endswith(b"direct:0123456789")
+
+
+def test_pipelined_direct_and_asgi_requests_are_answered_in_order():
+    lane = Lane()
+    t = exchange(post("/direct", b"one") + post("/other", b"two") + post("/direct", b"three"), app=lane)
+    assert [w.partition(b"\r\n\r\n")[2] for w in t.writes] == [b"direct:one", b"two", b"direct:three"]
+    assert len(lane.done) == 2
+
+
+@pytest.mark.parametrize("request_bytes", [
+    post("/other", b"abc"),  # not a direct route
+    b"GET /direct HTTP/1.1\r\nhost: x\r\n\r\n",  # not a POST
+    post("/direct", b"x" * 1001),  # over the lane's body limit: the ASGI path refuses it
+    b"POST /direct HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+], ids=["other-path", "get", "over-limit", "chunked"])
+def test_other_requests_take_the_asgi_path(request_bytes):
+    lane = Lane()
+    t = exchange(request_bytes, app=lane)
+    assert lane.calls == [] and len(t.writes) == 1
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK")
+
+
+def test_expect_100_continue_takes_the_asgi_path():
+    lane = Lane()
+    head = post("/direct", b"", b"expect: 100-continue\r\n").replace(b"content-length: 0", b"content-length: 3")
+    t = exchange(head, b"abc", app=lane)
+    assert lane.calls == [] and t.writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert t.writes[1].endswith(b"abc")
+
+
+def test_with_an_access_log_every_request_takes_the_asgi_path():
+    lane = Lane()
+    exchange(post("/direct", b"abc"), app=lane, access_log=True)
+    assert lane.calls == []
+
+
+def test_a_failing_lane_costs_one_500_not_the_connection():
+    lane = Lane(fail=True)
+    t = exchange(post("/direct", b"abc") + post("/other", b"after"), app=lane)
+    assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error")
+    assert b"connection: close" in t.writes[0] and t.closed_by_server
+
+
+def test_direct_answers_leave_no_garbage_cycles_behind():
+    def garbage(app) -> int:
+        gc.collect()
+        gc.disable()
+        try:
+            path = "/direct" if app is not answer else "/a"
+            exchange(b"".join(post(path, b"x") for _ in range(50)), app=app)
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    plain, direct = garbage(answer), garbage(Lane())
+    assert direct <= plain + 10, (direct, plain)
