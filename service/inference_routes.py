@@ -6,6 +6,11 @@ models (measured: 3,800 requests/s for FastAPI answering a constant, 7,500 for p
 the three inference routes are matched here and answered directly; every other route (health,
 readiness, models, metrics, metadata) passes through to FastAPI untouched.
 
+ASGI itself costs uvicorn more per request than the rest of its HTTP handling, so a plain POST
+(a Content-Length within the body limit) skips it too: service.http_protocol finds this object
+under uvicorn's middleware and calls `direct_route`, `direct_reply` and `direct_done` from its
+protocol. Both ways share `_answer`: the same handlers, errors and metrics.
+
     POST /predict                                       this service's format (TF Serving rows)
     POST /v1/models/{name}[/versions/{v}]:predict      TensorFlow Serving: `instances` or `inputs`
     POST /v2/models/{name}[/versions/{v}]/infer        Open Inference Protocol, JSON or binary

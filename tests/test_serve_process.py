@@ -37,6 +37,45 @@ def test_served_over_http_with_env_settings(server, digits_test_split):
     assert "ensemble_requests_total" in httpx.get(f"{base}/metrics").text
 
 
+def test_direct_lane_and_asgi_path_answer_alike_on_one_connection(server):
+    """Plain POSTs on the inference routes take service.http_protocol's direct lane; chunked
+    bodies and other methods take the ASGI path. Good and bad requests alike, interleaved on one
+    keep-alive connection: each gets its status and a JSON error, and each is counted."""
+    base, _ = server
+    digit = {"instances": [[[[0.0]] * 8] * 8]}
+    wrong_shape = {"instances": [[1.0, 2.0]]}
+
+    def chunked(data: bytes):
+        yield data[:5]
+        yield data[5:]
+
+    with httpx.Client(base_url=base, timeout=10) as client:
+        answers = [
+            client.post("/predict", json=digit),
+            client.post("/predict", json=wrong_shape),
+            client.post("/predict", content=b'{"instances": [', headers={"content-type": "application/json"}),
+            client.post("/v1/models/nope:predict", json=digit),
+            client.post("/v1/models/digits:predict", json={"inputs": [[[[0.0]] * 8] * 8]}),
+            client.post("/predict", json=digit, headers={"x-request-timeout-ms": "soon"}),
+            client.post("/predict", content=chunked(b'{"instances": []}')),  # empty, chunked: ASGI
+            client.post("/predict", content=chunked(httpx.Request("POST", "/", json=digit).read())),  # ASGI
+            client.get("/predict"),
+            client.post("/predict?members=true", json=digit),
+        ]
+        metrics = client.get("/metrics").text
+    assert [a.status_code for a in answers] == [200, 422, 400, 404, 200, 422, 422, 200, 405, 200]
+    for a in answers:
+        assert a.headers["content-type"] == "application/json"
+        assert ("error" in a.json()) == (a.status_code != 200)
+    assert answers[0].json()["model"] == {"name": "digits", "version": 1}
+    assert "outputs" in answers[4].json() and "members" in answers[9].json()
+    assert answers[0].json()["predictions"] == answers[7].json()["predictions"]
+    for route, status, count in [("/predict", "200", 3), ("/predict", "422", 3), ("/predict", "400", 1),
+                                 ("/v1/models/{name}:predict", "404", 1), ("/predict", "405", 1)]:
+        line = f'ensemble_requests_total{{route="{route}",status="{status}"}} {count}.0'
+        assert line in metrics, line
+
+
 def test_a_server_whose_versions_run_on_tensorflow_lite_never_loads_tensorflow(server):
     base, proc = server
     (version,) = httpx.get(f"{base}/models").json()["models"][0]["versions"]
