@@ -160,7 +160,7 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                 scope = cycle.scope
                 reply = await lane.direct_reply(route, scope["path"], scope["headers"],
                                                 scope["query_string"], bytes(cycle.body))
-                cycle.body = bytearray()
+                cycle.body = bytearray()  # the cycle outlives the request: let the body go
                 if cycle.flow.write_paused and not cycle.disconnected:
                     await cycle.flow.drain()
                 if not cycle.disconnected:

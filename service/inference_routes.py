@@ -227,11 +227,7 @@ class InferenceRoutes:
     async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
                            raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
         """The reply to a POST whose whole body has arrived (within the size limit); never raises."""
-        try:
-            headers = decode_headers(raw_headers)
-        except ServiceError as exc:  # pragma: no cover - latin-1 decodes any bytes
-            return self._refusal(exc, path)
-        return await self._answer(path, route[1], route[2], headers, query_string, body)
+        return await self._answer(path, route[1], route[2], decode_headers(raw_headers), query_string, body)
 
     def direct_done(self, route: tuple[str, str, dict[str, str]], status: int, started: float) -> None:
         self.metrics.observe_request(route[0], status, time.perf_counter() - started)
