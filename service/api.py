@@ -84,21 +84,21 @@ def default_loader(settings: Settings) -> Loader:
     def load(manifest, path, pace):
         from service.compiled import GraphCache
 
-        cache = GraphCache(folder) if folder is not None else None
-        graph = cache.get(path) if cache is not None else None
-        if graph is None:
+        def compile_it():
             if settings.isolated_loading:
                 from service.compiler import compile_in_child
                 from service.manager import LOADER_NICENESS
 
-                graph = compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS)
-            else:
-                configure_tensorflow(intra, inter)
-                from service.frozen import compile_version
+                return compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS)
+            configure_tensorflow(intra, inter)
+            from service.frozen import compile_version
 
-                graph = compile_version(manifest, path, pace)
-            if cache is not None:
-                cache.put(path, graph)
+            return compile_version(manifest, path, pace)
+
+        if folder is None:
+            graph = compile_it()
+        else:  # workers share the folder: one compiles a new version, the others wait and read it
+            graph = GraphCache(folder).get_or_compile(path, compile_it, settings.load_timeout_seconds)
         if settings.engine == "tflite" and graph.lite is not None:
             from service.lite import load_lite
 

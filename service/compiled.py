@@ -5,10 +5,14 @@ whose versions run on TensorFlow Lite reads these without importing it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -66,7 +70,8 @@ class GraphCache:
     The key is the hash of the version's manifest.json, which holds every member file's
     sha256, plus the TensorFlow version. Only use it after the files were verified against the
     manifest (the manager does, before loading). Entries are written atomically; the newest
-    `keep` are kept."""
+    `keep` are kept. Processes sharing the folder (`--workers N`) compile a version one at a
+    time (`get_or_compile`): the others wait for the first and read its entry."""
 
     def __init__(self, folder: Path, keep: int = 16):
         self.folder, self.keep = Path(folder), keep
@@ -86,6 +91,51 @@ class GraphCache:
             log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
             return None
 
+    def get_or_compile(self, version_dir: Path, compile: Callable[[], FrozenGraph],
+                       wait_seconds: float) -> FrozenGraph:
+        """The cached graph of the version, or compile()'s, cached. While another process (or
+        thread) compiles the same version, wait for it, up to wait_seconds, and take its entry:
+        N workers that see a new version at once compile it once, not N times side by side."""
+        graph = self.get(version_dir)
+        if graph is not None:
+            return graph
+        with self._compiling(version_dir, wait_seconds):
+            graph = self.get(version_dir)  # compiled by whoever held the lock before us
+            if graph is None:
+                graph = compile()
+                self.put(version_dir, graph)
+        return graph
+
+    @contextmanager
+    def _compiling(self, version_dir: Path, wait_seconds: float) -> Iterator[None]:
+        """Hold the version's lock file (flock: released by the kernel if the holder dies).
+        A lock that cannot be had, or not within wait_seconds, costs time, never the version:
+        compile without it."""
+        path = self.path_of(version_dir).with_suffix(".lock")
+        fd = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("compiling %s without the cache's lock: %s", version_dir, exc)
+        try:
+            if fd is not None:
+                deadline = time.monotonic() + wait_seconds
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            log.warning("%s is still being compiled elsewhere after %.0f s; compiling "
+                                        "it here too", version_dir, wait_seconds)
+                            break
+                        time.sleep(0.1)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
     def put(self, version_dir: Path, graph: FrozenGraph) -> None:
         path = self.path_of(version_dir)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -99,3 +149,4 @@ class GraphCache:
         entries = sorted(self.folder.glob("*.graph"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[self.keep:]:
             old.unlink(missing_ok=True)
+            old.with_suffix(".lock").unlink(missing_ok=True)

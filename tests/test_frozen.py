@@ -147,3 +147,61 @@ def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_p
     again = default_loader(settings)(manifest, vdir, lambda: None)  # e.g. after a restart
     assert len(calls) == 1 and again.version == first.version == 1
     assert list((tmp_path / "state" / "compiled").glob("*.graph"))
+
+
+def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
+    """N workers that see a new version at once: the first compiles, the others wait and read."""
+    _, vdir, graph = compiled
+    calls, results = [], []
+
+    def slow_compile():
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return graph
+
+    def load():  # each worker has its own cache object and file descriptor on the one folder
+        results.append(GraphCache(tmp_path / "cache").get_or_compile(vdir, slow_compile, 30))
+
+    workers = [threading.Thread(target=load, name=f"worker-{i}") for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert len(calls) == 1 and results == [graph] * 3
+
+
+def test_a_lock_held_too_long_or_unavailable_costs_time_not_the_version(compiled, tmp_path, caplog):
+    _, vdir, graph = compiled
+    cache = GraphCache(tmp_path / "cache")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():  # a worker stuck compiling the same version
+        with cache._compiling(vdir, 30):
+            held.set()
+            release.wait(10)
+
+    stuck = threading.Thread(target=holder)
+    stuck.start()
+    assert held.wait(10)
+    started = time.monotonic()
+    try:
+        assert GraphCache(tmp_path / "cache").get_or_compile(vdir, lambda: graph, 0.3) == graph
+    finally:
+        release.set()
+        stuck.join(10)
+    assert time.monotonic() - started >= 0.3
+    assert "still being compiled elsewhere" in caplog.text
+    (tmp_path / "a-file").write_text("not a folder")
+    assert GraphCache(tmp_path / "a-file" / "cache").get_or_compile(vdir, lambda: graph, 1) == graph
+
+
+def test_evicted_entries_take_their_lock_files_along(compiled, tmp_path):
+    _, _, graph = compiled
+    cache = GraphCache(tmp_path / "cache", keep=2)
+    for i in range(4):
+        (tmp_path / f"v{i}").mkdir()
+        (tmp_path / f"v{i}" / "manifest.json").write_text(str(i))
+        cache.get_or_compile(tmp_path / f"v{i}", lambda: graph, 1)
+        time.sleep(0.01)  # distinct modification times: the oldest go first
+    assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.lock"))) <= 2
