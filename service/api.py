@@ -84,12 +84,16 @@ def default_loader(settings: Settings) -> Loader:
     def load(manifest, path, pace):
         from service.compiled import GraphCache
 
+        from service.compiler import stops
+
+        began = stops()  # the server stopping after this (compiler.stop_all) abandons the load
+
         def compile_it():
             if settings.isolated_loading:
                 from service.compiler import compile_in_child
                 from service.manager import LOADER_NICENESS
 
-                return compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS)
+                return compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS, began)
             configure_tensorflow(intra, inter)
             from service.frozen import compile_version
 
@@ -98,7 +102,8 @@ def default_loader(settings: Settings) -> Loader:
         if folder is None:
             graph = compile_it()
         else:  # workers share the folder: one compiles a new version, the others wait and read it
-            graph = GraphCache(folder).get_or_compile(path, compile_it, settings.load_timeout_seconds)
+            graph = GraphCache(folder).get_or_compile(path, compile_it, settings.load_timeout_seconds,
+                                                      give_up=lambda: stops() != began)
         if settings.engine == "tflite" and graph.lite is not None:
             from service.lite import load_lite
 
@@ -209,10 +214,9 @@ def create_app(
             if not await batcher.drain(settings.shutdown_grace_seconds):
                 log.warning("shutdown: the queue did not drain in %.0f s", settings.shutdown_grace_seconds)
             await manager.stop()
-            if settings.isolated_loading:
-                from service.compiler import stop_all
+            from service.compiler import stop_all
 
-                stop_all()  # a version still compiling will not be needed
+            stop_all()  # a version still compiling, or waiting for another worker's compile, is not needed
             await batcher.stop()
             sys.setswitchinterval(switch_interval)
 

@@ -92,14 +92,15 @@ class GraphCache:
             return None
 
     def get_or_compile(self, version_dir: Path, compile: Callable[[], FrozenGraph],
-                       wait_seconds: float) -> FrozenGraph:
+                       wait_seconds: float, give_up: Callable[[], bool] = lambda: False) -> FrozenGraph:
         """The cached graph of the version, or compile()'s, cached. While another process (or
         thread) compiles the same version, wait for it, up to wait_seconds, and take its entry:
-        N workers that see a new version at once compile it once, not N times side by side."""
+        N workers that see a new version at once compile it once, not N times side by side.
+        While waiting, raise LoadError as soon as give_up() (the server is stopping)."""
         graph = self.get(version_dir)
         if graph is not None:
             return graph
-        with self._compiling(version_dir, wait_seconds):
+        with self._compiling(version_dir, wait_seconds, give_up):
             graph = self.get(version_dir)  # compiled by whoever held the lock before us
             if graph is None:
                 graph = compile()
@@ -107,7 +108,8 @@ class GraphCache:
         return graph
 
     @contextmanager
-    def _compiling(self, version_dir: Path, wait_seconds: float) -> Iterator[None]:
+    def _compiling(self, version_dir: Path, wait_seconds: float,
+                   give_up: Callable[[], bool] = lambda: False) -> Iterator[None]:
         """Hold the version's lock file (flock: released by the kernel if the holder dies).
         A lock that cannot be had, or not within wait_seconds, costs time, never the version:
         compile without it."""
@@ -126,6 +128,9 @@ class GraphCache:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
+                        if give_up():
+                            raise LoadError(f"gave up waiting for {version_dir} to be compiled "
+                                            "elsewhere: the server is stopping") from None
                         if time.monotonic() >= deadline:
                             log.warning("%s is still being compiled elsewhere after %.0f s; compiling "
                                         "it here too", version_dir, wait_seconds)

@@ -31,6 +31,7 @@ RESULT_SUFFIX = ".result.json"
 STDERR_TAIL_CHARS = 2000
 _running: set[subprocess.Popen] = set()
 _running_lock = threading.Lock()
+_stops = 0  # how many times stop_all ran: a load that began before a stop gives up
 
 
 class CompileFailed(LoadError):
@@ -41,10 +42,14 @@ class CompileFailed(LoadError):
         self.category = category
 
 
-def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10):
+def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10, since_stops: int | None = None):
     """The version's FrozenGraph, compiled by a child process; raises CompileFailed with the
-    child's reason and category, or with why the child did not finish."""
+    child's reason and category, or with why the child did not finish. With `since_stops`
+    (`stops()` when the load began), a server that has begun stopping since starts no child."""
     from service.compiled import FrozenGraph
+
+    if since_stops is not None and stops() != since_stops:
+        raise CompileFailed("the server is stopping; the version was not compiled")
 
     with tempfile.TemporaryDirectory(prefix="ensemble-compile-") as work:
         out = Path(work) / "graph.bin"
@@ -85,9 +90,16 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10):
         return FrozenGraph.read(out)
 
 
+def stops() -> int:
+    """How many times `stop_all` ran in this process; a load that saw it change gives up."""
+    return _stops
+
+
 def stop_all() -> None:
     """Kill every child still compiling (the server is stopping)."""
+    global _stops
     with _running_lock:
+        _stops += 1
         children = list(_running)
     for child in children:
         child.kill()

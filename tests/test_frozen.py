@@ -205,3 +205,33 @@ def test_evicted_entries_take_their_lock_files_along(compiled, tmp_path):
         time.sleep(0.01)  # distinct modification times: the oldest go first
     assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
     assert len(list((tmp_path / "cache").glob("*.lock"))) <= 2
+
+
+def test_a_stopping_server_gives_up_waiting_and_starts_no_compile(compiled, tmp_path):
+    """SIGTERM while another worker compiles: the waiting loader leaves at once, not after it."""
+    from service.compiler import stops
+
+    _, vdir, graph = compiled
+    cache = GraphCache(tmp_path / "cache")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with cache._compiling(vdir, 30):
+            held.set()
+            release.wait(10)
+
+    stuck = threading.Thread(target=holder)
+    stuck.start()
+    assert held.wait(10)
+    calls, stopping_at = [], time.monotonic() + 0.3
+    started = time.monotonic()
+    try:
+        with pytest.raises(LoadError, match="the server is stopping"):
+            GraphCache(tmp_path / "cache").get_or_compile(
+                vdir, lambda: calls.append(1) or graph, 30, give_up=lambda: time.monotonic() > stopping_at)
+    finally:
+        release.set()
+        stuck.join(10)
+    assert calls == [] and time.monotonic() - started < 5
+    with pytest.raises(CompileFailed, match="the server is stopping"):
+        compile_in_child(vdir, 60, since_stops=stops() - 1)  # a stop came after the load began
