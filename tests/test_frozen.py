@@ -3,6 +3,7 @@ answers as the members, and every refusal with its category."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -149,6 +150,26 @@ def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_p
     assert list((tmp_path / "state" / "compiled").glob("*.graph"))
 
 
+@contextlib.contextmanager
+def compiling_elsewhere(folder, vdir):
+    """Another worker holding the version's compile lock (a thread with its own descriptor)."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with GraphCache(folder)._compiling(vdir, 30):
+            held.set()
+            release.wait(10)
+
+    stuck = threading.Thread(target=holder)
+    stuck.start()
+    assert held.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        stuck.join(10)
+
+
 def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
     """N workers that see a new version at once: the first compiles, the others wait and read."""
     _, vdir, graph = compiled
@@ -172,23 +193,9 @@ def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
 
 def test_a_lock_held_too_long_or_unavailable_costs_time_not_the_version(compiled, tmp_path, caplog):
     _, vdir, graph = compiled
-    cache = GraphCache(tmp_path / "cache")
-    held, release = threading.Event(), threading.Event()
-
-    def holder():  # a worker stuck compiling the same version
-        with cache._compiling(vdir, 30):
-            held.set()
-            release.wait(10)
-
-    stuck = threading.Thread(target=holder)
-    stuck.start()
-    assert held.wait(10)
     started = time.monotonic()
-    try:
+    with compiling_elsewhere(tmp_path / "cache", vdir):
         assert GraphCache(tmp_path / "cache").get_or_compile(vdir, lambda: graph, 0.3) == graph
-    finally:
-        release.set()
-        stuck.join(10)
     assert time.monotonic() - started >= 0.3
     assert "still being compiled elsewhere" in caplog.text
     (tmp_path / "a-file").write_text("not a folder")
@@ -212,26 +219,11 @@ def test_a_stopping_server_gives_up_waiting_and_starts_no_compile(compiled, tmp_
     from service.compiler import stops
 
     _, vdir, graph = compiled
-    cache = GraphCache(tmp_path / "cache")
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with cache._compiling(vdir, 30):
-            held.set()
-            release.wait(10)
-
-    stuck = threading.Thread(target=holder)
-    stuck.start()
-    assert held.wait(10)
     calls, stopping_at = [], time.monotonic() + 0.3
     started = time.monotonic()
-    try:
-        with pytest.raises(LoadError, match="the server is stopping"):
-            GraphCache(tmp_path / "cache").get_or_compile(
-                vdir, lambda: calls.append(1) or graph, 30, give_up=lambda: time.monotonic() > stopping_at)
-    finally:
-        release.set()
-        stuck.join(10)
+    with compiling_elsewhere(tmp_path / "cache", vdir), pytest.raises(LoadError, match="the server is stopping"):
+        GraphCache(tmp_path / "cache").get_or_compile(
+            vdir, lambda: calls.append(1) or graph, 30, give_up=lambda: time.monotonic() > stopping_at)
     assert calls == [] and time.monotonic() - started < 5
     with pytest.raises(CompileFailed, match="the server is stopping"):
         compile_in_child(vdir, 60, since_stops=stops() - 1)  # a stop came after the load began
