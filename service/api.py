@@ -83,7 +83,6 @@ def default_loader(settings: Settings) -> Loader:
 
     def load(manifest, path, pace):
         from service.compiled import GraphCache
-
         from service.compiler import stops
 
         began = stops()  # the server stopping after this (compiler.stop_all) abandons the load
