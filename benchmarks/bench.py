@@ -140,14 +140,18 @@ def raw_rates(version_dir: Path, seconds: float = 3.0) -> dict[str, dict[int, tu
     {"tflite": {batch: (rows per second, ms per call)}, "tensorflow": {...}}. "tflite" is what
     the service computes with (absent if this version does not convert); "tensorflow" is the
     frozen graph's function (TensorFlow's default thread pools)."""
-    from service.ensemble import tensorflow_run
-    from service.frozen import load_frozen
+    from service.engines.compile import compile_version
+    from service.engines.lite import load_lite
+    from service.engines.tensorflow import import_frozen
     from service.repository import read_manifest
 
-    ensemble = load_frozen(read_manifest(version_dir), version_dir, (1, 32, 256))
-    engines = {"tensorflow": tensorflow_run(ensemble.fn)}
-    if ensemble.engine == "tflite":
-        engines = {"tflite": ensemble.run, **engines}
+    manifest = read_manifest(version_dir)
+    compiled = compile_version(manifest, version_dir)
+    ensemble = import_frozen(manifest, version_dir, compiled.frozen, (1, 32, 256))
+    engines = {"tensorflow": ensemble.engine.run}
+    if compiled.lite is not None:
+        ensemble = load_lite(manifest, version_dir, compiled.lite, (1, 32, 256))
+        engines = {"tflite": ensemble.engine.run, **engines}
     rng = np.random.default_rng(0)
     out: dict[str, dict[int, tuple[float, float]]] = {}
     for engine, run in engines.items():

@@ -15,11 +15,14 @@ VERSION_DIR, PORT = Path(sys.argv[1]), int(sys.argv[2])
 
 class EnsembleAPI(ls.LitAPI):
     def setup(self, device):
-        from service.frozen import load_frozen
+        from service.config import Settings
+        from service.engines.loader import EngineLoader, ThreadPlan
         from service.repository import read_manifest
 
         # The same engine the service runs: the comparison is of the serving, not the model.
-        self.ensemble = load_frozen(read_manifest(VERSION_DIR), VERSION_DIR, (1, 32))
+        settings = Settings(isolated_loading=False, warmup_batch_sizes=(1, 32))
+        load = EngineLoader(settings, ThreadPlan(inference_threads=1, intra_op=1, inter_op=1))
+        self.ensemble = load(read_manifest(VERSION_DIR), VERSION_DIR, lambda: None)
         self.sizes = []
 
     def decode_request(self, request):

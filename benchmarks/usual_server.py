@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from service.ensemble import assemble
+from service.engines.keras_members import assemble
 from service.repository import read_manifest
 
 version_dir, port = Path(sys.argv[1]), int(sys.argv[2])

@@ -8,7 +8,6 @@ Inference Protocol's `/infer`) are the pure ASGI layer of `service.inference_rou
 
 from __future__ import annotations
 
-import functools
 import hmac
 import logging
 import os
@@ -27,9 +26,12 @@ from service.batching import Batcher
 from service.config import Settings
 from service.errors import Forbidden, ServiceError, Unauthorized
 from service.inference_routes import ROUTES, InferenceRoutes
-from service.manager import Loader, ModelManager, PinStore, tune_garbage_collector
+from service.engines.child import stop_all
+from service.engines.loader import EngineLoader, plan_of
+from service.lifecycle.manager import Loader, ModelManager
+from service.lifecycle.memory import tune_garbage_collector
+from service.lifecycle.pins import PinStore
 from service.metrics import CONTENT_TYPE, ServiceMetrics
-from service.servable import LoadError
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -70,87 +72,6 @@ async def _answered_in_front() -> Response:
     return _error(404, "not found")
 
 
-def default_loader(settings: Settings) -> Loader:
-    """The real loader: the version is compiled into one frozen graph and its TensorFlow Lite
-    model (in a child process with isolated_loading; from the cache when it was compiled
-    before), and the server loads and warms up the engine of settings.engine: TensorFlow Lite
-    when the version has a model for it, else TensorFlow. TensorFlow is imported only for a
-    version that runs on it (or is compiled in this process): a server whose versions all run
-    on TensorFlow Lite never imports it."""
-    folder = settings.compile_cache_dir or (settings.state_dir / "compiled" if settings.state_dir else None)
-    batch_threads, intra, inter = thread_plan(settings.inference_threads, settings.intra_op_threads,
-                                              settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
-
-    def load(manifest, path, pace):
-        from service.compiled import GraphCache
-        from service.compiler import stops
-
-        began = stops()  # the server stopping after this (compiler.stop_all) abandons the load
-
-        def compile_it():
-            if settings.isolated_loading:
-                from service.compiler import compile_in_child
-                from service.manager import LOADER_NICENESS
-
-                return compile_in_child(path, settings.load_timeout_seconds, LOADER_NICENESS, began)
-            configure_tensorflow(intra, inter)
-            from service.frozen import compile_version
-
-            return compile_version(manifest, path, pace)
-
-        if folder is None:
-            graph = compile_it()
-        else:  # workers share the folder: one compiles a new version, the others wait and read it
-            graph = GraphCache(folder).get_or_compile(path, compile_it, settings.load_timeout_seconds,
-                                                      give_up=lambda: stops() != began)
-        if settings.engine == "tflite" and graph.lite is not None:
-            from service.lite import load_lite
-
-            try:
-                return load_lite(manifest, path, graph.lite, settings.warmup_batch_sizes, pace,
-                                 threads=intra, pool=batch_threads)
-            except LoadError as exc:  # the frozen graph was checked on its own: it can still serve
-                log.warning("%s version %d runs on TensorFlow: its TensorFlow Lite model failed: %s",
-                            manifest.name, manifest.version, exc)
-        configure_tensorflow(intra, inter)
-        from service.frozen import import_frozen
-
-        return import_frozen(manifest, path, graph, settings.warmup_batch_sizes, pace)
-
-    return load
-
-
-def thread_plan(batch_threads: int, intra: int, inter: int, workers: int, cores: int) -> tuple[int, int, int]:
-    """(inference threads, TensorFlow intra-op threads, inter-op threads); 0 means automatic.
-
-    Automatic: one batch computes at a time, on all of the worker's cores, with one inter-op
-    thread. With TensorFlow Lite and one-row requests the model is not what limits a process:
-    its event loop is, and every batch needs the interpreter lock twice in its thread (to take
-    the batch, to hand back the outputs), so a second inference thread only adds waits for the
-    lock. Measured on 2 cores, `wrk -c32` 8 s, 3 interleaved rounds: one thread of two XNNPACK
-    threads with the 1 ms switch interval (`switch_interval_ms`) 3,189-3,266 req/s, p99
-    15.0-16.5 ms; two single-threaded, 2 ms: 2,488-2,688 req/s, p99 20.0-20.9 ms; two
-    single-threaded, Python's 5 ms (the previous default): 2,421-2,861 req/s, p99 14.8-18.5 ms.
-    256-row requests at 4 connections ran at the same rate either way. README, Speed, has the
-    table."""
-    share = max(1, cores // workers)
-    batch_threads = batch_threads or 1
-    return batch_threads, intra or max(1, share // batch_threads), inter or batch_threads
-
-
-@functools.lru_cache(maxsize=None)
-def configure_tensorflow(intra: int, inter: int) -> None:
-    """Import TensorFlow and size its thread pools, once: before it runs its first op, and only
-    when a version needs it."""
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
-    except RuntimeError as exc:  # already initialised (e.g. several apps in one test process)
-        log.warning("TensorFlow threads not changed: %s", exc)
-
-
 class RequestMetrics:
     """Pure ASGI middleware: counts and times every HTTP request by route template and status."""
 
@@ -187,21 +108,21 @@ def create_app(
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
 
+    threads = plan_of(settings, os.cpu_count() or 1)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batch_threads, _, _ = thread_plan(settings.inference_threads, settings.intra_op_threads,
-                                          settings.inter_op_threads, settings.workers, os.cpu_count() or 1)
         tune_garbage_collector()
         switch_interval = sys.getswitchinterval()
         if settings.switch_interval_ms:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
-        manager = ModelManager(settings.repository, loader or default_loader(settings), metrics,
+        manager = ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
                                settings.version_policy, settings.poll_interval_seconds,
                                settings.default_model, PinStore(settings.state_dir),
                                settings.loader_duty_cycle)
         batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                           settings.max_queue_rows, on_batch=metrics.observe_batch,
-                          on_depth=metrics.queue_depth.set, threads=batch_threads)
+                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads)
         app.state.manager, app.state.batcher = manager, batcher
         batcher.start()
         await manager.start()
@@ -213,8 +134,6 @@ def create_app(
             if not await batcher.drain(settings.shutdown_grace_seconds):
                 log.warning("shutdown: the queue did not drain in %.0f s", settings.shutdown_grace_seconds)
             await manager.stop()
-            from service.compiler import stop_all
-
             stop_all()  # a version still compiling, or waiting for another worker's compile, is not needed
             await batcher.stop()
             sys.setswitchinterval(switch_interval)

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.manager import PinStore
+from service.lifecycle.pins import PinStore
 from tests.repo_tools import publish_copy
 from tests.test_api import make_client, wait_for
 
@@ -148,19 +148,19 @@ def test_every_refused_version_shows_its_reason_and_is_counted(admin, repository
 def test_rollback_during_a_slow_load_is_immediate_and_stays(repository):
     from prometheus_client import CollectorRegistry
 
-    from service.manager import ModelManager
+    from service.engines.base import Ensemble
+    from service.lifecycle.manager import ModelManager
     from service.metrics import ServiceMetrics
 
     release = threading.Event()
 
-    class Loaded:
-        def __init__(self, manifest):
-            self.manifest, self.name, self.version = manifest, manifest.name, manifest.version
+    class Unused:  # an engine never called: the scenario is about versions going live
+        kind = "fake"
 
     def loader(manifest, path, pace):
         if manifest.version == 3:  # a version that takes long to compile
             release.wait(30)
-        return Loaded(manifest)
+        return Ensemble(manifest, path, Unused())
 
     async def scenario():
         manager = ModelManager(repository, loader, ServiceMetrics(CollectorRegistry()), poll_interval=3600)

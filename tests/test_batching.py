@@ -256,7 +256,7 @@ def test_deadline_header_and_default():
 
 
 def test_thread_plan_shares_the_cores_among_workers_and_batches():
-    from service.api import thread_plan
+    from service.engines.loader import thread_plan
 
     # (inference threads, intra-op, inter-op) from (settings..., workers, cores)
     assert thread_plan(0, 0, 0, workers=1, cores=2) == (1, 2, 1)  # one batch at a time gets both

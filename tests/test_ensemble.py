@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from service.ensemble import LoadError, check_probabilities, check_signature, load_ensemble
+from service.engines.base import LoadError, check_probabilities
+from service.engines.keras_members import check_signature, load_members
 from service.repository import InputSpec, read_manifest
 from training.evaluate import average_probabilities
 from training.members import predict_saved_model
@@ -22,7 +23,7 @@ def member_probabilities(version_dir, manifest, x):
 def test_ensemble_equals_the_average_of_its_members(trained_repository, digits_test_split):
     vdir = trained_repository / "digits" / "1"
     manifest = read_manifest(vdir)
-    ensemble = load_ensemble(manifest, vdir, warmup_sizes=(1, 8))
+    ensemble = load_members(manifest, vdir, warmup_sizes=(1, 8))
     x = digits_test_split.x[:64]
     average, members = ensemble.predict(x)
     direct = member_probabilities(vdir, manifest, x)
@@ -38,7 +39,7 @@ def test_weighted_manifest_averages_with_its_weights(repository, digits_test_spl
         m["weight"] = w
     (vdir / "manifest.json").write_text(json.dumps(raw))
     manifest = read_manifest(vdir)
-    average, _ = load_ensemble(manifest, vdir, (1,)).predict(digits_test_split.x[:16])
+    average, _ = load_members(manifest, vdir, (1,)).predict(digits_test_split.x[:16])
     direct = member_probabilities(vdir, manifest, digits_test_split.x[:16])
     np.testing.assert_allclose(average, average_probabilities(direct, weights), atol=1e-5)
 
@@ -49,7 +50,7 @@ def test_member_with_other_input_shape_is_refused(repository):
     raw["input"]["shape"] = [64]
     (vdir / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(LoadError, match=r"takes shape \[8, 8, 1\], manifest says \[64\]"):
-        load_ensemble(read_manifest(vdir), vdir, (1,))
+        load_members(read_manifest(vdir), vdir, (1,))
 
 
 def test_missing_member_folder_is_a_load_error(repository):
@@ -57,7 +58,7 @@ def test_missing_member_folder_is_a_load_error(repository):
     manifest = read_manifest(vdir)
     shutil.rmtree(vdir / manifest.members[1].path)
     with pytest.raises(LoadError, match="cannot load SavedModel"):
-        load_ensemble(manifest, vdir, (1,))
+        load_members(manifest, vdir, (1,))
 
 
 def test_check_signature_wants_one_input_of_the_right_dtype():

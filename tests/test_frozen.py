@@ -11,11 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from service.compiler import CompileFailed, compile_in_child, stop_all
-from service.ensemble import LoadError, load_ensemble
-from service.api import default_loader
 from service.config import Settings
-from service.frozen import FrozenGraph, GraphCache, compile_version, import_frozen
+from service.engines.base import LoadError
+from service.engines.child import CompileFailed, compile_in_child, stop_all
+from service.engines.compile import compile_version
+from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
+from service.engines.keras_members import load_members
+from service.engines.loader import EngineLoader, plan_of
+from service.engines.tensorflow import import_frozen
 from service.repository import read_manifest
 from tests.repo_tools import export_nan_member, publish_with_member
 
@@ -30,16 +33,16 @@ def compiled(trained_repository):
 def test_frozen_graph_answers_what_the_assembled_members_answer(compiled, digits_test_split, tmp_path):
     manifest, vdir, graph = compiled
     graph.write(tmp_path / "graph.bin")
-    frozen = import_frozen(manifest, vdir, FrozenGraph.read(tmp_path / "graph.bin"), (1, 8))
-    assembled = load_ensemble(manifest, vdir, (1,))
+    frozen = import_frozen(manifest, vdir, CompiledVersion.read(tmp_path / "graph.bin").frozen, (1, 8))
+    assembled = load_members(manifest, vdir, (1,))
     x = digits_test_split.x[:100]
     for got, want in zip(frozen.predict(x), assembled.predict(x)):
         np.testing.assert_allclose(got, want, atol=1e-5)
-    assert frozen.version == 1 and frozen.owner is None  # nothing of the SavedModels is kept
+    assert frozen.version == 1 and frozen.engine.owner is None  # nothing of the SavedModels is kept
     # One graph, no variables and no nested functions left to restore.
     from tensorflow.core.framework.graph_pb2 import GraphDef
 
-    graph_def = GraphDef.FromString(graph.graph_def)
+    graph_def = GraphDef.FromString(graph.frozen.graph_def)
     assert len(graph_def.library.function) == 0
     assert not {n.op for n in graph_def.node} & {"VarHandleOp", "ReadVariableOp", "StatefulPartitionedCall"}
 
@@ -47,12 +50,13 @@ def test_frozen_graph_answers_what_the_assembled_members_answer(compiled, digits
 def test_frozen_graph_file_must_be_one(tmp_path):
     (tmp_path / "graph.bin").write_bytes(b"\x08\x01 not a frozen graph")
     with pytest.raises(LoadError, match="not a frozen ensemble graph"):
-        FrozenGraph.read(tmp_path / "graph.bin")
+        CompiledVersion.read(tmp_path / "graph.bin")
 
 
 def test_import_checks_the_warm_up_outputs(compiled):
     manifest, vdir, graph = compiled
-    swapped = FrozenGraph(graph.graph_def, graph.input, (graph.outputs[1], graph.outputs[0]))
+    frozen = graph.frozen
+    swapped = FrozenGraph(frozen.graph_def, frozen.input, (frozen.outputs[1], frozen.outputs[0]))
     with pytest.raises(LoadError):  # outputs in the wrong order: shapes do not match
         import_frozen(manifest, vdir, swapped, (2,))
 
@@ -63,8 +67,8 @@ def test_child_process_compiles_the_same_graph(compiled, digits_test_split):
     from_child = compile_in_child(vdir, timeout=300)
     took = time.monotonic() - started
     x = digits_test_split.x[:50]
-    a = import_frozen(manifest, vdir, from_child, (1,)).predict(x)
-    b = import_frozen(manifest, vdir, graph, (1,)).predict(x)
+    a = import_frozen(manifest, vdir, from_child.frozen, (1,)).predict(x)
+    b = import_frozen(manifest, vdir, graph.frozen, (1,)).predict(x)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     assert from_child.lite is not None  # converted to TensorFlow Lite in the child too
     print(f"[figures] child compile of the 5-member test ensemble: {took:.1f} s")
@@ -115,7 +119,7 @@ def test_stop_all_kills_a_compiling_child(trained_repository):
 
 def test_cache_keys_on_the_manifest_and_survives_damage(compiled, repository, tmp_path):
     manifest, vdir, graph = compiled
-    cache = GraphCache(tmp_path / "cache", keep=2)
+    cache = CompileCache(tmp_path / "cache", keep=2)
     assert cache.get(vdir) is None
     cache.put(vdir, graph)
     assert cache.get(vdir) == graph
@@ -131,21 +135,21 @@ def test_cache_keys_on_the_manifest_and_survives_damage(compiled, repository, tm
         cache.put(tmp_path / f"v{i}", graph)
     assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
     (tmp_path / "a-file").write_text("not a folder")
-    unwritable = GraphCache(tmp_path / "a-file" / "cache")  # costs time, never a refused version
+    unwritable = CompileCache(tmp_path / "a-file" / "cache")  # costs time, never a refused version
     unwritable.put(vdir, graph)
     assert unwritable.get(vdir) is None
 
 
 def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_path, monkeypatch):
-    import service.frozen
+    import service.engines.compile
 
     manifest, _, graph = compiled
     calls = []
-    monkeypatch.setattr(service.frozen, "compile_version", lambda m, p, pace: calls.append(p) or graph)
+    monkeypatch.setattr(service.engines.compile, "compile_version", lambda m, p, pace: calls.append(p) or graph)
     settings = Settings(isolated_loading=False, state_dir=tmp_path / "state", warmup_batch_sizes=(1,))
     vdir = repository / "digits" / "1"
-    first = default_loader(settings)(manifest, vdir, lambda: None)
-    again = default_loader(settings)(manifest, vdir, lambda: None)  # e.g. after a restart
+    first = EngineLoader(settings, plan_of(settings, 2))(manifest, vdir, lambda: None)
+    again = EngineLoader(settings, plan_of(settings, 2))(manifest, vdir, lambda: None)  # e.g. after a restart
     assert len(calls) == 1 and again.version == first.version == 1
     assert list((tmp_path / "state" / "compiled").glob("*.graph"))
 
@@ -156,7 +160,7 @@ def compiling_elsewhere(folder, vdir):
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with GraphCache(folder)._compiling(vdir, 30):
+        with CompileCache(folder)._compiling(vdir, 30):
             held.set()
             release.wait(10)
 
@@ -181,7 +185,7 @@ def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
         return graph
 
     def load():  # each worker has its own cache object and file descriptor on the one folder
-        results.append(GraphCache(tmp_path / "cache").get_or_compile(vdir, slow_compile, 30))
+        results.append(CompileCache(tmp_path / "cache").get_or_compile(vdir, slow_compile, 30))
 
     workers = [threading.Thread(target=load, name=f"worker-{i}") for i in range(3)]
     for w in workers:
@@ -195,16 +199,16 @@ def test_a_lock_held_too_long_or_unavailable_costs_time_not_the_version(compiled
     _, vdir, graph = compiled
     started = time.monotonic()
     with compiling_elsewhere(tmp_path / "cache", vdir):
-        assert GraphCache(tmp_path / "cache").get_or_compile(vdir, lambda: graph, 0.3) == graph
+        assert CompileCache(tmp_path / "cache").get_or_compile(vdir, lambda: graph, 0.3) == graph
     assert time.monotonic() - started >= 0.3
     assert "still being compiled elsewhere" in caplog.text
     (tmp_path / "a-file").write_text("not a folder")
-    assert GraphCache(tmp_path / "a-file" / "cache").get_or_compile(vdir, lambda: graph, 1) == graph
+    assert CompileCache(tmp_path / "a-file" / "cache").get_or_compile(vdir, lambda: graph, 1) == graph
 
 
 def test_evicted_entries_take_their_lock_files_along(compiled, tmp_path):
     _, _, graph = compiled
-    cache = GraphCache(tmp_path / "cache", keep=2)
+    cache = CompileCache(tmp_path / "cache", keep=2)
     for i in range(4):
         (tmp_path / f"v{i}").mkdir()
         (tmp_path / f"v{i}" / "manifest.json").write_text(str(i))
@@ -216,13 +220,13 @@ def test_evicted_entries_take_their_lock_files_along(compiled, tmp_path):
 
 def test_a_stopping_server_gives_up_waiting_and_starts_no_compile(compiled, tmp_path):
     """SIGTERM while another worker compiles: the waiting loader leaves at once, not after it."""
-    from service.compiler import stops
+    from service.engines.child import stops
 
     _, vdir, graph = compiled
     calls, stopping_at = [], time.monotonic() + 0.3
     started = time.monotonic()
     with compiling_elsewhere(tmp_path / "cache", vdir), pytest.raises(LoadError, match="the server is stopping"):
-        GraphCache(tmp_path / "cache").get_or_compile(
+        CompileCache(tmp_path / "cache").get_or_compile(
             vdir, lambda: calls.append(1) or graph, 30, give_up=lambda: time.monotonic() > stopping_at)
     assert calls == [] and time.monotonic() - started < 5
     with pytest.raises(CompileFailed, match="the server is stopping"):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from service.ensemble import load_ensemble
+from service.engines.keras_members import load_members
 from service.repository import read_manifest, verify_checksums
 from training.cli import EXIT_FAILED, EXIT_OK, main
 from training.importer import MemberImportError, import_members
@@ -31,7 +31,7 @@ def test_import_saved_models_and_keras_files_serves_their_average(trained_reposi
     verify_checksums(vdir, manifest)
     assert manifest.input.shape == (8, 8, 1) and manifest.members[0].kind == "imported"
     x = np.random.default_rng(0).uniform(0, 16, (5, 8, 8, 1)).astype("float32")
-    ensemble = load_ensemble(manifest, vdir, (1,))
+    ensemble = load_members(manifest, vdir, (1,))
     np.testing.assert_allclose(ensemble.predict(x)[0], predict_saved_model(member_dir, x), atol=1e-5)
 
     a, b = keras_file(tmp_path / "a.keras", 8), keras_file(tmp_path / "b.keras", 16)
@@ -42,7 +42,7 @@ def test_import_saved_models_and_keras_files_serves_their_average(trained_reposi
     assert manifest.output.classes == ("x", "y", "z") and len(manifest.members) == 2
     v = np.random.default_rng(1).normal(size=(6, 4)).astype("float32")
     expected = (a.predict(v, verbose=0) + b.predict(v, verbose=0)) / 2
-    np.testing.assert_allclose(load_ensemble(manifest, root / "tabular" / "1", (1,)).predict(v)[0], expected, atol=1e-5)
+    np.testing.assert_allclose(load_members(manifest, root / "tabular" / "1", (1,)).predict(v)[0], expected, atol=1e-5)
 
 
 def test_import_refuses_logits_mismatched_members_and_junk(tmp_path, capsys):

@@ -9,12 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import service.frozen
-from service.api import default_loader
+import service.engines.compile
 from service.config import Settings
-from service.ensemble import LoadError, load_ensemble
-from service.frozen import FrozenGraph, GraphCache, compile_version, convert_checked, import_frozen
-from service.lite import LiteRunner, load_lite
+from service.engines.base import LoadError
+from service.engines.compile import compile_version, convert_checked
+from service.engines.compiled import CompileCache, CompiledVersion
+from service.engines.keras_members import load_members
+from service.engines.lite import LiteEngine, load_lite
+from service.engines.loader import EngineLoader, plan_of
+from service.engines.tensorflow import import_frozen
 from service.repository import read_manifest
 
 
@@ -29,14 +32,14 @@ def compiled(trained_repository):
 def reference(compiled):
     """The frozen TensorFlow graph of the same version: what TensorFlow Lite must agree with."""
     manifest, vdir, graph = compiled
-    return import_frozen(manifest, vdir, graph, (1,))
+    return import_frozen(manifest, vdir, graph.frozen, (1,))
 
 
 def test_compiled_version_runs_on_tensorflow_lite_with_the_same_answers(compiled, reference, digits_test_split):
     manifest, vdir, graph = compiled
     assert graph.lite and graph.lite[4:8] == b"TFL3"  # a TensorFlow Lite flatbuffer
     lite = load_lite(manifest, vdir, graph.lite, (1, 8))
-    assert (lite.engine, reference.engine) == ("tflite", "tensorflow") and lite.fn is None
+    assert (lite.engine.kind, reference.engine.kind) == ("tflite", "tensorflow") and not hasattr(lite.engine, "fn")
     x = digits_test_split.x[:100]
     for got, want in zip(lite.predict(x), reference.predict(x)):
         assert got.shape == want.shape and got.dtype == np.float32
@@ -44,7 +47,7 @@ def test_compiled_version_runs_on_tensorflow_lite_with_the_same_answers(compiled
 
 
 def test_runner_serves_any_batch_size_from_several_threads(compiled, reference, digits_test_split):
-    runner = LiteRunner(compiled[2].lite)
+    runner = LiteEngine(compiled[2].lite)
     sizes = (1, 3, 17, 64)
     x = digits_test_split.x[:64]
     want = {n: reference.predict(x[:n]) for n in sizes}
@@ -53,7 +56,7 @@ def test_runner_serves_any_batch_size_from_several_threads(compiled, reference, 
     def client(offset: int):
         for i in range(24):
             n = sizes[(i + offset) % len(sizes)]  # every thread changes size on every call
-            average, members = runner(x[:n])
+            average, members = runner.run(x[:n])
             calls.append(n)
             if not (np.allclose(average, want[n][0], atol=1e-5) and np.allclose(members, want[n][1], atol=1e-5)):
                 failures.append((offset, i, n))
@@ -71,29 +74,29 @@ def test_file_keeps_the_lite_model_and_refuses_a_truncated_one(compiled, tmp_pat
     graph = compiled[2]
     for version in (graph, replace(graph, lite=None)):
         version.write(tmp_path / "graph.bin")
-        assert FrozenGraph.read(tmp_path / "graph.bin") == version
+        assert CompiledVersion.read(tmp_path / "graph.bin") == version
     graph.write(tmp_path / "graph.bin")
     (tmp_path / "graph.bin").write_bytes((tmp_path / "graph.bin").read_bytes()[:200])
     with pytest.raises(LoadError, match="truncated"):
-        FrozenGraph.read(tmp_path / "graph.bin")
+        CompiledVersion.read(tmp_path / "graph.bin")
 
 
 def loaded_by_the_server(graph, tmp_path, manifest, vdir, **settings):
     """What the server's loader makes of a compiled version (from its cache, as after a restart)."""
-    GraphCache(tmp_path / "cache").put(vdir, graph)
-    loader = default_loader(Settings(compile_cache_dir=tmp_path / "cache", warmup_batch_sizes=(1,), **settings))
-    return loader(manifest, vdir, lambda: None)
+    CompileCache(tmp_path / "cache").put(vdir, graph)
+    settings = Settings(compile_cache_dir=tmp_path / "cache", warmup_batch_sizes=(1,), **settings)
+    return EngineLoader(settings, plan_of(settings, 2))(manifest, vdir, lambda: None)
 
 
 def test_the_loader_runs_the_engine_asked_for_and_falls_back_to_tensorflow(compiled, tmp_path, caplog):
     manifest, vdir, graph = compiled
-    assert loaded_by_the_server(graph, tmp_path, manifest, vdir).engine == "tflite"
-    assert loaded_by_the_server(graph, tmp_path, manifest, vdir, engine="tensorflow").engine == "tensorflow"
+    assert loaded_by_the_server(graph, tmp_path, manifest, vdir).engine.kind == "tflite"
+    assert loaded_by_the_server(graph, tmp_path, manifest, vdir, engine="tensorflow").engine.kind == "tensorflow"
     without = loaded_by_the_server(replace(graph, lite=None), tmp_path, manifest, vdir)
-    assert without.engine == "tensorflow"  # a version that did not convert
-    with caplog.at_level(logging.WARNING, logger="service.api"):
+    assert without.engine.kind == "tensorflow"  # a version that did not convert
+    with caplog.at_level(logging.WARNING, logger="service.engines.loader"):
         broken = loaded_by_the_server(replace(graph, lite=b"\x00" * 64), tmp_path, manifest, vdir)
-    assert broken.engine == "tensorflow"
+    assert broken.engine.kind == "tensorflow"
     assert "runs on TensorFlow" in caplog.text
     with pytest.raises(LoadError):
         load_lite(manifest, vdir, b"\x00" * 64, (1,))
@@ -101,26 +104,26 @@ def test_the_loader_runs_the_engine_asked_for_and_falls_back_to_tensorflow(compi
 
 def test_a_model_that_does_not_convert_or_disagrees_is_not_kept(compiled, reference, monkeypatch, caplog):
     manifest, vdir, graph = compiled
-    original = load_ensemble(manifest, vdir, (1,))
+    original = load_members(manifest, vdir, (1,))
     assert convert_checked(original, reference) is not None
 
     def refuse(fn):
         raise LoadError("cannot convert the ensemble to TensorFlow Lite: op Foo is not supported")
 
-    monkeypatch.setattr(service.frozen, "to_lite", refuse)
-    with caplog.at_level(logging.WARNING, logger="service.frozen"):
+    monkeypatch.setattr(service.engines.compile, "to_lite", refuse)
+    with caplog.at_level(logging.WARNING, logger="service.engines.compile"):
         assert convert_checked(original, reference) is None
     assert "op Foo is not supported" in caplog.text
     monkeypatch.undo()
 
-    call = LiteRunner.__call__
+    call = LiteEngine.run
 
     def classes_reversed(self, x):  # still probabilities, but not the members' answer
         average, members = call(self, x)
         return average[:, ::-1].copy(), members
 
-    monkeypatch.setattr(LiteRunner, "__call__", classes_reversed)
+    monkeypatch.setattr(LiteEngine, "run", classes_reversed)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="service.frozen"):
+    with caplog.at_level(logging.WARNING, logger="service.engines.compile"):
         assert convert_checked(original, reference) is None
     assert "differ from the members" in caplog.text

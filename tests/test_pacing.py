@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.manager import MAX_PACE_SLEEP, Pacer
+from service.lifecycle.pacing import MAX_PACE_SLEEP, Pacer
 
 
 class FakeClock:

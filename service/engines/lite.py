@@ -1,20 +1,19 @@
-"""The ensemble as a TensorFlow Lite model: what the server runs when a version converts.
+"""The TensorFlow Lite engine: what the server runs when a version converts (the default).
 
-The frozen graph (service.frozen) still runs every small op through TensorFlow's executor; on
-the default ensemble that is 0.70 ms for one row and 4.9 ms for 32 on one thread. The same graph
-converted to TensorFlow Lite and run by its XNNPACK CPU kernels: 0.11 ms and 2.4 ms, answering
-the same probabilities to within 1e-6. So `compile_version` converts the frozen ensemble too,
-and the server runs the converted model when it agrees with the members (the `engine` setting);
-a version whose graph does not convert (an op TensorFlow Lite lacks) runs on TensorFlow as before.
+The frozen graph (`tensorflow`) runs every small op through TensorFlow's executor; the same
+graph converted to TensorFlow Lite and run by its XNNPACK CPU kernels needs several times less
+CPU per row on small models, answering the same probabilities (docs/performance.md has the
+figures). So `compile.compile_version` converts the frozen ensemble too, and the server runs
+the converted model when it agrees with the members (the `engine` setting); a version whose
+graph does not convert (an op TensorFlow Lite lacks) runs on TensorFlow.
 
 The interpreter is LiteRT's (`ai_edge_litert`, TensorFlow Lite's runtime packaged on its own):
-this module does not import TensorFlow, so neither does a server whose versions all run here
-(measured: ~50 MB for the runtime and the model, against ~450 MB for TensorFlow).
+this module does not import TensorFlow, so neither does a server whose versions all run here.
 
-An interpreter is not thread-safe, so `LiteRunner` keeps a pool: each call borrows one, and
+An interpreter is not thread-safe, so `LiteEngine` keeps a pool: each call borrows one, and
 the pool holds as many as calls have ever run at once (the inference threads). A batch of a new
-size resizes the borrowed interpreter's input (~25 us). The interpreter releases the GIL while
-it computes.
+size resizes the borrowed interpreter's input. The interpreter releases the GIL while it
+computes.
 """
 
 from __future__ import annotations
@@ -26,23 +25,25 @@ from typing import Callable, Sequence
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from service.engines.base import Ensemble, LoadError, no_pause, warm_up
 from service.repository import Manifest
-from service.servable import Ensemble, LoadError, _no_pause, warm_up
 
 
 def load_lite(manifest: Manifest, version_dir: Path, model: bytes, warmup_sizes: Sequence[int],
-              pace: Callable[[], None] = _no_pause, threads: int = 1, pool: int = 1) -> Ensemble:
+              pace: Callable[[], None] = no_pause, threads: int = 1, pool: int = 1) -> Ensemble:
     """A version's TensorFlow Lite model as a servable ensemble, on `pool` interpreters of
     `threads` threads each (the inference threads' plan), warmed on `warmup_sizes` (outputs
     checked); LoadError (or WarmupError) if it is not usable."""
-    runner = LiteRunner(model, threads, pool)
+    engine = LiteEngine(model, threads, pool)
     pace()
-    return warm_up(Ensemble(manifest, version_dir, runner, "tflite"), warmup_sizes, pace)
+    return warm_up(Ensemble(manifest, version_dir, engine), warmup_sizes, pace)
 
 
-class LiteRunner:
+class LiteEngine:
     """x -> (average (rows, classes), members (rows, members, classes)) on a pool of
-    TensorFlow Lite interpreters of one model; callable from any number of threads."""
+    TensorFlow Lite interpreters of one model; `run` from any number of threads."""
+
+    kind = "tflite"
 
     def __init__(self, model: bytes, threads: int = 1, pool: int = 1):
         self.model, self.threads = model, threads
@@ -66,7 +67,7 @@ class LiteRunner:
         interpreter.allocate_tensors()
         return _Slot(interpreter, inputs[0]["index"], ranks[0][1], ranks[1][1], tuple(inputs[0]["shape"]))
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         try:
             slot = self._idle.get_nowait()
         except queue.Empty:  # more calls at once than ever before

@@ -1,29 +1,30 @@
-"""The model manager: owns the live version of every ensemble in the repository.
+"""The model manager: the version state machine of every ensemble in the repository.
 
 It polls the repository, verifies and loads a chosen version in a worker thread (off the
 serving path), and swaps it in with one reference assignment: a request that fetched the live
 ensemble keeps using that object to the end, so it is answered entirely by one version. A
 version that fails any check is recorded with its reason and not tried again until its files
-change.
+change. Pins and rollbacks override the policy; the rules of their races with a load in
+progress are in `rollback` and `_load`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import json
 import logging
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 from service.background import cancel
+from service.engines.base import Ensemble
 from service.errors import Conflict, ModelNotFound, NotReady
+from service.lifecycle.memory import release_garbage
+from service.lifecycle.pacing import Pacer, lower_thread_priority
+from service.lifecycle.pins import PinStore
+from service.lifecycle.slots import Failure, ModelSlot
+from service.lifecycle.status import ensemble_status
 from service.metrics import ServiceMetrics
 from service.repository import (
     Manifest,
@@ -39,6 +40,13 @@ from service.repository import (
 log = logging.getLogger(__name__)
 
 
+class Loader(Protocol):
+    """Makes a verified version servable: (manifest, folder, pace) -> a warmed Ensemble, or an
+    exception that says why not (`service.engines.loader.EngineLoader` is the real one)."""
+
+    def __call__(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> Ensemble: ...
+
+
 def version_stamp(version: VersionDir) -> tuple:
     """What must change before a failed version is tried again: (path, mtime, size) of its files."""
     entries = []
@@ -51,143 +59,9 @@ def version_stamp(version: VersionDir) -> tuple:
     return tuple(entries)
 
 
-def _lower_priority() -> None:
-    """Loading competes with serving for two cores; the loader thread yields the CPU first
-    (Linux threads have their own nice value)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
-    except (AttributeError, OSError) as exc:
-        log.debug("loader priority unchanged: %s", exc)
-
-
-class Pacer:
-    """Keeps a background job to a share of the time: each `step()` sleeps in proportion to the
-    work done since the previous one. Loading a version is ~1 s of CPU per 5 members; on two
-    busy cores, unpaced, it takes that time from the requests being served."""
-
-    def __init__(self, duty_cycle: float, clock=time.monotonic, sleep=time.sleep):
-        if not 0 < duty_cycle <= 1:
-            raise ValueError("duty_cycle must be in (0, 1]")
-        self.ratio = (1 - duty_cycle) / duty_cycle
-        self.clock, self.sleep = clock, sleep
-        self.last = clock()
-
-    def step(self) -> None:
-        worked = self.clock() - self.last
-        if self.ratio and worked > 0:
-            self.sleep(min(worked * self.ratio, MAX_PACE_SLEEP))
-        self.last = self.clock()
-
-
-# Young collections every 20,000 allocations instead of 700. A one-row request allocates a few
-# hundred objects (JSON, lists, futures), so the default collected every few requests.
-# Measured at 32 connections, default ensemble, 3 interleaved rounds: 10-17% less CPU per
-# request, and 9-18% more requests/s. Only cyclic garbage waits for a collection; the rest
-# is freed at once.
-YOUNG_GENERATION_THRESHOLD = 20_000
-
-
-def tune_garbage_collector() -> None:
-    """Fewer young collections while serving (see YOUNG_GENERATION_THRESHOLD)."""
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, older, oldest)
-
-
-def release_garbage(first: bool) -> None:
-    """Free a dropped version without stalling the event loop.
-
-    TensorFlow and Keras leave hundreds of thousands of long-lived objects; a full collection
-    over them stalls the loop for 100-300 ms. After the first version is live, everything that
-    exists (TensorFlow's modules, the first version) is frozen out of the collector's sight, so
-    later collections only walk what later loads created: the loaded versions and the garbage
-    of the dropped one. (The first version's objects stay frozen: one version's memory, once.)
-    """
-    started = time.perf_counter()
-    gc.collect()
-    if first:
-        gc.freeze()
-    log.debug("garbage collection after swap: %.1f ms", (time.perf_counter() - started) * 1000)
-
-
-@dataclass
-class Failure:
-    reason: str
-    stamp: tuple
-    at: float
-    category: str = "invalid"
-
-
 UNCOMMITTED_REASON = (
     "no manifest.json: the folder is not a committed version. Publish atomically: stage in a "
     "hidden folder, write the manifest last, rename into place (ensemble-train does)")
-
-
-@dataclass
-class ModelSlot:
-    """The state of one ensemble name: live and previous versions, and versions that failed."""
-
-    name: str
-    live: object | None = None  # service.ensemble.Ensemble; typed loosely to keep TF out
-    previous: object | None = None
-    failures: dict[int, Failure] = field(default_factory=dict)
-    loading: int | None = None
-
-
-Loader = Callable[[Manifest, Path, Callable[[], None]], object]  # (manifest, folder, pace)
-PINS_FILE = "pins.json"
-LOADER_NICENESS = 10
-MAX_PACE_SLEEP = 2.0
-
-
-class PinStore:
-    """Versions pinned through the admin routes, by ensemble name.
-
-    In memory, and also in `<folder>/pins.json` when a folder is given: then every worker
-    process reads the same pins at each poll, and a restarted service keeps them (a rollback
-    must not be undone by a restart)."""
-
-    def __init__(self, folder: Path | None = None):
-        self.path = Path(folder) / PINS_FILE if folder is not None else None
-        self._pins: dict[str, int] = {}
-        self._seen: int | None = None  # mtime_ns of the file when last read
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.refresh()
-
-    def refresh(self) -> dict[str, int]:
-        """Re-read the file if another process changed it; the pins now in force."""
-        if self.path is None:
-            return self._pins
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            self._pins, self._seen = {}, None
-            return self._pins
-        if mtime != self._seen:
-            try:
-                raw = json.loads(self.path.read_text())
-                self._pins = {str(k): int(v) for k, v in raw.items() if int(v) >= 1}
-            except (OSError, ValueError, AttributeError, TypeError) as exc:
-                log.error("ignoring unreadable pins file %s: %s", self.path, exc)
-            self._seen = mtime
-        return self._pins
-
-    def get(self, name: str) -> int | None:
-        return self._pins.get(name)
-
-    def set(self, name: str, version: int | None) -> None:
-        """Pin `name` to `version`, or unpin it with None; written atomically."""
-        pins = dict(self.refresh())
-        if version is None:
-            pins.pop(name, None)
-        else:
-            pins[name] = version
-        if self.path is not None:
-            tmp = self.path.with_name(f".{PINS_FILE}.{os.getpid()}")
-            tmp.write_text(json.dumps(pins, sort_keys=True))
-            os.replace(tmp, self.path)
-            self._seen = self.path.stat().st_mtime_ns
-        self._pins = pins
 
 
 class ModelManager:
@@ -214,13 +88,14 @@ class ModelManager:
         self.loader_duty_cycle = loader_duty_cycle
         self.slots: dict[str, ModelSlot] = {}
         self._first_swap = True
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader", initializer=_lower_priority)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader",
+                                           initializer=lower_thread_priority)
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
     # -- serving side -------------------------------------------------------------------------
 
-    def live(self, name: str):
+    def live(self, name: str) -> Ensemble:
         """The live ensemble of `name`; raises ModelNotFound or NotReady for the client."""
         slot = self.slots.get(name)
         if slot is None:
@@ -230,7 +105,7 @@ class ModelManager:
             raise NotReady(f"ensemble {name!r} has no verified version yet: {self._why_not(slot)}")
         return slot.live
 
-    def get(self, name: str, version: int | None = None):
+    def get(self, name: str, version: int | None = None) -> Ensemble:
         """The live ensemble, or a specific loaded version (the live or the previous one)."""
         ensemble = self.live(name)
         if version is None or version == ensemble.version:
@@ -319,7 +194,7 @@ class ModelManager:
                 del slot.failures[number]
         # Under the repository contract a numbered folder appears complete, manifest included;
         # one without is a copy in progress or an abandoned one: reported once, never loaded.
-        live_now = getattr(slot.live, "version", 0)
+        live_now = slot.live.version if slot.live is not None else 0
         for number, folder in folders.items():
             if not folder.committed and number > live_now and number not in slot.failures:
                 self._record_failure(slot, number, UNCOMMITTED_REASON, version_stamp(folder), "uncommitted")
@@ -327,9 +202,8 @@ class ModelManager:
         policy = self.policy_of(slot.name)
         self.metrics.model_pinned_version.labels(slot.name).set(0 if policy == "latest" else policy)
         while True:
-            live_version = getattr(slot.live, "version", None)
             chosen = choose_version(versions, policy, rejected=slot.failures)
-            if chosen is None or chosen == live_version:
+            if chosen is None or (slot.live is not None and chosen == slot.live.version):
                 return
             if slot.previous is not None and chosen == slot.previous.version:
                 self.swap(slot, slot.previous)  # still loaded and verified: instant
@@ -430,20 +304,20 @@ class ModelManager:
         self.metrics.reload_failures.labels(slot.name, category).inc()
         log.error("version %s/%d is not served (%s): %s", slot.name, version, category, reason)
 
-    def _verify_and_load(self, version: VersionDir):
+    def _verify_and_load(self, version: VersionDir) -> Ensemble:
         pacer = Pacer(self.loader_duty_cycle)
         manifest = read_manifest(version.path)
         verify_checksums(version.path, manifest)
         pacer.step()
         return self.loader(manifest, version.path, pacer.step)
 
-    def swap(self, slot: ModelSlot, ensemble) -> None:
+    def swap(self, slot: ModelSlot, ensemble: Ensemble) -> None:
         """Make `ensemble` live; the old live version becomes the previous one, older ones go."""
         dropped = slot.previous if slot.previous is not ensemble else None
         slot.previous, slot.live = slot.live, ensemble
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
-        log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, getattr(ensemble, "engine", "?"))
+        log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, ensemble.engine.kind)
         del dropped
         release_garbage(first=self._first_swap)
         self._first_swap = False
@@ -456,34 +330,5 @@ class ModelManager:
 
     def status_of(self, name: str) -> dict:
         """One ensemble's versions and their states."""
-        slot = self.slots.get(name, ModelSlot(name))
-        live = getattr(slot.live, "version", None)
-        previous = getattr(slot.previous, "version", None)
-        versions = []
-        for v in reversed(scan_model(self.repository, name)):
-            entry: dict = {"version": v.version}
-            if v.version == live:
-                entry["state"] = "live"
-            elif v.version == slot.loading:
-                entry["state"] = "loading"
-            elif v.version in slot.failures:
-                failure = slot.failures[v.version]
-                entry["state"] = "uncommitted" if failure.category == "uncommitted" else "failed"
-                entry.update(reason=failure.reason, category=failure.category,
-                             failed_at=datetime.fromtimestamp(failure.at, timezone.utc).isoformat())
-            elif not v.committed:
-                entry["state"] = "uncommitted"
-            elif v.version == previous:
-                entry["state"] = "previous"
-            else:
-                entry["state"] = "available"
-            loaded = {live: slot.live, previous: slot.previous}.get(v.version)
-            if loaded is not None:
-                m = loaded.manifest
-                entry.update(created=m.created.isoformat(), members=len(m.members), metrics=m.metrics)
-                if getattr(loaded, "engine", None):  # what computes it: tflite or tensorflow
-                    entry["engine"] = loaded.engine
-            versions.append(entry)
-        policy = self.policy_of(name)
-        return {"name": name, "live": live, "previous": previous, "policy": policy,
-                "pinned": self.pins.get(name) is not None, "versions": versions}
+        return ensemble_status(self.slots.get(name, ModelSlot(name)), scan_model(self.repository, name),
+                               self.policy_of(name), self.pins.get(name) is not None)

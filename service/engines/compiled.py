@@ -1,6 +1,6 @@
-"""A compiled version as bytes: its frozen graph and, when it converted, its TensorFlow Lite
-model; the file they are kept in, and the cache of those files. No TensorFlow here: a server
-whose versions run on TensorFlow Lite reads these without importing it.
+"""A compiled version as bytes: its frozen TensorFlow graph and, when it converted, its
+TensorFlow Lite model; the file they are kept in, and the cache of those files. No TensorFlow
+here: a server whose versions run on TensorFlow Lite reads these without importing it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from service.engines.base import LoadError
 from service.repository import MANIFEST_FILE
-from service.servable import LoadError
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,29 @@ def tensorflow_version() -> str:
 
 @dataclass(frozen=True)
 class FrozenGraph:
-    """A serialized GraphDef and the names of its input and its two outputs (average, members);
-    with the same ensemble as a TensorFlow Lite model when it converted and agreed (`lite`)."""
+    """A serialized GraphDef and the names of its input and its two outputs (average, members)."""
 
     graph_def: bytes
     input: str
     outputs: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class CompiledVersion:
+    """What compiling a version yields: its frozen graph, and the same ensemble as a TensorFlow
+    Lite model when it converted and agreed with the members (`lite`; else None)."""
+
+    frozen: FrozenGraph
     lite: bytes | None = None
 
     def write(self, path: Path) -> None:
-        header = json.dumps({"input": self.input, "outputs": list(self.outputs),
-                             "graph_bytes": len(self.graph_def)}).encode()
-        Path(path).write_bytes(_MAGIC + header + b"\n" + self.graph_def + (self.lite or b""))
+        graph = self.frozen
+        header = json.dumps({"input": graph.input, "outputs": list(graph.outputs),
+                             "graph_bytes": len(graph.graph_def)}).encode()
+        Path(path).write_bytes(_MAGIC + header + b"\n" + graph.graph_def + (self.lite or b""))
 
     @classmethod
-    def read(cls, path: Path) -> "FrozenGraph":
+    def read(cls, path: Path) -> "CompiledVersion":
         data = Path(path).read_bytes()
         if not data.startswith(_MAGIC):
             raise LoadError(f"{path} is not a frozen ensemble graph")
@@ -60,12 +68,12 @@ class FrozenGraph:
         size = meta["graph_bytes"]
         if len(rest) < size:
             raise LoadError(f"{path} is truncated: {len(rest)} bytes where the graph alone has {size}")
-        return cls(rest[:size], meta["input"], tuple(meta["outputs"]), rest[size:] or None)
+        return cls(FrozenGraph(rest[:size], meta["input"], tuple(meta["outputs"])), rest[size:] or None)
 
 
-class GraphCache:
-    """Compiled versions kept in a folder, so a restarted server (or another worker) imports a
-    version instead of compiling it again (~10 s in a child process).
+class CompileCache:
+    """Compiled versions kept in a folder, so a restarted server (or another worker) reads a
+    version's compilation instead of compiling it again in a child process.
 
     The key is the hash of the version's manifest.json, which holds every member file's
     sha256, plus the TensorFlow version. Only use it after the files were verified against the
@@ -81,31 +89,31 @@ class GraphCache:
         digest.update(tensorflow_version().encode())
         return self.folder / f"{digest.hexdigest()[:32]}.graph"
 
-    def get(self, version_dir: Path) -> FrozenGraph | None:
+    def get(self, version_dir: Path) -> CompiledVersion | None:
         path = self.path_of(version_dir)
         try:
-            return FrozenGraph.read(path)
+            return CompiledVersion.read(path)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, LoadError) as exc:  # damaged: compile again
             log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
             return None
 
-    def get_or_compile(self, version_dir: Path, compile: Callable[[], FrozenGraph],
-                       wait_seconds: float, give_up: Callable[[], bool] = lambda: False) -> FrozenGraph:
-        """The cached graph of the version, or compile()'s, cached. While another process (or
+    def get_or_compile(self, version_dir: Path, compile: Callable[[], CompiledVersion],
+                       wait_seconds: float, give_up: Callable[[], bool] = lambda: False) -> CompiledVersion:
+        """The cached compilation of the version, or compile()'s, cached. While another process (or
         thread) compiles the same version, wait for it, up to wait_seconds, and take its entry:
         N workers that see a new version at once compile it once, not N times side by side.
         While waiting, raise LoadError as soon as give_up() (the server is stopping)."""
-        graph = self.get(version_dir)
-        if graph is not None:
-            return graph
+        compiled = self.get(version_dir)
+        if compiled is not None:
+            return compiled
         with self._compiling(version_dir, wait_seconds, give_up):
-            graph = self.get(version_dir)  # compiled by whoever held the lock before us
-            if graph is None:
-                graph = compile()
-                self.put(version_dir, graph)
-        return graph
+            compiled = self.get(version_dir)  # compiled by whoever held the lock before us
+            if compiled is None:
+                compiled = compile()
+                self.put(version_dir, compiled)
+        return compiled
 
     @contextmanager
     def _compiling(self, version_dir: Path, wait_seconds: float,
@@ -141,12 +149,12 @@ class GraphCache:
             if fd is not None:
                 os.close(fd)  # releases the lock
 
-    def put(self, version_dir: Path, graph: FrozenGraph) -> None:
+    def put(self, version_dir: Path, compiled: CompiledVersion) -> None:
         path = self.path_of(version_dir)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            graph.write(tmp)
+            compiled.write(tmp)
             os.replace(tmp, path)
         except OSError as exc:  # a cache that cannot be written costs time, not service
             log.warning("compiled graph not cached in %s: %s", self.folder, exc)

@@ -1,11 +1,11 @@
-"""A servable version: what the manager holds and the batcher calls, with no TensorFlow in it.
+"""The engine interface, the servable `Ensemble`, and the checks every engine passes.
 
-An `Ensemble` is a version's manifest and one function, rows in, (averaged probabilities,
-per-member probabilities) out, computed by one of two engines: TensorFlow Lite
-(`service.lite`, the default) or TensorFlow (`service.frozen`). The server imports TensorFlow
-only for a version that needs it, so a server whose versions all run on TensorFlow Lite holds
-no TensorFlow at all (~100 MB resident instead of ~650). The checks every version passes before
-it goes live (`warm_up`) live here too.
+An `Engine` computes a version: rows in, (averaged probabilities, per-member probabilities) out.
+Two engines serve: TensorFlow Lite (`lite`, the default) and the frozen TensorFlow graph
+(`tensorflow`); a third, the members assembled with Keras (`keras_members`), is what the other
+two are checked against when a version is compiled. An `Ensemble` is a version's manifest and
+its engine: what the manager holds and the batcher calls. Nothing here imports TensorFlow, so a
+server whose versions all run on TensorFlow Lite never does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -59,16 +59,24 @@ def warmup_batch(spec: InputSpec, rows: int) -> np.ndarray:
     return rng.uniform(0.0, 1.0, size=(rows, *spec.shape)).astype(spec.dtype)
 
 
+class Engine(Protocol):
+    """What computes a version. `kind` names it ("tflite" or "tensorflow") for GET /models and
+    the logs; `run` may be called from several threads at once."""
+
+    kind: str
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (n, *input shape) -> (averaged (n, classes), per member (n, members, classes))."""
+        ...
+
+
 @dataclass(eq=False)
 class Ensemble:
-    """A loaded, verified, warmed version: call `predict` from any thread."""
+    """A loaded, verified, warmed version: its manifest and its engine. `predict` from any thread."""
 
     manifest: Manifest
     path: Path
-    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # rows -> (average, stacked members)
-    engine: str = "tensorflow"  # what `run` computes with: "tflite" or "tensorflow"
-    fn: object = None  # the version's TensorFlow concrete function, where this process built one
-    owner: object = None  # keeps alive what `fn` reads (the Keras model's variables), if anything
+    engine: Engine
 
     @property
     def name(self) -> str:
@@ -88,7 +96,7 @@ class Ensemble:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(averaged probabilities (rows, classes), member probabilities (rows, members, classes))."""
-        average, members = self.run(x)
+        average, members = self.engine.run(x)
         if len(average) != len(x) or len(members) != len(x):
             raise InferenceFailed(
                 f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"
@@ -96,11 +104,12 @@ class Ensemble:
         return average, members
 
 
-def _no_pause() -> None:
+def no_pause() -> None:
+    """The default `pace` of loading steps: go straight on."""
     return None
 
 
-def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], None] = _no_pause) -> Ensemble:
+def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], None] = no_pause) -> Ensemble:
     """Run each batch size once (compiling it) and check every output is a probability row;
     raises WarmupError otherwise. Returns the ensemble."""
     manifest, spec = ensemble.manifest, ensemble.manifest.input

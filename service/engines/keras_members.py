@@ -1,12 +1,9 @@
-"""Loading a version's members and assembling them into one averaging Keras model.
+"""A version's members loaded from their SavedModels and assembled into one averaging model.
 
 The members are SavedModels (`model.export`), reloaded as `keras.layers.TFSMLayer`s and joined
 in a Functional-API model whose outputs are the (weighted) average and the stacked per-member
-probabilities. One `tf.function` with a fixed input signature runs it: traced once, at load.
-The service does not serve this function itself: `service.frozen` compiles it into one frozen
-graph and converts that to TensorFlow Lite (`service.lite`), which the server runs when the
-version converts. The servable `Ensemble` and its checks are TensorFlow-free, in
-`service.servable`.
+probabilities. One `tf.function` with a fixed input signature runs it, traced once. This is the
+reference every compiled engine is checked against (`compile`); servers do not run it.
 """
 
 from __future__ import annotations
@@ -18,16 +15,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from service.engines.base import Ensemble, LoadError, no_pause, warm_up
+from service.engines.tensorflow import TensorFlowEngine, input_signature
 from service.repository import InputSpec, Manifest
-from service.servable import (  # noqa: F401  (re-exported: the TensorFlow side's callers use them)
-    Ensemble,
-    LoadError,
-    WarmupError,
-    _no_pause,
-    check_probabilities,
-    warm_up,
-    warmup_batch,
-)
 
 
 class SignatureError(LoadError):
@@ -50,29 +40,6 @@ def check_signature(member: str, signature: Sequence[tf.TensorSpec], spec: Input
         )
 
 
-def tensorflow_run(fn) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Rows -> (average, members) as numpy arrays, computed by a concrete function."""
-    call = flat_call(fn)
-
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        average, members = call(tf.constant(x))
-        return average.numpy(), members.numpy()
-
-    return run
-
-
-def flat_call(fn) -> Callable:
-    """`fn` without the Python around a call: the concrete function already skips the
-    polymorphic dispatch (about 0.5 ms), and its flat entry point skips the structured-signature
-    checks too (0.49 against 0.62 ms for one row of the default ensemble). The input signature
-    is fixed at load, so those checks have nothing to find. Falls back to `fn` itself if this
-    TensorFlow has no flat entry point; the warm-up runs whichever is chosen."""
-    call_flat, captured = getattr(fn, "_call_flat", None), getattr(fn, "captured_inputs", None)
-    if call_flat is None or captured is None:
-        return fn
-    return lambda x: call_flat([x], captured)
-
-
 def _combine(outputs: list, weights: Sequence[float]):
     """Plain mean when the weights are equal (keras.layers.Average), weighted sum otherwise."""
     if len(outputs) == 1:
@@ -83,7 +50,7 @@ def _combine(outputs: list, weights: Sequence[float]):
     return keras.layers.Add(name="weighted_average")(scaled)
 
 
-def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = _no_pause) -> keras.Model:
+def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = no_pause) -> keras.Model:
     """Reload every member and build the averaging Functional model; checks each signature.
     `pace` is called between steps (the manager's loader uses it to share the CPU)."""
     spec = manifest.input
@@ -105,18 +72,12 @@ def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = _
     return keras.Model(inputs, [average, stacked], name=f"{manifest.name}_v{manifest.version}")
 
 
-def input_signature(spec: InputSpec) -> list[tf.TensorSpec]:
-    """The one input of the ensemble's function: a batch of rows of the manifest's input spec."""
-    return [tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype), name="instances")]
-
-
-def load_ensemble(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int],
-                  pace: Callable[[], None] = _no_pause) -> Ensemble:
+def load_members(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int],
+                 pace: Callable[[], None] = no_pause) -> Ensemble:
     """Assemble, trace and smoke-test a version. Raises LoadError with the reason on any problem."""
     model = assemble(manifest, version_dir, pace)
     fn = tf.function(lambda x: model(x, training=False), input_signature=input_signature(manifest.input))
-    concrete = fn.get_concrete_function()
-    ensemble = Ensemble(manifest, version_dir, tensorflow_run(concrete), "tensorflow", concrete, owner=model)
+    ensemble = Ensemble(manifest, version_dir, TensorFlowEngine(fn.get_concrete_function(), owner=model))
     pace()
     return warm_up(ensemble, warmup_sizes, pace)
 

@@ -2,12 +2,12 @@
 
 Restoring SavedModels is Python and C++ that holds the GIL for long stretches; done in the
 server's own interpreter it stalls the event loop for tens of milliseconds at a time while a new
-version loads. The child (`python -m service.compiler`) loads, checks and freezes the version
-(`service.frozen.compile_version`) and writes the frozen graph to a file; the server only imports
-that graph. A child that crashes, hangs or runs out of memory costs a failed version, not the
-server. The child runs at a lower priority, on one TensorFlow thread, and dies with the server.
+version loads. The child (`python -m service.engines.child`) loads, checks, freezes and converts
+the version (`compile.compile_version`) and writes the result to a file; the server only reads
+it. A child that crashes, hangs or runs out of memory costs a failed version, not the server.
+The child runs at a lower priority, on one TensorFlow thread, and dies with the server.
 
-    python -m service.compiler VERSION_DIR OUT_FILE PARENT_PID NICENESS
+    python -m service.engines.child VERSION_DIR OUT_FILE PARENT_PID NICENESS
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from service.servable import LoadError
+from service.engines.base import LoadError
+from service.engines.compiled import CompiledVersion
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,11 @@ class CompileFailed(LoadError):
         self.category = category
 
 
-def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10, since_stops: int | None = None):
-    """The version's FrozenGraph, compiled by a child process; raises CompileFailed with the
+def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10,
+                     since_stops: int | None = None) -> CompiledVersion:
+    """The version's CompiledVersion, compiled by a child process; raises CompileFailed with the
     child's reason and category, or with why the child did not finish. With `since_stops`
     (`stops()` when the load began), a server that has begun stopping since starts no child."""
-    from service.compiled import FrozenGraph
-
     if since_stops is not None and stops() != since_stops:
         raise CompileFailed("the server is stopping; the version was not compiled")
 
@@ -62,7 +62,7 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10, sinc
         started = time.monotonic()
         with open(stderr_path, "wb") as stderr:
             child = subprocess.Popen(
-                [sys.executable, "-m", "service.compiler", str(version_dir), str(out), str(os.getpid()),
+                [sys.executable, "-m", "service.engines.child", str(version_dir), str(out), str(os.getpid()),
                  str(niceness)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
             with _running_lock:
@@ -87,7 +87,7 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10, sinc
                  version_dir, time.monotonic() - started, result.get("peak_rss_mb", float("nan")))
         if not result["ok"]:
             raise CompileFailed(result["reason"], result["category"])
-        return FrozenGraph.read(out)
+        return CompiledVersion.read(out)
 
 
 def stops() -> int:
@@ -143,20 +143,19 @@ def main(argv: list[str]) -> int:
     version_dir, out, parent, niceness = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
     _die_with_parent(parent)
     _yield_the_cpu(niceness)
-    import tensorflow as tf
+    from service.engines.tensorflow import configure_threads
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    from service.frozen import compile_version
+    configure_threads(1, 1)
+    from service.engines.compile import compile_version
     from service.repository import failure_of, read_manifest
 
     try:
-        graph = compile_version(read_manifest(version_dir), version_dir)
+        compiled = compile_version(read_manifest(version_dir), version_dir)
     except Exception as exc:  # every refusal goes back to the server with its category
         reason, category = failure_of(exc)
         _answer(out, {"ok": False, "category": category, "reason": reason})
         return 0
-    graph.write(out)
+    compiled.write(out)
     _answer(out, {"ok": True})
     return 0
 

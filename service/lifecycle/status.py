@@ -1,0 +1,48 @@
+"""What GET /models shows of an ensemble: each version folder with its state, and the policy."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from service.lifecycle.slots import ModelSlot
+from service.repository import VersionDir
+
+
+def version_entry(slot: ModelSlot, folder: VersionDir) -> dict:
+    """One version folder: its state (live, loading, failed, uncommitted, previous, available),
+    why it failed, and for a loaded version its manifest's facts and engine."""
+    live = slot.live.version if slot.live is not None else None
+    previous = slot.previous.version if slot.previous is not None else None
+    entry: dict = {"version": folder.version}
+    if folder.version == live:
+        entry["state"] = "live"
+    elif folder.version == slot.loading:
+        entry["state"] = "loading"
+    elif folder.version in slot.failures:
+        failure = slot.failures[folder.version]
+        entry["state"] = "uncommitted" if failure.category == "uncommitted" else "failed"
+        entry.update(reason=failure.reason, category=failure.category,
+                     failed_at=datetime.fromtimestamp(failure.at, timezone.utc).isoformat())
+    elif not folder.committed:
+        entry["state"] = "uncommitted"
+    elif folder.version == previous:
+        entry["state"] = "previous"
+    else:
+        entry["state"] = "available"
+    loaded = {live: slot.live, previous: slot.previous}.get(folder.version)
+    if loaded is not None:
+        m = loaded.manifest
+        entry.update(created=m.created.isoformat(), members=len(m.members), metrics=m.metrics,
+                     engine=loaded.engine.kind)  # what computes it: tflite or tensorflow
+    return entry
+
+
+def ensemble_status(slot: ModelSlot, folders: list[VersionDir], policy: Literal["latest"] | int,
+                    pinned: bool) -> dict:
+    """One ensemble for GET /models: live and previous versions, policy, every folder newest first."""
+    return {"name": slot.name,
+            "live": slot.live.version if slot.live is not None else None,
+            "previous": slot.previous.version if slot.previous is not None else None,
+            "policy": policy, "pinned": pinned,
+            "versions": [version_entry(slot, folder) for folder in reversed(folders)]}
