@@ -92,8 +92,9 @@ def wrk(url: str, body: bytes, connections: int, duration: float, content_type: 
 class Server:
     """A server process on a free loopback port, ready once `ready_path` answers 200."""
 
-    def __init__(self, name: str, argv: list[str], ready_path: str, predict_path: str, env=None):
-        self.name, self.port = name, free_port()
+    def __init__(self, name: str, argv: list[str], ready_path: str, predict_path: str, env=None,
+                 cwd: Path = ROOT):
+        self.name, self.port, self.cwd = name, free_port(), cwd
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.ready_path, self.predict_path = ready_path, predict_path
         self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
@@ -106,7 +107,7 @@ class Server:
         self.log = open(HERE / f".{self.name}.log", "w")
         # A session of its own, so stopping it stops its worker processes too (LitServe forks).
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+                                     cwd=self.cwd, start_new_session=True)
         import urllib.request
 
         deadline = time.monotonic() + 180

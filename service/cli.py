@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, help="where admin pins are kept across restarts (default: memory)")
     p.add_argument("--shutdown-grace-seconds", type=float, help="on SIGTERM, time for requests to finish (default: 30)")
     p.add_argument("--workers", type=int, help="server processes on the port, each with its own socket and ensemble (default: 1)")
+    p.add_argument("--http-fast-path", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve HTTP on the fast path when uvicorn passes its check (default: on)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     return p
 
@@ -64,7 +66,7 @@ def prepare_multiprocess_metrics() -> Path:
 
 def worker_app():
     """App factory for `--workers N`: settings from the ENSEMBLE_* environment."""
-    from service.api import create_app
+    from service.app import create_app
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
@@ -87,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from service.http_protocol import protocol
+    from service.edge.fast_http import protocol
 
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                  access_log=settings.access_log, http=protocol(),
+                  access_log=settings.access_log, http=protocol(settings),
                   timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     if settings.workers == 1:
-        from service.api import create_app
+        from service.app import create_app
 
         uvicorn.run(create_app(settings), **common)
         return 0

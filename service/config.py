@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, le=3600, description="on SIGTERM: how long requests already received may "
         "take to finish before the process exits")
+    http_fast_path: bool = Field(
+        True, description="serve HTTP on service.edge.fast_http (one write per response; plain POSTs "
+        "on the inference routes answered without ASGI) when the installed uvicorn passes its "
+        "start-up check; false: uvicorn's own protocol")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     access_log: bool = Field(False, description="log every request (costs throughput at high rates)")
 

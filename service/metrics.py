@@ -1,9 +1,12 @@
-"""Every Prometheus metric of the service, declared once, on a registry tests can replace."""
+"""Every Prometheus metric of the service, declared once, on a registry tests can replace,
+through prometheus_client's public API."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from typing import Iterator, Sequence
 
 import numpy as np
 from prometheus_client import (
@@ -15,9 +18,12 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from service import codec
+from service.engines.base import disagreement
 
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -41,19 +47,60 @@ def resident_bytes() -> int:
         return 0
 
 
-def observe_many(histogram, values: np.ndarray) -> None:
-    """Histogram.observe for every value, in one pass: counts per bucket and one sum.
+class BatchHistogram(Collector):
+    """A labelled histogram that takes a whole batch of values in one call (`observe_many`).
 
-    prometheus_client has no bulk observe; per-row calls would cost the event loop ~2 us each.
-    This writes the same per-bucket counts `observe` would (it stores them non-cumulative,
-    one value per upper bound) and works in multiprocess mode too."""
-    if len(values) == 0:
-        return
-    bounds = np.asarray(histogram._upper_bounds)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    histogram._sum.inc(float(np.sum(values)))
-    for i in np.flatnonzero(counts):
-        histogram._buckets[i].inc(int(counts[i]))
+    prometheus_client's Histogram has no bulk observe, and per-value calls cost the event loop
+    about a microsecond each: a 256-row request's per-row observations would cost more than its
+    response's encoding. So the counts per bucket are kept here in numpy and exposed through a
+    custom collector (prometheus_client's public extension point). With several worker
+    processes (PROMETHEUS_MULTIPROC_DIR set), metrics are combined from the files each stock
+    metric writes, so there each value goes to a stock Histogram instead."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
+                 registry: CollectorRegistry):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.bounds = np.array([*buckets, float("inf")] if buckets[-1] != float("inf") else buckets, dtype=float)
+        self._stock = None
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self._stock = Histogram(name, documentation, self.labelnames, buckets=buckets, registry=registry)
+        else:
+            self._lock = threading.Lock()
+            self._series: dict[tuple[str, ...], list] = {}  # labels -> [counts per bucket, sum]
+            registry.register(self)
+
+    def observe_many(self, labels: tuple[str, ...], values: np.ndarray) -> None:
+        """Observe every value for the series of `labels`: counts per bucket and one sum."""
+        if len(values) == 0:
+            return
+        if self._stock is not None:
+            child = self._stock.labels(*labels)
+            for value in np.asarray(values, dtype=float).tolist():
+                child.observe(value)
+            return
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.bounds))
+        total = float(np.sum(values))
+        with self._lock:
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = [np.zeros(len(self.bounds), dtype=np.int64), 0.0]
+            series[0] += counts
+            series[1] += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if self._stock is None:
+            with self._lock:
+                series = [(labels, counts.cumsum(), total) for labels, (counts, total) in self._series.items()]
+            for labels, cumulative, total in series:
+                buckets = [(floatToGoString(le), float(n)) for le, n in zip(self.bounds, cumulative)]
+                family.add_metric(list(labels), buckets, total)
+        yield family
+
+    def describe(self) -> list:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `*_created` series double the exposition and no dashboard here uses them.
 disable_created_metrics()
@@ -100,7 +147,7 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "ensemble_queue_depth_rows", "Rows left waiting in the batch queue when the last batch "
             "was taken", registry=r, multiprocess_mode="livesum")
-        self.disagreement = Histogram(
+        self.disagreement = BatchHistogram(
             "ensemble_member_disagreement_ratio", "Per predicted row: share of members whose top "
             "class differs from the ensemble's", ["model"], buckets=DISAGREEMENT_BUCKETS, registry=r)
         self.predicted_class = Counter(
@@ -112,6 +159,9 @@ class ServiceMetrics:
             "ensemble_model_pinned_version", "Version pinned through the admin routes or the "
             "configured policy (0: follows the newest good version)", ["model"], registry=r,
             multiprocess_mode="livemax")
+        self.http_fast_path = Gauge(
+            "ensemble_http_fast_path", "1 when HTTP is served by the fast path (service.edge.fast_http), "
+            "0 when by uvicorn's stock protocol", registry=r, multiprocess_mode="livemin")
         self.resident_memory = Gauge(
             "ensemble_process_resident_memory_bytes", "Resident memory of the service "
             "(summed over worker processes)", registry=r, multiprocess_mode="livesum")
@@ -155,13 +205,14 @@ class ServiceMetrics:
         """Record one batch (service.batching.BatchStats)."""
         self.batch_size.observe(stats.rows)
         self.inference_duration.observe(stats.inference_seconds)
-        observe_many(self.queue_wait, np.asarray(stats.queue_wait))
+        for wait in stats.queue_wait:  # one per request, as the request duration is
+            self.queue_wait.observe(wait)
         if stats.average is not None:
             self.observe_predictions(stats.model, stats.classes, stats.average, stats.members)
 
     def observe_predictions(self, model: str, classes, average: np.ndarray, members: np.ndarray) -> None:
         """What only an ensemble has: member disagreement, and the predicted classes (drift)."""
-        observe_many(self._child(self.disagreement, model), codec.disagreement(members, average))
+        self.disagreement.observe_many((model,), disagreement(members, average))
         counts = np.bincount(average.argmax(axis=1), minlength=len(classes))
         for i in np.flatnonzero(counts):
             self._child(self.predicted_class, model, classes[i]).inc(int(counts[i]))

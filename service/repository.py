@@ -1,7 +1,7 @@
 """The model repository contract: manifest schema, scanning, checksums and version choice.
 
-This module is shared by the writer (training) and the reader (service). It imports neither
-TensorFlow nor FastAPI, so both halves (and their tests) can use it cheaply.
+This module is shared by the writer (training) and the reader (service), and is all they share.
+It imports neither TensorFlow nor FastAPI, so both halves (and their tests) can use it cheaply.
 
 Layout::
 
@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMAT_VERSION = 1
@@ -160,6 +161,19 @@ class Manifest(_Strict):
     @property
     def weights(self) -> tuple[float, ...]:
         return tuple(m.weight for m in self.members)
+
+
+def first_nonfinite_row(x: np.ndarray) -> int | None:
+    """Index of the first row holding NaN or infinity, or None if every value is finite: rows a
+    version is trained on or asked about must be finite."""
+    if x.dtype.kind != "f":
+        return None
+    # For float32 and narrower, one float64 sum decides: NaN and infinity reach it, and finite
+    # values cannot overflow it. A float64 sum could overflow, so float64 is checked value by value.
+    if x.dtype.itemsize < 8 and np.isfinite(np.add.reduce(x, axis=None, dtype=np.float64)):
+        return None
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def uniform_weights(n: int) -> list[float]:

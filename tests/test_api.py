@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from service.api import create_app
+from service.app import create_app
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.repository import read_manifest

@@ -6,16 +6,11 @@ import numpy as np
 import orjson
 import pytest
 
-from service.codec import (
-    disagreement,
-    first_nonfinite_row,
-    instances_to_array,
-    numeric_rows,
-    parse_json_object,
-    predicted_labels,
-)
+from service.edge.arrays import parse_json_object
+from service.edge.rest import instances_to_array, numeric_rows, predicted_labels
+from service.engines.base import disagreement
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
-from service.repository import InputSpec
+from service.repository import InputSpec, first_nonfinite_row
 
 SPEC = InputSpec(shape=(2, 2, 1))
 ROW = [[[1], [2]], [[3], [16]]]
@@ -92,7 +87,7 @@ def test_labels_and_disagreement():
 
 
 def test_v2_data_for_integer_inputs_refuses_fractions_like_instances_do():
-    from service.codec import v2_input_array
+    from service.edge.v2 import input_array as v2_input_array
 
     spec = InputSpec(shape=(2,), dtype="int32")
     tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32"}

@@ -62,7 +62,7 @@ def compose() -> dict:
 
 def service_routes() -> set[str]:
     """Paths the service answers with GET (FastAPI's routes; no TensorFlow is imported)."""
-    from service.api import create_app
+    from service.app import create_app
     from service.config import Settings
 
     app = create_app(Settings())

@@ -5,25 +5,31 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.codec import disagreement
-from service.metrics import DISAGREEMENT_BUCKETS, observe_many, resident_bytes
+from service.engines.base import disagreement
+from service.metrics import DISAGREEMENT_BUCKETS, BatchHistogram, resident_bytes
 
 
-def samples(h: Histogram) -> dict:
+def samples(registry: CollectorRegistry) -> dict:
     """Bucket counts exact, the sum rounded (the order of additions differs)."""
-    return {(s.name, s.labels.get("le")): round(s.value, 9) for s in h.collect()[0].samples}
+    return {(s.name, s.labels.get("m"), s.labels.get("le")): round(s.value, 9)
+            for family in registry.collect() for s in family.samples}
 
 
 def test_observe_many_equals_observing_one_by_one():
     values = np.array([0.0, 0.2, 0.2, 0.6, 1.0, 0.05, 3.0, 0.1])
-    bulk = Histogram("a", "a", buckets=DISAGREEMENT_BUCKETS, registry=CollectorRegistry())
-    single = Histogram("a", "a", buckets=DISAGREEMENT_BUCKETS, registry=CollectorRegistry())
-    observe_many(bulk, values)
+    bulk_registry, single_registry = CollectorRegistry(), CollectorRegistry()
+    bulk = BatchHistogram("a", "a", ["m"], buckets=DISAGREEMENT_BUCKETS, registry=bulk_registry)
+    single = Histogram("a", "a", ["m"], buckets=DISAGREEMENT_BUCKETS, registry=single_registry)
+    bulk.observe_many(("x",), values)
     for v in values:
-        single.observe(float(v))
-    assert samples(bulk) == samples(single)
-    observe_many(bulk, np.array([]))
-    assert samples(bulk) == samples(single)
+        single.labels("x").observe(float(v))
+    assert samples(bulk_registry) == samples(single_registry)
+    bulk.observe_many(("x",), np.array([]))
+    assert samples(bulk_registry) == samples(single_registry)
+    bulk.observe_many(("x",), values[:3])
+    for v in values[:3]:
+        single.labels("x").observe(float(v))
+    assert samples(bulk_registry) == samples(single_registry)
 
 
 def test_disagreement_is_the_share_of_members_off_the_ensembles_top_class():

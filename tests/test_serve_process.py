@@ -25,6 +25,15 @@ def server(repository):
         process.terminate(timeout=30)
 
 
+@pytest.fixture(params=["fast", "stock"])
+def either_path(request, repository):
+    """The server on the fast HTTP path (the default) and on uvicorn's own protocol."""
+    env = {} if request.param == "fast" else {"ENSEMBLE_HTTP_FAST_PATH": "false"}
+    process = ServerProcess(repository, env=env).start(timeout=90)
+    yield process.base, request.param
+    process.terminate(timeout=30)
+
+
 def test_served_over_http_with_env_settings(server, digits_test_split):
     base, _ = server
     resp = httpx.post(f"{base}/predict", json={"instances": digits_test_split.x[:5].astype(int).tolist()})
@@ -37,11 +46,12 @@ def test_served_over_http_with_env_settings(server, digits_test_split):
     assert "ensemble_requests_total" in httpx.get(f"{base}/metrics").text
 
 
-def test_direct_lane_and_asgi_path_answer_alike_on_one_connection(server):
-    """Plain POSTs on the inference routes take service.http_protocol's direct lane; chunked
-    bodies and other methods take the ASGI path. Good and bad requests alike, interleaved on one
-    keep-alive connection: each gets its status and a JSON error, and each is counted."""
-    base, _ = server
+def test_direct_lane_and_asgi_path_answer_alike_on_one_connection(either_path):
+    """On the fast path, plain POSTs on the inference routes take service.edge.fast_http's direct
+    lane; chunked bodies and other methods take the ASGI path. Good and bad requests alike,
+    interleaved on one keep-alive connection: each gets its status and a JSON error, and each is
+    counted. uvicorn's own protocol (the fast path off) answers every one the same."""
+    base, path = either_path
     digit = {"instances": [[[[0.0]] * 8] * 8]}
     wrong_shape = {"instances": [[1.0, 2.0]]}
 
@@ -63,6 +73,8 @@ def test_direct_lane_and_asgi_path_answer_alike_on_one_connection(server):
             client.post("/predict?members=true", json=digit),
         ]
         metrics = client.get("/metrics").text
+        assert client.get("/models").json()["http"] == path
+    assert f"ensemble_http_fast_path {1.0 if path == 'fast' else 0.0}" in metrics
     assert [a.status_code for a in answers] == [200, 422, 400, 404, 200, 422, 422, 200, 405, 200]
     for a in answers:
         assert a.headers["content-type"] == "application/json"

@@ -131,3 +131,9 @@ def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], 
     log.debug("%s version %d: %d members, warmed on %s rows", manifest.name, manifest.version,
               n_members, sorted(set(warmup_sizes)))
     return ensemble
+
+
+def disagreement(member_probabilities: np.ndarray, ensemble_probabilities: np.ndarray) -> np.ndarray:
+    """Per row: share of members whose argmax differs from the ensemble's. (rows, members, k) -> (rows,)"""
+    ensemble_top = np.argmax(ensemble_probabilities, axis=-1)[:, None]
+    return np.mean(np.argmax(member_probabilities, axis=-1) != ensemble_top, axis=1)

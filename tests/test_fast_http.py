@@ -1,4 +1,5 @@
-"""service.http_protocol: uvicorn's real httptools protocol, each response in one write."""
+"""service.edge.fast_http: uvicorn's real httptools protocol, each response in one write, and
+the direct lane."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.http_protocol import SUPPORTED, OneWriteProtocol, protocol
+from service.config import Settings
+from service.edge.fast_http import OneWriteProtocol, check, path_in_use, protocol
 
 
 class Transport:
@@ -63,13 +65,14 @@ class Reply:
     def __init__(self, status: int, body: bytes, headers=()):
         self.status, self.body, self.content_type, self.headers = status, body, b"text/plain", list(headers)
 
+    def head(self):
+        return [(b"content-type", self.content_type), (b"content-length", str(len(self.body)).encode()),
+                *self.headers]
+
 
 class Lane:
-    """An application with direct routes (as service.inference_routes.InferenceRoutes):
-    POSTs under /direct are answered by `direct_reply`, everything else by `answer`."""
-
-    class settings:
-        max_body_bytes = 1000
+    """An application with direct routes (as service.edge.inference.Edge): POSTs under /direct
+    are answered by `direct_reply`, everything else by `answer`."""
 
     def __init__(self, fail: bool = False):
         self.app = answer
@@ -82,6 +85,9 @@ class Lane:
 
     def direct_route(self, path):
         return ("/direct", path) if path.startswith("/direct") else None
+
+    def body_fits(self, length):
+        return length <= 1000
 
     async def direct_reply(self, route, path, headers, query_string, body):
         self.calls.append((route, path, headers, query_string, body))
@@ -98,7 +104,7 @@ def exchange(*chunks: bytes, cls=OneWriteProtocol, app=answer, access_log=False,
     """Feed request bytes to a fresh connection of the protocol; what it wrote back."""
 
     async def scenario():
-        config = uvicorn.Config(app, http=protocol() if cls is OneWriteProtocol else cls,
+        config = uvicorn.Config(app, http=protocol(Settings()) if cls is OneWriteProtocol else cls,
                                 log_level="critical", lifespan="off", access_log=access_log,
                                 **options)
         config.load()
@@ -129,7 +135,24 @@ def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
 
 
 def test_installed_uvicorn_takes_the_protocol():
-    assert SUPPORTED, "uvicorn's HttpToolsProtocol lost _start_asgi_task: responses take two writes"
+    assert check() is None, f"the fast path's start-up check failed: {check()}"
+    assert path_in_use(Settings()) == "fast" and protocol(Settings()) == "service.edge.fast_http:OneWriteProtocol"
+    assert path_in_use(Settings(http_fast_path=False)) == "stock" and protocol(Settings(http_fast_path=False)) == "auto"
+
+
+def test_a_failed_check_serves_on_uvicorns_own_protocol_after_one_warning(monkeypatch, caplog):
+    import service.edge.fast_http as fast_http
+
+    monkeypatch.setattr(fast_http, "_probe", lambda: "AttributeError: 'RequestResponseCycle' has no 'flow'")
+    fast_http.check.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="service.edge.fast_http"):
+            for _ in range(3):
+                assert path_in_use(Settings()) == "stock" and protocol(Settings()) == "auto"
+        warnings = [r for r in caplog.records if "uvicorn's own protocol" in r.getMessage()]
+        assert len(warnings) == 1 and "has no 'flow'" in warnings[0].getMessage()
+    finally:
+        fast_http.check.cache_clear()
 
 
 def test_head_and_body_leave_in_one_write():

@@ -1,0 +1,99 @@
+"""Interleaved A/B of the service: several arms (a source tree and settings each), measured in
+turn, round after round, with the figures of `make bench` for `ensemble-serving`: one-row
+requests at 1 and 32 connections, 256-row JSON and 256-row binary (Open Inference Protocol).
+
+    python benchmarks/ab.py --repository models --rounds 3 \\
+        --arm before=/tmp/before --arm fast=. --arm stock=.:ENSEMBLE_HTTP_FAST_PATH=false
+
+An arm is NAME=SOURCE[:VAR=VALUE,...]: the server runs `python -m service.cli` from SOURCE (so
+it imports that tree's `service`, e.g. a `git worktree` of an older commit), with the variables
+given. The machine is shared and noisy: interleaving puts every arm in the same minutes, and
+the table shows each round, so the spread is visible beside the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import Load, Server, bodies, wrk
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_arm(text: str) -> tuple[str, Path, dict[str, str]]:
+    name, _, rest = text.partition("=")
+    source, _, variables = rest.partition(":")
+    env = dict(v.split("=", 1) for v in variables.split(",") if v)
+    return name, Path(source).resolve(), env
+
+
+def measure(server: Server, one: bytes, many: bytes, binary: bytes, header: int, name: str, d: float) -> dict:
+    url = server.url("/predict")
+    wrk(url, one, 4, 2)  # warm-up
+    return {"c1": wrk(url, one, 1, d), "c32": wrk(url, one, 32, d), "json256": wrk(url, many, 4, d),
+            "bin256": wrk(server.url(f"/v2/models/{name}/infer"), binary, 4, d, "application/octet-stream", header)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--name", default="digits")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--arm", action="append", required=True, help="NAME=SOURCE[:VAR=VALUE,...]")
+    args = p.parse_args()
+    arms = [parse_arm(a) for a in args.arm]
+    sys.path.insert(0, str(HERE.parent))
+    from service.repository import read_manifest, scan_model
+
+    vdir = [v for v in scan_model(args.repository, args.name) if v.committed][-1].path
+    shape = read_manifest(vdir).input.shape
+    one, _, _ = bodies(shape, 1)
+    many, binary, header = bodies(shape, 256)
+    caches = {name: tempfile.mkdtemp(prefix=f"ab-{name}-") for name, _, _ in arms}
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in arms}
+    for round_ in range(args.rounds):
+        for name, source, env in arms:
+            argv = [sys.executable, "-m", "service.cli", "--repository", str(args.repository.resolve()),
+                    "--port", "{port}", "--default-model", args.name, "--log-level", "warning"]
+            server = Server(f"ab-{name}", argv, "/readyz", "/predict", cwd=source,
+                            env={"PYTHONPATH": str(source), "ENSEMBLE_COMPILE_CACHE_DIR": caches[name], **env})
+            with server:
+                r = measure(server, one, many, binary, header, args.name, args.duration)
+            results[name].append(r)
+            print(f"round {round_ + 1} {name}: " + ", ".join(
+                f"{k} {v.requests_per_second:,.0f} req/s p50 {v.p50_ms:.2f} p99 {v.p99_ms:.2f}" for k, v in r.items()),
+                flush=True)
+    print(render(results, args.duration))
+    return 0
+
+
+def render(results: dict[str, list[dict]], duration: float) -> str:
+    """Per arm: each round's figures, and the median of the rounds."""
+    lines = [f"Interleaved A/B, {duration:.0f} s per figure, rounds in order (median in bold).", "",
+             "| arm | 1 conn p50 ms | 32 conn req/s | 32 conn p99 ms | 256-row JSON rows/s | 256-row binary rows/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(rounds: list[dict], key: str, get) -> str:
+        values = [get(r[key]) for r in rounds]
+        return " / ".join(f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in values) + \
+            f" (**{statistics.median(values):,.2f}**)".replace(".00**", "**")
+
+    for name, rounds in results.items():
+        lines.append(f"| {name} | {cell(rounds, 'c1', lambda v: v.p50_ms)} | "
+                     f"{cell(rounds, 'c32', lambda v: v.requests_per_second)} | "
+                     f"{cell(rounds, 'c32', lambda v: v.p99_ms)} | "
+                     f"{cell(rounds, 'json256', lambda v: v.requests_per_second * 256)} | "
+                     f"{cell(rounds, 'bin256', lambda v: v.requests_per_second * 256)} |")
+    errors = {name: sum(v.errors for r in rounds for v in r.values() if isinstance(v, Load))
+              for name, rounds in results.items()}
+    lines += ["", "Errors (non-2xx or socket errors): " + ", ".join(f"{k} {v}" for k, v in errors.items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The application: settings, metrics, the manager with its loader, the batcher and the routes,
+wired together. Nothing else happens here; each part is a module of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.batching import Batcher
+from service.config import Settings
+from service.edge import routes, v2
+from service.edge.fast_http import path_in_use
+from service.edge.inference import Edge
+from service.edge.replies import install_error_replies
+from service.engines.child import stop_all
+from service.engines.loader import EngineLoader, plan_of
+from service.lifecycle.manager import Loader, ModelManager
+from service.lifecycle.memory import tune_garbage_collector
+from service.lifecycle.pins import PinStore
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    metrics: ServiceMetrics | None = None,
+    loader: Loader | None = None,
+) -> Edge:
+    """The ASGI application (the inference layer in front of FastAPI); pass settings, a metrics
+    object and a loader to replace the defaults. `.app` is the FastAPI application."""
+    settings = settings or Settings()
+    metrics = metrics or ServiceMetrics()
+    threads = plan_of(settings, os.cpu_count() or 1)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tune_garbage_collector()
+        switch_interval = sys.getswitchinterval()
+        if settings.switch_interval_ms:
+            sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        manager = ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
+                               settings.version_policy, settings.poll_interval_seconds,
+                               settings.default_model, PinStore(settings.state_dir),
+                               settings.loader_duty_cycle)
+        batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
+                          settings.max_queue_rows, on_batch=metrics.observe_batch,
+                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads)
+        app.state.manager, app.state.batcher = manager, batcher
+        batcher.start()
+        await manager.start()
+        try:
+            yield
+        finally:
+            # uvicorn has stopped accepting and waited for the requests it had; whatever is
+            # still queued gets the rest of the grace period before it is failed.
+            if not await batcher.drain(settings.shutdown_grace_seconds):
+                log.warning("shutdown: the queue did not drain in %.0f s", settings.shutdown_grace_seconds)
+            await manager.stop()
+            stop_all()  # a version still compiling, or waiting for another worker's compile, is not needed
+            await batcher.stop()
+            sys.setswitchinterval(switch_interval)
+
+    app = FastAPI(title="ensemble-serving", version="0.1.0", lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, metrics
+    app.state.http_path = path_in_use(settings)
+    metrics.http_fast_path.set(1 if app.state.http_path == "fast" else 0)
+    install_error_replies(app)
+    routes.register(app)
+    v2.register(app)
+    Edge.document(app)
+    return Edge(app, settings, metrics)

@@ -1,0 +1,274 @@
+"""The edge's ASGI layer: the inference routes answered in front of FastAPI, and the one place
+every HTTP request is counted and timed.
+
+Every request on the inference routes pays for the HTTP framework once; FastAPI's middleware
+stack, dependency solving and response classes cost more than the batched inference itself on
+small models. So the inference routes of every wire format (`rest`, `v2`) are matched here and
+answered directly: the body read within its limit, the handler of the route's module called,
+its Reply (or its error's) framed and sent. Every other route passes through to FastAPI.
+
+The fast path (`fast_http`) answers a plain POST without ASGI at all: it finds this object
+under uvicorn's middleware and calls `direct_route`, `body_fits`, `direct_reply` and
+`direct_done`. Both ways share `_answer` (the same handlers, errors and metrics) and `count`.
+
+No TensorFlow here: the ensemble comes from the manager, the rows go through the batcher.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, NamedTuple
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.edge import rest, v2
+from service.edge.replies import Reply, encode, internal_error, refusal
+from service.engines.base import Ensemble
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    MalformedRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    ServiceError,
+)
+from service.metrics import ServiceMetrics
+
+_REJECT_REASONS = {QueueFull: "queue_full", DeadlineExceeded: "deadline", PayloadTooLarge: "too_large"}
+_MAX_LENGTH_DIGITS = 18  # a Content-Length longer than this is more than any limit: refused as such
+
+
+@dataclass
+class Call:
+    """What a handler sees of a request: path parameters, query, lower-case headers, body."""
+
+    params: dict[str, str]
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+Handler = Callable[[Call, "Inference"], Awaitable[Reply]]
+
+
+class Route(NamedTuple):
+    """An inference route: its template, handler name, pattern, handler, and OpenAPI summary and
+    request body schema."""
+
+    template: str
+    name: str
+    pattern: re.Pattern
+    handler: Handler
+    summary: str
+    body_schema: dict
+
+
+def _pattern(template: str) -> re.Pattern:
+    """The regular expression of a path template: {name} is one segment, {version} digits."""
+    parts = re.split(r"(\{name\}|\{version\})", template)
+    groups = {"{name}": r"(?P<name>[^/]+)", "{version}": r"(?P<version>\d+)"}
+    return re.compile("".join(groups.get(p, re.escape(p)) for p in parts))
+
+
+# Each wire format's module lists its routes as (template, handler, summary, body schema).
+ROUTES: tuple[Route, ...] = tuple(
+    Route(template, handler.__name__, _pattern(template), handler, summary, body)
+    for template, handler, summary, body in (*rest.ROUTES, *v2.ROUTES))
+
+
+def match_route(path: str) -> tuple[str, str, dict[str, str]] | None:
+    """(template, handler name, path parameters) of an inference route, or None."""
+    for route in ROUTES:
+        m = route.pattern.fullmatch(path)
+        if m:
+            return route.template, route.name, m.groupdict()
+    return None
+
+
+_HANDLERS = {route.name: route.handler for route in ROUTES}
+
+
+def deadline_from(headers: dict[str, str], default_ms: float) -> float | None:
+    """Monotonic time by which the request must have left the queue, or None."""
+    raw = headers.get("x-request-timeout-ms")
+    if raw is None:
+        return time.monotonic() + default_ms / 1000 if default_ms > 0 else None
+    try:
+        ms = float(raw)
+    except ValueError:
+        raise InvalidInput(f"X-Request-Timeout-Ms must be a number of milliseconds, got {raw!r}") from None
+    if not ms > 0:
+        raise InvalidInput("X-Request-Timeout-Ms must be positive")
+    return time.monotonic() + ms / 1000
+
+
+def decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI's header pairs as a dict of lower-case names (a repeated header keeps its last value)."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+
+
+def content_length(value: bytes | str) -> int | None:
+    """A Content-Length value as a number of bytes; None if it is not one (ASCII digits only).
+    Past 18 digits it is larger than any limit, and read as such without converting it."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= _MAX_LENGTH_DIGITS else 10 ** _MAX_LENGTH_DIGITS
+
+
+class Inference:
+    """What the handlers of every wire format use: the ensemble a request names, and `infer`,
+    which queues its rows for the batcher under the request's deadline."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, state: Any):
+        self.settings, self.metrics, self.state = settings, metrics, state
+
+    def ensemble(self, name: str | None, version: str | None) -> Ensemble:
+        """The named ensemble's live version, or the loaded `version`; the default with no name."""
+        manager = self.state.manager
+        if name is None:
+            return manager.get(manager.default_name())
+        if version is not None and len(version) > _MAX_LENGTH_DIGITS:
+            raise ModelNotFound(f"version {version[:20]}... of {name!r} is not loaded")
+        return manager.get(name, int(version) if version else None)
+
+    async def infer(self, call: Call, ensemble: Ensemble, x):
+        """(averaged, per-member) probabilities of the rows x, computed in some batch."""
+        deadline = deadline_from(call.headers, self.settings.request_timeout_ms)
+        result = await self.state.batcher.submit(ensemble, x, deadline)
+        self.metrics.observe_rows(ensemble.name, len(x))
+        return result
+
+
+class Edge:
+    """ASGI: answers POSTs on the inference routes, hands everything else to `app` (FastAPI),
+    and counts and times every HTTP request by route template and status."""
+
+    def __init__(self, app: FastAPI, settings: Settings, metrics: ServiceMetrics):
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.inference = Inference(settings, metrics, app.state)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        found = match_route(scope["path"])
+        if found is None:
+            return await self._pass_on(scope, receive, send, started)
+        template, handler, params = found
+        if scope["method"] != "POST":
+            reply = Reply(405, encode({"error": f"{scope['method']} is not allowed on {template}; use POST"}),
+                          headers=[(b"allow", b"POST")])
+        else:
+            headers = decode_headers(scope["headers"])
+            try:
+                body = await self._read_body(headers, receive)
+            except ServiceError as exc:
+                reply = self._refusal(exc, scope["path"])
+            else:
+                reply = await self._answer(scope["path"], handler, params, headers, scope["query_string"], body)
+        await send({"type": "http.response.start", "status": reply.status, "headers": reply.head()})
+        await send({"type": "http.response.body", "body": reply.body})
+        self.count(template, reply.status, started)
+
+    async def _pass_on(self, scope, receive, send, started: float) -> None:
+        """FastAPI's routes, counted by the template FastAPI matched."""
+        status = 500
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.count(getattr(scope.get("route"), "path", "unmatched"), status, started)
+
+    def count(self, route: str, status: int, started: float) -> None:
+        """One answered HTTP request: counted by route template and status, and timed."""
+        self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+    # -- the fast path (service.edge.fast_http): complete POSTs answered without ASGI ----------
+
+    def direct_route(self, path: str) -> tuple[str, str, dict[str, str]] | None:
+        """What `direct_reply` needs to answer a POST on `path`, or None: not an inference route."""
+        return match_route(path)
+
+    def body_fits(self, length: int) -> bool:
+        """Whether a body of `length` bytes is within the limit (a longer one is refused, 413)."""
+        return length <= self.settings.max_body_bytes
+
+    async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
+                           raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
+        """The reply to a POST whose whole body has arrived (within the size limit); never raises."""
+        return await self._answer(path, route[1], route[2], decode_headers(raw_headers), query_string, body)
+
+    def direct_done(self, route: tuple[str, str, dict[str, str]], status: int, started: float) -> None:
+        self.count(route[0], status, started)
+
+    # -- shared by both paths -------------------------------------------------------------------
+
+    async def _answer(self, path: str, handler: str, params: dict, headers: dict[str, str],
+                      query_string: bytes, body: bytes) -> Reply:
+        try:
+            self.inference.state.batcher.check_admission()
+            query = dict(parse_qsl(query_string.decode("latin-1"))) if query_string else {}
+            return await _HANDLERS[handler](Call(params, query, headers, body), self.inference)
+        except ServiceError as exc:
+            return self._refusal(exc, path)
+        except Exception as exc:  # a bug must cost one 500, never the connection or the batcher
+            return internal_error(exc, "POST", path)
+
+    def _refusal(self, exc: ServiceError, path: str) -> Reply:
+        reason = _REJECT_REASONS.get(type(exc))
+        if reason:
+            self.metrics.rejected.labels(reason).inc()
+        return refusal(exc, "POST", path)
+
+    async def _read_body(self, headers: dict[str, str], receive) -> bytes:
+        """The body, refusing (413) before reading past the configured limit."""
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        length = content_length(declared) if declared is not None else None
+        if length is not None and not self.body_fits(length):
+            raise PayloadTooLarge(f"request body of {declared[:20]} bytes exceeds the limit of {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise MalformedRequest("the client went away before sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if not self.body_fits(size):
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # -- OpenAPI --------------------------------------------------------------------------------
+
+    @staticmethod
+    def document(app: FastAPI) -> None:
+        """List the inference routes in the app's OpenAPI schema (this layer answers them)."""
+        for route in ROUTES:
+            params = [{"name": p, "in": "path", "required": True,
+                       "schema": {"type": "integer", "minimum": 1} if p == "version" else {"type": "string"}}
+                      for p in ("name", "version") if f"{{{p}}}" in route.template]
+            app.add_api_route(route.template, _answered_in_front, methods=["POST"], summary=route.summary,
+                              openapi_extra={"parameters": params, "requestBody": {
+                                  "required": True, "content": {"application/json": {"schema": route.body_schema}}}})
+
+
+async def _answered_in_front() -> None:
+    """Never called: the Edge answers these paths before FastAPI sees them."""
+    raise ModelNotFound("not found")

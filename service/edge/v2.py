@@ -1,0 +1,237 @@
+"""The Open Inference Protocol (KServe V2) over HTTP: decode, encode, schema, health and metadata.
+
+    POST /v2/models/{name}[/versions/{v}]/infer        JSON, or binary tensors after a JSON
+                                                        header (Inference-Header-Content-Length)
+    GET  /v2, /v2/health/live, /v2/health/ready         server metadata and health
+    GET  /v2/models/{name}[/versions/{v}][/ready]       model metadata and readiness
+
+One input tensor (`instances`, the manifest's shape with a batch dimension first); two outputs,
+`probabilities` (rows, classes) and `members` (rows, members, classes), each returned as JSON
+`data` or as raw little-endian bytes (the binary tensor extension) as the request asks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from service.edge.arrays import numeric, parse_json_object, to_spec
+from service.edge.replies import Reply, as_response, encode, json_reply
+from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from service.repository import InputSpec
+
+if TYPE_CHECKING:
+    from service.edge.inference import Call, Inference
+
+DATATYPES = {"FP32": "float32", "FP64": "float64", "INT32": "int32", "INT64": "int64",
+             "UINT8": "uint8", "INT16": "int16", "INT8": "int8", "UINT16": "uint16", "FP16": "float16"}
+_NAMES = {v: k for k, v in DATATYPES.items()}
+OUTPUTS = ("probabilities", "members")
+
+
+def datatype(dtype: str) -> str:
+    """The protocol's name of a numpy dtype name ("float32" -> "FP32")."""
+    return _NAMES[dtype]
+
+
+# -- decode -----------------------------------------------------------------------------------
+
+def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a V2 body, using Inference-Header-Content-Length if present."""
+    if header_length is None:
+        return body, b""
+    if not (header_length.isascii() and header_length.isdigit()):
+        raise MalformedRequest(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
+    if len(header_length) > len(str(len(body))):  # more digits than the body's length has
+        raise MalformedRequest(
+            f"Inference-Header-Content-Length is {header_length[:20]}... but the body has only {len(body)} bytes")
+    n = int(header_length)
+    if n > len(body):
+        raise MalformedRequest(
+            f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_rows: int) -> np.ndarray:
+    """The single input tensor of a V2 inference request, from JSON `data` or the binary part."""
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("missing field 'inputs': send [{\"name\", \"shape\", \"datatype\", \"data\"}]")
+    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidInput(f"'inputs' holds {len(inputs)} tensors; this model takes exactly one")
+    tensor = inputs[0]
+    shape, dtype_name = tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidInput("inputs[0].shape must be a list of non-negative integers")
+    if dtype_name not in DATATYPES:
+        raise InvalidInput(f"inputs[0].datatype {dtype_name!r} is not one of {', '.join(DATATYPES)}")
+    expected = list(spec.shape)
+    if len(shape) != len(expected) + 1 or shape[1:] != expected:
+        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
+    rows = shape[0]
+    if rows == 0:
+        raise InvalidInput("inputs[0] has 0 rows: send at least one")
+    if rows > max_rows:
+        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
+    dtype = np.dtype(DATATYPES[dtype_name]).newbyteorder("<")
+    count = int(np.prod(shape))
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise InvalidInput(
+                f"inputs[0] declares binary_data_size {size} but shape {shape} of {dtype_name} needs "
+                f"{count * dtype.itemsize} bytes")
+        if len(binary) != size:
+            raise InvalidInput(f"the binary part of the body has {len(binary)} bytes; inputs[0] declares {size}")
+        array = np.frombuffer(binary, dtype=dtype).reshape(shape)
+    else:
+        if "data" not in tensor:
+            raise InvalidInput("inputs[0] has neither 'data' nor parameters.binary_data_size")
+        array = numeric(tensor["data"], "inputs[0].data")
+        if array.size != count:
+            raise InvalidInput(f"inputs[0].data holds {array.size} values; shape {shape} needs {count}")
+        array = array.reshape(shape)
+    return to_spec(array, spec, "inputs[0]")
+
+
+def wanted_outputs(payload: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """(outputs to return, those to return as binary) from a V2 request's `outputs`/`parameters`."""
+    all_binary = bool((payload.get("parameters") or {}).get("binary_data_output", False))
+    requested = payload.get("outputs")
+    if requested is None:
+        return ["probabilities"], ({"probabilities"} if all_binary else set())
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
+        raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
+    names, binary = [], set()
+    for output in requested:
+        if output["name"] not in OUTPUTS:
+            raise InvalidInput(f"unknown output {output['name']!r}; this model has {', '.join(OUTPUTS)}")
+        names.append(output["name"])
+        if all_binary or (output.get("parameters") or {}).get("binary_data"):
+            binary.add(output["name"])
+    return names, binary
+
+
+# -- encode -----------------------------------------------------------------------------------
+
+def encode_outputs(model: str, version: int, request_id: Any, tensors: dict[str, np.ndarray],
+                   binary: set[str]) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None): JSON outputs inline, binary ones appended raw."""
+    outputs, raw = [], []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype(array.dtype.name)}
+        if name in binary:
+            blob = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            raw.append(blob)
+        else:
+            entry["data"] = array.reshape(-1)
+        outputs.append(entry)
+    header = {"model_name": model, "model_version": str(version), "outputs": outputs}
+    if request_id is not None:
+        header["id"] = request_id
+    head = encode(header)
+    if not raw:
+        return head, None
+    return head + b"".join(raw), len(head)
+
+
+def model_metadata(ensemble) -> dict[str, Any]:
+    """GET /v2/models/{name}: the input, the outputs, the classes and the members."""
+    spec, classes, members = ensemble.input_spec, ensemble.classes, ensemble.manifest.members
+    return {
+        "name": ensemble.name,
+        "versions": [str(ensemble.version)],
+        "platform": "tensorflow_savedmodel_ensemble",
+        "inputs": [{"name": "instances", "datatype": datatype(spec.dtype), "shape": [-1, *spec.shape]}],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]},
+            {"name": "members", "datatype": "FP32", "shape": [-1, len(members), len(classes)]},
+        ],
+        "parameters": {"classes": list(classes), "members": [m.name for m in members]},
+    }
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+async def v2_infer(call: Call, server: Inference) -> Reply:
+    """Infer with the named ensemble (its live or a loaded version), JSON or binary."""
+    ensemble = server.ensemble(call.params["name"], call.params.get("version"))
+    head, binary = split_binary_body(call.body, call.headers.get("inference-header-content-length"))
+    payload = parse_json_object(head)
+    x = input_array(payload, binary, ensemble.input_spec, server.settings.max_rows_per_request)
+    wanted, binary_outputs = wanted_outputs(payload)
+    average, per_member = await server.infer(call, ensemble, x)
+    tensors = {n: (average if n == "probabilities" else per_member) for n in wanted}
+    content, header_length = encode_outputs(ensemble.name, ensemble.version, payload.get("id"),
+                                            tensors, binary_outputs)
+    if header_length is None:
+        return Reply(200, content)
+    return Reply(200, content, b"application/octet-stream",
+                 [(b"inference-header-content-length", str(header_length).encode())])
+
+
+def _manager(request: Request):
+    return request.app.state.manager
+
+
+async def v2_server_metadata() -> Response:
+    return as_response(json_reply({"name": "ensemble-serving", "version": "0.1.0",
+                                   "extensions": ["binary_tensor_data"]}))
+
+
+async def v2_live() -> Response:
+    return as_response(json_reply({"live": True}))
+
+
+async def v2_ready(request: Request) -> Response:
+    ready, _ = _manager(request).readiness()
+    return as_response(json_reply({"ready": ready}, 200 if ready else 503))
+
+
+async def v2_model(request: Request, name: str, version: int | None = None) -> Response:
+    return as_response(json_reply(model_metadata(_manager(request).get(name, version))))
+
+
+async def v2_model_ready(request: Request, name: str, version: int | None = None) -> Response:
+    _manager(request).get(name, version)
+    return as_response(json_reply({"name": name, "ready": True}))
+
+
+def register(app: FastAPI) -> None:
+    """Add the health and metadata routes to the app (the Edge answers /infer)."""
+    app.add_api_route("/v2", v2_server_metadata, methods=["GET"])
+    app.add_api_route("/v2/health/live", v2_live, methods=["GET"])
+    app.add_api_route("/v2/health/ready", v2_ready, methods=["GET"])
+    app.add_api_route("/v2/models/{name}", v2_model, methods=["GET"])
+    app.add_api_route("/v2/models/{name}/versions/{version}", v2_model, methods=["GET"])
+    app.add_api_route("/v2/models/{name}/ready", v2_model_ready, methods=["GET"])
+    app.add_api_route("/v2/models/{name}/versions/{version}/ready", v2_model_ready, methods=["GET"])
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+_BODY = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "inputs": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "datatype": {"type": "string", "enum": ["FP32", "FP64", "INT32", "INT64", "UINT8"]},
+            "data": {"type": "array", "items": {}},
+            "parameters": {"type": "object"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string", "enum": list(OUTPUTS)},
+        "parameters": {"type": "object"}}}}}}
+_SUMMARY = "Open Inference Protocol infer (JSON, or binary tensors with Inference-Header-Content-Length)"
+
+# (path template, handler, summary, request body schema); service.edge.inference matches and
+# documents them.
+ROUTES = (
+    ("/v2/models/{name}/infer", v2_infer, _SUMMARY, _BODY),
+    ("/v2/models/{name}/versions/{version}/infer", v2_infer, _SUMMARY, _BODY),
+)
