@@ -2,8 +2,8 @@
 
 Requests are queued with the ensemble object they resolved (so a batch never mixes versions).
 Inference runs in dedicated threads, off the event loop; each computes one batch at a time
-(the service runs two by default: two single-threaded batches use 2 cores better than one two-threaded
-batch). While they run, new requests queue up; when a thread finishes, it takes everything
+(the service runs one by default, on all of the process's cores: service.engines.loader's
+thread plan says why). While they run, new requests queue up; when a thread finishes, it takes everything
 queued for the same ensemble, up to `max_batch_size` rows, as its next batch, and hands the
 finished batch's outputs to the event loop. A lone request therefore runs at once, and
 under load batches grow by themselves. `max_delay_seconds` may additionally hold a partial
@@ -99,9 +99,8 @@ class Batcher:
     A thread takes its next batch itself as soon as the previous one is computed, and hands
     the outputs to the event loop with one `call_soon_threadsafe` per batch. The ensemble never
     waits for the loop: under load the loop answers batch k while batch k+1 is computing.
-    (Measured before this design, with the loop starting each batch: at 32 connections a
-    16-row batch spent 9.3 ms between start and results, of which ~3 ms computing; the rest
-    was waiting for a busy loop to notice the batch had finished.)"""
+    (When the loop started each batch, most of a batch's time went to waiting for a busy loop
+    to notice it had finished: docs/performance.md.)"""
 
     def __init__(
         self,

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         600.0, gt=0, description="a version whose loading process takes longer is refused")
     engine: Literal["tflite", "tensorflow"] = Field(
         "tflite", description="what computes the ensemble: tflite runs each version converted to "
-        "TensorFlow Lite (XNNPACK kernels; 2-6x less CPU per row on small models, measured) when it "
+        "TensorFlow Lite (XNNPACK kernels; several times less CPU per row on small models) when it "
         "converts and answers what the members answer, else TensorFlow; tensorflow: always the "
         "frozen TensorFlow graph")
     inference_threads: int = Field(

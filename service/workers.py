@@ -2,10 +2,9 @@
 
 uvicorn's own `--workers` shares one listening socket among its workers, and the worker that
 wakes first takes every connection waiting: clients that open their connections together (a
-pool, a load generator) can all land on one worker while the others idle. Measured on 2 cores,
-2 workers, `wrk -c32`: all 32 connections on one worker, 2,053 one-row req/s, like a single
-process. Here every worker listens on a socket of its own with SO_REUSEPORT, and Linux spreads
-new connections across them.
+pool, a load generator) can all land on one worker while the others idle, and the process
+serves no more than one would (docs/performance.md has the measurement). Here every worker
+listens on a socket of its own with SO_REUSEPORT, and Linux spreads new connections across them.
 
 The supervisor starts the workers (spawned: a fresh interpreter each), starts again one that
 dies, and on SIGTERM or SIGINT passes the signal to every worker, waits for them to drain their

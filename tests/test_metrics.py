@@ -43,3 +43,18 @@ def test_disagreement_is_the_share_of_members_off_the_ensembles_top_class():
 
 def test_resident_memory_is_read():
     assert resident_bytes() > 10 * 2**20
+
+
+def test_with_worker_processes_observe_many_feeds_a_stock_histogram(monkeypatch, tmp_path):
+    """In multiprocess mode the workers' values are combined from the files stock metrics
+    write, so the batch histogram hands each value to one."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    values = np.array([0.0, 0.2, 0.2, 1.0])
+    bulk_registry, single_registry = CollectorRegistry(), CollectorRegistry()
+    bulk = BatchHistogram("a", "a", ["m"], buckets=DISAGREEMENT_BUCKETS, registry=bulk_registry)
+    single = Histogram("a", "a", ["m"], buckets=DISAGREEMENT_BUCKETS, registry=single_registry)
+    assert isinstance(bulk._stock, Histogram)
+    bulk.observe_many(("x",), values)
+    for v in values:
+        single.labels("x").observe(float(v))
+    assert samples(bulk_registry) == samples(single_registry)

@@ -41,9 +41,9 @@ from service.edge.inference import content_length
 log = logging.getLogger(__name__)
 
 try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # httptools missing: uvicorn picks its h11 protocol; nothing to change
-    HttpToolsProtocol = None
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+except ImportError:  # httptools missing (uvicorn picks its h11 protocol), or names changed
+    HttpToolsProtocol = STATUS_LINE = None
 
 PROTOCOL = "service.edge.fast_http:OneWriteProtocol"
 
@@ -115,7 +115,6 @@ def find_lane(app):
 
 
 if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_task"):
-    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
     class OneWriteProtocol(HttpToolsProtocol):
         """HttpToolsProtocol whose request cycles write each response once, and which answers
@@ -223,7 +222,7 @@ def check() -> str | None:
     warning: uvicorn's own protocol serves instead). Runs on a thread of its own, with an event
     loop of its own, so it can be called from anywhere, a running loop included."""
     if OneWriteProtocol is None:
-        problem = "uvicorn's httptools protocol or its _start_asgi_task is missing"
+        problem = "uvicorn's httptools protocol, its STATUS_LINE or its _start_asgi_task is missing"
     else:
         outcome: list[str | None] = []
         probe = threading.Thread(target=lambda: outcome.append(_probe()), name="fast-http-check")

@@ -74,10 +74,9 @@ def internal_error(exc: BaseException, method: str, path: str) -> Reply:
 
 
 def as_response(reply: Reply) -> Response:
-    """A Reply as a FastAPI Response (for the routes FastAPI answers)."""
-    response = Response(reply.body, reply.status, media_type=reply.content_type.decode())
-    for name, value in reply.headers:
-        response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
+    """A Reply as a FastAPI Response (for the routes FastAPI answers), framed by `Reply.head`."""
+    response = Response(reply.body, reply.status)
+    response.raw_headers = reply.head()
     return response
 
 
