@@ -9,11 +9,16 @@ An arm is NAME=SOURCE[:VAR=VALUE,...]: the server runs `python -m service.cli` f
 it imports that tree's `service`, e.g. a `git worktree` of an older commit), with the variables
 given. The machine is shared and noisy: interleaving puts every arm in the same minutes, and
 the table shows each round, so the spread is visible beside the median.
+
+Beside the rates, the 32-connection load reports the server's CPU time per request, read from
+/proc for its event loop's thread (the main thread) and for all its other threads together:
+what the code costs, which the rate of a shared machine only shows through its noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,11 +36,35 @@ def parse_arm(text: str) -> tuple[str, Path, dict[str, str]]:
     return name, Path(source).resolve(), env
 
 
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """(seconds of CPU of the main thread, of all other threads) of process pid so far."""
+    main = other = 0.0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        if int(task) == pid:
+            main += seconds
+        else:
+            other += seconds
+    return main, other
+
+
 def measure(server: Server, one: bytes, many: bytes, binary: bytes, header: int, name: str, d: float) -> dict:
     url = server.url("/predict")
     wrk(url, one, 4, 2)  # warm-up
-    return {"c1": wrk(url, one, 1, d), "c32": wrk(url, one, 32, d), "json256": wrk(url, many, 4, d),
-            "bin256": wrk(server.url(f"/v2/models/{name}/infer"), binary, 4, d, "application/octet-stream", header)}
+    r = {"c1": wrk(url, one, 1, d)}
+    before = thread_cpu(server.proc.pid)
+    r["c32"] = wrk(url, one, 32, d)
+    after = thread_cpu(server.proc.pid)
+    requests = r["c32"].requests_per_second * round(d)
+    r["cpu"] = tuple((b - a) / requests * 1e6 for a, b in zip(before, after))  # us per request
+    r["json256"] = wrk(url, many, 4, d)
+    r["bin256"] = wrk(server.url(f"/v2/models/{name}/infer"), binary, 4, d, "application/octet-stream", header)
+    return r
 
 
 def main() -> int:
@@ -66,8 +95,9 @@ def main() -> int:
                 r = measure(server, one, many, binary, header, args.name, args.duration)
             results[name].append(r)
             print(f"round {round_ + 1} {name}: " + ", ".join(
-                f"{k} {v.requests_per_second:,.0f} req/s p50 {v.p50_ms:.2f} p99 {v.p99_ms:.2f}" for k, v in r.items()),
-                flush=True)
+                f"{k} {v.requests_per_second:,.0f} req/s p50 {v.p50_ms:.2f} p99 {v.p99_ms:.2f}"
+                for k, v in r.items() if isinstance(v, Load)) +
+                ", c32 CPU us/request: loop {:.1f}, other threads {:.1f}".format(*r["cpu"]), flush=True)
     print(render(results, args.duration))
     return 0
 
@@ -75,18 +105,21 @@ def main() -> int:
 def render(results: dict[str, list[dict]], duration: float) -> str:
     """Per arm: each round's figures, and the median of the rounds."""
     lines = [f"Interleaved A/B, {duration:.0f} s per figure, rounds in order (median in bold).", "",
-             "| arm | 1 conn p50 ms | 32 conn req/s | 32 conn p99 ms | 256-row JSON rows/s | 256-row binary rows/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| arm | 1 conn p50 ms | 32 conn req/s | 32 conn p99 ms | 32 conn CPU us/request: loop | "
+             "other threads | 256-row JSON rows/s | 256-row binary rows/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(rounds: list[dict], key: str, get) -> str:
         values = [get(r[key]) for r in rounds]
-        return " / ".join(f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in values) + \
-            f" (**{statistics.median(values):,.2f}**)".replace(".00**", "**")
+        shown = [*values, statistics.median(values)]
+        text = [f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in shown]
+        return " / ".join(text[:-1]) + f" (**{text[-1]}**)"
 
     for name, rounds in results.items():
         lines.append(f"| {name} | {cell(rounds, 'c1', lambda v: v.p50_ms)} | "
                      f"{cell(rounds, 'c32', lambda v: v.requests_per_second)} | "
                      f"{cell(rounds, 'c32', lambda v: v.p99_ms)} | "
+                     f"{cell(rounds, 'cpu', lambda v: v[0])} | {cell(rounds, 'cpu', lambda v: v[1])} | "
                      f"{cell(rounds, 'json256', lambda v: v.requests_per_second * 256)} | "
                      f"{cell(rounds, 'bin256', lambda v: v.requests_per_second * 256)} |")
     errors = {name: sum(v.errors for r in rounds for v in r.values() if isinstance(v, Load))

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - depends on the installed TensorFlow
     log.warning("this TensorFlow has no convert_variables_to_constants_v2: versions cannot be "
                 "frozen, so none can be compiled (install the tensorflow-cpu release pyproject.toml names)")
 
+
 @functools.lru_cache(maxsize=None)
 def _flat_call_names(cls: type) -> bool:
     """Whether concrete functions of this class have the flat entry point; warns once if not."""
