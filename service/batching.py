@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, PayloadTooLarge, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,10 @@ class Batcher:
         rows = len(x)
         if self._closing:
             raise NotReady("the service is shutting down")
+        if rows > self.max_queue_rows:  # never servable: retrying cannot help, so not a 429
+            raise PayloadTooLarge(
+                f"{rows} rows are more than the queue ever holds ({self.max_queue_rows}); send at most "
+                f"{self.max_queue_rows} rows a request")
         loop = self._loop
         now = time.monotonic()
         if rows <= self.max_batch_size:  # the common case: one item, one future

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: 0, one per inference thread)")
     p.add_argument("--max-batch-size", type=int, help="rows merged into one ensemble call (default: 256)")
     p.add_argument("--max-batch-delay-ms", type=float, help="wait for a fuller batch (default: 0)")
-    p.add_argument("--max-queue-rows", type=int, help="rows allowed to wait before 429 (default: 2048)")
+    p.add_argument("--max-queue-rows", type=int, help="rows allowed to wait before 429 (default: 4096)")
     p.add_argument("--admin-token", help="bearer token enabling the admin routes (default: unset, disabled); "
                    "prefer the ENSEMBLE_ADMIN_TOKEN variable, flags show in the process list")
     p.add_argument("--state-dir", type=Path, help="where admin pins are kept across restarts (default: memory)")

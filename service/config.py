@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.repository import NAME_PATTERN
@@ -34,13 +34,26 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(256, ge=1, description="most rows merged into one call of the ensemble")
     max_batch_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a partial batch may wait for company (0: never)")
-    max_queue_rows: int = Field(2048, ge=1, description="rows allowed to wait; beyond it: 429")
+    max_queue_rows: int = Field(4096, ge=1, description="rows allowed to wait; beyond it: 429 (at least "
+                                "max_rows_per_request, so that every request allowed can be queued)")
     request_timeout_ms: float = Field(
         0.0, ge=0, description="default deadline of a request in the queue (0: none); "
         "a request may set its own with the X-Request-Timeout-Ms header")
     workers: int = Field(1, ge=1, le=64, description="server processes on the port, each accepting on its own "
                          "socket and holding its own ensemble")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body; "
+                                "lower still for a model whose largest valid request is smaller "
+                                "(service.edge.limits)")
+    max_inflight_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024, description="request bodies held at once, being received or "
+        "answered, in bytes; a body that would pass it is answered 429 with Retry-After (bodies "
+        "up to 64 KiB count against a separate 16 MiB, so small requests go on being answered while "
+        "large ones wait)")
+    max_json_values: int = Field(
+        1 << 22, ge=1024, description="JSON values (numbers, lists, objects, strings) one request "
+        "may hold; counted on the bytes before parsing, so a body's parse never needs more than "
+        "about 32 bytes of memory a value (a larger request: 413; binary Open Inference Protocol "
+        "bodies are not parsed value by value)")
     warmup_batch_sizes: tuple[int, ...] = Field(
         (1, 32), description="batch sizes run through a new version before it goes live"
     )
@@ -92,6 +105,21 @@ class Settings(BaseSettings):
         "start-up check; false: uvicorn's own protocol")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     access_log: bool = Field(False, description="log every request (costs throughput at high rates)")
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> "Settings":
+        """Settings under which some request allowed could never be served are refused."""
+        if self.max_rows_per_request > self.max_queue_rows:
+            raise ValueError(
+                f"max_rows_per_request ({self.max_rows_per_request}) is above max_queue_rows "
+                f"({self.max_queue_rows}): a request of more rows than the queue holds could never "
+                "be served; raise max_queue_rows or lower max_rows_per_request")
+        if self.max_body_bytes > self.max_inflight_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) is above max_inflight_bytes "
+                f"({self.max_inflight_bytes}): a body of the largest size allowed could never be "
+                "admitted; raise max_inflight_bytes or lower max_body_bytes")
+        return self
 
     @field_validator("version_policy", mode="before")
     @classmethod

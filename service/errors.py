@@ -51,6 +51,11 @@ class QueueFull(ServiceError):
     status = 429
 
 
+class BytesInFlight(QueueFull):
+    """The request bodies being received or answered hold as many bytes as allowed: come back
+    shortly."""
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before it could be computed."""
 

@@ -34,7 +34,7 @@ RELOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 # every k for M <= 10 (0 is its own bucket: full agreement).
 DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 FAILURE_REASONS = ("uncommitted", "manifest", "checksum", "signature", "warmup", "load", "invalid")
-REJECT_REASONS = ("queue_full", "deadline", "too_large")
+REJECT_REASONS = ("queue_full", "bytes_in_flight", "deadline", "too_large")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -171,7 +171,7 @@ class ServiceMetrics:
         self.start_time.set(time.time())
         self.rejected = Counter(
             "ensemble_rejected_requests", "Requests refused before inference, by reason "
-            "(queue_full, deadline, too_large)", ["reason"], registry=r)
+            "(queue_full, bytes_in_flight, deadline, too_large)", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # at 0 from the start, so `increase()` sees the first
             self.rejected.labels(reason)
         self._children: dict[tuple, object] = {}

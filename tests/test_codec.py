@@ -32,7 +32,7 @@ def test_valid_rows_become_float32_of_the_spec_shape():
 )
 def test_unparseable_bodies_are_400(body, error, message):
     with pytest.raises(error, match=message):
-        parse_json_object(body)
+        parse_json_object(body, 10**6)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_v2_data_for_integer_inputs_refuses_fractions_like_instances_do():
 # -- numeric_rows: the fast path for bodies that are only rows of numbers ---------------------------
 
 def general_path(body: bytes, spec: InputSpec, max_rows: int = 10) -> np.ndarray:
-    payload = parse_json_object(body)
+    payload = parse_json_object(body, 10**6)
     field = "instances" if "instances" in payload else "inputs"
     return instances_to_array(payload.get(field), spec, max_rows, field=field)
 

@@ -79,6 +79,7 @@ class Lane:
         self.fail = fail
         self.calls: list[tuple] = []
         self.done: list[tuple] = []
+        self.released: list[tuple] = []
 
     async def __call__(self, scope, receive, send):
         await self.app(scope, receive, send)
@@ -86,8 +87,8 @@ class Lane:
     def direct_route(self, path):
         return ("/direct", path) if path.startswith("/direct") else None
 
-    def body_fits(self, length):
-        return length <= 1000
+    def admit(self, length):
+        return ("hold", length) if length <= 1000 else None
 
     async def direct_reply(self, route, path, headers, query_string, body):
         self.calls.append((route, path, headers, query_string, body))
@@ -98,6 +99,9 @@ class Lane:
 
     def direct_done(self, route, status, started):
         self.done.append((route, status))
+
+    def release(self, hold):
+        self.released.append(hold)
 
 
 def exchange(*chunks: bytes, cls=OneWriteProtocol, app=answer, access_log=False, **options) -> Transport:
@@ -227,6 +231,7 @@ def test_direct_route_is_answered_by_the_lane_in_one_write():
     assert (route, path, query, body) == (("/direct", "/direct/x"), "/direct/x", b"members=1", b"abc")
     assert (b"content-length", b"3") in headers
     assert lane.done == [(("/direct", "/direct/x"), 201)]
+    assert lane.released == [("hold", 3)]  # what was admitted is given back
     assert len(t.writes) == 1 and not t.closed_by_server
     head, _, body = t.writes[0].partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
@@ -289,6 +294,7 @@ def test_a_failing_lane_costs_one_500_not_the_connection():
     t = exchange(post("/direct", b"abc") + post("/other", b"after"), app=lane)
     assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error")
     assert b"connection: close" in t.writes[0] and t.closed_by_server
+    assert lane.released == [("hold", 3)]  # a failed answer gives back what it held too
 
 
 def test_direct_answers_leave_no_garbage_cycles_behind():

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -40,7 +41,7 @@ from tests.deploy_checks import (
 pytestmark = pytest.mark.slow
 
 MAX_ROWS = 64  # ENSEMBLE_MAX_ROWS_PER_REQUEST: 65 rows is a 413 (too_large)
-MAX_QUEUE = 48  # ENSEMBLE_MAX_QUEUE_ROWS: 49 to 64 rows at once is a 429 (queue_full)
+MAX_QUEUE = 64  # ENSEMBLE_MAX_QUEUE_ROWS: requests of 48 rows sent at once overflow it: 429 (queue_full)
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +95,21 @@ def scrape_config(port: int, folder: Path) -> Path:
 def send_load(base: str, rows: list, stop: threading.Event) -> dict[int, int]:
     """Mixed traffic on the three inference routes until `stop`, plus one of each rejection."""
     statuses: dict[int, int] = {}
-    with httpx.Client(base_url=base, timeout=10) as client:
+    lock = threading.Lock()
+    with httpx.Client(base_url=base, timeout=10) as client, ThreadPoolExecutor(8) as pool:
         def post(path: str, **kw) -> int:
             status = client.post(path, **kw).status_code
-            statuses[status] = statuses.get(status, 0) + 1
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
             return status
 
         post("/predict", content=b"{not json")  # 400
         post("/predict", json={"instances": "three"})  # 422
         post("/predict", json={"instances": rows[:MAX_ROWS + 1]})  # 413 too_large
-        post("/predict", json={"instances": rows[:MAX_QUEUE + 1]})  # 429 queue_full
+        for _ in range(50):  # 8 requests of 48 rows at once: more than the queue holds, 429 queue_full
+            burst = [pool.submit(post, "/predict", json={"instances": rows[:48]}) for _ in range(8)]
+            if 429 in [f.result() for f in burst]:
+                break
         post("/v1/models/broken:predict", json={"instances": rows[:1]})  # no good version: 5xx
         post("/v1/models/nothere:predict", json={"instances": rows[:1]})  # 404
         for _ in range(50):  # a deadline that has passed by the time the batcher looks: 504

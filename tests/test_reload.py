@@ -276,7 +276,7 @@ def histogram_quantile(base: str, name: str, q: float) -> float:
 
 
 def test_overload_refuses_fast_and_recovers(repository, body):
-    server = ServerProcess(repository, env={"ENSEMBLE_MAX_QUEUE_ROWS": "24"}).start()
+    server = ServerProcess(repository, env={"ENSEMBLE_MAX_QUEUE_ROWS": "24", "ENSEMBLE_MAX_ROWS_PER_REQUEST": "24"}).start()
     try:
         with Load(server.port, body, connections=96) as load:
             time.sleep(10)
@@ -311,7 +311,7 @@ def test_overload_refuses_fast_and_recovers(repository, body):
 def test_sigterm_drains_what_was_received(repository, digits_test_split):
     server = ServerProcess(repository).start()
     big = orjson.dumps({"instances": digits_test_split.x[:256].tolist()})
-    # 6 x 256 rows stay under the default queue bound (2048 rows): every request is admitted.
+    # 6 x 256 rows stay under the default queue bound (4096 rows): every request is admitted.
     with Load(server.port, big, connections=6) as load:
         time.sleep(2)
         signalled = time.monotonic()

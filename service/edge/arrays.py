@@ -12,16 +12,21 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import InvalidInput, MalformedRequest
+from service.edge.limits import json_values
+from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from service.repository import InputSpec, first_nonfinite_row
 
 _JSON_NUMERIC_KINDS = "iuf"  # ints and floats; bools and strings are type errors
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+def parse_json_object(body: bytes, max_values: int) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it; a 413
+    without parsing when it holds more than `max_values` values (service.edge.limits)."""
     if not body:
         raise MalformedRequest("request body is empty; send a JSON object like {\"instances\": [...]}")
+    if json_values(body) > max_values:
+        raise PayloadTooLarge(f"request body holds more JSON values than the largest valid request "
+                              f"({max_values}): send fewer rows (or binary tensors)")
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -45,6 +50,19 @@ def numeric(values: Any, field: str, shape: tuple[int, ...] | None = None) -> np
     return array
 
 
+def _check_range(array: np.ndarray, target: np.dtype, field: str) -> None:
+    """422 if a value of `array` (integers, or whole floats) is outside the integer dtype's range."""
+    info = np.iinfo(target)
+    low, high = array.min(), array.max()
+    # A float's upper bound is compared as max + 1, which float64 holds exactly (2**k), where
+    # max itself may round up to it.
+    too_high = high >= float(info.max) + 1 if array.dtype.kind == "f" else high > info.max
+    if low < info.min or too_high:
+        value = (low if low < info.min else high).item()
+        raise InvalidInput(f"'{field}' holds {value} outside the range of input dtype {target.name} "
+                           f"[{info.min}, {info.max}]")
+
+
 def _describe_kind(dtype: np.dtype) -> str:
     return {"b": "true/false", "U": "strings", "S": "strings", "O": "null or mixed values"}.get(
         dtype.kind, f"values of type {dtype}"
@@ -52,11 +70,15 @@ def _describe_kind(dtype: np.dtype) -> str:
 
 
 def to_spec(array: np.ndarray, spec: InputSpec, field: str, row: str = "row") -> np.ndarray:
-    """Cast to the input dtype; NaN, infinity, overflow of the dtype, or a fraction for an
-    integer input is a 422."""
-    if spec.dtype.startswith(("int", "uint")) and array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
+    """Cast to the input dtype; NaN, infinity, overflow of the dtype, a fraction for an integer
+    input, or a number outside an integer input's range is a 422 (a cast would wrap it)."""
+    target = np.dtype(spec.dtype)
+    if target.kind in "iu" and array.size:
+        if array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+                raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
+        if array.dtype != target:
+            _check_range(array, target, field)
     with np.errstate(over="ignore", invalid="ignore"):
         out = array.astype(spec.dtype, copy=False)
     first = first_nonfinite_row(out)

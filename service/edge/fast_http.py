@@ -106,7 +106,7 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 def find_lane(app):
     """The application object under uvicorn's middleware that answers POSTs directly (one
-    with `direct_route`, `body_fits`, `direct_reply` and `direct_done`), or None."""
+    with `direct_route`, `admit`, `direct_reply`, `direct_done` and `release`), or None."""
     for _ in range(8):  # uvicorn wraps the app in at most a few middlewares
         if app is None or hasattr(app, "direct_route"):
             return app
@@ -134,27 +134,29 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                     route = lane.direct_route(scope["path"])
                     if route is not None:
                         length = declared_length(scope["headers"])
-                        if length is not None and lane.body_fits(length):
-                            self._start_direct(cycle, lane, route)
+                        hold = lane.admit(length) if length is not None else None
+                        if hold is not None:
+                            self._start_direct(cycle, lane, route, hold)
                             return
             cycle.transport = OneWriteTransport(self.transport, cycle)
             super()._start_asgi_task(cycle, app)
 
-        def _start_direct(self, cycle, lane, route) -> None:
+        def _start_direct(self, cycle, lane, route, hold) -> None:
             if self.config.reset_contextvars:
-                task = self.loop.create_task(self._direct(cycle, lane, route), context=contextvars.Context())
+                task = self.loop.create_task(self._direct(cycle, lane, route, hold), context=contextvars.Context())
             else:
-                task = self.loop.create_task(self._direct(cycle, lane, route))
+                task = self.loop.create_task(self._direct(cycle, lane, route, hold))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
 
-        async def _direct(self, cycle, lane, route) -> None:
+        async def _direct(self, cycle, lane, route, hold) -> None:
             """Answer one request with the lane's reply: read the body as uvicorn's `receive`
             would, then write the response as its `send` would, head and body in one write.
 
             Skipped per request, against the ASGI path: uvicorn's proxy-headers middleware and
             ASGI wrapper, the receive and send messages and their checks. Requests the lane is
-            not given (other methods and paths, no Content-Length or one over the limit, chunked
+            not given (other methods and paths, no Content-Length or one the lane does not admit
+            (over the body limit, or past the bytes in flight), chunked
             bodies, `Expect: 100-continue`, an access log) take the ASGI path, which refuses or
             serves them as before."""
             started = time.perf_counter()
@@ -196,6 +198,7 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                     cycle.transport.close()
             finally:
                 cycle.on_response = _nothing
+                lane.release(hold)
 
 else:  # pragma: no cover - depends on the installed uvicorn
     OneWriteProtocol = None
@@ -253,13 +256,16 @@ class _Probe:
     def direct_route(self, path):
         return ("/direct", "probe", {}) if path == "/direct" else None
 
-    def body_fits(self, length):
-        return length <= 100
+    def admit(self, length):
+        return object() if length <= 100 else None
 
     async def direct_reply(self, route, path, headers, query_string, body):
         return self.Reply()
 
     def direct_done(self, route, status, started):
+        pass
+
+    def release(self, hold):
         pass
 
 

@@ -8,8 +8,9 @@ answered directly: the body read within its limit, the handler of the route's mo
 its Reply (or its error's) framed and sent. Every other route passes through to FastAPI.
 
 The fast path (`fast_http`) answers a plain POST without ASGI at all: it finds this object
-under uvicorn's middleware and calls `direct_route`, `body_fits`, `direct_reply` and
-`direct_done`. Both ways share `_answer` (the same handlers, errors and metrics) and `count`.
+under uvicorn's middleware and calls `direct_route`, `admit`, `direct_reply`, `direct_done` and
+`release`. Both ways share `_answer` (the same handlers, errors and metrics), `count`, and the
+limits of `limits` (body size, bytes in flight), checked before a body is read.
 
 No TensorFlow here: the ensemble comes from the manager, the rows go through the batcher.
 """
@@ -26,9 +27,11 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.edge import rest, v2
+from service.edge.limits import Hold, InflightBytes, json_value_limit, largest_body
 from service.edge.replies import Reply, encode, internal_error, refusal
 from service.engines.base import Ensemble
 from service.errors import (
+    BytesInFlight,
     DeadlineExceeded,
     InvalidInput,
     MalformedRequest,
@@ -39,7 +42,8 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 
-_REJECT_REASONS = {QueueFull: "queue_full", DeadlineExceeded: "deadline", PayloadTooLarge: "too_large"}
+_REJECT_REASONS = {QueueFull: "queue_full", DeadlineExceeded: "deadline", PayloadTooLarge: "too_large",
+                   BytesInFlight: "bytes_in_flight"}
 _MAX_LENGTH_DIGITS = 18  # a Content-Length longer than this is more than any limit: refused as such
 
 
@@ -138,6 +142,11 @@ class Inference:
             raise ModelNotFound(f"version {version[:20]}... of {name!r} is not loaded")
         return manager.get(name, int(version) if version else None)
 
+    def json_value_limit(self, ensemble: Ensemble) -> int:
+        """The most JSON values a valid request to `ensemble` holds (service.edge.limits)."""
+        return json_value_limit(ensemble.input_spec, self.settings.max_rows_per_request,
+                                self.settings.max_json_values)
+
     async def infer(self, call: Call, ensemble: Ensemble, x):
         """(averaged, per-member) probabilities of the rows x, computed in some batch."""
         deadline = deadline_from(call.headers, self.settings.request_timeout_ms)
@@ -155,6 +164,8 @@ class Edge:
         self.settings = settings
         self.metrics = metrics
         self.inference = Inference(settings, metrics, app.state)
+        self.inflight = InflightBytes(settings.max_inflight_bytes)
+        self._limit: tuple[tuple, int] = ((), settings.max_body_bytes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -169,12 +180,16 @@ class Edge:
                           headers=[(b"allow", b"POST")])
         else:
             headers = decode_headers(scope["headers"])
+            hold = Hold()
             try:
-                body = await self._read_body(headers, receive)
+                body = await self._read_body(headers, receive, hold)
             except ServiceError as exc:
                 reply = self._refusal(exc, scope["path"])
             else:
                 reply = await self._answer(scope["path"], handler, params, headers, scope["query_string"], body)
+            finally:
+                body = None
+                self.inflight.release(hold)
         await send({"type": "http.response.start", "status": reply.status, "headers": reply.head()})
         await send({"type": "http.response.body", "body": reply.body})
         self.count(template, reply.status, started)
@@ -204,9 +219,17 @@ class Edge:
         """What `direct_reply` needs to answer a POST on `path`, or None: not an inference route."""
         return match_route(path)
 
-    def body_fits(self, length: int) -> bool:
-        """Whether a body of `length` bytes is within the limit (a longer one is refused, 413)."""
-        return length <= self.settings.max_body_bytes
+    def admit(self, length: int) -> Hold | None:
+        """The bytes a body of `length` will hold, if it is within the body limit and the bytes
+        in flight allow; else None, and the ASGI path refuses it (413 or 429)."""
+        hold = Hold()
+        if length <= self.body_limit() and self.inflight.grow(hold, length):
+            return hold
+        return None
+
+    def release(self, hold: Hold) -> None:
+        """The request `admit` admitted is over: its bytes are free again."""
+        self.inflight.release(hold)
 
     async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
                            raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
@@ -235,13 +258,36 @@ class Edge:
             self.metrics.rejected.labels(reason).inc()
         return refusal(exc, "POST", path)
 
-    async def _read_body(self, headers: dict[str, str], receive) -> bytes:
-        """The body, refusing (413) before reading past the configured limit."""
-        limit = self.settings.max_body_bytes
+    def body_limit(self) -> int:
+        """The largest body a valid request to the loaded ensembles can need, and never more
+        than max_body_bytes (that alone while none is loaded)."""
+        loaded = tuple(e for slot in self.inference.state.manager.slots.values()
+                       for e in (slot.live, slot.previous) if e is not None)
+        key = tuple(map(id, loaded))
+        if key != self._limit[0]:  # the loaded versions changed: work it out again
+            rows = self.settings.max_rows_per_request
+            needed = max((largest_body(e.input_spec, rows) for e in loaded), default=self.settings.max_body_bytes)
+            self._limit = (key, min(needed, self.settings.max_body_bytes))
+        return self._limit[1]
+
+    def _take(self, hold: Hold, size: int, limit: int, declared: str | None = None) -> None:
+        """Let `hold` cover `size` bytes of body: 413 past the body limit, 429 past the bytes in
+        flight."""
+        if size > limit:
+            said = f" of {declared[:20]} bytes" if declared is not None else ""
+            raise PayloadTooLarge(f"request body{said} exceeds the limit of {limit} bytes (the largest "
+                                  "valid request of the models served, or max_body_bytes)")
+        if not self.inflight.grow(hold, size):
+            raise BytesInFlight(f"the server holds {self.inflight.held} bytes of request bodies; "
+                                f"{size} more would pass the limit of {self.settings.max_inflight_bytes}")
+
+    async def _read_body(self, headers: dict[str, str], receive, hold: Hold) -> bytes:
+        """The body, refusing before reading past the body limit or the bytes in flight."""
+        limit = self.body_limit()
         declared = headers.get("content-length")
         length = content_length(declared) if declared is not None else None
-        if length is not None and not self.body_fits(length):
-            raise PayloadTooLarge(f"request body of {declared[:20]} bytes exceeds the limit of {limit} bytes")
+        if length is not None:
+            self._take(hold, length, limit, declared)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -249,8 +295,8 @@ class Edge:
                 raise MalformedRequest("the client went away before sending its body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if not self.body_fits(size):
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            if length is None or size > length:
+                self._take(hold, size, limit)
             chunks.append(chunk)
             if not message.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

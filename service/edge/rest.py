@@ -111,13 +111,14 @@ def numeric_rows(body: bytes, spec: InputSpec, max_rows: int) -> tuple[str, np.n
     return field, to_spec(array.reshape(rows, *spec.shape), spec, field, row="instance")
 
 
-def decode(body: bytes, spec: InputSpec, max_rows: int) -> tuple[np.ndarray, bool]:
-    """(rows, columnar): the request's rows, and whether they came as `inputs` (columnar)."""
+def decode(body: bytes, spec: InputSpec, max_rows: int, max_values: int) -> tuple[np.ndarray, bool]:
+    """(rows, columnar): the request's rows, and whether they came as `inputs` (columnar).
+    A body of more than `max_values` JSON values is refused before it is parsed."""
     fast = numeric_rows(body, spec, max_rows)
     if fast is not None:
         field, x = fast
         return x, field == "inputs"
-    payload = parse_json_object(body)
+    payload = parse_json_object(body, max_values)
     if "inputs" in payload and "instances" not in payload:
         return columnar_inputs(payload["inputs"], spec, max_rows), True
     return instances_to_array(payload.get("instances"), spec, max_rows), False
@@ -149,7 +150,8 @@ async def tfs_predict(call: Call, server: Inference) -> Reply:
 
 
 async def _rows(call: Call, server: Inference, ensemble) -> Reply:
-    x, columnar = decode(call.body, ensemble.input_spec, server.settings.max_rows_per_request)
+    rows = server.settings.max_rows_per_request
+    x, columnar = decode(call.body, ensemble.input_spec, rows, server.json_value_limit(ensemble))
     average, per_member = await server.infer(call, ensemble, x)
     body: dict[str, Any] = {
         "outputs" if columnar else "predictions": average,

@@ -39,6 +39,16 @@ def datatype(dtype: str) -> str:
 
 # -- decode -----------------------------------------------------------------------------------
 
+def parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
+    """The `parameters` object of a request, an input or an output ({} when absent)."""
+    value = holder.get("parameters")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}parameters must be a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
 def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON part, binary part) of a V2 body, using Inference-Header-Content-Length if present."""
     if header_length is None:
@@ -64,7 +74,8 @@ def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_row
         raise InvalidInput(f"'inputs' holds {len(inputs)} tensors; this model takes exactly one")
     tensor = inputs[0]
     shape, dtype_name = tensor.get("shape"), tensor.get("datatype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    # type(d) is int: JSON true and false are Python bools, which isinstance(d, int) accepts
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput("inputs[0].shape must be a list of non-negative integers")
     if dtype_name not in DATATYPES:
         raise InvalidInput(f"inputs[0].datatype {dtype_name!r} is not one of {', '.join(DATATYPES)}")
@@ -78,9 +89,9 @@ def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_row
         raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
     dtype = np.dtype(DATATYPES[dtype_name]).newbyteorder("<")
     count = int(np.prod(shape))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = parameters(tensor, "inputs[0].").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize:
+        if type(size) is not int or size != count * dtype.itemsize:
             raise InvalidInput(
                 f"inputs[0] declares binary_data_size {size} but shape {shape} of {dtype_name} needs "
                 f"{count * dtype.itemsize} bytes")
@@ -99,18 +110,19 @@ def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_row
 
 def wanted_outputs(payload: dict[str, Any]) -> tuple[list[str], set[str]]:
     """(outputs to return, those to return as binary) from a V2 request's `outputs`/`parameters`."""
-    all_binary = bool((payload.get("parameters") or {}).get("binary_data_output", False))
+    all_binary = parameters(payload, "").get("binary_data_output", False) is True
     requested = payload.get("outputs")
     if requested is None:
         return ["probabilities"], ({"probabilities"} if all_binary else set())
-    if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
-        raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
+    if not isinstance(requested, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+        raise InvalidInput("'outputs' must be a list of {\"name\": \"...\"}")
     names, binary = [], set()
-    for output in requested:
+    for i, output in enumerate(requested):
         if output["name"] not in OUTPUTS:
-            raise InvalidInput(f"unknown output {output['name']!r}; this model has {', '.join(OUTPUTS)}")
+            raise InvalidInput(f"unknown output {output['name'][:100]!r}; this model has {', '.join(OUTPUTS)}")
         names.append(output["name"])
-        if all_binary or (output.get("parameters") or {}).get("binary_data"):
+        if all_binary or parameters(output, f"outputs[{i}].").get("binary_data") is True:
             binary.add(output["name"])
     return names, binary
 
@@ -162,7 +174,7 @@ async def v2_infer(call: Call, server: Inference) -> Reply:
     """Infer with the named ensemble (its live or a loaded version), JSON or binary."""
     ensemble = server.ensemble(call.params["name"], call.params.get("version"))
     head, binary = split_binary_body(call.body, call.headers.get("inference-header-content-length"))
-    payload = parse_json_object(head)
+    payload = parse_json_object(head, server.json_value_limit(ensemble))
     x = input_array(payload, binary, ensemble.input_spec, server.settings.max_rows_per_request)
     wanted, binary_outputs = wanted_outputs(payload)
     average, per_member = await server.infer(call, ensemble, x)

@@ -1,0 +1,212 @@
+"""Hostile and careless clients: every input gets a 4xx that names the problem (never a 500),
+limits agree with each other, and what a request may make the server hold is bounded before
+the memory is spent."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from service.batching import Batcher
+from service.config import Settings
+from service.edge.arrays import parse_json_object, to_spec
+from service.edge.limits import SMALL_BODY, Hold, InflightBytes, json_value_limit, json_values, largest_body
+from service.edge.rest import instances_to_array
+from service.edge.v2 import input_array, wanted_outputs
+from service.errors import InvalidInput, PayloadTooLarge
+from service.repository import InputSpec
+from tests.test_api import make_client
+
+DIGITS = InputSpec(shape=(8, 8, 1))
+
+
+@pytest.fixture(scope="module")
+def client(trained_repository):
+    c, metrics = make_client(trained_repository)
+    with c:
+        yield c
+
+
+def v2(tensor: dict, **extra) -> dict:
+    return {"inputs": [{"name": "instances", "shape": [1, 8, 8, 1], "datatype": "FP32",
+                        "data": [0.0] * 64, **tensor}], **extra}
+
+
+def refused(resp, status: int, words: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert words in resp.json()["error"], resp.json()
+
+
+# -- limits that agree -----------------------------------------------------------------------
+
+def test_settings_that_contradict_each_other_are_refused_naming_both():
+    with pytest.raises(ValidationError, match=r"max_rows_per_request \(4097\) is above max_queue_rows \(4096\)"):
+        Settings(max_rows_per_request=4097)
+    with pytest.raises(ValidationError, match=r"max_body_bytes \(.*\) is above max_inflight_bytes"):
+        Settings(max_body_bytes=2048, max_inflight_bytes=1024)
+    Settings(max_rows_per_request=10, max_queue_rows=10)  # equal is fine
+
+
+def test_the_defaults_let_the_largest_request_allowed_be_queued():
+    s = Settings()
+    assert s.max_rows_per_request <= s.max_queue_rows
+
+
+def test_a_request_larger_than_the_queue_is_413_not_a_429_to_retry_forever():
+    import asyncio
+
+    async def go():
+        b = Batcher(max_batch_size=4, max_queue_rows=8)
+        b.start()
+        try:
+            with pytest.raises(PayloadTooLarge, match="more than the queue ever holds"):
+                await b.submit(object(), np.zeros((9, 1)))
+        finally:
+            await b.stop()
+
+    asyncio.run(go())
+
+
+# -- no 500 from any input ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("header, words", [
+    ("\u0661\u0662", "must be a byte count"),  # Arabic-Indic digits: str.isdigit() says yes, int() accepts them too
+    ("\u00b2", "must be a byte count"),  # superscript two: isdigit() yes, int() no
+    ("9" * 5000, "but the body has only"),  # past int()'s 4,300-digit limit
+])
+def test_odd_inference_header_lengths_are_400(client, header, words):
+    resp = client.post("/v2/models/digits/infer", content=orjson.dumps(v2({})),
+                       headers={"Inference-Header-Content-Length": header.encode()})
+    refused(resp, 400, words)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v1/models/digits/versions/{v}:predict"),
+    ("POST", "/v2/models/digits/versions/{v}/infer"),
+    ("GET", "/v2/models/digits/versions/{v}"),
+    ("GET", "/v2/models/digits/versions/{v}/ready"),
+])
+def test_a_5000_digit_version_in_a_url_is_a_4xx(client, method, path):
+    resp = client.request(method, path.format(v="7" * 5000), json={"instances": [[[[0]] * 8] * 8]})
+    assert 400 <= resp.status_code < 500, resp.text
+    assert "error" in resp.json() or "detail" in resp.json()
+
+
+@pytest.mark.parametrize("body, words", [
+    (v2({}, parameters=[1]), "parameters must be a JSON object"),
+    (v2({"parameters": [1, 2]}), "inputs[0].parameters must be a JSON object"),
+    (v2({}, outputs=[{"name": "probabilities", "parameters": "yes"}]), "outputs[0].parameters must be"),
+    (v2({}, outputs=[{"name": ["probabilities"]}]), "'outputs' must be a list of"),
+    (v2({"shape": [True, 8, 8, 1]}), "shape must be a list of non-negative integers"),
+    (v2({"shape": [1, 8, 8, True]}), "shape must be a list of non-negative integers"),
+    (v2({"parameters": {"binary_data_size": True}}), "binary_data_size"),
+])
+def test_v2_bodies_of_the_wrong_types_are_422(client, body, words):
+    refused(client.post("/v2/models/digits/infer", content=orjson.dumps(body)), 422, words)
+
+
+@pytest.mark.parametrize("dtype, values", [
+    ("int32", [2 ** 40]),
+    ("int32", [-(2 ** 31) - 1]),
+    ("uint8", [-1, 3]),
+    ("uint8", [300]),
+    ("int64", [2.0 ** 63]),
+    ("uint8", [256.0]),
+])
+def test_integers_outside_the_input_dtype_are_422_not_wrapped(dtype, values):
+    with pytest.raises(InvalidInput, match="outside the range of input dtype"):
+        to_spec(np.asarray(values), InputSpec(shape=(1,), dtype=dtype), "x")
+
+
+def test_integers_at_the_edges_of_the_dtype_are_kept():
+    assert to_spec(np.asarray([0, 255]), InputSpec(shape=(1,), dtype="uint8"), "x").tolist() == [0, 255]
+    out = to_spec(np.asarray([-(2 ** 31), 2 ** 31 - 1]), InputSpec(shape=(1,), dtype="int32"), "x")
+    assert out.tolist() == [-(2 ** 31), 2 ** 31 - 1]
+
+
+def test_integer_inputs_out_of_range_are_422_in_every_wire_format():
+    spec = InputSpec(shape=(2,), dtype="uint8")
+    with pytest.raises(InvalidInput, match="outside the range"):
+        instances_to_array([[1, 300]], spec, max_rows=4)
+    json_tensor = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "INT32", "data": [1, -1]}]}
+    with pytest.raises(InvalidInput, match="outside the range"):
+        input_array(json_tensor, b"", spec, max_rows=4)
+    raw = np.array([[1, 70000]], dtype="<i4")
+    binary = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "INT32",
+                          "parameters": {"binary_data_size": raw.nbytes}}]}
+    with pytest.raises(InvalidInput, match="outside the range"):
+        input_array(binary, raw.tobytes(), spec, max_rows=4)
+
+
+def test_wanted_outputs_ignores_non_boolean_binary_flags():
+    names, binary = wanted_outputs({"outputs": [{"name": "members", "parameters": {"binary_data": "no"}}]})
+    assert names == ["members"] and binary == set()
+
+
+# -- bounded memory ---------------------------------------------------------------------------
+
+def test_json_values_bounds_what_a_parse_creates():
+    for body in (b'{"a": [1, 2, [3, []], {"b": "x,y"}]}', b"[[], [], []]", b"[" + b"1," * 999 + b"1]"):
+        parsed = orjson.loads(body)
+
+        def count(v) -> int:
+            if isinstance(v, list):
+                return 1 + sum(count(x) for x in v)
+            if isinstance(v, dict):
+                return 1 + sum(1 + count(x) for x in v.values())
+            return 1
+
+        assert json_values(body) >= count(parsed)
+
+
+def test_a_body_of_more_values_than_a_valid_request_is_413_before_it_is_parsed(monkeypatch):
+    import service.edge.arrays as arrays
+
+    parsed = []
+    monkeypatch.setattr(arrays.orjson, "loads", lambda b: parsed.append(b) or {})
+    limit = json_value_limit(DIGITS, max_rows=4, cap=10 ** 6)
+    body = b'{"instances": [' + b",".join([b"[]"] * limit) + b"]}"
+    with pytest.raises(PayloadTooLarge, match="more JSON values than the largest valid request"):
+        parse_json_object(body, limit)
+    assert parsed == []
+
+
+def test_limits_derive_from_the_model():
+    assert largest_body(DIGITS, 4096) == 4096 * 64 * 64 + 64 * 1024
+    # a row of (8, 8, 1): 64 numbers, 64 innermost lists, 8 rows of them, the row itself
+    assert json_value_limit(DIGITS, 10, cap=10 ** 9) == 10 * (64 + 64 + 8 + 1) + 1024
+    assert json_value_limit(DIGITS, 4096, cap=1000) == 1000
+
+
+def test_bytes_in_flight_keep_a_pool_for_small_bodies():
+    pool = InflightBytes(budget=1_000_000, small_pool=SMALL_BODY * 2)
+    big, big2, small = Hold(), Hold(), Hold()
+    assert pool.grow(big, 900_000)
+    assert not pool.grow(big2, 200_000)  # past the budget: refused, nothing held
+    assert pool.held == 900_000
+    assert pool.grow(small, 300)  # small requests go on while large ones fill the budget
+    pool.release(big)
+    assert pool.grow(big2, 200_000)
+    # a body that arrives in chunks moves from the small pool to the budget as it grows
+    chunked = Hold()
+    assert pool.grow(chunked, 1000) and pool.grow(chunked, SMALL_BODY + 1)
+    assert (chunked.small, chunked.large) == (0, SMALL_BODY + 1)
+    for h in (small, big2, chunked):
+        pool.release(h)
+    assert pool.held == 0 and pool.small == 0 and pool.large == 0
+
+
+def test_a_body_over_the_models_largest_request_is_413_on_both_paths(client):
+    limit = largest_body(DIGITS, Settings().max_rows_per_request)
+    too_big = b'{"instances": [' + b" " * limit + b"]}"
+    refused(client.post("/predict", content=too_big), 413, f"exceeds the limit of {limit} bytes")
+
+    def chunks():  # no Content-Length: refused as it passes the limit
+        yield b'{"instances": ['
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    refused(client.post("/predict", content=chunks()), 413, f"exceeds the limit of {limit} bytes")
+    assert client.post("/predict", json={"instances": [[[[0]] * 8] * 8]}).status_code == 200

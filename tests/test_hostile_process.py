@@ -1,0 +1,114 @@
+"""Hostile clients against a real server process: 32 connections at once sending bodies built to
+make a parser allocate (numbers, empty rows, deep nesting, rows that parse but are wrong),
+while a normal client goes on asking. The server's resident memory stays within its stated
+bound (service.edge.limits) and the normal client is answered throughout."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.edge.limits import SMALL_POOL, json_value_limit, largest_body
+from service.repository import InputSpec
+from tests.server import ServerProcess
+
+SETTINGS = Settings()
+LIMIT = largest_body(InputSpec(shape=(8, 8, 1)), SETTINGS.max_rows_per_request)
+VALUES = json_value_limit(InputSpec(shape=(8, 8, 1)), SETTINGS.max_rows_per_request, SETTINGS.max_json_values)
+
+
+def hostile_bodies() -> dict[str, bytes]:
+    """Bodies just under the body limit, each the worst of its kind for a JSON parser."""
+    fill = LIMIT - 64
+    return {
+        "floats": b'{"instances": [' + b",".join([b"1"] * (fill // 2)) + b"]}",
+        "empty rows": b'{"instances": [' + b",".join([b"[]"] * (fill // 3)) + b"]}",
+        "deep nesting": b'{"instances": ' + b"[" * (fill // 2) + b"]" * (fill // 2) + b"}",
+        # as many values as a valid request may hold: parsed whole, then refused (too many rows)
+        "parsed then wrong": b'{"instances": [' + b",".join([b"[1]"] * ((VALUES - 1100) // 3)) + b"]}",
+    }
+
+
+def send(port: int, body: bytes) -> int:
+    """POST body to /predict on a fresh connection; the status, or 0 if the server hung up
+    while the body was still being sent (it may answer before reading all of it)."""
+    head = (f"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(head + body)
+        except OSError:
+            pass
+        try:
+            reply = s.recv(64)
+        except OSError:
+            return 0
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else 0
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_32_hostile_clients_cannot_grow_memory_past_the_bound_and_normal_requests_go_on(trained_repository):
+    bodies = hostile_bodies()
+    assert all(len(b) <= LIMIT for b in bodies.values())
+    server = ServerProcess(trained_repository).start()
+    try:
+        one_row = {"instances": [[[[0]] * 8] * 8]}
+        with httpx.Client(base_url=server.base, timeout=30) as client:
+            for _ in range(20):
+                assert client.post("/predict", json=one_row).status_code == 200
+        idle = server.rss()
+        Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # restart the peak (VmHWM) here
+
+        stop = time.monotonic() + 12
+        statuses: dict[str, list[int]] = {kind: [] for kind in bodies}
+        normal: list[tuple[int, float]] = []
+
+        def attack(kind: str) -> None:
+            while time.monotonic() < stop:
+                statuses[kind].append(send(server.port, bodies[kind]))
+
+        def ask() -> None:
+            with httpx.Client(base_url=server.base, timeout=30) as c:
+                while time.monotonic() < stop:
+                    started = time.monotonic()
+                    normal.append((c.post("/predict", json=one_row).status_code, time.monotonic() - started))
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=attack, args=(kind,)) for kind in bodies for _ in range(8)]
+        threads.append(threading.Thread(target=ask))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        peak = peak_rss(server.proc.pid)
+
+        # The bound of service.edge.limits: bodies in flight (both pools), one parse's values
+        # (<= 32 bytes each) and its working copies of one body (<= 3 of them), with 64 MiB for
+        # the allocator's slack and the batches.
+        bound = SETTINGS.max_inflight_bytes + SMALL_POOL + VALUES * 32 + 3 * LIMIT + 64 * 2**20
+        print(f"\n[figures] hostile bodies: idle RSS {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB "
+              f"(+{(peak - idle) / 2**20:.0f}, bound +{bound / 2**20:.0f}); "
+              + ", ".join(f"{k}: {len(v)} sent, statuses {sorted(set(v))}" for k, v in statuses.items())
+              + f"; normal: {len(normal)} answered, slowest {max(t for _, t in normal) * 1000:.0f} ms")
+        assert peak - idle < bound, (peak, idle, bound)
+        for kind, got in statuses.items():
+            assert got, kind
+            assert set(got) <= {413, 422, 429, 0}, (kind, sorted(set(got)))  # never a 2xx or a 500
+        assert normal and {status for status, _ in normal} == {200}, normal
+        assert len(normal) >= 50  # answered throughout the 12 s, not only at the end
+        assert "Traceback" not in server.output()
+    finally:
+        server.kill()
