@@ -21,7 +21,7 @@ from service.engines.child import stop_all
 from service.engines.loader import EngineLoader, plan_of
 from service.lifecycle.manager import Loader, ModelManager
 from service.lifecycle.memory import tune_garbage_collector
-from service.lifecycle.pins import PinStore
+from service.lifecycle.pins import PinStore, pins_folder
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def create_app(
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
         manager = ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
                                settings.version_policy, settings.poll_interval_seconds,
-                               settings.default_model, PinStore(settings.state_dir),
+                               settings.default_model,
+                               PinStore(pins_folder(settings.repository, settings.state_dir)),
                                settings.loader_duty_cycle)
         batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                           settings.max_queue_rows, on_batch=metrics.observe_batch,

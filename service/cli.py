@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     # its app from the environment, so the settings (flags included) are handed down as
     # ENSEMBLE_* variables; metrics are aggregated across workers through prometheus_client's
     # multiprocess mode.
-    if settings.state_dir is None:  # pins set on one worker must reach the others
-        settings.state_dir = Path(tempfile.mkdtemp(prefix="ensemble-state-"))
+    if settings.state_dir is None and settings.compile_cache_dir is None:  # one compile for all workers
+        settings.compile_cache_dir = Path(tempfile.mkdtemp(prefix="ensemble-compiled-"))
     for name, value in settings.model_dump(exclude_none=True).items():
         if name == "admin_token":
             value = settings.admin_token.get_secret_value()

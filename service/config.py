@@ -93,9 +93,10 @@ class Settings(BaseSettings):
         None, description="bearer token of the admin routes (reload, rollback, pin); unset: they "
         "answer 403")
     state_dir: Path | None = Field(
-        None, description="folder where pins set through the admin routes are kept, so they "
-        "survive a restart and reach every worker; unset: in memory (with --workers N, a "
-        "temporary folder shared by the workers)")
+        None, description="folder where the pins set by a rollback or a pin are kept, shared by "
+        "every replica serving the repository (and the compiled versions, unless "
+        "compile_cache_dir says otherwise); unset: <repository>/.state, so replicas on one "
+        "repository share their pins; a server that cannot write it refuses to pin (409)")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, le=3600, description="on SIGTERM: how long requests already received may "
         "take to finish before the process exits")

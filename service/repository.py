@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -204,6 +205,8 @@ def file_digests(directory: Path) -> dict[str, str]:
 def read_manifest(version_dir: Path) -> Manifest:
     """Parse and validate a version's manifest, checking it names the folder it sits in."""
     path = version_dir / MANIFEST_FILE
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ManifestError(f"{path} is not a regular file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -226,14 +229,14 @@ def read_manifest(version_dir: Path) -> Manifest:
 
 
 def verify_checksums(version_dir: Path, manifest: Manifest) -> None:
-    """Check every member's files against the manifest: none missing, none extra, all equal."""
+    """Check every member's files against the manifest: none missing, none extra, all equal,
+    and every one a regular file in its folder (no symbolic link, device or pipe: what is
+    verified is what gets loaded)."""
     for member in manifest.members:
         member_dir = version_dir / member.path
-        if not member_dir.is_dir():
-            raise ChecksumError(f"member {member.name}: folder {member.path} is missing")
-        on_disk = {
-            p.relative_to(member_dir).as_posix() for p in member_dir.rglob("*") if p.is_file()
-        }
+        if member_dir.is_symlink() or not member_dir.is_dir():
+            raise ChecksumError(f"member {member.name}: folder {member.path} is missing (or a symbolic link)")
+        on_disk = set(_regular_files(member_dir, f"member {member.name}: {member.path}"))
         missing = sorted(set(member.files) - on_disk)
         if missing:
             raise ChecksumError(f"member {member.name}: missing file {member.path}/{missing[0]}")
@@ -251,6 +254,31 @@ def verify_checksums(version_dir: Path, manifest: Manifest) -> None:
                 )
 
 
+def _regular_files(folder: Path, where: str) -> list[str]:
+    """POSIX paths of the files under `folder`, relative to it; ChecksumError for anything that
+    is not a regular file or a folder (symbolic links are not followed), or cannot be read."""
+    files = []
+
+    def refuse(error: OSError) -> None:
+        raise ChecksumError(f"{where}: cannot read {error.filename}: {error.strerror}")
+
+    for current, folders, names in os.walk(folder, onerror=refuse):
+        for name in folders + names:
+            path = Path(current, name)
+            try:
+                mode = path.lstat().st_mode
+            except OSError as exc:
+                refuse(exc)
+            rel = path.relative_to(folder).as_posix()
+            if stat.S_ISLNK(mode):
+                raise ChecksumError(f"{where}/{_shown(rel)} is a symbolic link; a version holds its own files")
+            if name in names:
+                if not stat.S_ISREG(mode):
+                    raise ChecksumError(f"{where}/{_shown(rel)} is not a regular file")
+                files.append(rel)
+    return files
+
+
 @dataclass(frozen=True)
 class VersionDir:
     """A numeric version folder found on disk, committed or not."""
@@ -265,32 +293,91 @@ def is_valid_name(name: str) -> bool:
     return re.fullmatch(NAME_PATTERN, name) is not None
 
 
-def scan_model(root: Path, name: str) -> list[VersionDir]:
-    """Numeric version folders of one ensemble, oldest first; hidden and other folders ignored."""
-    model_dir = root / name
+@dataclass(frozen=True)
+class Skipped:
+    """An entry of the repository that is neither an ensemble nor a version: reported, not used."""
+
+    entry: str
+    reason: str
+
+
+def _entries(folder: Path, root: Path) -> tuple[list[tuple[str, Path]], list[Skipped]]:
+    """(name, path) of the visible sub-folders of `folder`, and what was skipped and why: files
+    where folders belong, unreadable entries, symbolic links leaving the repository. Hidden
+    entries (the trainer's work folders, copies in progress) are neither."""
     try:
-        entries = list(os.scandir(model_dir))
+        entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    versions = []
+        return [], []
+    except OSError as exc:
+        return [], [Skipped(_shown(folder.name), f"cannot be read: {exc.strerror}")]
+    found, skipped = [], []
     for entry in entries:
-        if entry.name.startswith(".") or not entry.is_dir() or not entry.name.isdigit():
+        if entry.name.startswith("."):
             continue
-        number = int(entry.name)
-        if number < 1 or str(number) != entry.name:  # "007" is not version 7
+        try:
+            if entry.is_symlink() and not _inside(Path(entry.path), root):
+                skipped.append(Skipped(_shown(entry.name), "a symbolic link leading out of the repository"))
+            elif not entry.is_dir():
+                skipped.append(Skipped(_shown(entry.name), "not a folder"))
+            else:
+                found.append((entry.name, Path(entry.path)))
+        except OSError as exc:
+            skipped.append(Skipped(_shown(entry.name), f"cannot be read: {exc.strerror}"))
+    return found, skipped
+
+
+def _shown(name: str) -> str:
+    """A folder entry's name as printable text (names need not be UTF-8), at most 100 characters."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")[:100]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, its symbolic links followed, is within the repository `root`."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root.resolve(strict=True))
+    except (OSError, RuntimeError):  # a dangling link or a loop
+        return False
+
+
+def scan_model_entries(root: Path, name: str) -> tuple[list[VersionDir], list[Skipped]]:
+    """The numeric version folders of one ensemble, oldest first, and the entries skipped."""
+    found, skipped = _entries(root / name, root)
+    versions = []
+    for entry, path in found:
+        # ASCII digits only: str.isdigit() accepts "²" and "٣", which int() refuses or reads
+        if not (entry.isascii() and entry.isdigit()) or entry != str(int(entry)) or int(entry) < 1:
+            skipped.append(Skipped(_shown(entry), "not a version number (1, 2, ...; no leading zeros)"))
             continue
-        path = Path(entry.path)
-        versions.append(VersionDir(name, number, path, (path / MANIFEST_FILE).is_file()))
-    return sorted(versions, key=lambda v: v.version)
+        try:
+            committed = (path / MANIFEST_FILE).is_file()
+        except OSError as exc:
+            skipped.append(Skipped(_shown(entry), f"cannot be read: {exc.strerror}"))
+            continue
+        versions.append(VersionDir(name, int(entry), path, committed))
+    return sorted(versions, key=lambda v: v.version), skipped
+
+
+def scan_model(root: Path, name: str) -> list[VersionDir]:
+    """The numeric version folders of one ensemble, oldest first (see scan_model_entries)."""
+    return scan_model_entries(root, name)[0]
+
+
+def scan_names_entries(root: Path) -> tuple[list[str], list[Skipped]]:
+    """Ensemble names present in the repository, sorted, and the entries skipped."""
+    found, skipped = _entries(root, root)
+    names = []
+    for entry, _ in found:
+        if is_valid_name(entry):
+            names.append(entry)
+        else:
+            skipped.append(Skipped(_shown(entry), f"not an ensemble name ({NAME_PATTERN})"))
+    return sorted(names), skipped
 
 
 def scan_names(root: Path) -> list[str]:
     """Ensemble names present in the repository, sorted."""
-    try:
-        entries = list(os.scandir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(e.name for e in entries if e.is_dir() and is_valid_name(e.name))
+    return scan_names_entries(root)[0]
 
 
 def choose_version(

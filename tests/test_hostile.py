@@ -102,6 +102,7 @@ def test_a_5000_digit_version_in_a_url_is_a_4xx(client, method, path):
     (v2({"shape": [True, 8, 8, 1]}), "shape must be a list of non-negative integers"),
     (v2({"shape": [1, 8, 8, True]}), "shape must be a list of non-negative integers"),
     (v2({"parameters": {"binary_data_size": True}}), "binary_data_size"),
+    (v2({"datatype": ["FP32"]}), "datatype"),  # found by tests/test_fuzz.py: a 500 before
 ])
 def test_v2_bodies_of_the_wrong_types_are_422(client, body, words):
     refused(client.post("/v2/models/digits/infer", content=orjson.dumps(body)), 422, words)
@@ -210,3 +211,193 @@ def test_a_body_over_the_models_largest_request_is_413_on_both_paths(client):
 
     refused(client.post("/predict", content=chunks()), 413, f"exceeds the limit of {limit} bytes")
     assert client.post("/predict", json={"instances": [[[[0]] * 8] * 8]}).status_code == 200
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+def test_the_compile_child_gets_no_secret_of_the_servers_environment(monkeypatch, tmp_path):
+    """The child runs the repository's graphs: the admin token and any other variable not on
+    its list stay in the server."""
+    import subprocess
+
+    from service.engines import child
+
+    monkeypatch.setenv("ENSEMBLE_ADMIN_TOKEN", "a-token-of-sixteen-chars")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    seen = {}
+
+    def popen(argv, **kw):
+        seen.update(kw["env"])
+        raise OSError("not started in this test")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="not started"):
+        child.compile_in_child(tmp_path, timeout=5)
+    assert "ENSEMBLE_ADMIN_TOKEN" not in seen and "AWS_SECRET_ACCESS_KEY" not in seen
+    assert not any(k.startswith("ENSEMBLE_") for k in seen)
+    assert seen["TF_CPP_MIN_LOG_LEVEL"] == "3" and seen["LC_ALL"] == "C.UTF-8" and seen["PATH"]
+    assert seen["PYTHONPATH"].split(":")[0] == str(child.Path(child.__file__).resolve().parents[2])
+
+
+# -- a repository that can hold anything ------------------------------------------------------
+
+def odd_repository(root, outside):
+    """Next to digits/1: every kind of entry a careless copy or a hostile writer could leave."""
+    digits = root / "digits"
+    for name in ("\u00b2", "\u0663", "007", "0", "-1"):  # superscript two, Arabic-Indic three
+        (digits / name).mkdir()
+    (digits / "5").write_text("a file where a folder belongs")
+    (outside / "6").mkdir()
+    (digits / "6").symlink_to(outside / "6")  # leaves the repository
+    (digits / "7").symlink_to(root / "nowhere")  # dangling
+    (root / "Not A Name").mkdir()
+    (root / "file.txt").write_text("x")
+    (root / "elsewhere").symlink_to(outside)
+
+
+def test_odd_entries_are_skipped_with_a_reason_and_polling_goes_on(repository, tmp_path):
+    from service.repository import scan_model_entries, scan_names_entries
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    odd_repository(repository, outside)
+    names, skipped_names = scan_names_entries(repository)
+    assert names == ["digits"]
+    assert {s.entry for s in skipped_names} == {"Not A Name", "file.txt", "elsewhere"}
+    versions, skipped = scan_model_entries(repository, "digits")
+    assert [v.version for v in versions] == [1]
+    reasons = {s.entry: s.reason for s in skipped}
+    assert set(reasons) == {"\u00b2", "\u0663", "007", "0", "-1", "5", "6", "7"}
+    assert reasons["6"] == "a symbolic link leading out of the repository"
+    assert reasons["5"] == "not a folder" and "not a version number" in reasons["\u00b2"]
+
+
+def test_an_unreadable_entry_is_reported_not_raised(repository, monkeypatch):
+    import os
+
+    from service import repository as repo
+
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("digits"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(repo.os, "scandir", scandir)
+    versions, skipped = repo.scan_model_entries(repository, "digits")
+    assert versions == [] and skipped[0].reason == "cannot be read: Permission denied"
+
+
+def test_a_service_on_an_odd_repository_serves_and_reports_what_it_skipped(repository, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    odd_repository(repository, outside)
+    c, _ = make_client(repository)
+    with c:
+        assert c.post("/predict", json={"instances": [[[[0]] * 8] * 8]}).status_code == 200
+        body = c.get("/models").json()
+        assert {s["entry"] for s in body["skipped"]} == {"Not A Name", "file.txt", "elsewhere"}
+        digits = next(m for m in body["models"] if m["name"] == "digits")
+        assert digits["live"] == 1 and len(digits["skipped"]) == 8
+
+
+@pytest.mark.parametrize("kind", ["symlinked file", "symlinked folder", "fifo"])
+def test_a_version_holding_anything_but_its_own_regular_files_is_refused(repository, tmp_path, kind):
+    import os
+
+    from service.repository import ChecksumError, read_manifest, verify_checksums
+
+    version = repository / "digits" / "1"
+    manifest = read_manifest(version)
+    member = version / manifest.members[0].path
+    victim = next(p for p in sorted(member.rglob("*")) if p.is_file())
+    if kind == "symlinked file":
+        (tmp_path / "copy").write_bytes(victim.read_bytes())
+        victim.unlink()
+        victim.symlink_to(tmp_path / "copy")  # same bytes, same checksum: refused all the same
+    elif kind == "symlinked folder":
+        (member / "extra").symlink_to(tmp_path)
+    else:
+        os.mkfifo(member / "pipe")  # reading it would block for ever
+    with pytest.raises(ChecksumError, match="symbolic link|not a regular file"):
+        verify_checksums(version, manifest)
+
+
+# -- a compile cache that is checked ----------------------------------------------------------
+
+def cache_and_versions(tmp_path):
+    from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
+
+    versions = []
+    for i in (1, 2):
+        (tmp_path / f"v{i}").mkdir()
+        (tmp_path / f"v{i}" / "manifest.json").write_text(f"manifest {i}")
+        versions.append(tmp_path / f"v{i}")
+    graphs = [CompiledVersion(FrozenGraph(f"graph {i}".encode(), "in:0", ("a:0", "b:0")), f"lite {i}".encode())
+              for i in (1, 2)]
+    return CompileCache(tmp_path / "cache"), versions, graphs
+
+
+def test_a_cache_entry_the_server_did_not_write_is_not_used(tmp_path):
+    cache, (v1, v2), (g1, g2) = cache_and_versions(tmp_path)
+    cache.put(v1, g1)
+    cache.put(v2, g2)
+    assert cache.get(v1) == g1 and cache.get(v2) == g2
+    # planted: the right name (computable from the manifest) and the right format, no digest
+    cache.path_of(v1).write_bytes(g2.to_bytes())
+    assert cache.get(v1) is None
+    # moved: a real entry of another version, digest and all
+    cache.path_of(v1).write_bytes(cache.path_of(v2).read_bytes())
+    assert cache.get(v1) is None
+    assert cache.get(v2) == g2
+
+
+def test_the_cache_folder_is_private_and_not_used_when_others_may_write_it(tmp_path):
+    import os
+    import stat
+
+    cache, (v1, _), (g1, _) = cache_and_versions(tmp_path)
+    cache.put(v1, g1)
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "cache" / ".key").st_mode) == 0o600
+    os.chmod(tmp_path / "cache", 0o777)
+    from service.engines.compiled import CompileCache
+
+    shared = CompileCache(tmp_path / "cache")
+    assert shared.get(v1) is None  # world-writable: not trusted, the version is compiled again
+    assert shared.get_or_compile(v1, lambda: g1, 1) == g1
+
+
+def test_cache_writes_do_not_follow_planted_links(tmp_path):
+    cache, (v1, _), (g1, _) = cache_and_versions(tmp_path)
+    cache.put(v1, g1)
+    target = tmp_path / "victim"
+    target.write_text("must stay")
+    entry = cache.path_of(v1)
+    entry.unlink()
+    entry.symlink_to(target)
+    assert cache.get(v1) is None  # not read through the link
+    cache.put(v1, g1)  # replaces the link, never writes through it
+    assert target.read_text() == "must stay" and not entry.is_symlink() and cache.get(v1) == g1
+
+
+def test_eviction_tolerates_entries_evicted_meanwhile(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cache, (v1, v2), (g1, g2) = cache_and_versions(tmp_path)
+    cache.keep = 1
+    cache.put(v1, g1)
+    real_stat = Path.stat
+
+    def stat(self, *a, **kw):  # another worker evicts this entry between the listing and the stat
+        if self.suffix == ".graph" and self == cache.path_of(v1):
+            self.unlink(missing_ok=True)
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    cache.put(v2, g2)  # no FileNotFoundError
+    monkeypatch.undo()
+    assert cache.get(v2) == g2

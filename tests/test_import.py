@@ -56,3 +56,13 @@ def test_import_refuses_logits_mismatched_members_and_junk(tmp_path, capsys):
     code = main(["import", "--name", "x", "--repository", str(tmp_path / "models"), str(tmp_path / "junk.txt")])
     assert code == EXIT_FAILED and "not a SavedModel folder or a .keras file" in capsys.readouterr().err
     assert not (tmp_path / "models" / "x").exists() or not any((tmp_path / "models" / "x").iterdir())
+
+
+def test_a_keras_file_that_would_run_python_while_loading_is_refused(tmp_path):
+    """safe_mode=True is passed, not assumed: a Lambda layer's code is not deserialised."""
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Lambda(lambda x: x * 2)(inputs))
+    keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
+    with pytest.raises(MemberImportError, match="safe_mode"):
+        import_members(tmp_path / "models", "x", [tmp_path / "lambda.keras"], report=lambda _: None)
+    assert not (tmp_path / "models" / "x").exists()  # nothing published

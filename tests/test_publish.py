@@ -79,3 +79,43 @@ def test_stale_staging_folders_are_removed_fresh_ones_kept(tmp_path):
     os.utime(old, (long_ago, long_ago))
     assert remove_stale_staging(tmp_path) == [old]
     assert new.exists() and not old.exists()
+
+
+def test_replaces_names_the_version_published_just_before_the_rename(tmp_path, monkeypatch):
+    """Another trainer publishes while this one copies its members: `replaces` is read at the
+    rename, so it names that version, not the one live when this publish began."""
+    import training.publish as publish
+
+    root = tmp_path / "models"
+    members = [MemberArtifact("m", "tuned", fake_member(tmp_path, "m").source, 1.0)]
+    publish_version(root, "digits", members, SPEC, OUT, {})  # 1
+    real = publish.file_digests
+    meanwhile = []
+
+    def digests_while_another_publishes(folder):
+        if not meanwhile:
+            monkeypatch.setattr(publish, "file_digests", real)
+            meanwhile.append(publish_version(root, "digits", members, SPEC, OUT, {}))  # 2
+        return real(folder)
+
+    monkeypatch.setattr(publish, "file_digests", digests_while_another_publishes)
+    last = publish_version(root, "digits", members, SPEC, OUT, {})
+    assert meanwhile[0].version == 2 and (last.version, last.replaces) == (3, 2)
+
+
+def test_a_publish_whose_rename_succeeded_reports_success(tmp_path, monkeypatch):
+    """Syncing the folder after the rename fails: the version is published, and publish says so."""
+    import training.publish as publish
+
+    calls = []
+
+    def sync_folder(folder):
+        calls.append(folder)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(publish, "sync_folder", sync_folder)
+    monkeypatch.setattr(publish, "_fsync_tree", lambda folder: None)
+    only = MemberArtifact("m", "tuned", fake_member(tmp_path, "m").source, 1.0)
+    m = publish_version(tmp_path / "models", "digits", [only], SPEC, OUT, {})
+    assert calls and m.version == 1
+    assert read_manifest(tmp_path / "models" / "digits" / "1") == m

@@ -64,7 +64,9 @@ def export_foreign(source: Path, export_dir: Path) -> ImportedMember:
         from training.members import export_member
 
         try:
-            model = keras.models.load_model(str(source), compile=False)
+            # safe_mode=True, said rather than relied on: a .keras file's config may not name
+            # arbitrary Python (lambdas, unknown modules) to run while loading.
+            model = keras.models.load_model(str(source), compile=False, safe_mode=True)
         except Exception as exc:  # Keras raises many types for unreadable files
             raise MemberImportError(f"{source}: cannot load the .keras file: {exc}") from None
         export_member(model, export_dir)

@@ -8,6 +8,7 @@ nothing they would serve.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from service.files import sync_folder
 from service.repository import (
     MANIFEST_FILE,
     MEMBERS_DIR,
@@ -27,9 +29,10 @@ from service.repository import (
     file_digests,
     is_valid_name,
     next_version,
-    read_manifest,
     scan_model,
 )
+
+log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 # A staging folder older than this belongs to a writer that died; it is removed on next publish.
@@ -62,15 +65,7 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_folder(Path(dirpath))
 
 
 def remove_stale_staging(model_dir: Path, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
@@ -149,8 +144,9 @@ def publish_version(
             if "/" in filename or filename in (MANIFEST_FILE, MEMBERS_DIR) or filename.startswith("."):
                 raise PublishError(f"attachment name {filename!r} is not allowed")
             (staging / filename).write_bytes(content)
-        replaces = latest_committed(root, name)
         for _ in range(_RENAME_ATTEMPTS):
+            # read at each try, just before the rename: another writer may have published meanwhile
+            replaces = latest_committed(root, name)
             version = next_version(v.version for v in scan_model(root, name))
             manifest = Manifest(
                 name=name,
@@ -175,8 +171,12 @@ def publish_version(
                 if target.exists():
                     continue
                 raise
-            _fsync_dir(model_dir)
-            return read_manifest(target)
+            # Published: from here on, say so, whatever else happens.
+            try:
+                sync_folder(model_dir)
+            except OSError as exc:
+                log.warning("%s was published but its folder could not be synced: %s", target, exc)
+            return manifest
         raise PublishError(f"could not claim a version number in {model_dir} after {_RENAME_ATTEMPTS} tries")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

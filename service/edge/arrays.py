@@ -53,12 +53,10 @@ def numeric(values: Any, field: str, shape: tuple[int, ...] | None = None) -> np
 def _check_range(array: np.ndarray, target: np.dtype, field: str) -> None:
     """422 if a value of `array` (integers, or whole floats) is outside the integer dtype's range."""
     info = np.iinfo(target)
-    low, high = array.min(), array.max()
-    # A float's upper bound is compared as max + 1, which float64 holds exactly (2**k), where
-    # max itself may round up to it.
-    too_high = high >= float(info.max) + 1 if array.dtype.kind == "f" else high > info.max
-    if low < info.min or too_high:
-        value = (low if low < info.min else high).item()
+    # As Python numbers, compared exactly (an int with a float too): no cast can round them.
+    low, high = array.min().item(), array.max().item()
+    if low < info.min or high > info.max:
+        value = low if low < info.min else high
         raise InvalidInput(f"'{field}' holds {value} outside the range of input dtype {target.name} "
                            f"[{info.min}, {info.max}]")
 

@@ -17,9 +17,10 @@ Three limits, each checked before the memory it guards is spent:
   request can is a 413 without being parsed. Parsing runs on the event loop, one body at a
   time, so at most one parse's objects exist at once.
 
-With these, a server's memory is its idle size, plus `max_inflight_bytes + SMALL_POOL` of
-bodies, plus one parse (at most about 32 bytes a value), plus the queued rows
-(`max_queue_rows`) and the batches computing; docs/operations.md states the figures.
+With these, a server's memory is its idle size, plus the bodies in flight
+(`max_inflight_bytes + SMALL_POOL`, each buffer up to 1/8 over-allocated as it grows), plus one
+parse (at most about 32 bytes a value, and up to four working copies of its body), plus the
+queued rows (`max_queue_rows`) and the batches computing; docs/operations.md states the figures.
 """
 
 from __future__ import annotations

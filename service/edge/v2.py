@@ -77,8 +77,8 @@ def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_row
     # type(d) is int: JSON true and false are Python bools, which isinstance(d, int) accepts
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput("inputs[0].shape must be a list of non-negative integers")
-    if dtype_name not in DATATYPES:
-        raise InvalidInput(f"inputs[0].datatype {dtype_name!r} is not one of {', '.join(DATATYPES)}")
+    if not isinstance(dtype_name, str) or dtype_name not in DATATYPES:
+        raise InvalidInput(f"inputs[0].datatype {str(dtype_name)[:40]!r} is not one of {', '.join(DATATYPES)}")
     expected = list(spec.shape)
     if len(shape) != len(expected) + 1 or shape[1:] != expected:
         raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
@@ -127,6 +127,16 @@ def wanted_outputs(payload: dict[str, Any]) -> tuple[list[str], set[str]]:
     return names, binary
 
 
+def decode(body: bytes, header_length: str | None, spec: InputSpec, max_rows: int,
+           max_values: int) -> tuple[dict[str, Any], np.ndarray, list[str], set[str]]:
+    """(payload, input rows, outputs wanted, those wanted as binary) of an infer request."""
+    head, binary = split_binary_body(body, header_length)
+    payload = parse_json_object(head, max_values)
+    x = input_array(payload, binary, spec, max_rows)
+    wanted, binary_outputs = wanted_outputs(payload)
+    return payload, x, wanted, binary_outputs
+
+
 # -- encode -----------------------------------------------------------------------------------
 
 def encode_outputs(model: str, version: int, request_id: Any, tensors: dict[str, np.ndarray],
@@ -173,10 +183,9 @@ def model_metadata(ensemble) -> dict[str, Any]:
 async def v2_infer(call: Call, server: Inference) -> Reply:
     """Infer with the named ensemble (its live or a loaded version), JSON or binary."""
     ensemble = server.ensemble(call.params["name"], call.params.get("version"))
-    head, binary = split_binary_body(call.body, call.headers.get("inference-header-content-length"))
-    payload = parse_json_object(head, server.json_value_limit(ensemble))
-    x = input_array(payload, binary, ensemble.input_spec, server.settings.max_rows_per_request)
-    wanted, binary_outputs = wanted_outputs(payload)
+    payload, x, wanted, binary_outputs = decode(
+        call.body, call.headers.get("inference-header-content-length"), ensemble.input_spec,
+        server.settings.max_rows_per_request, server.json_value_limit(ensemble))
     average, per_member = await server.infer(call, ensemble, x)
     tensors = {n: (average if n == "probabilities" else per_member) for n in wanted}
     content, header_length = encode_outputs(ensemble.name, ensemble.version, payload.get("id"),

@@ -35,6 +35,25 @@ _running_lock = threading.Lock()
 _stops = 0  # how many times stop_all ran: a load that began before a stop gives up
 
 
+# What the child is given of the server's environment: how to find Python, its packages and a
+# temporary folder, the locale, and the threading and logging knobs of the numeric libraries.
+# Nothing else: the child runs the graphs of the repository, so it must not hold the admin token
+# or any other secret the server was started with.
+_PASSED_NAMES = {"PATH", "HOME", "TMPDIR", "TEMP", "TMP", "LANG", "LANGUAGE", "TZ", "VIRTUAL_ENV",
+                 "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONIOENCODING"}
+_PASSED_PREFIXES = ("LC_", "TF_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "XLA_FLAGS", "KERAS_BACKEND")
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of a compile child: the server's, less everything not on the list above."""
+    env = {k: v for k, v in os.environ.items() if k in _PASSED_NAMES or k.startswith(_PASSED_PREFIXES)}
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding `service`
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["CUDA_VISIBLE_DEVICES"] = "-1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
+    return env
+
+
 class CompileFailed(LoadError):
     """The child refused the version; `category` is the one it reported."""
 
@@ -54,11 +73,7 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10,
     with tempfile.TemporaryDirectory(prefix="ensemble-compile-") as work:
         out = Path(work) / "graph.bin"
         stderr_path = Path(work) / "stderr.txt"
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                   CUDA_VISIBLE_DEVICES="-1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child has no metrics to report
+        env = child_environment()
         started = time.monotonic()
         with open(stderr_path, "wb") as stderr:
             child = subprocess.Popen(

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from service.engines.base import LoadError
+from service.files import read_nofollow, write_atomically
 from service.repository import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -52,50 +57,124 @@ class CompiledVersion:
     frozen: FrozenGraph
     lite: bytes | None = None
 
-    def write(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
         graph = self.frozen
         header = json.dumps({"input": graph.input, "outputs": list(graph.outputs),
                              "graph_bytes": len(graph.graph_def)}).encode()
-        Path(path).write_bytes(_MAGIC + header + b"\n" + graph.graph_def + (self.lite or b""))
+        return _MAGIC + header + b"\n" + graph.graph_def + (self.lite or b"")
 
     @classmethod
-    def read(cls, path: Path) -> "CompiledVersion":
-        data = Path(path).read_bytes()
+    def from_bytes(cls, data: bytes, where: object) -> "CompiledVersion":
         if not data.startswith(_MAGIC):
-            raise LoadError(f"{path} is not a frozen ensemble graph")
+            raise LoadError(f"{where} is not a frozen ensemble graph")
         header, _, rest = data[len(_MAGIC):].partition(b"\n")
         meta = json.loads(header)
         size = meta["graph_bytes"]
         if len(rest) < size:
-            raise LoadError(f"{path} is truncated: {len(rest)} bytes where the graph alone has {size}")
+            raise LoadError(f"{where} is truncated: {len(rest)} bytes where the graph alone has {size}")
         return cls(FrozenGraph(rest[:size], meta["input"], tuple(meta["outputs"])), rest[size:] or None)
+
+    def write(self, path: Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def read(cls, path: Path) -> "CompiledVersion":
+        return cls.from_bytes(Path(path).read_bytes(), path)
 
 
 class CompileCache:
     """Compiled versions kept in a folder, so a restarted server (or another worker) reads a
     version's compilation instead of compiling it again in a child process.
 
-    The key is the hash of the version's manifest.json, which holds every member file's
-    sha256, plus the TensorFlow version. Only use it after the files were verified against the
-    manifest (the manager does, before loading). Entries are written atomically; the newest
-    `keep` are kept. Processes sharing the folder (`--workers N`) compile a version one at a
-    time (`get_or_compile`): the others wait for the first and read its entry."""
+    An entry is named by the hash of the version's manifest.json (which holds every member
+    file's sha256) and the TensorFlow version, and is used only if it carries the HMAC the
+    server wrote with it: a keyed digest of the manifest's hash and the entry's bytes, under a
+    key kept in the folder (`.key`, readable by the server's user only). So an entry that a
+    server did not write, or one moved to another version's name, is ignored and the version
+    compiled again (checking costs one sha256 of the entry; compiling costs seconds). The folder
+    is created private to the server's user (0700) and not used when anyone else may write it;
+    files are opened without following symbolic links and written under unpredictable names,
+    then renamed into place. The newest `keep` entries are kept. Processes sharing the folder
+    (`--workers N`) compile a version one at a time (`get_or_compile`): the others wait for the
+    first and read its entry. Only use it after the version's files were verified against its
+    manifest (the manager does, before loading)."""
 
     def __init__(self, folder: Path, keep: int = 16):
         self.folder, self.keep = Path(folder), keep
+        self._key: bytes | None = None
+
+    def _private_folder(self) -> bool:
+        """Create the folder (0700) if need be; whether it is ours and nobody else's to write."""
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.folder)
+        except OSError as exc:
+            log.warning("compile cache %s not usable: %s", self.folder, exc)
+            return False
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+                or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning("compile cache %s not used: it must be a folder of this user's that no one "
+                        "else may write (chmod 700)", self.folder)
+            return False
+        return True
+
+    def key(self) -> bytes | None:
+        """The folder's HMAC key, made on first use; None if the folder cannot be trusted."""
+        if self._key is None and self._private_folder():
+            path = self.folder / ".key"
+            try:
+                if not path.exists():  # made whole, then linked into place: never read half-written
+                    fd, tmp = tempfile.mkstemp(prefix=".key.", dir=self.folder)
+                    try:
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(secrets.token_bytes(32))
+                            f.flush()
+                            os.fsync(f.fileno())
+                        os.link(tmp, path)
+                    except FileExistsError:  # another worker's key won: use it
+                        pass
+                    finally:
+                        os.unlink(tmp)
+                key = read_nofollow(path)
+            except OSError as exc:
+                log.warning("compile cache %s not used: %s", self.folder, exc)
+                return None
+            if len(key) == 32:
+                self._key = key
+        return self._key
 
     def path_of(self, version_dir: Path) -> Path:
+        return self.folder / f"{self._version_digest(version_dir)[:32]}.graph"
+
+    @staticmethod
+    def _version_digest(version_dir: Path) -> str:
         digest = hashlib.sha256((Path(version_dir) / MANIFEST_FILE).read_bytes())
         digest.update(tensorflow_version().encode())
-        return self.folder / f"{digest.hexdigest()[:32]}.graph"
+        return digest.hexdigest()
+
+    def _mac(self, key: bytes, version_dir: Path, data: bytes) -> bytes:
+        return hmac.new(key, self._version_digest(version_dir).encode() + data, hashlib.sha256).digest()
 
     def get(self, version_dir: Path) -> CompiledVersion | None:
+        key = self.key()
+        if key is None:
+            return None
         path = self.path_of(version_dir)
         try:
-            return CompiledVersion.read(path)
+            stored = read_nofollow(path)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, LoadError) as exc:  # damaged: compile again
+        except OSError as exc:
+            log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
+            return None
+        mac, data = stored[:32], stored[32:]
+        if len(stored) < 32 or not hmac.compare_digest(mac, self._mac(key, version_dir, data)):
+            log.warning("ignoring compiled graph %s: not written by a server of this cache for this "
+                        "version (its digest does not match); compiling the version again", path)
+            return None
+        try:
+            return CompiledVersion.from_bytes(data, path)
+        except (ValueError, KeyError, LoadError) as exc:  # damaged: compile again
             log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
             return None
 
@@ -121,13 +200,13 @@ class CompileCache:
         """Hold the version's lock file (flock: released by the kernel if the holder dies).
         A lock that cannot be had, or not within wait_seconds, costs time, never the version:
         compile without it."""
-        path = self.path_of(version_dir).with_suffix(".lock")
         fd = None
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            log.warning("compiling %s without the cache's lock: %s", version_dir, exc)
+        if self.key() is not None:
+            path = self.path_of(version_dir).with_suffix(".lock")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                log.warning("compiling %s without the cache's lock: %s", version_dir, exc)
         try:
             if fd is not None:
                 deadline = time.monotonic() + wait_seconds
@@ -150,16 +229,27 @@ class CompileCache:
                 os.close(fd)  # releases the lock
 
     def put(self, version_dir: Path, compiled: CompiledVersion) -> None:
+        key = self.key()
+        if key is None:
+            return
         path = self.path_of(version_dir)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        data = compiled.to_bytes()
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            compiled.write(tmp)
-            os.replace(tmp, path)
+            write_atomically(path, self._mac(key, version_dir, data) + data)
         except OSError as exc:  # a cache that cannot be written costs time, not service
             log.warning("compiled graph not cached in %s: %s", self.folder, exc)
             return
-        entries = sorted(self.folder.glob("*.graph"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[self.keep:]:
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keep the newest `keep` entries; entries another worker evicts meanwhile are skipped."""
+        aged = []
+        for entry in self.folder.glob("*.graph"):
+            try:
+                aged.append((entry.stat().st_mtime, entry))
+            except FileNotFoundError:
+                continue
+        for _, old in sorted(aged, reverse=True)[self.keep:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".lock").unlink(missing_ok=True)
+

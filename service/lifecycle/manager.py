@@ -22,7 +22,7 @@ from service.engines.base import Ensemble
 from service.errors import Conflict, ModelNotFound, NotReady
 from service.lifecycle.memory import release_garbage
 from service.lifecycle.pacing import Pacer, lower_thread_priority
-from service.lifecycle.pins import PinStore
+from service.lifecycle.pins import PinsNotShared, PinStore
 from service.lifecycle.slots import Failure, ModelSlot
 from service.lifecycle.status import ensemble_status
 from service.metrics import ServiceMetrics
@@ -33,7 +33,9 @@ from service.repository import (
     failure_of,
     read_manifest,
     scan_model,
+    scan_model_entries,
     scan_names,
+    scan_names_entries,
     verify_checksums,
 )
 
@@ -178,7 +180,10 @@ class ModelManager:
         async with self._lock:
             self.pins.refresh()
             for name in scan_names(self.repository):
-                await self._refresh(self._slot(name))
+                try:
+                    await self._refresh(self._slot(name))
+                except Exception:  # one ensemble's trouble must not keep the others from their versions
+                    log.exception("checking the versions of %s failed", name)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         self.metrics.update_process()
 
@@ -238,7 +243,7 @@ class ModelManager:
         if slot.previous is None:
             raise Conflict(f"{name} has no previous version loaded to roll back to")
         target = slot.previous
-        self.pins.set(name, target.version)
+        self._record_pin(name, target.version)  # every replica follows within a poll
         self.swap(slot, target)
         self.metrics.model_pinned_version.labels(name).set(target.version)
         log.warning("%s rolled back to version %d, pinned", name, target.version)
@@ -252,15 +257,17 @@ class ModelManager:
             versions = {v.version: v for v in scan_model(self.repository, name)}
             if version not in versions or not versions[version].committed:
                 raise ModelNotFound(f"{name} has no committed version {version}")
+            before = self.pins.get(name)
+            self._record_pin(name, version)  # first: a pin that cannot be shared changes nothing
             if slot.live is None or slot.live.version != version:
                 if slot.previous is not None and slot.previous.version == version:
                     self.swap(slot, slot.previous)
                 else:
                     slot.failures.pop(version, None)  # asked for explicitly: try it again
                     if not await self._load(slot, versions[version], pinning=True):
+                        self._record_pin(name, before)
                         raise Conflict(f"{name} version {version} was not pinned: "
                                        f"{slot.failures[version].reason}")
-            self.pins.set(name, version)
             self.metrics.model_pinned_version.labels(name).set(version)
         log.warning("%s pinned to version %d", name, version)
         return self.status_of(name)
@@ -268,9 +275,16 @@ class ModelManager:
     async def unpin(self, name: str) -> dict:
         """Back to the configured policy (normally: the newest good version)."""
         self._slot(name)
-        self.pins.set(name, None)
+        self._record_pin(name, None)
         await self.poll_once()
         return self.status_of(name)
+
+    def _record_pin(self, name: str, version: int | None) -> None:
+        """Pin (or unpin, None) where every replica reads it; 409 if it cannot be shared."""
+        try:
+            self.pins.set(name, version)
+        except PinsNotShared as exc:
+            raise Conflict(str(exc)) from None
 
     async def _load(self, slot: ModelSlot, version: VersionDir, pinning: bool = False) -> bool:
         """Verify and load one version in a worker thread; swap it in on success, unless a pin
@@ -324,11 +338,14 @@ class ModelManager:
 
     # -- reporting ----------------------------------------------------------------------------
 
-    def status(self) -> list[dict]:
-        """Every ensemble and each of its version folders with its state, for GET /models."""
-        return [self.status_of(name) for name in scan_names(self.repository)]
+    def status(self) -> tuple[list[dict], list[dict]]:
+        """For GET /models: every ensemble and each of its version folders with its state, and
+        the repository's entries that are not ensembles (with why)."""
+        names, skipped = scan_names_entries(self.repository)
+        return [self.status_of(name) for name in names], [vars(s) for s in skipped]
 
     def status_of(self, name: str) -> dict:
-        """One ensemble's versions and their states."""
-        return ensemble_status(self.slots.get(name, ModelSlot(name)), scan_model(self.repository, name),
-                               self.policy_of(name), self.pins.get(name) is not None)
+        """One ensemble's versions and their states, and the entries skipped in its folder."""
+        folders, skipped = scan_model_entries(self.repository, name)
+        return ensemble_status(self.slots.get(name, ModelSlot(name)), folders, self.policy_of(name),
+                               self.pins.get(name) is not None, skipped)

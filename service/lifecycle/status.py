@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from service.lifecycle.slots import ModelSlot
-from service.repository import VersionDir
+from service.repository import Skipped, VersionDir
 
 
 def version_entry(slot: ModelSlot, folder: VersionDir) -> dict:
@@ -39,10 +39,12 @@ def version_entry(slot: ModelSlot, folder: VersionDir) -> dict:
 
 
 def ensemble_status(slot: ModelSlot, folders: list[VersionDir], policy: Literal["latest"] | int,
-                    pinned: bool) -> dict:
-    """One ensemble for GET /models: live and previous versions, policy, every folder newest first."""
+                    pinned: bool, skipped: list[Skipped] = ()) -> dict:
+    """One ensemble for GET /models: live and previous versions, policy, every folder newest
+    first, and the entries of its folder that are not versions (with why)."""
     return {"name": slot.name,
             "live": slot.live.version if slot.live is not None else None,
             "previous": slot.previous.version if slot.previous is not None else None,
             "policy": policy, "pinned": pinned,
-            "versions": [version_entry(slot, folder) for folder in reversed(folders)]}
+            "versions": [version_entry(slot, folder) for folder in reversed(folders)],
+            "skipped": [vars(s) for s in skipped]}

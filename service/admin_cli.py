@@ -1,0 +1,107 @@
+"""`ensemble-admin`: pin, roll back and unpin an ensemble for every replica, without HTTP.
+
+It writes the pins file the servers read at each poll (service.lifecycle.pins), in the
+repository's shared state (`<repository>/.state`, or the state folder every replica is given),
+so every replica serving the repository follows within a poll interval plus a load:
+
+    ensemble-admin --repository models rollback digits     # the version before the one serving
+    ensemble-admin --repository models pin digits 3
+    ensemble-admin --repository models unpin digits        # back to the newest good version
+    ensemble-admin --repository models status
+
+A version is checked (manifest and every file's checksum) before it is pinned. Without a
+running server the CLI cannot know which versions a server refused; `rollback` pins the newest
+committed version below the one the pins or the policy choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from service.lifecycle.pins import PinsNotShared, PinStore, pins_folder
+from service.repository import (
+    ChecksumError,
+    ManifestError,
+    read_manifest,
+    scan_model_entries,
+    scan_names,
+    verify_checksums,
+)
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ensemble-admin", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path(os.environ.get("ENSEMBLE_REPOSITORY", "models")),
+                   help="model repository folder (default: ENSEMBLE_REPOSITORY, else models)")
+    p.add_argument("--state-dir", type=Path, default=os.environ.get("ENSEMBLE_STATE_DIR") or None,
+                   help="the replicas' shared state folder, if they are given one (default: "
+                   "ENSEMBLE_STATE_DIR, else <repository>/.state)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="pins and committed versions of every ensemble")
+    pin = sub.add_parser("pin", help="serve VERSION of NAME on every replica, whatever is published later")
+    pin.add_argument("name")
+    pin.add_argument("version", type=int)
+    for command, text in (("rollback", "pin NAME to the version before the one serving"),
+                          ("unpin", "let NAME follow the policy again (the newest good version)")):
+        sub.add_parser(command, help=text).add_argument("name")
+    return p
+
+
+def committed_versions(repository: Path, name: str) -> list[int]:
+    return [v.version for v in scan_model_entries(repository, name)[0] if v.committed]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = PinStore(pins_folder(args.repository, args.state_dir))
+    if args.command == "status":
+        for name in scan_names(args.repository):
+            pinned = store.get(name)
+            print(f"{name}: {'pinned to ' + str(pinned) if pinned else 'following the policy'}; "
+                  f"committed versions {committed_versions(args.repository, name) or 'none'}")
+        return EXIT_OK
+    if args.name not in scan_names(args.repository):
+        return refuse(f"no ensemble named {args.name!r} in {args.repository}")
+    versions = committed_versions(args.repository, args.name)
+    if args.command == "unpin":
+        return record(store, args.name, None, f"{args.name} unpinned: every replica follows its policy again")
+    if args.command == "rollback":
+        serving = store.get(args.name) or max(versions, default=0)
+        earlier = [v for v in versions if v < serving]
+        if not earlier:
+            return refuse(f"{args.name} has no committed version before {serving} to roll back to")
+        version = earlier[-1]
+    else:
+        version = args.version
+        if version not in versions:
+            return refuse(f"{args.name} has no committed version {version} (committed: {versions or 'none'})")
+    folder = args.repository / args.name / str(version)
+    try:
+        verify_checksums(folder, read_manifest(folder))
+    except (ManifestError, ChecksumError) as exc:
+        return refuse(f"{args.name} version {version} fails its checks, not pinned: {exc}")
+    return record(store, args.name, version, f"{args.name} pinned to version {version} on every replica "
+                  "(within a poll interval, plus loading it where it is not loaded)")
+
+
+def record(store: PinStore, name: str, version: int | None, done: str) -> int:
+    try:
+        store.set(name, version)
+    except PinsNotShared as exc:
+        return refuse(str(exc))
+    print(done)
+    return EXIT_OK
+
+
+def refuse(reason: str) -> int:
+    print(f"ensemble-admin: {reason}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
