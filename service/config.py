@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, le=3600, description="on SIGTERM: how long requests already received may "
         "take to finish before the process exits")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, description="largest request head (request line and "
+        "headers); a larger one is answered 431 and the connection closed")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="a request's head must arrive whole within this long of "
+        "its first byte (a new connection: of its opening); else 408 and the connection is closed")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="longest pause between two reads of a request's body; "
+        "past it the connection is closed")
     http_fast_path: bool = Field(
         True, description="serve HTTP on service.edge.fast_http (one write per response; plain POSTs "
         "on the inference routes answered without ASGI) when the installed uvicorn passes its "

@@ -128,14 +128,18 @@ def test_every_refused_version_shows_its_reason_and_is_counted(admin, repository
     shutil.copytree(root / "1" / "members", root / "2" / "members")  # no manifest
     publish_copy(repository, edit=lambda raw: raw.pop("members"))
 
-    def refused():
-        versions = {v["version"]: v for v in admin.get("/models").json()["models"][0]["versions"]}
+    def refused():  # the reasons are the admins' (they name files); GET /models shows categories
+        versions = {v["version"]: v for v in admin.get("/models/digits/status", headers=AUTH).json()["versions"]}
         return versions if all("reason" in versions.get(n, {}) for n in (2, 3)) else None
 
     assert wait_for(refused)
     versions = refused()
     assert versions[2]["state"] == "uncommitted" and "no manifest.json" in versions[2]["reason"]
     assert versions[3]["state"] == "failed" and versions[3]["category"] == "manifest"
+    public = {v["version"]: v for v in admin.get("/models").json()["models"][0]["versions"]}
+    assert public[3]["category"] == "manifest" and "reason" not in public[3]
+    assert str(repository) not in admin.get("/models").text + admin.get("/readyz").text
+    assert admin.get("/models/digits/status").status_code == 401
     assert live_version(admin) == 1
     sample = admin.metrics.registry.get_sample_value
     assert sample("ensemble_model_reload_failures_total", {"model": "digits", "reason": "uncommitted"}) == 1

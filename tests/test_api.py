@@ -172,7 +172,7 @@ def test_broken_new_version_is_not_served_and_says_why(client, repository):
         return versions[0]["state"] == "failed" and versions[0]
 
     assert wait_for(failed)
-    assert "checksum mismatch" in failed()["reason"]
+    assert failed()["category"] == "checksum" and "reason" not in failed()  # public: no file names
     assert client.get("/models").json()["models"][0]["live"] == 1
     assert client.metrics.registry.get_sample_value(
         "ensemble_model_reloads_total", {"model": "digits", "result": "failure"}) == 1.0
@@ -212,7 +212,10 @@ def test_a_broken_ensemble_does_not_make_the_others_unready(repository):
         ready = c.get("/readyz")
         assert ready.status_code == 200 and "digits version 1 is live" in ready.json()["reason"]
         assert c.post("/v1/models/broken:predict", json={"instances": []}).status_code == 503
-    c, _ = make_client(repository, default_model="broken")
+    c, _ = make_client(repository, default_model="broken", admin_token="a-token-of-sixteen-chars")
     with c:
         ready = c.get("/readyz")
-        assert ready.status_code == 503 and "does not follow the schema" in ready.json()["reason"]
+        assert ready.status_code == 503 and "failed its checks (manifest" in ready.json()["reason"]
+        assert "manifest.json" not in ready.json()["reason"]  # the reason (a path) is the admins'
+        detail = c.get("/models/broken/status", headers={"Authorization": "Bearer a-token-of-sixteen-chars"})
+        assert "does not follow the schema" in detail.json()["versions"][0]["reason"]

@@ -45,14 +45,22 @@ TINY_TRAINING = ["--tuner", "random", "--max-trials", "1", "--max-epochs", "1", 
 # -- static checks (fast suite) -------------------------------------------------------------
 
 
-def manifests() -> dict[str, dict]:
-    """Kubernetes objects by kind, from every file kustomization.yaml lists."""
+def all_manifests() -> list[dict]:
+    """Every Kubernetes object of every file kustomization.yaml lists."""
     kustomization = yaml_documents(KUBERNETES_DIR / "kustomization.yaml")[0]
-    objects = {}
+    objects = []
     for name in kustomization["resources"]:
         for doc in yaml_documents(KUBERNETES_DIR / name):
             assert {"apiVersion", "kind", "metadata"} <= doc.keys(), f"{name}: {sorted(doc)}"
-            objects[doc["kind"]] = doc
+            objects.append(doc)
+    return objects
+
+
+def manifests() -> dict[str, dict]:
+    """Kubernetes objects by kind (the first of each kind: the repository's claim comes first)."""
+    objects: dict[str, dict] = {}
+    for doc in all_manifests():
+        objects.setdefault(doc["kind"], doc)
     return objects
 
 
@@ -74,7 +82,7 @@ def test_kustomization_lists_every_manifest_and_each_parses():
     on_disk = {p.name for p in KUBERNETES_DIR.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
     assert set(manifests()) == {"Namespace", "PersistentVolumeClaim", "Deployment", "Service",
-                                "HorizontalPodAutoscaler", "CronJob", "Job"}
+                                "HorizontalPodAutoscaler", "CronJob", "Job", "NetworkPolicy"}
 
 
 def test_deployment_probes_and_scrape_path_are_routes_of_the_service():
@@ -125,6 +133,49 @@ def test_repository_is_shared_read_only_by_the_api_and_written_by_the_jobs():
     assert hpa["spec"]["scaleTargetRef"]["name"] == objects["Deployment"]["metadata"]["name"]
     service = objects["Service"]["spec"]
     assert service["selector"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_api_pods_are_locked_down_and_share_their_pins():
+    objects = manifests()
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert not mounts["/state"].get("readOnly") and env["ENSEMBLE_STATE_DIR"] == "/state"
+    state_claim = volumes[mounts["/state"]["name"]]["persistentVolumeClaim"]["claimName"]
+    claims = {d["metadata"]["name"]: d for d in all_manifests() if d["kind"] == "PersistentVolumeClaim"}
+    assert claims[state_claim]["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica reads the pins
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # the compile child's files on a read-only root
+    assert env["ENSEMBLE_COMPILE_CACHE_DIR"].startswith("/tmp/")
+    assert next(e for e in container["env"] if e["name"] == "ENSEMBLE_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"]
+    policy = objects["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]}]
+    assert policy["egress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    for job in (objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                objects["Job"]["spec"]["template"]["spec"]):
+        assert job["automountServiceAccountToken"] is False
+
+
+def test_compose_services_are_locked_down_and_listen_on_loopback():
+    services = compose()["services"]
+    for name, service in services.items():
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        for port in service.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    for name in ("api", "trainer", "prometheus", "grafana"):
+        assert services[name]["mem_limit"] and services[name]["cpus"], name
+    assert not any("enable-lifecycle" in arg for arg in services["prometheus"]["command"])
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_DISABLE_LOGIN_FORM"] == "${GRAFANA_LOGIN_DISABLED:-true}"
+    assert grafana["GF_AUTH_BASIC_ENABLED"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana  # no default password to guess
 
 
 def test_compose_api_reads_the_volume_the_trainer_seeds_and_schedules():

@@ -12,7 +12,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from service.config import Settings
-from service.edge.fast_http import OneWriteProtocol, check, path_in_use, protocol
+from service.edge.fast_http import GuardedOneWriteProtocol, OneWriteProtocol, check, path_in_use, protocol
 
 
 class Transport:
@@ -104,11 +104,11 @@ class Lane:
         self.released.append(hold)
 
 
-def exchange(*chunks: bytes, cls=OneWriteProtocol, app=answer, access_log=False, **options) -> Transport:
+def exchange(*chunks: bytes, cls=GuardedOneWriteProtocol, app=answer, access_log=False, **options) -> Transport:
     """Feed request bytes to a fresh connection of the protocol; what it wrote back."""
 
     async def scenario():
-        config = uvicorn.Config(app, http=protocol(Settings()) if cls is OneWriteProtocol else cls,
+        config = uvicorn.Config(app, http=protocol(Settings()) if cls is GuardedOneWriteProtocol else cls,
                                 log_level="critical", lifespan="off", access_log=access_log,
                                 **options)
         config.load()
@@ -140,8 +140,16 @@ def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
 
 def test_installed_uvicorn_takes_the_protocol():
     assert check() is None, f"the fast path's start-up check failed: {check()}"
-    assert path_in_use(Settings()) == "fast" and protocol(Settings()) == "service.edge.fast_http:OneWriteProtocol"
-    assert path_in_use(Settings(http_fast_path=False)) == "stock" and protocol(Settings(http_fast_path=False)) == "auto"
+    assert path_in_use(Settings()) == "fast" and protocol(Settings()) == "service.edge.fast_http:GuardedOneWriteProtocol"
+    stock = protocol(Settings(http_fast_path=False))
+    assert path_in_use(Settings(http_fast_path=False)) == "stock" and stock == "service.edge.fast_http:GuardedStockProtocol"
+    # stock is uvicorn's own protocol (behind the limits of service.edge.guard), not the fast path's
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    import service.edge.fast_http as fast_http
+
+    assert fast_http.GuardedStockProtocol.__mro__[1] is HttpToolsProtocol
+    assert not issubclass(fast_http.GuardedStockProtocol, OneWriteProtocol)
 
 
 def test_a_failed_check_serves_on_uvicorns_own_protocol_after_one_warning(monkeypatch, caplog):
@@ -152,7 +160,7 @@ def test_a_failed_check_serves_on_uvicorns_own_protocol_after_one_warning(monkey
     try:
         with caplog.at_level("WARNING", logger="service.edge.fast_http"):
             for _ in range(3):
-                assert path_in_use(Settings()) == "stock" and protocol(Settings()) == "auto"
+                assert path_in_use(Settings()) == "stock" and protocol(Settings()) == "service.edge.fast_http:GuardedStockProtocol"
         warnings = [r for r in caplog.records if "uvicorn's own protocol" in r.getMessage()]
         assert len(warnings) == 1 and "has no 'flow'" in warnings[0].getMessage()
     finally:

@@ -36,6 +36,7 @@ import threading
 import time
 
 from service.config import Settings
+from service.edge.guard import guarded
 from service.edge.inference import content_length
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,17 @@ try:
 except ImportError:  # httptools missing (uvicorn picks its h11 protocol), or names changed
     HttpToolsProtocol = STATUS_LINE = None
 
-PROTOCOL = "service.edge.fast_http:OneWriteProtocol"
+def _stock_protocol() -> type:
+    """uvicorn's own protocol, as its "auto" option picks it: httptools', else h11's."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as stock
+    except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]
+        from uvicorn.protocols.http.h11_impl import H11Protocol as stock
+    return stock
+
+
+PROTOCOL = "service.edge.fast_http:GuardedOneWriteProtocol"
+STOCK_PROTOCOL = "service.edge.fast_http:GuardedStockProtocol"
 
 
 class OneWriteTransport:
@@ -200,8 +211,12 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                 cycle.on_response = _nothing
                 lane.release(hold)
 
+    GuardedOneWriteProtocol = guarded(OneWriteProtocol)
 else:  # pragma: no cover - depends on the installed uvicorn
-    OneWriteProtocol = None
+    OneWriteProtocol = GuardedOneWriteProtocol = None
+
+# uvicorn's own protocol, as its "auto" option picks it, with the same limits of service.edge.guard.
+GuardedStockProtocol = guarded(_stock_protocol())
 
 
 def _nothing() -> None:
@@ -210,8 +225,8 @@ def _nothing() -> None:
 
 def protocol(settings: Settings) -> str:
     """The `http` option for uvicorn: this module's protocol when the settings ask for the fast
-    path and `check()` passed, else uvicorn's own choice."""
-    return PROTOCOL if path_in_use(settings) == "fast" else "auto"
+    path and `check()` passed, else uvicorn's own; either behind service.edge.guard's limits."""
+    return PROTOCOL if path_in_use(settings) == "fast" else STOCK_PROTOCOL
 
 
 def path_in_use(settings: Settings) -> str:

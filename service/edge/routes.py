@@ -55,6 +55,12 @@ def admin(request: Request) -> ModelManager:
     return manager_of(request)
 
 
+async def detailed_status(name: str, manager: ModelManager = Depends(admin)) -> Response:
+    """GET /models's entry for `name`, with why each refused version was refused (the reasons
+    name files and carry exception text, so they are not public)."""
+    return as_response(json_reply(manager.detailed_status(name)))
+
+
 async def reload(name: str, manager: ModelManager = Depends(admin)) -> Response:
     """Check the repository for `name` now instead of at the next poll."""
     return as_response(json_reply(await manager.reload(name)))
@@ -81,6 +87,7 @@ def register(app: FastAPI) -> None:
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/models", models, methods=["GET"])
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"])
+    app.add_api_route("/models/{name}/status", detailed_status, methods=["GET"])
     app.add_api_route("/models/{name}/reload", reload, methods=["POST"])
     app.add_api_route("/models/{name}/rollback", rollback, methods=["POST"])
     app.add_api_route("/models/{name}/pin/{version}", pin, methods=["POST"])

@@ -125,7 +125,7 @@ class ModelManager:
         if len(self.slots) == 1:
             return next(iter(self.slots))
         if not self.slots:
-            raise NotReady(f"the repository {self.repository} holds no ensemble yet")
+            raise NotReady("the repository holds no ensemble yet")
         raise ModelNotFound(
             f"the repository holds several ensembles ({', '.join(sorted(self.slots))}); set "
             "ENSEMBLE_DEFAULT_MODEL or call /v1/models/<name>:predict"
@@ -144,7 +144,7 @@ class ModelManager:
         if live:
             return True, ", ".join(f"{e.name} version {e.version} is live" for e in live)
         if not self.slots:
-            return False, f"the repository {self.repository} holds no ensemble yet"
+            return False, "the repository holds no ensemble yet"
         return False, "; ".join(f"{s.name}: {self._why_not(s)}" for s in self.slots.values())
 
     def _why_not(self, slot: ModelSlot) -> str:
@@ -152,7 +152,9 @@ class ModelManager:
             return f"version {slot.loading} is loading"
         if slot.failures:
             v = max(slot.failures)
-            return f"version {v} failed: {slot.failures[v].reason}"
+            # the category only: this text reaches clients (503s, /readyz); the reason is logged
+            return (f"version {v} failed its checks ({slot.failures[v].category}; the reason is in the "
+                    f"log and at GET /models/{slot.name}/status)")
         return "no committed version (a version folder needs its manifest.json)"
 
     # -- loading side -------------------------------------------------------------------------
@@ -231,7 +233,7 @@ class ModelManager:
         """Check the repository now (admin), instead of at the next poll."""
         self._slot(name)
         await self.poll_once()
-        return self.status_of(name)
+        return self.status_of(name, detail=True)
 
     async def rollback(self, name: str) -> dict:
         """Make the previous version live again at once, and pin it until told otherwise.
@@ -247,7 +249,7 @@ class ModelManager:
         self.swap(slot, target)
         self.metrics.model_pinned_version.labels(name).set(target.version)
         log.warning("%s rolled back to version %d, pinned", name, target.version)
-        return self.status_of(name)
+        return self.status_of(name, detail=True)
 
     async def pin(self, name: str, version: int) -> dict:
         """Serve `version` from now on, whatever is published later; loads it if needed. A version
@@ -270,14 +272,14 @@ class ModelManager:
                                        f"{slot.failures[version].reason}")
             self.metrics.model_pinned_version.labels(name).set(version)
         log.warning("%s pinned to version %d", name, version)
-        return self.status_of(name)
+        return self.status_of(name, detail=True)
 
     async def unpin(self, name: str) -> dict:
         """Back to the configured policy (normally: the newest good version)."""
         self._slot(name)
         self._record_pin(name, None)
         await self.poll_once()
-        return self.status_of(name)
+        return self.status_of(name, detail=True)
 
     def _record_pin(self, name: str, version: int | None) -> None:
         """Pin (or unpin, None) where every replica reads it; 409 if it cannot be shared."""
@@ -344,8 +346,14 @@ class ModelManager:
         names, skipped = scan_names_entries(self.repository)
         return [self.status_of(name) for name in names], [vars(s) for s in skipped]
 
-    def status_of(self, name: str) -> dict:
-        """One ensemble's versions and their states, and the entries skipped in its folder."""
+    def status_of(self, name: str, detail: bool = False) -> dict:
+        """One ensemble's versions and their states, and the entries skipped in its folder;
+        with `detail` (admins), why each failed version failed."""
         folders, skipped = scan_model_entries(self.repository, name)
         return ensemble_status(self.slots.get(name, ModelSlot(name)), folders, self.policy_of(name),
-                               self.pins.get(name) is not None, skipped)
+                               self.pins.get(name) is not None, skipped, detail)
+
+    def detailed_status(self, name: str) -> dict:
+        """status_of with the reasons, for the admin route; 404 for an unknown ensemble."""
+        self._slot(name)
+        return self.status_of(name, detail=True)

@@ -9,9 +9,11 @@ from service.lifecycle.slots import ModelSlot
 from service.repository import Skipped, VersionDir
 
 
-def version_entry(slot: ModelSlot, folder: VersionDir) -> dict:
+def version_entry(slot: ModelSlot, folder: VersionDir, detail: bool = False) -> dict:
     """One version folder: its state (live, loading, failed, uncommitted, previous, available),
-    why it failed, and for a loaded version its manifest's facts and engine."""
+    the category of its failure (with `detail`, the reason too: it may name files and carry
+    exception text, so only admins see it), and for a loaded version its manifest's facts and
+    engine."""
     live = slot.live.version if slot.live is not None else None
     previous = slot.previous.version if slot.previous is not None else None
     entry: dict = {"version": folder.version}
@@ -22,8 +24,10 @@ def version_entry(slot: ModelSlot, folder: VersionDir) -> dict:
     elif folder.version in slot.failures:
         failure = slot.failures[folder.version]
         entry["state"] = "uncommitted" if failure.category == "uncommitted" else "failed"
-        entry.update(reason=failure.reason, category=failure.category,
+        entry.update(category=failure.category,
                      failed_at=datetime.fromtimestamp(failure.at, timezone.utc).isoformat())
+        if detail:
+            entry["reason"] = failure.reason
     elif not folder.committed:
         entry["state"] = "uncommitted"
     elif folder.version == previous:
@@ -39,12 +43,12 @@ def version_entry(slot: ModelSlot, folder: VersionDir) -> dict:
 
 
 def ensemble_status(slot: ModelSlot, folders: list[VersionDir], policy: Literal["latest"] | int,
-                    pinned: bool, skipped: list[Skipped] = ()) -> dict:
+                    pinned: bool, skipped: list[Skipped] = (), detail: bool = False) -> dict:
     """One ensemble for GET /models: live and previous versions, policy, every folder newest
     first, and the entries of its folder that are not versions (with why)."""
     return {"name": slot.name,
             "live": slot.live.version if slot.live is not None else None,
             "previous": slot.previous.version if slot.previous is not None else None,
             "policy": policy, "pinned": pinned,
-            "versions": [version_entry(slot, folder) for folder in reversed(folders)],
+            "versions": [version_entry(slot, folder, detail) for folder in reversed(folders)],
             "skipped": [vars(s) for s in skipped]}

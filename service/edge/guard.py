@@ -1,0 +1,197 @@
+"""Slow and oversized clients: a request's head must arrive whole within `header_timeout_seconds`
+of its first byte and hold at most `max_header_bytes`; its body may not pause longer than
+`body_timeout_seconds` between two reads. Past those, 431 (too large) or 408 (too slow) and the
+connection is closed, as a reverse proxy would (nginx: client_header_timeout,
+client_body_timeout, large_client_header_buffers; Node: headersTimeout, maxHeaderSize).
+
+uvicorn has none of these (a 1 MiB header line is accepted, and a client sending a byte now and
+then holds its connection and buffer for ever), so `guarded(cls)` wraps whichever HTTP protocol
+serves (the fast path's or uvicorn's own), through asyncio's public Protocol interface only:
+`connection_made`, `data_received`, `connection_lost`. It follows the byte stream's framing
+(the head up to its blank line, then a body of Content-Length bytes or of chunks) to know where
+each request starts, and hands every byte on unchanged; the protocol's own parser still decides
+what the bytes mean. A stream it cannot follow (a malformed length) is left to that parser,
+which refuses it.
+
+408 and 431 are written only where no other response can be on its way: on a connection's first
+request. On a later one (a response to a pipelined request may still be coming) the connection
+is closed without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, IDLE, UNGUARDED = range(8)
+_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.IGNORECASE)
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def refusal(status: int, message: str) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, with a JSON error body."""
+    body = b'{"error": "' + message.encode() + b'"}'
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))) + body
+
+
+def limits_of(app) -> Settings:
+    """The settings of the application under uvicorn's middleware (the Edge has them)."""
+    for _ in range(8):
+        settings = getattr(app, "settings", None)
+        if isinstance(settings, Settings):
+            return settings
+        app = getattr(app, "app", None)
+    return Settings()
+
+
+def guarded(protocol_class: type) -> type:
+    """`protocol_class` with the limits above on every connection."""
+
+    class Guarded(protocol_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            settings = limits_of(self.app)
+            self._max_head = settings.max_header_bytes
+            self._head_timeout = settings.header_timeout_seconds
+            self._body_timeout = settings.body_timeout_seconds
+            self._state, self._head, self._left, self._line = HEAD, bytearray(), 0, bytearray()
+            self._requests, self._timer, self._transport = 0, None, None
+
+        def connection_made(self, transport) -> None:
+            self._transport, self._clock = transport, asyncio.get_running_loop()
+            super().connection_made(transport)
+            self._arm(self._head_timeout, "its request head")  # a connection that sends nothing too
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._state != UNGUARDED:
+                refused = self._follow(data)
+                if refused is not None:
+                    self._refuse(*refused)
+                    return
+            super().data_received(data)
+
+        # -- the framing ---------------------------------------------------------------------
+
+        def _follow(self, data: bytes) -> tuple[int, str] | None:
+            """Advance through `data`; (status, message) if the request must be refused."""
+            i, n = 0, len(data)
+            while i < n:
+                state = self._state
+                if state == IDLE:  # the first byte of the next request starts its clock
+                    self._state, self._head = HEAD, bytearray()
+                    self._arm(self._head_timeout, "its request head")
+                    continue
+                if state == HEAD:
+                    end = (bytes(self._head[-3:]) + data[i:]).find(b"\r\n\r\n")
+                    take = n - i if end < 0 else end + 4 - min(3, len(self._head))
+                    self._head += data[i:i + take]
+                    i += take
+                    if len(self._head) > self._max_head:
+                        return 431, f"the request head is larger than {self._max_head} bytes"
+                    if end >= 0:
+                        self._head_done()
+                elif state == BODY:
+                    take = min(self._left, n - i)
+                    self._left -= take
+                    i += take
+                    if self._left == 0:
+                        self._request_done()
+                    else:
+                        self._arm(self._body_timeout, "the rest of its body")
+                elif state in (CHUNK_SIZE, CHUNK_END, TRAILERS):
+                    end = data.find(b"\n", i)
+                    stop = n if end < 0 else end + 1
+                    self._line += data[i:stop]
+                    i = stop
+                    if len(self._line) > self._max_head:
+                        return 431, f"a chunk header is larger than {self._max_head} bytes"
+                    if end >= 0:
+                        self._line_done()
+                    self._arm(self._body_timeout, "the rest of its body")
+                elif state == CHUNK_DATA:
+                    take = min(self._left, n - i)
+                    self._left -= take
+                    i += take
+                    if self._left == 0:
+                        self._state = CHUNK_END
+                    self._arm(self._body_timeout, "the rest of its body")
+                else:  # UNGUARDED
+                    break
+            return None
+
+        def _head_done(self) -> None:
+            head = bytes(self._head)
+            if head.strip(b"\r\n") == b"":  # blank lines between requests: still waiting for one
+                self._head = bytearray()
+                return
+            self._requests += 1
+            if _CHUNKED.search(head):
+                self._state, self._line = CHUNK_SIZE, bytearray()
+                self._arm(self._body_timeout, "the rest of its body")
+                return
+            m = _LENGTH.search(head)
+            self._left = int(m.group(1)) if m else 0
+            if self._left:
+                self._state = BODY
+                self._arm(self._body_timeout, "the rest of its body")
+            else:
+                self._request_done()
+
+        def _line_done(self) -> None:
+            line, self._line = bytes(self._line).strip(), bytearray()
+            if self._state == CHUNK_END:  # the CRLF after a chunk's data
+                self._state = CHUNK_SIZE
+            elif self._state == CHUNK_SIZE:
+                try:
+                    size = int(line.split(b";")[0], 16)
+                except ValueError:  # the protocol's parser refuses it; not ours to follow
+                    self._state = UNGUARDED
+                    self._disarm()
+                    return
+                self._state, self._left = (TRAILERS, 0) if size == 0 else (CHUNK_DATA, size)
+            elif not line:  # TRAILERS: the blank line that ends them
+                self._request_done()
+
+        def _request_done(self) -> None:
+            self._state = IDLE
+            self._disarm()  # between requests, uvicorn's keep-alive timeout applies
+
+        # -- timers and refusals -------------------------------------------------------------
+
+        def _arm(self, seconds: float, what: str) -> None:
+            self._disarm()
+            self._timer = self._clock.call_later(seconds, self._expired, what)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expired(self, what: str) -> None:
+            self._timer = None
+            self._refuse(408, f"the client took too long to send {what}")
+
+        def _refuse(self, status: int, message: str) -> None:
+            self._disarm()
+            self._state = UNGUARDED
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            if self._requests == 0:  # the first request's head: no response can be on its way
+                transport.write(refusal(status, message))
+            log.info("closed a connection from %s: %s", transport.get_extra_info("peername"), message)
+            transport.close()
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{protocol_class.__name__}"
+    return Guarded

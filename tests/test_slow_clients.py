@@ -1,0 +1,117 @@
+"""Slow and oversized clients (service.edge.guard), on both HTTP paths: a head too large is a 431,
+a head or a body too slow is a 408 or a close, and a few hundred stalled connections neither
+slow a normal client down nor stay open."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.server import ServerProcess
+from tests.test_fast_http import exchange, post
+
+STALLED = 300
+
+
+@pytest.mark.parametrize("path", ["fast", "stock"])
+def test_a_head_over_the_limit_is_431_and_the_connection_closed(path):
+    from service.edge import fast_http
+
+    cls = fast_http.GuardedOneWriteProtocol if path == "fast" else fast_http.GuardedStockProtocol
+    head = b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20_000 + b"\r\n\r\n"
+    t = exchange(head[:5000], head[5000:], cls=cls)
+    assert t.writes and t.writes[0].startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert b"larger than 16384 bytes" in t.writes[0] and t.closed_by_server
+
+
+@pytest.mark.parametrize("path", ["fast", "stock"])
+def test_bodies_and_pipelined_requests_pass_the_guard_unchanged(path):
+    from service.edge import fast_http
+
+    cls = fast_http.GuardedOneWriteProtocol if path == "fast" else fast_http.GuardedStockProtocol
+    chunked = (b"POST /other HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\ntrailer: x\r\n\r\n")
+    stream = post("/other", b"x" * 100) + chunked + b"\r\n" + post("/other", b"last")
+    t = exchange(*[stream[i:i + 7] for i in range(0, len(stream), 7)], cls=cls)  # 7 bytes at a time
+    responses = b"".join(t.writes).split(b"HTTP/1.1 ")[1:]  # the stock protocol writes head and body apart
+    assert [r.partition(b"\r\n\r\n")[2] for r in responses] == [b"x" * 100, b"abcde", b"last"]
+    assert not t.closed_by_server
+
+
+def stalled_connections(port: int, n: int, body: bool) -> list[socket.socket]:
+    """n connections that start a request and stop: mid-head, or mid-body."""
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        if body:
+            s.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"instances\"")
+        else:
+            s.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-")
+        conns.append(s)
+    return conns
+
+
+def latencies(client: httpx.Client, n: int) -> np.ndarray:
+    one_row = {"instances": [[[[0]] * 8] * 8]}
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        assert client.post("/predict", json=one_row).status_code == 200
+        out.append(time.perf_counter() - started)
+    return np.array(out)
+
+
+def closed_by_server(conns: list[socket.socket], within: float) -> tuple[int, int]:
+    """(closed, answered 408) of the connections, waiting up to `within` seconds for each."""
+    closed = answered = 0
+    deadline = time.monotonic() + within
+    for s in conns:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = s.recv(4096)
+            while data and not data.endswith(b"}"):
+                more = s.recv(4096)
+                if not more:
+                    break
+                data += more
+            answered += data.startswith(b"HTTP/1.1 408 ")
+            closed += s.recv(1) == b"" if data else 1
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            s.close()
+    return closed, answered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast_path", ["true", "false"])
+def test_stalled_clients_are_closed_and_do_not_slow_a_normal_client(trained_repository, fast_path):
+    server = ServerProcess(trained_repository, env={
+        "ENSEMBLE_HTTP_FAST_PATH": fast_path, "ENSEMBLE_HEADER_TIMEOUT_SECONDS": "3",
+        "ENSEMBLE_BODY_TIMEOUT_SECONDS": "3"}).start()
+    try:
+        with httpx.Client(base_url=server.base, timeout=10) as client:
+            latencies(client, 200)  # warm
+            calm = latencies(client, 1000)
+            heads = stalled_connections(server.port, STALLED, body=False)
+            bodies = stalled_connections(server.port, 20, body=True)
+            stalled = latencies(client, 1000)
+            opened = time.monotonic()
+            heads_closed, heads_408 = closed_by_server(heads, within=10)
+            bodies_closed, _ = closed_by_server(bodies, within=10)
+            waited = time.monotonic() - opened
+        p99_calm, p99_stalled = np.percentile(calm, 99) * 1000, np.percentile(stalled, 99) * 1000
+        print(f"\n[figures] slow clients ({'fast path' if fast_path == 'true' else 'stock'}): p99 calm "
+              f"{p99_calm:.2f} ms, with {STALLED} stalled heads and 20 stalled bodies {p99_stalled:.2f} ms "
+              f"({p99_stalled / p99_calm:.2f}x); closed {heads_closed}/{STALLED} heads ({heads_408} with a 408) "
+              f"and {bodies_closed}/20 bodies within {waited:.1f} s")
+        assert p99_stalled <= 2 * p99_calm, (p99_calm, p99_stalled)
+        assert heads_closed == STALLED and heads_408 == STALLED
+        assert bodies_closed == 20
+        assert "Traceback" not in server.output()
+    finally:
+        server.kill()
