@@ -183,19 +183,20 @@ def test_limits_derive_from_the_model():
 
 def test_bytes_in_flight_keep_a_pool_for_small_bodies():
     pool = InflightBytes(budget=1_000_000, small_pool=SMALL_BODY * 2)
-    big, big2, small = Hold(), Hold(), Hold()
-    assert pool.grow(big, 900_000)
-    assert not pool.grow(big2, 200_000)  # past the budget: refused, nothing held
+    assert pool.reserve(900_000)
+    assert not pool.reserve(200_000)  # past the budget: refused, nothing held
     assert pool.held == 900_000
-    assert pool.grow(small, 300)  # small requests go on while large ones fill the budget
-    pool.release(big)
-    assert pool.grow(big2, 200_000)
+    assert pool.reserve(300)  # small requests go on while large ones fill the budget
+    pool.release(900_000)
+    assert pool.reserve(200_000)
     # a body that arrives in chunks moves from the small pool to the budget as it grows
     chunked = Hold()
     assert pool.grow(chunked, 1000) and pool.grow(chunked, SMALL_BODY + 1)
     assert (chunked.small, chunked.large) == (0, SMALL_BODY + 1)
-    for h in (small, big2, chunked):
-        pool.release(h)
+    assert not pool.grow(chunked, 2_000_000) and chunked.large == SMALL_BODY + 1  # refused: unchanged
+    pool.release(300)
+    pool.release(200_000)
+    pool.release_hold(chunked)
     assert pool.held == 0 and pool.small == 0 and pool.large == 0
 
 

@@ -125,3 +125,26 @@ def test_schedule_refuses_bad_cron_and_interval(tmp_path, capsys):
     assert "not a valid cron expression" in capsys.readouterr().err
     assert main(["schedule", "--every", "soon", "--repository", str(tmp_path)]) == EXIT_USAGE
     assert "not an interval" in capsys.readouterr().err
+
+
+def test_a_second_trainer_of_the_same_ensemble_stops_at_once_and_says_who_holds_it(tmp_path, capsys):
+    """The seed Job, the CronJob and a manual run share the tuner folder and backups of a name:
+    the pipeline's own lock lets one at a time through."""
+    import os
+    import time
+
+    from training.lock import one_trainer
+
+    work = tmp_path / "work"
+    with one_trainer(work, "digits"):
+        started = time.monotonic()
+        code = main(["--data", "digits", "--name", "digits", "--repository", str(tmp_path / "models"),
+                     "--work-dir", str(work), *FAST])
+        assert time.monotonic() - started < 10  # refused before loading anything
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED and f"another training run of 'digits' is running (pid {os.getpid()}" in err
+    assert "nothing was published" in err and scan_model(tmp_path / "models", "digits") == []
+    with one_trainer(work, "other"):  # another name is another lock
+        pass
+    with one_trainer(work, "digits"):  # released when its holder is done
+        pass

@@ -19,8 +19,9 @@ from training.data import DataOptions, Splits, fingerprint, normalization_stats,
 from training.evaluate import METRICS, average_probabilities, classification_metrics, format_table
 from training.gate import GateDecision, champion_on, decide
 from training.members import STRATEGIES, MemberOptions, RunPlan
+from training.lock import one_trainer
 from training.publish import MemberArtifact, check_writable, publish_version
-from training.tune import SearchBudget
+from training.tune import SearchBudget, is_distributed_worker
 
 DEFAULT_MEMBERS = {"tuned": 1, "seed": 2, "snapshot": 1, "swa": 1}
 
@@ -102,17 +103,25 @@ def run_key(run: RunPlan) -> str:
 
 def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -> TrainResult | None:
     """Run the whole pipeline. Returns None in a distributed-tuning worker (it only runs trials).
-    Raises, publishing nothing, on failure."""
+    Raises, publishing nothing, on failure, and at once (TrainingBusy) while another run of the
+    same ensemble holds its lock (a distributed-tuning worker takes none: it shares its chief's)."""
+    check_writable(config.repository)
+    if is_distributed_worker():
+        return _train(config, report)
+    with one_trainer(config.resolved_work_dir(), config.name):
+        return _train(config, report)
+
+
+def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | None:
     # Heavy imports here so `--help` and argument errors are instant.
     import keras
 
     from training.hypermodel import SEARCH_SPACE_VERSION, EnsembleHyperModel
     from training.members import MemberTrainer, config_values, plan_runs, predict_saved_model
-    from training.tune import is_distributed_worker, search
+    from training.tune import search
     from training.weighting import fit_weights
 
     started = time.monotonic()
-    check_writable(config.repository)
     data = open_source(config.data, config.data_options).load()
     splits: Splits = split(data, config.seed, config.val_fraction, config.test_fraction)
     report(f"[data] {data.source}: {len(data.y)} rows of shape {list(data.input_shape)}, "

@@ -63,23 +63,58 @@ def guarded(protocol_class: type) -> type:
             self._body_timeout = settings.body_timeout_seconds
             self._state, self._head, self._left, self._line = HEAD, bytearray(), 0, bytearray()
             self._requests, self._timer, self._transport = 0, None, None
+            self._deadline: float | None = None  # when the part of a request now awaited is late
+            self._awaited = ""
 
         def connection_made(self, transport) -> None:
             self._transport, self._clock = transport, asyncio.get_running_loop()
             super().connection_made(transport)
-            self._arm(self._head_timeout, "its request head")  # a connection that sends nothing too
+            self._expect(self._head_timeout, "its request head")  # a connection that sends nothing too
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._state != UNGUARDED:
+            state = self._state
+            if state == IDLE or (state == HEAD and not self._head):
+                if not self._whole_request(data):
+                    refused = self._follow(data)
+                    if refused is not None:
+                        return self._refuse(*refused)
+            elif state != UNGUARDED:
                 refused = self._follow(data)
                 if refused is not None:
-                    self._refuse(*refused)
-                    return
+                    return self._refuse(*refused)
             super().data_received(data)
+
+        def _whole_request(self, data: bytes) -> bool:
+            """The common case, followed cheaply: `data` starts a request and holds its whole
+            head, and its body or the start of it (nothing after). False: not that case, and
+            nothing was followed."""
+            end = data.find(b"\r\n\r\n")
+            if end < 0 or end + 4 > self._max_head or data.startswith(b"\r\n"):
+                return False
+            head = data[:end + 2].lower()  # header names are case-insensitive, with no space before ":"
+            if b"\r\ntransfer-encoding:" in head:
+                return False
+            at = head.find(b"\r\ncontent-length:")
+            length = 0
+            if at >= 0:
+                value = head[at + 17:head.find(b"\r\n", at + 17)].strip(b" \t")
+                if not (value.isdigit() and len(value) <= 18):
+                    return False
+                length = int(value)
+            left = length - (len(data) - end - 4)
+            if left < 0:  # pipelined: another request follows in the same bytes
+                return False
+            self._requests += 1
+            if left:
+                self._state, self._left = BODY, left
+                self._expect(self._body_timeout, "the rest of its body")
+            else:
+                self._state, self._deadline = IDLE, None
+            return True
 
         # -- the framing ---------------------------------------------------------------------
 
@@ -90,7 +125,7 @@ def guarded(protocol_class: type) -> type:
                 state = self._state
                 if state == IDLE:  # the first byte of the next request starts its clock
                     self._state, self._head = HEAD, bytearray()
-                    self._arm(self._head_timeout, "its request head")
+                    self._expect(self._head_timeout, "its request head")
                     continue
                 if state == HEAD:
                     end = (bytes(self._head[-3:]) + data[i:]).find(b"\r\n\r\n")
@@ -108,7 +143,7 @@ def guarded(protocol_class: type) -> type:
                     if self._left == 0:
                         self._request_done()
                     else:
-                        self._arm(self._body_timeout, "the rest of its body")
+                        self._expect(self._body_timeout, "the rest of its body")
                 elif state in (CHUNK_SIZE, CHUNK_END, TRAILERS):
                     end = data.find(b"\n", i)
                     stop = n if end < 0 else end + 1
@@ -118,14 +153,14 @@ def guarded(protocol_class: type) -> type:
                         return 431, f"a chunk header is larger than {self._max_head} bytes"
                     if end >= 0:
                         self._line_done()
-                    self._arm(self._body_timeout, "the rest of its body")
+                    self._expect(self._body_timeout, "the rest of its body")
                 elif state == CHUNK_DATA:
                     take = min(self._left, n - i)
                     self._left -= take
                     i += take
                     if self._left == 0:
                         self._state = CHUNK_END
-                    self._arm(self._body_timeout, "the rest of its body")
+                    self._expect(self._body_timeout, "the rest of its body")
                 else:  # UNGUARDED
                     break
             return None
@@ -138,13 +173,13 @@ def guarded(protocol_class: type) -> type:
             self._requests += 1
             if _CHUNKED.search(head):
                 self._state, self._line = CHUNK_SIZE, bytearray()
-                self._arm(self._body_timeout, "the rest of its body")
+                self._expect(self._body_timeout, "the rest of its body")
                 return
             m = _LENGTH.search(head)
             self._left = int(m.group(1)) if m else 0
             if self._left:
                 self._state = BODY
-                self._arm(self._body_timeout, "the rest of its body")
+                self._expect(self._body_timeout, "the rest of its body")
             else:
                 self._request_done()
 
@@ -164,23 +199,31 @@ def guarded(protocol_class: type) -> type:
                 self._request_done()
 
         def _request_done(self) -> None:
-            self._state = IDLE
-            self._disarm()  # between requests, uvicorn's keep-alive timeout applies
+            self._state, self._deadline = IDLE, None  # between requests, uvicorn's keep-alive timeout applies
 
-        # -- timers and refusals -------------------------------------------------------------
+        # -- deadlines and refusals ----------------------------------------------------------
 
-        def _arm(self, seconds: float, what: str) -> None:
-            self._disarm()
-            self._timer = self._clock.call_later(seconds, self._expired, what)
+        def _expect(self, seconds: float, what: str) -> None:
+            """The part of the request now awaited (`what`) must arrive within `seconds`. One
+            timer per connection, re-armed only when it fires early: a request costs no timer."""
+            self._deadline, self._awaited = self._clock.time() + seconds, what
+            if self._timer is None:
+                self._timer = self._clock.call_at(self._deadline, self._check_deadline)
+
+        def _check_deadline(self) -> None:
+            self._timer = None
+            if self._deadline is None:
+                return
+            if self._clock.time() >= self._deadline:
+                self._refuse(408, f"the client took too long to send {self._awaited}")
+            else:
+                self._timer = self._clock.call_at(self._deadline, self._check_deadline)
 
         def _disarm(self) -> None:
+            self._deadline = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-
-        def _expired(self, what: str) -> None:
-            self._timer = None
-            self._refuse(408, f"the client took too long to send {what}")
 
         def _refuse(self, status: int, message: str) -> None:
             self._disarm()

@@ -132,6 +132,7 @@ class Inference:
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, state: Any):
         self.settings, self.metrics, self.state = settings, metrics, state
+        self._value_limits: dict[tuple[int, ...], int] = {}
 
     def ensemble(self, name: str | None, version: str | None) -> Ensemble:
         """The named ensemble's live version, or the loaded `version`; the default with no name."""
@@ -144,8 +145,12 @@ class Inference:
 
     def json_value_limit(self, ensemble: Ensemble) -> int:
         """The most JSON values a valid request to `ensemble` holds (service.edge.limits)."""
-        return json_value_limit(ensemble.input_spec, self.settings.max_rows_per_request,
-                                self.settings.max_json_values)
+        shape = ensemble.input_spec.shape
+        limit = self._value_limits.get(shape)
+        if limit is None:
+            limit = self._value_limits[shape] = json_value_limit(
+                ensemble.input_spec, self.settings.max_rows_per_request, self.settings.max_json_values)
+        return limit
 
     async def infer(self, call: Call, ensemble: Ensemble, x):
         """(averaged, per-member) probabilities of the rows x, computed in some batch."""
@@ -165,7 +170,7 @@ class Edge:
         self.metrics = metrics
         self.inference = Inference(settings, metrics, app.state)
         self.inflight = InflightBytes(settings.max_inflight_bytes)
-        self._limit: tuple[tuple, int] = ((), settings.max_body_bytes)
+        self._limit: tuple[int, int] = (-1, settings.max_body_bytes)  # (manager generation, limit)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -189,7 +194,7 @@ class Edge:
                 reply = await self._answer(scope["path"], handler, params, headers, scope["query_string"], body)
             finally:
                 body = None
-                self.inflight.release(hold)
+                self.inflight.release_hold(hold)
         await send({"type": "http.response.start", "status": reply.status, "headers": reply.head()})
         await send({"type": "http.response.body", "body": reply.body})
         self.count(template, reply.status, started)
@@ -219,17 +224,16 @@ class Edge:
         """What `direct_reply` needs to answer a POST on `path`, or None: not an inference route."""
         return match_route(path)
 
-    def admit(self, length: int) -> Hold | None:
-        """The bytes a body of `length` will hold, if it is within the body limit and the bytes
-        in flight allow; else None, and the ASGI path refuses it (413 or 429)."""
-        hold = Hold()
-        if length <= self.body_limit() and self.inflight.grow(hold, length):
-            return hold
+    def admit(self, length: int) -> int | None:
+        """The bytes a body of `length` will hold (`length`), reserved, if it is within the body
+        limit and the bytes in flight allow; else None, and the ASGI path refuses it (413 or 429)."""
+        if length <= self.body_limit() and self.inflight.reserve(length):
+            return length
         return None
 
-    def release(self, hold: Hold) -> None:
+    def release(self, held: int) -> None:
         """The request `admit` admitted is over: its bytes are free again."""
-        self.inflight.release(hold)
+        self.inflight.release(held)
 
     async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
                            raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
@@ -261,13 +265,12 @@ class Edge:
     def body_limit(self) -> int:
         """The largest body a valid request to the loaded ensembles can need, and never more
         than max_body_bytes (that alone while none is loaded)."""
-        loaded = tuple(e for slot in self.inference.state.manager.slots.values()
-                       for e in (slot.live, slot.previous) if e is not None)
-        key = tuple(map(id, loaded))
-        if key != self._limit[0]:  # the loaded versions changed: work it out again
+        manager = self.inference.state.manager
+        if manager.generation != self._limit[0]:  # a version was swapped: work it out again
+            loaded = [e for slot in manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
             rows = self.settings.max_rows_per_request
             needed = max((largest_body(e.input_spec, rows) for e in loaded), default=self.settings.max_body_bytes)
-            self._limit = (key, min(needed, self.settings.max_body_bytes))
+            self._limit = (manager.generation, min(needed, self.settings.max_body_bytes))
         return self._limit[1]
 
     def _take(self, hold: Hold, size: int, limit: int, declared: str | None = None) -> None:

@@ -26,7 +26,6 @@ queued rows (`max_queue_rows`) and the batches computing; docs/operations.md sta
 from __future__ import annotations
 
 import math
-import threading
 from functools import lru_cache
 
 from service.repository import InputSpec
@@ -70,7 +69,7 @@ def json_values(body: bytes) -> int:
 
 
 class Hold:
-    """The bytes one request holds of an InflightBytes budget."""
+    """The bytes a body of unknown length (chunked) holds of an InflightBytes budget so far."""
 
     __slots__ = ("small", "large")
 
@@ -79,37 +78,54 @@ class Hold:
 
 
 class InflightBytes:
-    """Bytes of request bodies held at once: a request's Hold grows to its body's size before
-    the body is read (at once with a Content-Length, chunk by chunk without), and is released
-    when its request is answered. Thread-safe."""
+    """Bytes of request bodies held at once. A body of known length is reserved whole before it
+    is read (`reserve`, `release`); one without grows its Hold chunk by chunk (`grow`,
+    `release_hold`). A body up to SMALL_BODY is held in the small pool, a larger one in the
+    main budget. Used from the event loop's thread only (both HTTP paths run there), so it
+    takes no lock."""
 
     def __init__(self, budget: int, small_pool: int = SMALL_POOL):
         self.budget, self.small_pool = budget, small_pool
         self.large = self.small = 0
-        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        """Hold n bytes if the budget allows; False (nothing held) if it does not."""
+        if n <= SMALL_BODY:
+            if self.small + n > self.small_pool:
+                return False
+            self.small += n
+        else:
+            if self.large + n > self.budget:
+                return False
+            self.large += n
+        return True
+
+    def release(self, n: int) -> None:
+        """Give back what `reserve(n)` held."""
+        if n <= SMALL_BODY:
+            self.small -= n
+        else:
+            self.large -= n
 
     def grow(self, hold: Hold, total: int) -> bool:
-        """Make `hold` cover `total` bytes if the budget allows; False (hold unchanged) if not.
-        A body up to SMALL_BODY is held in the small pool; a larger one in the main budget."""
-        with self._lock:
-            if total <= SMALL_BODY:
-                if self.small + total - hold.small > self.small_pool:
-                    return False
-                self.small += total - hold.small
-                hold.small = total
-                return True
-            if self.large + total - hold.large > self.budget:
+        """Make `hold` cover `total` bytes if the budget allows; False (hold unchanged) if not."""
+        if total <= SMALL_BODY:
+            if self.small + total - hold.small > self.small_pool:
                 return False
-            self.large += total - hold.large
-            self.small -= hold.small
-            hold.large, hold.small = total, 0
+            self.small += total - hold.small
+            hold.small = total
             return True
+        if self.large + total - hold.large > self.budget:
+            return False
+        self.large += total - hold.large
+        self.small -= hold.small
+        hold.large, hold.small = total, 0
+        return True
 
-    def release(self, hold: Hold) -> None:
-        with self._lock:
-            self.small -= hold.small
-            self.large -= hold.large
-            hold.small = hold.large = 0
+    def release_hold(self, hold: Hold) -> None:
+        self.small -= hold.small
+        self.large -= hold.large
+        hold.small = hold.large = 0
 
     @property
     def held(self) -> int:

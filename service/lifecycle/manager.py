@@ -89,6 +89,7 @@ class ModelManager:
         self.pins = pins or PinStore()
         self.loader_duty_cycle = loader_duty_cycle
         self.slots: dict[str, ModelSlot] = {}
+        self.generation = 0  # counts the swaps: what derives from the loaded versions can be kept until it changes
         self._first_swap = True
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader",
                                            initializer=lower_thread_priority)
@@ -331,6 +332,7 @@ class ModelManager:
         """Make `ensemble` live; the old live version becomes the previous one, older ones go."""
         dropped = slot.previous if slot.previous is not ensemble else None
         slot.previous, slot.live = slot.live, ensemble
+        self.generation += 1
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
         log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, ensemble.engine.kind)
