@@ -207,6 +207,9 @@ def guarded(protocol_class: type) -> type:
             """The part of the request now awaited (`what`) must arrive within `seconds`. One
             timer per connection, re-armed only when it fires early: a request costs no timer."""
             self._deadline, self._awaited = self._clock.time() + seconds, what
+            if self._timer is not None and self._timer.when() > self._deadline:  # due sooner now
+                self._timer.cancel()
+                self._timer = None
             if self._timer is None:
                 self._timer = self._clock.call_at(self._deadline, self._check_deadline)
 
