@@ -53,17 +53,35 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, other
 
 
-def measure(server: Server, one: bytes, many: bytes, binary: bytes, header: int, name: str, d: float) -> dict:
+FIGURES = ("c1", "c32", "json256", "bin256")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), sum(fields) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(server: Server, one: bytes, many: bytes, binary: bytes, header: int, name: str, d: float,
+            figures: tuple[str, ...] = FIGURES) -> dict:
     url = server.url("/predict")
     wrk(url, one, 4, 2)  # warm-up
-    r = {"c1": wrk(url, one, 1, d)}
-    before = thread_cpu(server.proc.pid)
+    r = {"c1": wrk(url, one, 1, d)} if "c1" in figures else {}
+    before, machine, load = thread_cpu(server.proc.pid), machine_cpu(), os.times()
     r["c32"] = wrk(url, one, 32, d)
-    after = thread_cpu(server.proc.pid)
+    after, machine_after, load_after = thread_cpu(server.proc.pid), machine_cpu(), os.times()
     requests = r["c32"].requests_per_second * round(d)
     r["cpu"] = tuple((b - a) / requests * 1e6 for a, b in zip(before, after))  # us per request
-    r["json256"] = wrk(url, many, 4, d)
-    r["bin256"] = wrk(server.url(f"/v2/models/{name}/infer"), binary, 4, d, "application/octet-stream", header)
+    # wrk has exited: its CPU is in this process's children's times
+    r["wrk_cpu"] = ((load_after.children_user + load_after.children_system)
+                    - (load.children_user + load.children_system)) / requests * 1e6
+    r["machine_busy"] = (machine_after[0] - machine[0]) / (machine_after[1] - machine[1])
+    if "json256" in figures:
+        r["json256"] = wrk(url, many, 4, d)
+    if "bin256" in figures:
+        r["bin256"] = wrk(server.url(f"/v2/models/{name}/infer"), binary, 4, d, "application/octet-stream", header)
     return r
 
 
@@ -74,8 +92,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--arm", action="append", required=True, help="NAME=SOURCE[:VAR=VALUE,...]")
+    p.add_argument("--figures", default=",".join(FIGURES),
+                   help=f"which figures, comma-separated (the 32-connection one always). Default: {','.join(FIGURES)}")
     args = p.parse_args()
     arms = [parse_arm(a) for a in args.arm]
+    figures = tuple(args.figures.split(","))
+    if not set(figures) <= set(FIGURES):
+        p.error(f"--figures: choose among {', '.join(FIGURES)}")
     sys.path.insert(0, str(HERE.parent))
     from service.repository import read_manifest, scan_model
 
@@ -92,12 +115,13 @@ def main() -> int:
             server = Server(f"ab-{name}", argv, "/readyz", "/predict", cwd=source,
                             env={"PYTHONPATH": str(source), "ENSEMBLE_COMPILE_CACHE_DIR": caches[name], **env})
             with server:
-                r = measure(server, one, many, binary, header, args.name, args.duration)
+                r = measure(server, one, many, binary, header, args.name, args.duration, figures)
             results[name].append(r)
             print(f"round {round_ + 1} {name}: " + ", ".join(
                 f"{k} {v.requests_per_second:,.0f} req/s p50 {v.p50_ms:.2f} p99 {v.p99_ms:.2f}"
                 for k, v in r.items() if isinstance(v, Load)) +
-                ", c32 CPU us/request: loop {:.1f}, other threads {:.1f}".format(*r["cpu"]), flush=True)
+                ", c32 CPU us/request: loop {:.1f}, other threads {:.1f}".format(*r["cpu"]) +
+                f", wrk {r['wrk_cpu']:.1f}; machine busy {r['machine_busy']:.0%}", flush=True)
     print(render(results, args.duration))
     return 0
 
@@ -110,6 +134,8 @@ def render(results: dict[str, list[dict]], duration: float) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(rounds: list[dict], key: str, get) -> str:
+        if key not in rounds[0]:  # a figure not measured (--figures)
+            return "-"
         values = [get(r[key]) for r in rounds]
         shown = [*values, statistics.median(values)]
         text = [f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in shown]

@@ -17,6 +17,7 @@ from service.edge import routes, v2
 from service.edge.fast_http import path_in_use
 from service.edge.inference import Edge
 from service.edge.replies import install_error_replies
+from service.engines.base import Ensemble
 from service.engines.child import stop_all
 from service.engines.loader import EngineLoader, plan_of
 from service.lifecycle.manager import Loader, ModelManager
@@ -51,7 +52,8 @@ def create_app(
                                settings.loader_duty_cycle)
         batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                           settings.max_queue_rows, on_batch=metrics.observe_batch,
-                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads)
+                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads,
+                          annotate=Ensemble.uncertainty)
         app.state.manager, app.state.batcher = manager, batcher
         batcher.start()
         await manager.start()

@@ -9,6 +9,10 @@ finished batch's outputs to the event loop. A lone request therefore runs at onc
 under load batches grow by themselves. `max_delay_seconds` may additionally hold a partial
 batch back for company (0 by default: measured, waiting never paid off on these models).
 
+An optional `annotate` function adds per-row outputs computed from a whole batch's outputs
+(the service's uncertainty scores), vectorised over the batch on the inference thread, so the
+event loop only slices them.
+
 The queue is bounded in rows; a full queue refuses at once (429). Its depth is reported each
 time a batch is taken (what the batch left behind), not on every request. A request with
 more rows than a batch holds is split into chunks. A batch that fails fails each of its requests with
@@ -90,6 +94,7 @@ class BatchStats:
     classes: tuple[str, ...] = ()
     average: np.ndarray | None = None  # the batch's outputs, for disagreement and class metrics
     members: np.ndarray | None = None
+    scores: np.ndarray | None = None  # what `annotate` added, for the uncertainty metrics
 
 
 class Batcher:
@@ -110,6 +115,7 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         threads: int = 1,
+        annotate: Callable[[Predictor, np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_seconds < 0 or threads < 1:
             raise ValueError("max_batch_size, max_queue_rows and threads must be >= 1, max_delay_seconds >= 0")
@@ -119,6 +125,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.on_batch = on_batch or (lambda stats: None)
         self.on_depth = on_depth or (lambda depth: None)
+        self.annotate = annotate
         # Shared with the inference threads, under `_cond`'s lock: the queue, its row count,
         # the number of batches taken and not yet answered, and the stop flag.
         self._cond = threading.Condition(threading.Lock())
@@ -167,7 +174,8 @@ class Batcher:
             raise QueueFull(f"the queue is full ({self._queued_rows} rows, the limit is {self.max_queue_rows})")
 
     async def submit(self, predictor: Predictor, x: np.ndarray, deadline: float | None = None):
-        """(averaged, per-member) probabilities for x, computed in some batch."""
+        """(averaged, per-member) probabilities for x, computed in some batch, and with
+        `annotate`, its outputs for x as a third array."""
         rows = len(x)
         if self._closing:
             raise NotReady("the service is shutting down")
@@ -193,7 +201,7 @@ class Batcher:
         if len(items) == 1:
             return await items[0].future
         parts = await asyncio.gather(*(item.future for item in items))
-        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        return tuple(np.concatenate(column) for column in zip(*parts))
 
     # -- the inference thread ------------------------------------------------------------------
 
@@ -250,6 +258,7 @@ class Batcher:
             average, members = live[0].predictor.predict(x)
             if len(average) != len(x) or len(members) != len(x):
                 raise InferenceFailed(f"the ensemble returned {len(average)} rows for a batch of {len(x)}")
+            scores = None if self.annotate is None else self.annotate(live[0].predictor, average, members)
         except Exception as exc:  # every waiter gets the error, the batcher keeps serving
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}")
             log.error("batch of %d rows failed: %s", len(x), error)
@@ -258,8 +267,8 @@ class Batcher:
         classes = getattr(predictor, "classes", ())
         stats = BatchStats(len(x), len(live), [started - item.enqueued for item in live],
                            time.monotonic() - started, getattr(predictor, "name", ""), classes,
-                           average if classes else None, members if classes else None)
-        return live, expired, (average, members), stats
+                           average if classes else None, members if classes else None, scores)
+        return live, expired, (average, members) if scores is None else (average, members, scores), stats
 
     # -- back on the event loop ----------------------------------------------------------------
 
@@ -275,13 +284,22 @@ class Batcher:
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(outcome)
-        elif outcome is not None:
+        elif outcome is not None and len(outcome) == 2:
             average, members = outcome
             offset = 0
             for item in live:
                 n = len(item.x)
                 if not item.future.done():
                     item.future.set_result((average[offset:offset + n], members[offset:offset + n]))
+                offset += n
+        elif outcome is not None:
+            average, members, scores = outcome
+            offset = 0
+            for item in live:
+                n = len(item.x)
+                if not item.future.done():
+                    end = offset + n
+                    item.future.set_result((average[offset:end], members[offset:end], scores[offset:end]))
                 offset += n
         with self._cond:
             self._unanswered -= 1

@@ -33,6 +33,9 @@ RELOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Share of members disagreeing with the ensemble: k/M for M members; these bounds separate
 # every k for M <= 10 (0 is its own bucket: full agreement).
 DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Mutual information between the prediction and the member (nats): 0 when members agree, at most
+# log(members) (1.6 for five); fine steps at the low end, where in-distribution rows sit.
+MUTUAL_INFORMATION_BUCKETS = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 FAILURE_REASONS = ("uncommitted", "manifest", "checksum", "signature", "warmup", "load", "invalid")
 REJECT_REASONS = ("queue_full", "bytes_in_flight", "deadline", "too_large")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -150,6 +153,17 @@ class ServiceMetrics:
         self.disagreement = BatchHistogram(
             "ensemble_member_disagreement_ratio", "Per predicted row: share of members whose top "
             "class differs from the ensemble's", ["model"], buckets=DISAGREEMENT_BUCKETS, registry=r)
+        self.mutual_information = BatchHistogram(
+            "ensemble_mutual_information_nats", "Per predicted row: the members' disagreement as "
+            "information (service.scores), the epistemic part of its uncertainty", ["model"],
+            buckets=MUTUAL_INFORMATION_BUCKETS, registry=r)
+        self.reference_mutual_information = Gauge(
+            "ensemble_reference_mutual_information_nats", "Mean mutual information of the live "
+            "version on its validation split (the level a drift alert compares with; 0: not recorded)",
+            ["model"], registry=r, multiprocess_mode="livemax")
+        self.abstained_rows = Counter(
+            "ensemble_abstained_rows", "Rows whose uncertainty is above the live version's abstention "
+            "threshold", ["model"], registry=r)
         self.predicted_class = Counter(
             "ensemble_predicted_class", "Rows by the ensemble's top class", ["model", "class"], registry=r)
         self.ready = Gauge(
@@ -209,6 +223,11 @@ class ServiceMetrics:
             self.queue_wait.observe(wait)
         if stats.average is not None:
             self.observe_predictions(stats.model, stats.classes, stats.average, stats.members)
+        if stats.scores is not None:  # service.engines.base.Ensemble.uncertainty's columns
+            self.mutual_information.observe_many((stats.model,), stats.scores[:, 2])
+            abstained = int(np.count_nonzero(stats.scores[:, 3]))
+            if abstained:
+                self._child(self.abstained_rows, stats.model).inc(abstained)
 
     def observe_predictions(self, model: str, classes, average: np.ndarray, members: np.ndarray) -> None:
         """What only an ensemble has: member disagreement, and the predicted classes (drift)."""

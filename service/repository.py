@@ -132,6 +132,28 @@ class DataInfo(_Strict):
     rows: dict[str, int] = Field(default_factory=dict)
 
 
+# The uncertainty scores of a prediction (service.scores computes them).
+ScoreName = Literal["entropy", "expected_entropy", "mutual_information"]
+
+
+class Calibration(_Strict):
+    """Pool, then calibrate: the temperature applied to the averaged members (service.scores)."""
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0.0, le=100.0)
+
+
+class Abstention(_Strict):
+    """When a prediction should not be trusted: a row whose `score` (service.scores.SCORES) is
+    above `threshold` is flagged `abstain`. Fitted on the validation split so that the answered
+    rows err at most `target_error`; `coverage` is the share it answered there."""
+
+    score: ScoreName
+    threshold: float
+    target_error: float = Field(gt=0.0, lt=1.0)
+    coverage: float = Field(ge=0.0, le=1.0)
+
+
 class Manifest(_Strict):
     """The contract of one published version. Written last; its presence commits the version."""
 
@@ -145,6 +167,10 @@ class Manifest(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict)
     data: DataInfo | None = None
     replaces: int | None = None
+    calibration: Calibration | None = None
+    abstention: Abstention | None = None
+    # Mean of each uncertainty score on the validation split: the level a drift alert compares with.
+    uncertainty_reference: dict[ScoreName, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _members_consistent(self) -> "Manifest":
@@ -162,6 +188,11 @@ class Manifest(_Strict):
     @property
     def weights(self) -> tuple[float, ...]:
         return tuple(m.weight for m in self.members)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature of the pooled distribution (1: not calibrated)."""
+        return self.calibration.temperature if self.calibration is not None else 1.0
 
 
 def first_nonfinite_row(x: np.ndarray) -> int | None:

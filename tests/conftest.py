@@ -24,7 +24,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def trained_repository(tmp_path_factory) -> Path:
     """A repository holding digits/1: five members of all four kinds, trained on the built-in
-    digits in seconds."""
+    digits in seconds, calibrated (the default), with an abstention threshold."""
     from training.members import MemberOptions
     from training.pipeline import TrainConfig, train_ensemble
     from training.tune import SearchBudget
@@ -34,6 +34,7 @@ def trained_repository(tmp_path_factory) -> Path:
         data="digits", name="digits", repository=root, work_dir=tmp_path_factory.mktemp("work"),
         budget=SearchBudget(max_epochs=2, factor=2), members=TINY_MEMBERS,
         member_options=MemberOptions(epochs=3, patience=2, snapshot_epochs_per_cycle=2, swa_epochs=3),
+        weighting="uniform",  # all five members kept, whatever the bootstrap says of minutes-old members
     )
     train_ensemble(config, report=lambda line: None)
     return root

@@ -18,7 +18,7 @@ from service.app import create_app
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.repository import read_manifest
-from training.evaluate import average_probabilities
+from service.scores import served
 from training.members import predict_saved_model
 
 
@@ -53,7 +53,7 @@ def client(repository):
         yield c
 
 
-def test_predict_matches_direct_average_of_members(client, repository, digits_test_split):
+def test_predict_matches_direct_calibrated_average_of_members(client, repository, digits_test_split):
     x = digits_test_split.x[:40]
     resp = client.post("/predict", content=orjson.dumps({"instances": x.tolist()}))
     assert resp.status_code == 200, resp.text
@@ -61,7 +61,8 @@ def test_predict_matches_direct_average_of_members(client, repository, digits_te
     vdir = repository / "digits" / "1"
     manifest = read_manifest(vdir)
     direct = np.stack([predict_saved_model(vdir / m.path, x) for m in manifest.members])
-    expected = average_probabilities(direct, manifest.weights)
+    assert manifest.temperature != 1.0  # calibrated by default: the temperature is served too
+    expected = served(direct.transpose(1, 0, 2), manifest.weights, manifest.temperature)
     np.testing.assert_allclose(body["predictions"], expected, atol=1e-5)
     assert body["labels"] == [str(i) for i in np.argmax(expected, axis=1)]
     assert body["classes"] == [str(i) for i in range(10)]

@@ -12,7 +12,7 @@ import tensorflow as tf
 from service.engines.base import LoadError, check_probabilities
 from service.engines.keras_members import check_signature, load_members
 from service.repository import InputSpec, read_manifest
-from training.evaluate import average_probabilities
+from service.scores import served
 from training.members import predict_saved_model
 
 
@@ -20,7 +20,7 @@ def member_probabilities(version_dir, manifest, x):
     return np.stack([predict_saved_model(version_dir / m.path, x) for m in manifest.members])
 
 
-def test_ensemble_equals_the_average_of_its_members(trained_repository, digits_test_split):
+def test_ensemble_equals_the_calibrated_average_of_its_members(trained_repository, digits_test_split):
     vdir = trained_repository / "digits" / "1"
     manifest = read_manifest(vdir)
     ensemble = load_members(manifest, vdir, warmup_sizes=(1, 8))
@@ -28,7 +28,8 @@ def test_ensemble_equals_the_average_of_its_members(trained_repository, digits_t
     average, members = ensemble.predict(x)
     direct = member_probabilities(vdir, manifest, x)
     np.testing.assert_allclose(members, direct.transpose(1, 0, 2), atol=1e-5)
-    np.testing.assert_allclose(average, average_probabilities(direct, manifest.weights), atol=1e-5)
+    np.testing.assert_allclose(average, served(direct.transpose(1, 0, 2), manifest.weights, manifest.temperature),
+                               atol=1e-5)
 
 
 def test_weighted_manifest_averages_with_its_weights(repository, digits_test_split):
@@ -41,7 +42,7 @@ def test_weighted_manifest_averages_with_its_weights(repository, digits_test_spl
     manifest = read_manifest(vdir)
     average, _ = load_members(manifest, vdir, (1,)).predict(digits_test_split.x[:16])
     direct = member_probabilities(vdir, manifest, digits_test_split.x[:16])
-    np.testing.assert_allclose(average, average_probabilities(direct, weights), atol=1e-5)
+    np.testing.assert_allclose(average, served(direct.transpose(1, 0, 2), weights, manifest.temperature), atol=1e-5)
 
 
 def test_member_with_other_input_shape_is_refused(repository):

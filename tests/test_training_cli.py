@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,9 +32,39 @@ def test_npz_feature_vectors_train_and_publish_a_dense_ensemble(tmp_path, capsys
     assert code == EXIT_OK, out.err
     manifest = read_manifest(tmp_path / "models" / "vectors" / "1")
     assert manifest.input.shape == (6,) and manifest.output.classes == ("blue", "green", "red")
-    assert len(manifest.members) == 2 and {"accuracy", "nll", "best_member_accuracy"} <= set(manifest.metrics)
+    assert {"accuracy", "nll", "best_member_accuracy", "selected_member_nll"} <= set(manifest.metrics)
     assert manifest.data.fingerprint and manifest.data.rows["test"] == 24
     assert "[publish] vectors version 1" in out.out and "ENSEMBLE" in out.out
+    # The default ensemble: members kept on validation evidence, calibrated, compared honestly.
+    report = json.loads((tmp_path / "models" / "vectors" / "1" / "report.json").read_text())
+    kept = [n for n, m in report["members"].items() if m["kept"]]
+    assert len(report["members"]) == 2 and [m.name for m in manifest.members] == kept
+    assert len(kept) + len(report["selection"]["removed"]) == 2
+    assert "[ensemble] kept" in out.out and "(pruned)" in out.out
+    assert f"temperature {manifest.temperature:.3f} (fitted on validation)" in out.out
+    assert "the member chosen on validation (lowest NLL)" in out.out
+    assert out.out.count("[evaluate]   ") == 4  # accuracy, nll, brier, ece with intervals
+    assert "[abstain]" in out.out and "[uncertainty] AUROC" in out.out
+    for name in ("reliability.png", "metrics.png", "risk_coverage.png"):
+        assert (tmp_path / "models" / "vectors" / "1" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ood_holdout_trains_without_the_classes_and_reports_how_well_they_are_noticed(tmp_path, capsys):
+    vectors(tmp_path / "v.npz")
+    code, out = run(["--data", str(tmp_path / "v.npz"), "--name", "vectors", *FAST, "--ood-holdout", "red",
+                     "--weights", "uniform", "--calibration", "none"], tmp_path, capsys)
+    assert code == EXIT_OK, out.err
+    vdir = tmp_path / "models" / "vectors" / "1"
+    manifest = read_manifest(vdir)
+    assert manifest.output.classes == ("blue", "green") and manifest.calibration is None
+    report = json.loads((vdir / "report.json").read_text())
+    assert report["data"]["ood_holdout"] == ["red"] and report["ood"]["rows"] > 0
+    assert set(report["ood"]["auroc"]) == {"entropy", "expected_entropy", "mutual_information"}
+    assert "[ood] AUROC for telling the" in out.out
+    assert (vdir / "ood.png").read_bytes()[:4] == b"\x89PNG"
+    code, out = run(["--data", str(tmp_path / "v.npz"), "--name", "other", *FAST, "--ood-holdout", "purple"],
+                    tmp_path, capsys)
+    assert code != EXIT_OK and "--ood-holdout names 'purple'" in out.err
 
 
 @pytest.mark.parametrize(

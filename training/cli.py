@@ -74,8 +74,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     members.add_argument("--swa-epochs", type=int, default=30, help="swa members: epochs. Default: 30")
     members.add_argument("--swa-start-fraction", type=float, default=0.6,
                          help="swa members: average the weights from this share of the epochs on. Default: 0.6")
-    members.add_argument("--weights", default="uniform", choices=["uniform", "fitted"],
-                         help="averaging weights: equal, or fitted on the validation split. Default: uniform")
+    members.add_argument("--weights", default="pruned", choices=["pruned", "fitted", "uniform"],
+                         help="which members the ensemble keeps and how it weighs them, decided on the "
+                              "validation split: pruned leaves out members the bootstrap shows make it worse "
+                              "and weighs the rest equally; fitted fits convex weights; uniform keeps all "
+                              "equally. Default: pruned")
+    members.add_argument("--calibration", default="temperature", choices=["temperature", "none"],
+                         help="one temperature fitted on the validation split after averaging (pool, then "
+                              "calibrate), served by every engine. Default: temperature")
+    members.add_argument("--target-error", type=float, default=0.02,
+                         help="the abstention threshold keeps the error rate of the answered validation rows "
+                              "at most this. Default: 0.02")
+    data.add_argument("--ood-holdout", default="",
+                      help="comma-separated class labels to leave out of training; the report says how well "
+                           "each uncertainty score tells their rows from unseen rows of the other classes")
 
     gate = p.add_argument_group("publish gate")
     gate.add_argument("--gate-metric", default="accuracy", choices=["accuracy", "nll", "brier", "ece"],
@@ -143,6 +155,9 @@ def train_main(argv: list[str]) -> int:
                                          swa_epochs=args.swa_epochs,
                                          swa_start_fraction=args.swa_start_fraction),
             weighting=args.weights,
+            calibration=args.calibration,
+            target_error=args.target_error,
+            ood_holdout=tuple(c.strip() for c in args.ood_holdout.split(",") if c.strip()),
             gate=not args.no_gate,
             gate_metric=args.gate_metric,
             gate_tolerance=args.gate_tolerance,

@@ -221,6 +221,22 @@ def validate(data: Dataset) -> Dataset:
     return data
 
 
+def hold_out(data: Dataset, classes: tuple[str, ...]) -> tuple[Dataset, np.ndarray]:
+    """(the data without the named classes, their rows): for an out-of-distribution check, the
+    ensemble is trained on the rest and asked about these rows it has never seen a class of."""
+    unknown = [c for c in classes if c not in data.classes]
+    if unknown:
+        raise DataError(f"--ood-holdout names {', '.join(map(repr, unknown))}, not classes of {data.source} "
+                        f"({', '.join(data.classes)})")
+    known = tuple(c for c in data.classes if c not in classes)
+    if len(known) < 2:
+        raise DataError(f"--ood-holdout leaves {len(known)} class; a classifier needs at least 2")
+    held = np.isin(data.y, [data.classes.index(c) for c in classes])
+    new_index = np.full(len(data.classes), -1, dtype=np.int64)
+    new_index[[data.classes.index(c) for c in known]] = np.arange(len(known))
+    return Dataset(data.x[~held], new_index[data.y[~held]], known, data.source), data.x[held]
+
+
 def split(data: Dataset, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2) -> Splits:
     """Stratified train/validation/test splits, the same for the same data and seed."""
     from sklearn.model_selection import train_test_split

@@ -1,5 +1,7 @@
 """The publish gate: a challenger is published only if it is not worse than the current version
-on the same held-out rows, by a chosen metric and tolerance."""
+on the same held-out rows, by a chosen metric and tolerance, and not shown to be worse than the
+member a user would deploy instead (chosen on validation): refused when the bootstrap 95%
+interval of that difference lies entirely on the worse side, beyond the tolerance."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from service.repository import Manifest, read_manifest
-from training.evaluate import HIGHER_IS_BETTER, average_probabilities, classification_metrics
+from service.scores import served
+from training.compare import Difference
+from training.evaluate import HIGHER_IS_BETTER, classification_metrics
 from training.publish import latest_committed
 
 
@@ -44,14 +48,25 @@ def champion_on(repository: Path, name: str, x: np.ndarray, labels: np.ndarray,
     manifest = read_manifest(vdir)
     if manifest.input.shape != tuple(shape) or manifest.output.classes != tuple(classes):
         return None
-    probs = np.stack([predict_saved_model(vdir / m.path, x) for m in manifest.members])
-    return manifest, classification_metrics(average_probabilities(probs, manifest.weights), labels)
+    probs = np.stack([predict_saved_model(vdir / m.path, x) for m in manifest.members], axis=1)
+    return manifest, classification_metrics(served(probs, manifest.weights, manifest.temperature), labels)
+
+
+def shown_worse(difference: Difference, tolerance: float) -> bool:
+    """Whether the whole 95% interval of ensemble minus member is worse than `tolerance`."""
+    if HIGHER_IS_BETTER[difference.metric]:
+        return difference.high < -tolerance
+    return difference.low > tolerance
 
 
 def decide(challenger: dict, champion: tuple[Manifest, dict] | None, metric: str,
-           tolerance: float) -> GateDecision:
+           tolerance: float, versus_member: Difference | None = None, member: str = "") -> GateDecision:
     """The gate's verdict and a sentence a person can read."""
     ours = challenger[metric]
+    if versus_member is not None and shown_worse(versus_member, tolerance):
+        return GateDecision(False, metric, tolerance, ours, None, None,
+                            f"challenger is refused: worse than {member}, the member chosen on validation, "
+                            f"on the test rows: {versus_member.sentence()}")
     if champion is None:
         return GateDecision(True, metric, tolerance, ours, None, None,
                             "no comparable published version: the first one passes")

@@ -14,13 +14,15 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from service.repository import DataInfo, InputSpec, Manifest, OutputSpec, uniform_weights
-from training.data import DataOptions, Splits, fingerprint, normalization_stats, open_source, split
-from training.evaluate import METRICS, average_probabilities, classification_metrics, format_table
+from service.repository import Abstention, Calibration, DataInfo, InputSpec, Manifest, OutputSpec
+from training.assess import Assessment, Probabilities, assess
+from training.data import DataOptions, Splits, fingerprint, hold_out, normalization_stats, open_source, split
+from training.evaluate import METRICS, format_table
 from training.gate import GateDecision, champion_on, decide
 from training.members import STRATEGIES, MemberOptions, RunPlan
 from training.lock import one_trainer
 from training.publish import MemberArtifact, check_writable, publish_version
+from training.selection import WEIGHTINGS, Weighting
 from training.tune import SearchBudget, is_distributed_worker
 
 DEFAULT_MEMBERS = {"tuned": 1, "seed": 2, "snapshot": 1, "swa": 1}
@@ -38,7 +40,10 @@ class TrainConfig:
     budget: SearchBudget = field(default_factory=SearchBudget)
     members: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MEMBERS))
     member_options: MemberOptions = field(default_factory=MemberOptions)
-    weighting: Literal["uniform", "fitted"] = "uniform"
+    weighting: Weighting = "pruned"
+    calibration: Literal["temperature", "none"] = "temperature"
+    target_error: float = 0.02
+    ood_holdout: tuple[str, ...] = ()
     gate: bool = True
     gate_metric: str = "accuracy"
     gate_tolerance: float = 0.0
@@ -50,8 +55,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.members or any(k not in STRATEGIES or n < 1 for k, n in self.members.items()):
             raise ValueError(f"--members must name kinds of {', '.join(STRATEGIES)} with counts >= 1")
-        if self.weighting not in ("uniform", "fitted"):
-            raise ValueError(f"--weights must be 'uniform' or 'fitted', got {self.weighting!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"--weights must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.calibration not in ("temperature", "none"):
+            raise ValueError(f"--calibration must be 'temperature' or 'none', got {self.calibration!r}")
+        if not 0 < self.target_error < 1:
+            raise ValueError(f"--target-error must be between 0 and 1, got {self.target_error}")
         if self.gate_metric not in METRICS:
             raise ValueError(f"--gate-metric must be one of {', '.join(METRICS)}, got {self.gate_metric!r}")
         if self.gate_tolerance < 0:
@@ -63,35 +72,53 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvaluationResult:
-    member_metrics: dict[str, dict[str, float]]
-    ensemble_metrics: dict[str, float]
-    ensemble_probabilities: np.ndarray
-
-
-@dataclass(frozen=True)
 class TrainResult:
     """What a run produced: the published manifest, or None when the gate refused it."""
 
     manifest: Manifest | None
     decision: GateDecision
-    evaluation: EvaluationResult
+    evaluation: Assessment
     report: dict
 
 
-def evaluate_members(
-    names: list[str], member_probs: np.ndarray, weights: list[float], labels: np.ndarray
-) -> EvaluationResult:
-    """Metrics of every member and of their weighted average on the same rows."""
-    per_member = {n: classification_metrics(p, labels) for n, p in zip(names, member_probs)}
-    average = average_probabilities(member_probs, weights)
-    return EvaluationResult(per_member, classification_metrics(average, labels), average)
+def best_member(member_metrics: dict[str, dict[str, float]]) -> str:
+    """The member with the highest accuracy on the rows measured (ties: lower NLL)."""
+    return min(member_metrics, key=lambda n: (-member_metrics[n]["accuracy"], member_metrics[n]["nll"]))
 
 
-def best_member(result: EvaluationResult) -> str:
-    """The member with the highest accuracy (ties: lower NLL)."""
-    return min(result.member_metrics, key=lambda n: (-result.member_metrics[n]["accuracy"],
-                                                     result.member_metrics[n]["nll"]))
+def describe(found: Assessment, kinds: dict[str, str], test_rows: int, weighting: str) -> list[str]:
+    """What the trainer prints about the ensemble it made: members kept, calibration, the
+    comparison with the member chosen on validation, abstention and uncertainty."""
+    sel = found.selection
+    weights = ", ".join(f"{n}={found.weight_of(n):.3f}" for n in found.kept)
+    if weighting == "fitted":
+        lines = [f"[weights] fitted on the validation split: {weights}"]
+    else:
+        lines = [f"[ensemble] kept {weights} ({weighting})"
+                 + (f"; left out {', '.join(r.member for r in sel.removed)}" if sel.removed else "")]
+    for r in sel.removed:
+        lines.append(f"[ensemble] without {r.member}, validation NLL per row changes by {r.change:+.4f} "
+                     f"[{r.low:+.4f}, {r.high:+.4f}]: left out")
+    before, after = found.uncalibrated, found.ensemble
+    lines.append(f"[calibration] temperature {sel.temperature:.3f} (fitted on validation); test NLL "
+                 f"{before['nll']:.4f} -> {after['nll']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}, "
+                 f"Brier {before['brier']:.4f} -> {after['brier']:.4f}")
+    lines.append(f"[evaluate] held-out test split, {test_rows} rows:\n" + format_table(
+        {**{f"{n} ({kinds[n]}{'' if n in found.kept else ', left out'})": found.member_metrics[n]
+            for n in found.names}, "ENSEMBLE": after}))
+    lines.append(f"[evaluate] against {found.selected}, the member chosen on validation (lowest NLL), "
+                 "on the test split, ensemble minus member with bootstrap 95% intervals:")
+    lines += [f"[evaluate]   {d.sentence()}" for d in found.versus_selected.values()]
+    t = found.threshold
+    lines.append(f"[abstain] {t.score} above {t.threshold:.4f}: at most {t.target_error:.1%} errors among "
+                 f"the answered rows on validation, answering {t.coverage:.1%}; on test it answers "
+                 f"{found.test_abstention[0]:.1%} with {found.test_abstention[1]:.1%} errors")
+    lines.append("[uncertainty] AUROC for telling wrong answers from right ones on test: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in found.error_auroc.items()))
+    if found.ood_auroc:
+        lines.append(f"[ood] AUROC for telling the {len(found.ood_scores)} rows of held-out classes from "
+                     "test rows of known ones: " + ", ".join(f"{k} {v:.3f}" for k, v in found.ood_auroc.items()))
+    return lines
 
 
 def run_key(run: RunPlan) -> str:
@@ -119,10 +146,14 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
     from training.hypermodel import SEARCH_SPACE_VERSION, EnsembleHyperModel
     from training.members import MemberTrainer, config_values, plan_runs, predict_saved_model
     from training.tune import search
-    from training.weighting import fit_weights
 
     started = time.monotonic()
     data = open_source(config.data, config.data_options).load()
+    ood_x = None
+    if config.ood_holdout:
+        data, ood_x = hold_out(data, config.ood_holdout)
+        report(f"[data] held out {len(ood_x)} rows of {', '.join(config.ood_holdout)} for the "
+               "out-of-distribution check")
     splits: Splits = split(data, config.seed, config.val_fraction, config.test_fraction)
     report(f"[data] {data.source}: {len(data.y)} rows of shape {list(data.input_shape)}, "
            f"{len(data.classes)} classes; {len(splits.train.y)} train / {len(splits.val.y)} validation / "
@@ -157,75 +188,75 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
             trained.extend(trainer.train_run(run, run_key(run)))
 
         names = [t.name for t in trained]
-        if config.weighting == "fitted":
-            val_probs = np.stack([predict_saved_model(t.export_dir, splits.val.x) for t in trained])
-            weights = fit_weights(val_probs, splits.val.y)
-            report("[weights] fitted on the validation split: "
-                   + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights)))
-        else:
-            weights = uniform_weights(len(trained))
-        probs = np.stack([predict_saved_model(t.export_dir, splits.test.x) for t in trained])
-        result = evaluate_members(names, probs, weights, splits.test.y)
-        best = best_member(result)
-        report("[evaluate] held-out test split, " + f"{len(splits.test.y)} rows:\n"
-               + format_table({**{f"{n} ({t.kind})": result.member_metrics[n] for n, t in zip(names, trained)},
-                               "ENSEMBLE": result.ensemble_metrics}))
-        ens, top = result.ensemble_metrics, result.member_metrics[best]
-        report(f"[evaluate] ensemble accuracy {ens['accuracy']:.4f} vs best member ({best}) "
-               f"{top['accuracy']:.4f}; NLL {ens['nll']:.4f} vs {top['nll']:.4f}")
+        probs = Probabilities(
+            val=np.stack([predict_saved_model(t.export_dir, splits.val.x) for t in trained]),
+            test=np.stack([predict_saved_model(t.export_dir, splits.test.x) for t in trained]),
+            ood=(np.stack([predict_saved_model(t.export_dir, ood_x) for t in trained])
+                 if ood_x is not None else None))
+        found = assess(names, probs, splits.val.y, splits.test.y, config.weighting,
+                       config.calibration == "temperature", config.target_error, config.seed)
+        for line in describe(found, {t.name: t.kind for t in trained}, len(splits.test.y), config.weighting):
+            report(line)
+        ens = found.ensemble
+        best = best_member(found.member_metrics)
+        top = found.member_metrics[best]
 
         if config.gate:
             champion = champion_on(config.repository, config.name, splits.test.x, splits.test.y,
                                    data.input_shape, data.classes)
-            decision = decide(ens, champion, config.gate_metric, config.gate_tolerance)
+            decision = decide(ens, champion, config.gate_metric, config.gate_tolerance,
+                              found.versus_selected[config.gate_metric], found.selected)
         else:
             decision = GateDecision(True, config.gate_metric, config.gate_tolerance,
                                     ens[config.gate_metric], None, None, "gate disabled (--no-gate)")
         report(f"[gate] {decision.reason}")
 
+        kept = [t for t in trained if t.name in found.kept]
         run_report = {
             "name": config.name,
             "data": {"source": data.source, "fingerprint": digest,
                      "rows": {"train": len(splits.train.y), "validation": len(splits.val.y),
-                              "test": len(splits.test.y)}},
+                              "test": len(splits.test.y)},
+                     **({"ood_holdout": list(config.ood_holdout)} if config.ood_holdout else {})},
             "search": {**asdict(config.budget), "trials": len(ranked), "seconds": round(search_seconds, 1)},
-            "members": {n: {"kind": t.kind, "weight": w, "metrics": result.member_metrics[n],
-                            "hyperparameters": t.hyperparameters}
-                        for n, t, w in zip(names, trained, weights)},
+            "members": {n: {"kind": t.kind, "kept": n in found.kept, "weight": found.weight_of(n),
+                            "metrics": found.member_metrics[n], "hyperparameters": t.hyperparameters}
+                        for n, t in zip(names, trained)},
             "weighting": config.weighting,
             "ensemble": ens,
-            "best_member": {"name": best, **top},
+            "best_member": {"name": best, "chosen_on": "the test split itself (flattering)", **top},
+            **found.summary(),
             "gate": asdict(decision),
             "seconds": round(time.monotonic() - started, 1),
         }
         if not decision.passed:
-            return TrainResult(None, decision, result, run_report)
+            return TrainResult(None, decision, found, run_report)
 
-        from training.report import metrics_png, reliability_png, report_json
+        from training.report import attachments
 
-        best_index = names.index(best)
-        attachments = {
-            "report.json": report_json(run_report),
-            "reliability.png": reliability_png({
-                "ensemble": (result.ensemble_probabilities, splits.test.y),
-                f"best member ({best})": (probs[best_index], splits.test.y)}),
-            "metrics.png": metrics_png(result.member_metrics, ens),
-        }
+        selected = found.selected
         manifest = publish_version(
             config.repository,
             config.name,
-            [MemberArtifact(name=t.name, kind=t.kind, source=t.export_dir, weight=w,
-                            hyperparameters=t.hyperparameters, metrics=result.member_metrics[t.name])
-             for t, w in zip(trained, weights)],
+            [MemberArtifact(name=t.name, kind=t.kind, source=t.export_dir, weight=found.weight_of(t.name),
+                            hyperparameters=t.hyperparameters, metrics=found.member_metrics[t.name])
+             for t in kept],
             InputSpec(shape=data.input_shape, dtype="float32"),
             OutputSpec(classes=data.classes),
-            {**ens, **{f"best_member_{k}": v for k, v in top.items()}},
+            {**ens, **{f"best_member_{k}": v for k, v in top.items()},
+             **{f"selected_member_{k}": v for k, v in found.member_metrics[selected].items()}},
             DataInfo(source=data.source, fingerprint=digest, rows=run_report["data"]["rows"]),
-            attachments,
+            attachments(run_report, found, probs.test[names.index(selected)], splits.test.y),
+            calibration=(Calibration(temperature=found.selection.temperature)
+                         if config.calibration == "temperature" else None),
+            abstention=Abstention(score=found.threshold.score, threshold=found.threshold.threshold,
+                                  target_error=found.threshold.target_error,
+                                  coverage=found.threshold.coverage),
+            uncertainty_reference=found.validation_scores,
         )
     finally:
         shutil.rmtree(exports, ignore_errors=True)
     report(f"[publish] {config.name} version {manifest.version} with {len(manifest.members)} members "
            f"in {config.repository / config.name / str(manifest.version)} "
            f"({time.monotonic() - started:.0f} s in all)")
-    return TrainResult(manifest, decision, result, run_report)
+    return TrainResult(manifest, decision, found, run_report)

@@ -21,6 +21,8 @@ from service.files import sync_folder
 from service.repository import (
     MANIFEST_FILE,
     MEMBERS_DIR,
+    Abstention,
+    Calibration,
     DataInfo,
     InputSpec,
     Manifest,
@@ -107,9 +109,14 @@ def publish_version(
     metrics: dict[str, float],
     data: DataInfo | None = None,
     attachments: dict[str, bytes] | None = None,
+    *,
+    calibration: Calibration | None = None,
+    abstention: Abstention | None = None,
+    uncertainty_reference: dict[str, float] | None = None,
 ) -> Manifest:
     """Copy members (and attachments: report files beside the manifest) into a new version
-    folder of `root/name` atomically, and return its manifest."""
+    folder of `root/name` atomically, and return its manifest (with the calibration, the
+    abstention threshold and the validation level of the uncertainty scores, when given)."""
     if not is_valid_name(name):
         raise PublishError(
             f"ensemble name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
@@ -158,6 +165,9 @@ def publish_version(
                 metrics=metrics,
                 data=data,
                 replaces=replaces,
+                calibration=calibration,
+                abstention=abstention,
+                uncertainty_reference=uncertainty_reference or {},
             )
             # The manifest is written last: it is the commit marker.
             (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")

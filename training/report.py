@@ -1,4 +1,5 @@
-"""The run report: report.json and two pictures, written beside the manifest of a version."""
+"""The run report: report.json and its pictures (reliability, metrics, risk-coverage, and the
+out-of-distribution check when there is one), written beside the manifest of a version."""
 
 from __future__ import annotations
 
@@ -8,12 +9,77 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.scores import SCORES
+from training.abstention import risk_coverage
 from training.evaluate import METRICS, reliability_bins
 
 
 def report_json(report: dict[str, Any]) -> bytes:
     return orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY
                         | orjson.OPT_NON_STR_KEYS) + b"\n"
+
+
+def attachments(report: dict[str, Any], found, selected_probs: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
+    """The files published beside a version's manifest: report.json and its pictures, from the
+    run's Assessment (`training.assess`) and the test split's labels."""
+    files = {
+        "report.json": report_json(report),
+        "reliability.png": reliability_png({
+            "ensemble (calibrated)": (found.ensemble_probabilities, labels),
+            "ensemble before calibration": (found.uncalibrated_probabilities, labels),
+            f"selected member ({found.selected})": (selected_probs, labels)}),
+        "metrics.png": metrics_png(found.member_metrics, found.ensemble),
+        "risk_coverage.png": risk_coverage_png(found.test_scores, found.test_correct, found.threshold),
+    }
+    if found.ood_scores is not None:
+        files["ood.png"] = ood_png(found.test_scores, found.ood_scores, found.ood_auroc)
+    return files
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def risk_coverage_png(scores: np.ndarray, correct: np.ndarray, threshold) -> bytes:
+    """Error rate of the answered rows against the share answered, one line per uncertainty
+    score, the target error and the fitted threshold's point (test split)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for j, name in enumerate(SCORES):
+        _, coverage, risk = risk_coverage(scores[:, j], correct)
+        ax.plot(coverage, risk, label=name)
+    ax.axhline(threshold.target_error, linestyle="--", color="grey", label=f"target {threshold.target_error:.1%}")
+    answered = scores[:, SCORES.index(threshold.score)] <= threshold.threshold
+    if answered.any():
+        ax.plot([answered.mean()], [(~correct[answered]).mean()], "o", color="black",
+                label=f"threshold on {threshold.score}")
+    ax.set(xlabel="coverage (share of rows answered)", ylabel="error rate of the answered rows",
+           xlim=(0, 1.02), title="Risk-coverage on the held-out test split")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def ood_png(known: np.ndarray, unseen: np.ndarray, aurocs: dict[str, float]) -> bytes:
+    """Each uncertainty score's distribution on test rows of known classes and on rows of the
+    held-out classes, with its AUROC."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6))
+    for j, (ax, name) in enumerate(zip(axes, SCORES)):
+        top = max(float(known[:, j].max()), float(unseen[:, j].max()), 1e-6)
+        bins = np.linspace(0, top, 30)
+        ax.hist(known[:, j], bins=bins, alpha=0.6, density=True, label="known classes (test)")
+        ax.hist(unseen[:, j], bins=bins, alpha=0.6, density=True, label="held-out classes")
+        ax.set_title(f"{name}: AUROC {aurocs[name]:.3f}")
+        ax.set_xlabel("nats")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Out-of-distribution check")
+    fig.tight_layout()
+    return _png(fig)
 
 
 def _png(fig) -> bytes:

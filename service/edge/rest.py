@@ -6,7 +6,9 @@
 A request body is rows (`instances`, TensorFlow Serving's row format) or the batch as one
 tensor (`inputs`, its columnar format); the answer is the averaged probabilities (`predictions`
 or `outputs`, as the request was), the top class of each row, the class labels and the version
-that answered; `?members=true` adds each member's probabilities and their disagreement.
+that answered; `?members=true` adds each member's probabilities and their disagreement;
+`?uncertainty=true` adds each row's `uncertainty` (entropy, expected_entropy and
+mutual_information, service.scores) and, when the version has an abstention threshold, `abstain`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from service.edge.replies import Reply, encode
 from service.engines.base import disagreement
 from service.errors import InvalidInput, PayloadTooLarge
 from service.repository import InputSpec
+from service.scores import SCORES
 
 if TYPE_CHECKING:
     from service.edge.inference import Call, Inference
@@ -131,6 +134,11 @@ def predicted_labels(probabilities: np.ndarray, classes: Sequence[str]) -> list[
     return [classes[i] for i in probabilities.argmax(axis=1).tolist()]
 
 
+def uncertainty_by_name(scores: np.ndarray) -> dict[str, np.ndarray]:
+    """(rows, 3 or more) scores -> {score name: (rows,)}, each contiguous for encoding."""
+    return dict(zip(SCORES, np.ascontiguousarray(scores[:, :len(SCORES)].T)))
+
+
 def members_by_name(member_probabilities: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
     """(rows, members, classes) -> {member name: (rows, classes)}, each contiguous for encoding."""
     by_member = np.ascontiguousarray(member_probabilities.transpose(1, 0, 2))
@@ -152,7 +160,7 @@ async def tfs_predict(call: Call, server: Inference) -> Reply:
 async def _rows(call: Call, server: Inference, ensemble) -> Reply:
     rows = server.settings.max_rows_per_request
     x, columnar = decode(call.body, ensemble.input_spec, rows, server.json_value_limit(ensemble))
-    average, per_member = await server.infer(call, ensemble, x)
+    average, per_member, scores = await server.infer(call, ensemble, x)
     body: dict[str, Any] = {
         "outputs" if columnar else "predictions": average,
         "labels": predicted_labels(average, ensemble.classes),
@@ -162,6 +170,10 @@ async def _rows(call: Call, server: Inference, ensemble) -> Reply:
     if call.query.get("members", "").lower() in _TRUE:
         body["members"] = members_by_name(per_member, [m.name for m in ensemble.manifest.members])
         body["disagreement"] = disagreement(per_member, average)
+    if call.query.get("uncertainty", "").lower() in _TRUE:
+        body["uncertainty"] = uncertainty_by_name(scores)
+        if ensemble.manifest.abstention is not None:
+            body["abstain"] = scores[:, len(SCORES)] > 0
     return Reply(200, encode(body))
 
 
@@ -176,7 +188,8 @@ _PREDICT_BODY = {"type": "object", "required": ["instances"], "properties": {"in
 # (path template, handler, summary, request body schema) of each route; service.edge.inference
 # matches and documents them.
 ROUTES = (
-    ("/predict", predict, "Predict with the default ensemble (?members=true adds each member's answer)",
+    ("/predict", predict, "Predict with the default ensemble (?members=true adds each member's answer, "
+     "?uncertainty=true each row's uncertainty and whether to abstain)",
      _PREDICT_BODY),
     ("/v1/models/{name}:predict", tfs_predict, "TensorFlow Serving REST predict (row or columnar format)",
      _TFS_BODY),

@@ -5,9 +5,12 @@
     GET  /v2, /v2/health/live, /v2/health/ready         server metadata and health
     GET  /v2/models/{name}[/versions/{v}][/ready]       model metadata and readiness
 
-One input tensor (`instances`, the manifest's shape with a batch dimension first); two outputs,
-`probabilities` (rows, classes) and `members` (rows, members, classes), each returned as JSON
-`data` or as raw little-endian bytes (the binary tensor extension) as the request asks.
+One input tensor (`instances`, the manifest's shape with a batch dimension first); outputs
+`probabilities` (rows, classes, the default), `members` (rows, members, classes), the
+uncertainty scores `entropy`, `expected_entropy` and `mutual_information` (rows, FP64,
+service.scores), and `abstain` (rows, BOOL; for versions with an abstention threshold), each
+returned as JSON `data` or as raw little-endian bytes (the binary tensor extension) as the
+request asks.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from service.edge.arrays import numeric, parse_json_object, to_spec
 from service.edge.replies import Reply, as_response, encode, json_reply
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from service.repository import InputSpec
+from service.scores import SCORES
 
 if TYPE_CHECKING:
     from service.edge.inference import Call, Inference
 
 DATATYPES = {"FP32": "float32", "FP64": "float64", "INT32": "int32", "INT64": "int64",
              "UINT8": "uint8", "INT16": "int16", "INT8": "int8", "UINT16": "uint16", "FP16": "float16"}
-_NAMES = {v: k for k, v in DATATYPES.items()}
-OUTPUTS = ("probabilities", "members")
+_NAMES = {**{v: k for k, v in DATATYPES.items()}, "bool": "BOOL"}
+OUTPUTS = ("probabilities", "members", *SCORES, "abstain")
 
 
 def datatype(dtype: str) -> str:
@@ -162,6 +166,20 @@ def encode_outputs(model: str, version: int, request_id: Any, tensors: dict[str,
     return head + b"".join(raw), len(head)
 
 
+def output(name: str, ensemble, average: np.ndarray, members: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The output tensor called `name` (one of OUTPUTS) of a request's rows."""
+    if name == "probabilities":
+        return average
+    if name == "members":
+        return members
+    if name == "abstain":
+        if ensemble.manifest.abstention is None:
+            raise InvalidInput(f"{ensemble.name} version {ensemble.version} has no abstention threshold "
+                               "(its manifest has none); ask for the uncertainty scores instead")
+        return scores[:, len(SCORES)] > 0
+    return np.ascontiguousarray(scores[:, SCORES.index(name)])
+
+
 def model_metadata(ensemble) -> dict[str, Any]:
     """GET /v2/models/{name}: the input, the outputs, the classes and the members."""
     spec, classes, members = ensemble.input_spec, ensemble.classes, ensemble.manifest.members
@@ -173,8 +191,14 @@ def model_metadata(ensemble) -> dict[str, Any]:
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]},
             {"name": "members", "datatype": "FP32", "shape": [-1, len(members), len(classes)]},
+            *({"name": score, "datatype": "FP64", "shape": [-1]} for score in SCORES),
+            *([{"name": "abstain", "datatype": "BOOL", "shape": [-1]}]
+              if ensemble.manifest.abstention is not None else []),
         ],
-        "parameters": {"classes": list(classes), "members": [m.name for m in members]},
+        "parameters": {"classes": list(classes), "members": [m.name for m in members],
+                       "temperature": ensemble.manifest.temperature,
+                       **({"abstention": ensemble.manifest.abstention.model_dump()}
+                          if ensemble.manifest.abstention is not None else {})},
     }
 
 
@@ -186,8 +210,8 @@ async def v2_infer(call: Call, server: Inference) -> Reply:
     payload, x, wanted, binary_outputs = decode(
         call.body, call.headers.get("inference-header-content-length"), ensemble.input_spec,
         server.settings.max_rows_per_request, server.json_value_limit(ensemble))
-    average, per_member = await server.infer(call, ensemble, x)
-    tensors = {n: (average if n == "probabilities" else per_member) for n in wanted}
+    average, per_member, scores = await server.infer(call, ensemble, x)
+    tensors = {n: output(n, ensemble, average, per_member, scores) for n in wanted}
     content, header_length = encode_outputs(ensemble.name, ensemble.version, payload.get("id"),
                                             tensors, binary_outputs)
     if header_length is None:

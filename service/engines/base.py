@@ -19,6 +19,7 @@ import numpy as np
 
 from service.errors import InferenceFailed
 from service.repository import InputSpec, Manifest, RepositoryError
+from service.scores import abstains, uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,16 @@ class Ensemble:
                 f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"
             )
         return average, members
+
+    def uncertainty(self, average: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """(rows, 4): entropy, expected_entropy and mutual_information of each row of a batch's
+        outputs (service.scores), with the version's weights, and 1.0 where the row is above the
+        version's abstention threshold (0.0 everywhere for a version without one)."""
+        scores = uncertainty(average, members, self.manifest.weights)
+        abstention = self.manifest.abstention
+        flags = (abstains(scores, abstention.score, abstention.threshold) if abstention is not None
+                 else np.zeros(len(scores), dtype=bool))
+        return np.column_stack([scores, flags])
 
 
 def no_pause() -> None:

@@ -1,9 +1,10 @@
 """A version's members loaded from their SavedModels and assembled into one averaging model.
 
 The members are SavedModels (`model.export`), reloaded as `keras.layers.TFSMLayer`s and joined
-in a Functional-API model whose outputs are the (weighted) average and the stacked per-member
-probabilities. One `tf.function` with a fixed input signature runs it, traced once. This is the
-reference every compiled engine is checked against (`compile`); servers do not run it.
+in a Functional-API model whose outputs are the (weighted) average, tempered when the version is
+calibrated (`Temperature`), and the stacked per-member probabilities. One `tf.function` with a
+fixed input signature runs it, traced once. This is the reference every compiled engine is
+checked against (`compile`); servers do not run it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tensorflow as tf
 from service.engines.base import Ensemble, LoadError, no_pause, warm_up
 from service.engines.tensorflow import TensorFlowEngine, input_signature
 from service.repository import InputSpec, Manifest
+from service.scores import LOG_FLOOR
 
 
 class SignatureError(LoadError):
@@ -50,6 +52,22 @@ def _combine(outputs: list, weights: Sequence[float]):
     return keras.layers.Add(name="weighted_average")(scaled)
 
 
+class Temperature(keras.layers.Layer):
+    """The calibration after the average: softmax(log(max(p, LOG_FLOOR)) / T), in log space so
+    a probability of 0 stays finite; `service.scores.temper` is the same in NumPy."""
+
+    def __init__(self, temperature: float, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, probabilities):
+        logits = keras.ops.log(keras.ops.maximum(probabilities, LOG_FLOOR))
+        return keras.ops.softmax(logits * (1.0 / self.temperature), axis=-1)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "temperature": self.temperature}
+
+
 def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = no_pause) -> keras.Model:
     """Reload every member and build the averaging Functional model; checks each signature.
     `pace` is called between steps (the manager's loader uses it to share the CPU)."""
@@ -66,6 +84,8 @@ def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = n
         outputs.append(layer(inputs))
         pace()
     average = _combine(outputs, manifest.weights)
+    if manifest.temperature != 1.0:
+        average = Temperature(manifest.temperature, name="temperature")(average)
     stacked = keras.layers.Concatenate(axis=1, name="members")(
         [keras.layers.Reshape((1, -1))(o) for o in outputs]
     )

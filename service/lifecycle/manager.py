@@ -335,6 +335,8 @@ class ModelManager:
         self.generation += 1
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
+        self.metrics.reference_mutual_information.labels(slot.name).set(
+            ensemble.manifest.uncertainty_reference.get("mutual_information", 0.0))
         log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, ensemble.engine.kind)
         del dropped
         release_garbage(first=self._first_swap)

@@ -1,0 +1,38 @@
+"""Pool, then calibrate: one temperature applied to the ensemble's averaged distribution, fitted
+on the validation split by minimising its negative log-likelihood.
+
+Averaging members that are each well calibrated makes the mean under-confident (their mistakes
+differ, so the mean spreads its mass), and calibrating each member before averaging does not
+undo that; one temperature after the average does (Rahaman & Thiery, "Uncertainty
+Quantification and Deep Ensembles", NeurIPS 2021). The temperature works in log space
+(`service.scores.temper`), so a probability of 0 stays finite, and T > 0 keeps every argmax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from service.scores import LOG_FLOOR
+
+# The search range of T: far beyond any temperature a sane ensemble needs either way, and
+# bounded so that a validation split the pool gets entirely right cannot push T to zero.
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def tempered_losses(probs: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
+    """Per row: -log of the label's probability after tempering (computed in log space)."""
+    logits = np.log(np.maximum(np.asarray(probs, dtype=np.float64), LOG_FLOOR)) / temperature
+    return logsumexp(logits, axis=1) - logits[np.arange(len(labels)), labels]
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature in [T_MIN, T_MAX] minimising the mean negative log-likelihood of the
+    tempered probabilities (rows, classes) on these labels."""
+    if len(labels) == 0:
+        return 1.0
+    result = minimize_scalar(lambda log_t: float(np.mean(tempered_losses(probs, labels, np.exp(log_t)))),
+                             bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded",
+                             options={"xatol": 1e-4})
+    return float(np.exp(result.x))
