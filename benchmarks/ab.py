@@ -5,7 +5,8 @@ requests at 1 and 32 connections, 256-row JSON and 256-row binary (Open Inferenc
     python benchmarks/ab.py --repository models --rounds 3 \\
         --arm before=/tmp/before --arm fast=. --arm stock=.:ENSEMBLE_HTTP_FAST_PATH=false
 
-An arm is NAME=SOURCE[:VAR=VALUE,...]: the server runs `python -m service.cli` from SOURCE (so
+An arm is NAME=SOURCE[:VAR=VALUE,...][?QUERY] (the query is added to /predict's URL, e.g.
+`?uncertainty=true`): the server runs `python -m service.cli` from SOURCE (so
 it imports that tree's `service`, e.g. a `git worktree` of an older commit), with the variables
 given. The machine is shared and noisy: interleaving puts every arm in the same minutes, and
 the table shows each round, so the spread is visible beside the median.
@@ -29,11 +30,13 @@ from bench import Load, Server, bodies, wrk
 HERE = Path(__file__).resolve().parent
 
 
-def parse_arm(text: str) -> tuple[str, Path, dict[str, str]]:
+def parse_arm(text: str) -> tuple[str, Path, dict[str, str], str]:
+    """NAME=SOURCE[:VAR=VALUE,...][?QUERY] -> (name, source, variables, query of /predict)."""
+    text, _, query = text.partition("?")
     name, _, rest = text.partition("=")
     source, _, variables = rest.partition(":")
     env = dict(v.split("=", 1) for v in variables.split(",") if v)
-    return name, Path(source).resolve(), env
+    return name, Path(source).resolve(), env, query
 
 
 def thread_cpu(pid: int) -> tuple[float, float]:
@@ -65,8 +68,8 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def measure(server: Server, one: bytes, many: bytes, binary: bytes, header: int, name: str, d: float,
-            figures: tuple[str, ...] = FIGURES) -> dict:
-    url = server.url("/predict")
+            figures: tuple[str, ...] = FIGURES, query: str = "") -> dict:
+    url = server.url("/predict" + (f"?{query}" if query else ""))
     wrk(url, one, 4, 2)  # warm-up
     r = {"c1": wrk(url, one, 1, d)} if "c1" in figures else {}
     before, machine, load = thread_cpu(server.proc.pid), machine_cpu(), os.times()
@@ -91,7 +94,7 @@ def main() -> int:
     p.add_argument("--name", default="digits")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0)
-    p.add_argument("--arm", action="append", required=True, help="NAME=SOURCE[:VAR=VALUE,...]")
+    p.add_argument("--arm", action="append", required=True, help="NAME=SOURCE[:VAR=VALUE,...][?QUERY]")
     p.add_argument("--figures", default=",".join(FIGURES),
                    help=f"which figures, comma-separated (the 32-connection one always). Default: {','.join(FIGURES)}")
     args = p.parse_args()
@@ -106,16 +109,16 @@ def main() -> int:
     shape = read_manifest(vdir).input.shape
     one, _, _ = bodies(shape, 1)
     many, binary, header = bodies(shape, 256)
-    caches = {name: tempfile.mkdtemp(prefix=f"ab-{name}-") for name, _, _ in arms}
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in arms}
+    caches = {name: tempfile.mkdtemp(prefix=f"ab-{name}-") for name, _, _, _ in arms}
+    results: dict[str, list[dict]] = {name: [] for name, _, _, _ in arms}
     for round_ in range(args.rounds):
-        for name, source, env in arms:
+        for name, source, env, query in arms:
             argv = [sys.executable, "-m", "service.cli", "--repository", str(args.repository.resolve()),
                     "--port", "{port}", "--default-model", args.name, "--log-level", "warning"]
             server = Server(f"ab-{name}", argv, "/readyz", "/predict", cwd=source,
                             env={"PYTHONPATH": str(source), "ENSEMBLE_COMPILE_CACHE_DIR": caches[name], **env})
             with server:
-                r = measure(server, one, many, binary, header, args.name, args.duration, figures)
+                r = measure(server, one, many, binary, header, args.name, args.duration, figures, query)
             results[name].append(r)
             print(f"round {round_ + 1} {name}: " + ", ".join(
                 f"{k} {v.requests_per_second:,.0f} req/s p50 {v.p50_ms:.2f} p99 {v.p99_ms:.2f}"

@@ -17,7 +17,6 @@ from service.edge import routes, v2
 from service.edge.fast_http import path_in_use
 from service.edge.inference import Edge
 from service.edge.replies import install_error_replies
-from service.engines.base import Ensemble
 from service.engines.child import stop_all
 from service.engines.loader import EngineLoader, plan_of
 from service.lifecycle.manager import Loader, ModelManager
@@ -52,8 +51,7 @@ def create_app(
                                settings.loader_duty_cycle)
         batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                           settings.max_queue_rows, on_batch=metrics.observe_batch,
-                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads,
-                          annotate=Ensemble.uncertainty)
+                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads)
         app.state.manager, app.state.batcher = manager, batcher
         batcher.start()
         await manager.start()

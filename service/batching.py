@@ -9,10 +9,6 @@ finished batch's outputs to the event loop. A lone request therefore runs at onc
 under load batches grow by themselves. `max_delay_seconds` may additionally hold a partial
 batch back for company (0 by default: measured, waiting never paid off on these models).
 
-An optional `annotate` function adds per-row outputs computed from a whole batch's outputs
-(the service's uncertainty scores), vectorised over the batch on the inference thread, so the
-event loop only slices them.
-
 The queue is bounded in rows; a full queue refuses at once (429). Its depth is reported each
 time a batch is taken (what the batch left behind), not on every request. A request with
 more rows than a batch holds is split into chunks. A batch that fails fails each of its requests with
@@ -40,9 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class Predictor(Protocol):
-    """What the batcher calls: rows in, (averaged, per-member) probabilities out."""
+    """What the batcher calls: rows in, (averaged, per-member) probabilities out, and optionally
+    a third array of per-row outputs (an ensemble's uncertainty scores); every array rows first."""
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
 
 def split_rows(rows: int, limit: int) -> list[tuple[int, int]]:
@@ -94,7 +91,7 @@ class BatchStats:
     classes: tuple[str, ...] = ()
     average: np.ndarray | None = None  # the batch's outputs, for disagreement and class metrics
     members: np.ndarray | None = None
-    scores: np.ndarray | None = None  # what `annotate` added, for the uncertainty metrics
+    scores: np.ndarray | None = None  # the third output, if any, for the uncertainty metrics
 
 
 class Batcher:
@@ -115,7 +112,6 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         threads: int = 1,
-        annotate: Callable[[Predictor, np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_seconds < 0 or threads < 1:
             raise ValueError("max_batch_size, max_queue_rows and threads must be >= 1, max_delay_seconds >= 0")
@@ -125,7 +121,6 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.on_batch = on_batch or (lambda stats: None)
         self.on_depth = on_depth or (lambda depth: None)
-        self.annotate = annotate
         # Shared with the inference threads, under `_cond`'s lock: the queue, its row count,
         # the number of batches taken and not yet answered, and the stop flag.
         self._cond = threading.Condition(threading.Lock())
@@ -174,8 +169,8 @@ class Batcher:
             raise QueueFull(f"the queue is full ({self._queued_rows} rows, the limit is {self.max_queue_rows})")
 
     async def submit(self, predictor: Predictor, x: np.ndarray, deadline: float | None = None):
-        """(averaged, per-member) probabilities for x, computed in some batch, and with
-        `annotate`, its outputs for x as a third array."""
+        """The predictor's outputs for x ((averaged, per-member) probabilities, and its third
+        output if it has one), computed in some batch."""
         rows = len(x)
         if self._closing:
             raise NotReady("the service is shutting down")
@@ -255,10 +250,10 @@ class Batcher:
         x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])
         started = time.monotonic()
         try:
-            average, members = live[0].predictor.predict(x)
-            if len(average) != len(x) or len(members) != len(x):
+            outputs = live[0].predictor.predict(x)
+            average, members, scores = outputs[0], outputs[1], outputs[2] if len(outputs) > 2 else None
+            if any(len(a) != len(x) for a in outputs):
                 raise InferenceFailed(f"the ensemble returned {len(average)} rows for a batch of {len(x)}")
-            scores = None if self.annotate is None else self.annotate(live[0].predictor, average, members)
         except Exception as exc:  # every waiter gets the error, the batcher keeps serving
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}")
             log.error("batch of %d rows failed: %s", len(x), error)
@@ -268,7 +263,7 @@ class Batcher:
         stats = BatchStats(len(x), len(live), [started - item.enqueued for item in live],
                            time.monotonic() - started, getattr(predictor, "name", ""), classes,
                            average if classes else None, members if classes else None, scores)
-        return live, expired, (average, members) if scores is None else (average, members, scores), stats
+        return live, expired, outputs, stats
 
     # -- back on the event loop ----------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from service.engines.base import LoadError, check_probabilities
 from service.engines.keras_members import check_signature, load_members
 from service.repository import InputSpec, read_manifest
-from service.scores import served
+from service.scores import SCORES, served, uncertainty
 from training.members import predict_saved_model
 
 
@@ -25,11 +25,17 @@ def test_ensemble_equals_the_calibrated_average_of_its_members(trained_repositor
     manifest = read_manifest(vdir)
     ensemble = load_members(manifest, vdir, warmup_sizes=(1, 8))
     x = digits_test_split.x[:64]
-    average, members = ensemble.predict(x)
+    average, members, scores = ensemble.predict(x)
     direct = member_probabilities(vdir, manifest, x)
     np.testing.assert_allclose(members, direct.transpose(1, 0, 2), atol=1e-5)
     np.testing.assert_allclose(average, served(direct.transpose(1, 0, 2), manifest.weights, manifest.temperature),
                                atol=1e-5)
+    # The uncertainty scores computed in the graph are service.scores' (the contract's) definition.
+    want = uncertainty(served(direct.transpose(1, 0, 2), manifest.weights, manifest.temperature),
+                       direct.transpose(1, 0, 2), manifest.weights)
+    np.testing.assert_allclose(scores[:, :3], want, atol=1e-5)
+    a = manifest.abstention
+    assert scores[:, 3].tolist() == (want[:, SCORES.index(a.score)] > a.threshold).astype(float).tolist()
 
 
 def test_weighted_manifest_averages_with_its_weights(repository, digits_test_split):
@@ -40,7 +46,7 @@ def test_weighted_manifest_averages_with_its_weights(repository, digits_test_spl
         m["weight"] = w
     (vdir / "manifest.json").write_text(json.dumps(raw))
     manifest = read_manifest(vdir)
-    average, _ = load_members(manifest, vdir, (1,)).predict(digits_test_split.x[:16])
+    average = load_members(manifest, vdir, (1,)).predict(digits_test_split.x[:16])[0]
     direct = member_probabilities(vdir, manifest, digits_test_split.x[:16])
     np.testing.assert_allclose(average, served(direct.transpose(1, 0, 2), weights, manifest.temperature), atol=1e-5)
 

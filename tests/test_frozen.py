@@ -56,7 +56,7 @@ def test_frozen_graph_file_must_be_one(tmp_path):
 def test_import_checks_the_warm_up_outputs(compiled):
     manifest, vdir, graph = compiled
     frozen = graph.frozen
-    swapped = FrozenGraph(frozen.graph_def, frozen.input, (frozen.outputs[1], frozen.outputs[0]))
+    swapped = FrozenGraph(frozen.graph_def, frozen.input, (frozen.outputs[1], frozen.outputs[0], frozen.outputs[2]))
     with pytest.raises(LoadError):  # outputs in the wrong order: shapes do not match
         import_frozen(manifest, vdir, swapped, (2,))
 

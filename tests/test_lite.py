@@ -56,9 +56,10 @@ def test_runner_serves_any_batch_size_from_several_threads(compiled, reference, 
     def client(offset: int):
         for i in range(24):
             n = sizes[(i + offset) % len(sizes)]  # every thread changes size on every call
-            average, members = runner.run(x[:n])
+            average, members, scores = runner.run(x[:n])
             calls.append(n)
-            if not (np.allclose(average, want[n][0], atol=1e-5) and np.allclose(members, want[n][1], atol=1e-5)):
+            if not (np.allclose(average, want[n][0], atol=1e-5) and np.allclose(members, want[n][1], atol=1e-5)
+                    and np.allclose(scores[:, :3], want[n][2][:, :3], atol=1e-5)):
                 failures.append((offset, i, n))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
@@ -119,8 +120,8 @@ def test_a_model_that_does_not_convert_or_disagrees_is_not_kept(compiled, refere
     call = LiteEngine.run
 
     def classes_reversed(self, x):  # still probabilities, but not the members' answer
-        average, members = call(self, x)
-        return average[:, ::-1].copy(), members
+        average, members, scores = call(self, x)
+        return average[:, ::-1].copy(), members, scores
 
     monkeypatch.setattr(LiteEngine, "run", classes_reversed)
     caplog.clear()

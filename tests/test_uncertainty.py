@@ -154,3 +154,11 @@ def test_threshold_keeps_the_answered_error_rate_under_the_target():
     assert chosen.score == "entropy" and chosen.coverage == 0.7
     assert apply_threshold(table, correct, chosen) == pytest.approx((0.7, 1 / 7))
     assert SCORES == ("entropy", "expected_entropy", "mutual_information")
+
+
+def test_a_validation_split_the_pool_gets_all_right_does_not_make_it_certain_of_everything():
+    labels = np.arange(30) % 3
+    probs = np.eye(3)[labels] * 0.9 + 0.1 / 3  # every row right, 0.93 confident
+    t = fit_temperature(probs, labels)
+    assert 0.2 < t < 1.0  # sharper, as far as 30 rows justify; without the prior T -> 0.05
+    assert temper(probs, t).max() < 1 - 1e-6

@@ -63,7 +63,7 @@ def test_v2_serves_uncertainty_outputs_by_name_json_and_binary(client, expected)
     body = client.post("/v2/models/digits/infer", json={"inputs": inputs, "outputs": wanted}).json()
     got = {o["name"]: o for o in body["outputs"]}
     for j, name in enumerate(SCORES):
-        assert got[name]["datatype"] == "FP64" and got[name]["shape"] == [len(x)]
+        assert got[name]["datatype"] == "FP32" and got[name]["shape"] == [len(x)]
         np.testing.assert_allclose(got[name]["data"], scores[:, j], atol=1e-5)
     assert got["abstain"]["datatype"] == "BOOL" and got["abstain"]["data"] == abstain.tolist()
 
@@ -77,8 +77,8 @@ def test_v2_serves_uncertainty_outputs_by_name_json_and_binary(client, expected)
     length = int(resp.headers["inference-header-content-length"])
     header, raw = orjson.loads(resp.content[:length]), resp.content[length:]
     sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
-    assert sizes == [len(x) * 8, len(x)]
-    np.testing.assert_allclose(np.frombuffer(raw[:sizes[0]], "<f8"), scores[:, 2], atol=1e-5)
+    assert sizes == [len(x) * 4, len(x)]
+    np.testing.assert_allclose(np.frombuffer(raw[:sizes[0]], "<f4"), scores[:, 2], atol=1e-5)
     assert np.frombuffer(raw[sizes[0]:], np.bool_).tolist() == abstain.tolist()
 
 

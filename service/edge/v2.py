@@ -7,7 +7,7 @@
 
 One input tensor (`instances`, the manifest's shape with a batch dimension first); outputs
 `probabilities` (rows, classes, the default), `members` (rows, members, classes), the
-uncertainty scores `entropy`, `expected_entropy` and `mutual_information` (rows, FP64,
+uncertainty scores `entropy`, `expected_entropy` and `mutual_information` (rows, FP32,
 service.scores), and `abstain` (rows, BOOL; for versions with an abstention threshold), each
 returned as JSON `data` or as raw little-endian bytes (the binary tensor extension) as the
 request asks.
@@ -191,7 +191,7 @@ def model_metadata(ensemble) -> dict[str, Any]:
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes)]},
             {"name": "members", "datatype": "FP32", "shape": [-1, len(members), len(classes)]},
-            *({"name": score, "datatype": "FP64", "shape": [-1]} for score in SCORES),
+            *({"name": score, "datatype": "FP32", "shape": [-1]} for score in SCORES),
             *([{"name": "abstain", "datatype": "BOOL", "shape": [-1]}]
               if ensemble.manifest.abstention is not None else []),
         ],

@@ -1,6 +1,7 @@
 """The engine interface, the servable `Ensemble`, and the checks every engine passes.
 
-An `Engine` computes a version: rows in, (averaged probabilities, per-member probabilities) out.
+An `Engine` computes a version: rows in, (averaged probabilities, per-member probabilities,
+uncertainty scores) out; the scores are computed in the engine's own graph (`SCORE_COLUMNS`).
 Two engines serve: TensorFlow Lite (`lite`, the default) and the frozen TensorFlow graph
 (`tensorflow`); a third, the members assembled with Keras (`keras_members`), is what the other
 two are checked against when a version is compiled. An `Ensemble` is a version's manifest and
@@ -19,7 +20,7 @@ import numpy as np
 
 from service.errors import InferenceFailed
 from service.repository import InputSpec, Manifest, RepositoryError
-from service.scores import abstains, uncertainty
+from service.scores import SCORES
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,20 @@ def warmup_batch(spec: InputSpec, rows: int) -> np.ndarray:
     return rng.uniform(0.0, 1.0, size=(rows, *spec.shape)).astype(spec.dtype)
 
 
+# The columns of an engine's scores: service.scores' three, then 1.0 where the row is above the
+# version's abstention threshold (0.0 everywhere for a version without one).
+SCORE_COLUMNS = (*SCORES, "abstain")
+
+
 class Engine(Protocol):
     """What computes a version. `kind` names it ("tflite" or "tensorflow") for GET /models and
     the logs; `run` may be called from several threads at once."""
 
     kind: str
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows (n, *input shape) -> (averaged (n, classes), per member (n, members, classes))."""
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows (n, *input shape) -> (averaged (n, classes), per member (n, members, classes),
+        scores (n, len(SCORE_COLUMNS)))."""
         ...
 
 
@@ -95,24 +102,15 @@ class Ensemble:
     def input_spec(self) -> InputSpec:
         return self.manifest.input
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(averaged probabilities (rows, classes), member probabilities (rows, members, classes))."""
-        average, members = self.engine.run(x)
-        if len(average) != len(x) or len(members) != len(x):
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(averaged probabilities (rows, classes), member probabilities (rows, members, classes),
+        scores (rows, len(SCORE_COLUMNS)))."""
+        average, members, scores = self.engine.run(x)
+        if len(average) != len(x) or len(members) != len(x) or len(scores) != len(x):
             raise InferenceFailed(
                 f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"
             )
-        return average, members
-
-    def uncertainty(self, average: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """(rows, 4): entropy, expected_entropy and mutual_information of each row of a batch's
-        outputs (service.scores), with the version's weights, and 1.0 where the row is above the
-        version's abstention threshold (0.0 everywhere for a version without one)."""
-        scores = uncertainty(average, members, self.manifest.weights)
-        abstention = self.manifest.abstention
-        flags = (abstains(scores, abstention.score, abstention.threshold) if abstention is not None
-                 else np.zeros(len(scores), dtype=bool))
-        return np.column_stack([scores, flags])
+        return average, members, scores
 
 
 def no_pause() -> None:
@@ -127,7 +125,7 @@ def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], 
     n_classes, n_members = len(manifest.output.classes), len(manifest.members)
     for rows in sorted(set(warmup_sizes)):
         try:
-            average, members = ensemble.predict(warmup_batch(spec, rows))
+            average, members, scores = ensemble.predict(warmup_batch(spec, rows))
         except Exception as exc:  # a member that fails on a valid batch is a broken version
             raise WarmupError(f"warm-up on {rows} rows failed: {exc}") from None
         if members.shape != (rows, n_members, n_classes):
@@ -138,6 +136,9 @@ def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], 
         for i, member in enumerate(manifest.members):
             check_probabilities(members[:, i, :], rows, n_classes, f"member {member.name}")
         check_probabilities(average, rows, n_classes, "the ensemble")
+        if scores.shape != (rows, len(SCORE_COLUMNS)) or not np.all(np.isfinite(scores)):
+            raise WarmupError(f"the uncertainty scores have shape {list(scores.shape)} or are not finite; "
+                              f"expected [{rows}, {len(SCORE_COLUMNS)}] finite values")
         pace()
     log.debug("%s version %d: %d members, warmed on %s rows", manifest.name, manifest.version,
               n_members, sorted(set(warmup_sizes)))

@@ -28,6 +28,7 @@ from service.engines.keras_members import load_members
 from service.engines.lite import load_lite
 from service.engines.tensorflow import freeze, import_frozen
 from service.repository import Manifest
+from service.scores import SCORES
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ FAITHFUL_ROWS = 32
 def check_faithful(original: Ensemble, compiled: Ensemble) -> None:
     """The compiled ensemble must answer what the assembled members answer; LoadError otherwise."""
     x = warmup_batch(original.manifest.input, FAITHFUL_ROWS)
-    for what, a, b in zip(("average", "member"), original.predict(x), compiled.predict(x)):
+    for what, a, b in zip(("average", "member", "uncertainty"), original.predict(x), compiled.predict(x)):
+        if what == "uncertainty":  # the scores; the abstain flag follows from them
+            a, b = a[:, :len(SCORES)], b[:, :len(SCORES)]
         worst = float(np.max(np.abs(a - b)))
         if not worst <= FAITHFUL_ATOL:
-            raise LoadError(f"the {compiled.engine.kind} ensemble's {what} probabilities differ from the "
+            raise LoadError(f"the {compiled.engine.kind} ensemble's {what} outputs differ from the "
                             f"members' by {worst:.2g}")
 
 
@@ -62,7 +65,7 @@ def compile_version(manifest: Manifest, version_dir: Path, pace: Callable[[], No
 
 
 def to_lite(fn) -> bytes:
-    """The TensorFlow Lite flatbuffer of a concrete function x -> (average, members), with
+    """The TensorFlow Lite flatbuffer of a concrete function x -> (average, members, scores), with
     TensorFlow Lite's own ops only; LoadError if it does not convert."""
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

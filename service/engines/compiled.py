@@ -27,7 +27,8 @@ from service.repository import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"ensemble-frozen-graph/2\n"  # 2: graph size in the header, then the TensorFlow Lite model
+# 2: graph size in the header, then the TensorFlow Lite model; 3: three outputs (with the scores)
+_MAGIC = b"ensemble-frozen-graph/3\n"
 
 
 def tensorflow_version() -> str:
@@ -42,11 +43,12 @@ def tensorflow_version() -> str:
 
 @dataclass(frozen=True)
 class FrozenGraph:
-    """A serialized GraphDef and the names of its input and its two outputs (average, members)."""
+    """A serialized GraphDef and the names of its input and its three outputs (average, members,
+    scores)."""
 
     graph_def: bytes
     input: str
-    outputs: tuple[str, str]
+    outputs: tuple[str, str, str]
 
 
 @dataclass(frozen=True)

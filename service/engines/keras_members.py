@@ -2,7 +2,9 @@
 
 The members are SavedModels (`model.export`), reloaded as `keras.layers.TFSMLayer`s and joined
 in a Functional-API model whose outputs are the (weighted) average, tempered when the version is
-calibrated (`Temperature`), and the stacked per-member probabilities. One `tf.function` with a
+calibrated (`Temperature`), the stacked per-member probabilities, and each row's uncertainty
+scores with its abstain flag (`Uncertainty`, service.scores in the graph, so that every engine
+computes them in its own kernels, batch by batch). One `tf.function` with a
 fixed input signature runs it, traced once. This is the reference every compiled engine is
 checked against (`compile`); servers do not run it.
 """
@@ -19,7 +21,7 @@ import tensorflow as tf
 from service.engines.base import Ensemble, LoadError, no_pause, warm_up
 from service.engines.tensorflow import TensorFlowEngine, input_signature
 from service.repository import InputSpec, Manifest
-from service.scores import LOG_FLOOR
+from service.scores import LOG_FLOOR, SCORES
 
 
 class SignatureError(LoadError):
@@ -68,6 +70,39 @@ class Temperature(keras.layers.Layer):
         return {**super().get_config(), "temperature": self.temperature}
 
 
+class Uncertainty(keras.layers.Layer):
+    """(served probabilities, stacked members) -> (rows, 4): entropy of the served distribution,
+    the members' weighted mean entropy, their mutual information (service.scores, never
+    negative), and 1.0 where the version's abstention score is above its threshold."""
+
+    def __init__(self, weights: Sequence[float], abstain_score: str | None = None, threshold: float = 0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.member_weights = [float(w) for w in weights]
+        self.abstain_score, self.threshold = abstain_score, float(threshold)
+
+    @staticmethod
+    def _entropy(p):
+        return -keras.ops.sum(p * keras.ops.log(keras.ops.maximum(p, LOG_FLOOR)), axis=-1)
+
+    def call(self, inputs):
+        served, members = inputs
+        w = keras.ops.convert_to_tensor(self.member_weights, dtype=members.dtype)
+        expected = keras.ops.sum(self._entropy(members) * w, axis=-1)
+        mean = keras.ops.sum(members * w[None, :, None], axis=1)
+        mutual = keras.ops.maximum(self._entropy(mean) - expected, 0.0)
+        scores = keras.ops.stack([self._entropy(served), expected, mutual], axis=-1)
+        if self.abstain_score is None:
+            flag = keras.ops.zeros_like(expected)
+        else:
+            flag = keras.ops.cast(scores[:, SCORES.index(self.abstain_score)] > self.threshold, scores.dtype)
+        return keras.ops.concatenate([scores, flag[:, None]], axis=-1)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "weights": self.member_weights, "abstain_score": self.abstain_score,
+                "threshold": self.threshold}
+
+
 def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = no_pause) -> keras.Model:
     """Reload every member and build the averaging Functional model; checks each signature.
     `pace` is called between steps (the manager's loader uses it to share the CPU)."""
@@ -89,7 +124,10 @@ def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = n
     stacked = keras.layers.Concatenate(axis=1, name="members")(
         [keras.layers.Reshape((1, -1))(o) for o in outputs]
     )
-    return keras.Model(inputs, [average, stacked], name=f"{manifest.name}_v{manifest.version}")
+    abstention = manifest.abstention
+    scores = Uncertainty(manifest.weights, abstention.score if abstention else None,
+                         abstention.threshold if abstention else 0.0, name="uncertainty")([average, stacked])
+    return keras.Model(inputs, [average, stacked, scores], name=f"{manifest.name}_v{manifest.version}")
 
 
 def load_members(manifest: Manifest, version_dir: Path, warmup_sizes: Sequence[int],

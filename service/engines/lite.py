@@ -40,7 +40,7 @@ def load_lite(manifest: Manifest, version_dir: Path, model: bytes, warmup_sizes:
 
 
 class LiteEngine:
-    """x -> (average (rows, classes), members (rows, members, classes)) on a pool of
+    """x -> (average (rows, classes), members (rows, members, classes), scores (rows, 4)) on a pool of
     TensorFlow Lite interpreters of one model; `run` from any number of threads."""
 
     kind = "tflite"
@@ -60,14 +60,17 @@ class LiteEngine:
         except (ValueError, RuntimeError) as exc:
             raise LoadError(f"TensorFlow Lite cannot load the converted ensemble: {exc}") from None
         inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-        ranks = sorted((len(o["shape"]), o["index"]) for o in outputs)
-        if len(inputs) != 1 or [rank for rank, _ in ranks] != [2, 3]:
-            raise LoadError(f"the converted ensemble has {len(inputs)} inputs and outputs of ranks "
-                            f"{[rank for rank, _ in ranks]}; expected one input, outputs of ranks 2 and 3")
+        # The converter names a function's outputs Identity, Identity_1, ... in their order:
+        # average, members, scores.
+        ordered = sorted(outputs, key=lambda o: _output_number(o["name"]))
+        ranks = [len(o["shape"]) for o in ordered]
+        if len(inputs) != 1 or ranks != [2, 3, 2]:
+            raise LoadError(f"the converted ensemble has {len(inputs)} inputs and outputs of ranks {ranks}; "
+                            "expected one input, and outputs of ranks 2, 3 and 2 (average, members, scores)")
         interpreter.allocate_tensors()
-        return _Slot(interpreter, inputs[0]["index"], ranks[0][1], ranks[1][1], tuple(inputs[0]["shape"]))
+        return _Slot(interpreter, inputs[0]["index"], *(o["index"] for o in ordered), tuple(inputs[0]["shape"]))
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
             slot = self._idle.get_nowait()
         except queue.Empty:  # more calls at once than ever before
@@ -80,16 +83,27 @@ class LiteEngine:
                 slot.shape = x.shape
             interpreter.set_tensor(slot.source, np.ascontiguousarray(x, dtype=self.input_dtype))
             interpreter.invoke()
-            return interpreter.get_tensor(slot.average), interpreter.get_tensor(slot.members)
+            return (interpreter.get_tensor(slot.average), interpreter.get_tensor(slot.members),
+                    interpreter.get_tensor(slot.scores))
         finally:
             self._idle.put(slot)
+
+
+def _output_number(name: str) -> int:
+    """0 for "Identity", k for "Identity_k" (any other name sorts last)."""
+    head, _, number = name.rpartition("_")
+    if name == "Identity":
+        return 0
+    return int(number) if head == "Identity" and number.isdigit() else 1 << 30
 
 
 class _Slot:
     """One interpreter of the pool, the indices of its tensors, and its current input shape."""
 
-    __slots__ = ("interpreter", "source", "average", "members", "shape")
+    __slots__ = ("interpreter", "source", "average", "members", "scores", "shape")
 
-    def __init__(self, interpreter, source: int, average: int, members: int, shape: tuple[int, ...]):
-        self.interpreter, self.source, self.average, self.members = interpreter, source, average, members
+    def __init__(self, interpreter, source: int, average: int, members: int, scores: int,
+                 shape: tuple[int, ...]):
+        self.interpreter, self.source = interpreter, source
+        self.average, self.members, self.scores = average, members, scores
         self.shape = shape

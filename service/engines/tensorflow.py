@@ -50,7 +50,7 @@ def _flat_call_names(cls: type) -> bool:
 
 
 class TensorFlowEngine:
-    """x -> (average, members) by one concrete TensorFlow function with a fixed input signature.
+    """x -> (average, members, scores) by one concrete TensorFlow function with a fixed input signature.
 
     `owner` keeps alive what the function reads, if anything (the Keras model whose variables
     the assembled members' function uses); a frozen graph reads nothing else."""
@@ -65,9 +65,9 @@ class TensorFlowEngine:
         else:
             self._call = fn
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        average, members = self._call(tf.constant(x))
-        return average.numpy(), members.numpy()
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        average, members, scores = self._call(tf.constant(x))
+        return average.numpy(), members.numpy(), scores.numpy()
 
 
 def input_signature(spec: InputSpec) -> list[tf.TensorSpec]:
@@ -83,11 +83,11 @@ def freeze(fn) -> FrozenGraph:
         frozen = convert_variables_to_constants_v2(fn)
     except Exception as exc:  # TensorFlow raises many types for graphs it cannot fold
         raise LoadError(f"cannot freeze the ensemble into one graph: {type(exc).__name__}: {exc}") from None
-    if len(frozen.inputs) != 1 or len(frozen.outputs) != 2:
+    if len(frozen.inputs) != 1 or len(frozen.outputs) != 3:
         raise LoadError(f"the frozen ensemble has {len(frozen.inputs)} inputs and {len(frozen.outputs)} "
-                        "outputs, expected 1 and 2")
+                        "outputs, expected 1 and 3")
     return FrozenGraph(frozen.graph.as_graph_def().SerializeToString(), frozen.inputs[0].name,
-                       (frozen.outputs[0].name, frozen.outputs[1].name))
+                       tuple(t.name for t in frozen.outputs))
 
 
 def import_frozen(manifest: Manifest, version_dir: Path, graph: FrozenGraph, warmup_sizes: Sequence[int],
@@ -97,9 +97,9 @@ def import_frozen(manifest: Manifest, version_dir: Path, graph: FrozenGraph, war
     graph_def = tf.compat.v1.GraphDef.FromString(graph.graph_def)
 
     def run(x):
-        average, members = tf.graph_util.import_graph_def(
+        average, members, scores = tf.graph_util.import_graph_def(
             graph_def, input_map={graph.input: x}, return_elements=list(graph.outputs), name="frozen")
-        return average, members
+        return average, members, scores
 
     try:
         fn = tf.function(run, input_signature=input_signature(manifest.input)).get_concrete_function()
