@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service.batching import Batcher
 from service.config import Settings
-from service.edge import routes, v2
+from service.edge import reports, routes, v2
 from service.edge.fast_http import path_in_use
 from service.edge.inference import Edge
 from service.edge.replies import install_error_replies
@@ -67,12 +67,14 @@ def create_app(
             await batcher.stop()
             sys.setswitchinterval(switch_interval)
 
-    app = FastAPI(title="ensemble-serving", version="0.1.0", lifespan=lifespan)
+    # /docs comes from service.edge.reports, on local assets: FastAPI's own loads them from a CDN.
+    app = FastAPI(title="ensemble-serving", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.metrics = settings, metrics
     app.state.http_path = path_in_use(settings)
     metrics.http_fast_path.set(1 if app.state.http_path == "fast" else 0)
     install_error_replies(app)
     routes.register(app)
     v2.register(app)
+    reports.register(app)
     Edge.document(app)
     return Edge(app, settings, metrics)

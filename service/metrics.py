@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_left
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -50,6 +51,9 @@ def resident_bytes() -> int:
         return 0
 
 
+_FEW = 8  # batches of at most this many values are counted without numpy (BatchHistogram)
+
+
 class BatchHistogram(Collector):
     """A labelled histogram that takes a whole batch of values in one call (`observe_many`).
 
@@ -64,6 +68,7 @@ class BatchHistogram(Collector):
                  registry: CollectorRegistry):
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self.bounds = np.array([*buckets, float("inf")] if buckets[-1] != float("inf") else buckets, dtype=float)
+        self._bounds = self.bounds.tolist()
         self._stock = None
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self._stock = Histogram(name, documentation, self.labelnames, buckets=buckets, registry=registry)
@@ -81,14 +86,28 @@ class BatchHistogram(Collector):
             for value in np.asarray(values, dtype=float).tolist():
                 child.observe(value)
             return
+        if len(values) <= _FEW:  # a few values: bisect in Python beats numpy's per-call overhead
+            values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+            slots = [bisect_left(self._bounds, v) for v in values]
+            with self._lock:
+                series = self._get(labels)
+                for i in slots:
+                    series[0][i] += 1
+                series[1] += sum(values)
+            return
         counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.bounds))
         total = float(np.sum(values))
         with self._lock:
-            series = self._series.get(labels)
-            if series is None:
-                series = self._series[labels] = [np.zeros(len(self.bounds), dtype=np.int64), 0.0]
+            series = self._get(labels)
             series[0] += counts
             series[1] += total
+
+    def _get(self, labels: tuple[str, ...]) -> list:
+        """The [counts per bucket, sum] of a series, created at zero (with the lock held)."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [np.zeros(len(self.bounds), dtype=np.int64), 0.0]
+        return series
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

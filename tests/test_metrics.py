@@ -30,6 +30,11 @@ def test_observe_many_equals_observing_one_by_one():
     for v in values[:3]:
         single.labels("x").observe(float(v))
     assert samples(bulk_registry) == samples(single_registry)
+    many = np.tile(values, 3)  # past the few values counted without numpy: the other path
+    bulk.observe_many(("x",), many)
+    for v in many:
+        single.labels("x").observe(float(v))
+    assert samples(bulk_registry) == samples(single_registry)
 
 
 def test_disagreement_is_the_share_of_members_off_the_ensembles_top_class():

@@ -237,7 +237,7 @@ def test_the_reload_failure_alert_fires_and_the_healthy_ones_do_not(live):
     alerts = httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     names = {a["labels"]["alertname"] for a in alerts}
     assert "EnsembleReloadFailed" in names, alerts  # digits/2 and broken/1 failed to load
-    assert not names & {"EnsembleNotReady", "EnsembleDisagreementRising"}, alerts
+    assert not names & {"EnsembleNotReady", "EnsembleDisagreementRising", "EnsembleUncertaintyDrift"}, alerts
 
 
 def test_promtool_check_metrics_reports_no_problems(live, promtool):

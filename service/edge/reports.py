@@ -1,0 +1,126 @@
+"""The trainer's report where people look, and the API's own documentation without a network.
+
+    GET /models/{name}/versions/{v}/report           the version's report.json
+    GET /models/{name}/versions/{v}/report/{file}    its pictures (reliability.png, ...)
+    GET /ui                                          one page: every ensemble and version, its
+                                                     state, metrics against the member chosen on
+                                                     validation, pictures, live request rates
+    GET /docs                                        Swagger UI, its assets served from the
+                                                     installed swagger-ui-bundle package
+
+The report is read from the version's folder in the repository (any committed version, loaded or
+not), never through a symbolic link, and its data source is shown as a file name only: public
+routes do not tell where files live. The page is one HTML file (`ui.html`) with its script and
+style inline and no external assets, so it works on a cluster without internet.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from functools import lru_cache
+from pathlib import Path, PurePath
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+
+from service.errors import ModelNotFound
+from service.repository import MANIFEST_FILE, is_valid_name
+
+REPORT_FILE = "report.json"
+PICTURE = re.compile(r"[a-z0-9_]{1,64}\.png")
+MAX_FILE_BYTES = 32 * 1024 * 1024  # a report or picture larger than this is not the trainer's
+_HERE = Path(__file__).resolve().parent
+
+
+def version_folder(request: Request, name: str, version: int) -> Path:
+    """The folder of a committed version of `name`, or 404."""
+    if not is_valid_name(name):
+        raise ModelNotFound(f"no ensemble named {name[:64]!r}")
+    folder = request.app.state.settings.repository / name / str(version)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise ModelNotFound(f"{name} has no published version {version}")
+    return folder
+
+
+def read_file(path: Path) -> bytes:
+    """A regular file's bytes (no symbolic link, at most MAX_FILE_BYTES), or 404."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        raise ModelNotFound(f"{path.parent.name} has no {path.name}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+            raise ModelNotFound(f"{path.name} is not a report file")
+        return f.read()
+
+
+def public_report(raw: bytes) -> bytes:
+    """The report as served: the data source by its file name only."""
+    report = orjson.loads(raw)
+    data = report.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), str):
+        data["source"] = PurePath(data["source"]).name or data["source"]
+    return orjson.dumps(report)
+
+
+_CACHE = {"cache-control": "public, max-age=60"}
+
+
+async def report(request: Request, name: str, version: int = PathParam(ge=1)) -> Response:
+    """The version's report.json (what the trainer measured and decided)."""
+    raw = read_file(version_folder(request, name, version) / REPORT_FILE)
+    return Response(public_report(raw), media_type="application/json", headers=_CACHE)
+
+
+async def picture(request: Request, name: str, file: str, version: int = PathParam(ge=1)) -> Response:
+    """One of the report's pictures, by file name (lower-case letters, digits, `_`, `.png`)."""
+    if not PICTURE.fullmatch(file):
+        raise ModelNotFound(f"no report picture named {file[:64]!r}")
+    return Response(read_file(version_folder(request, name, version) / file), media_type="image/png",
+                    headers=_CACHE)
+
+
+@lru_cache(maxsize=1)
+def _page() -> bytes:
+    return (_HERE / "ui.html").read_bytes()
+
+
+async def ui() -> Response:
+    """The one-page view of the ensembles (ui.html)."""
+    return Response(_page(), media_type="text/html; charset=utf-8")
+
+
+def swagger_assets() -> Path | None:
+    """The folder of Swagger UI's files in the installed swagger-ui-bundle package, or None."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    folder = Path(swagger_ui_path)
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def register(app: FastAPI) -> None:
+    """Add the report routes, /ui and, when the app was made without FastAPI's own (CDN) docs
+    page, /docs on local assets."""
+    app.add_api_route("/models/{name}/versions/{version}/report", report, methods=["GET"])
+    app.add_api_route("/models/{name}/versions/{version}/report/{file}", picture, methods=["GET"])
+    app.add_api_route("/ui", ui, methods=["GET"], include_in_schema=False)
+    assets = swagger_assets()
+    if app.docs_url is None and assets is not None:
+        app.mount("/docs/assets", StaticFiles(directory=assets), name="swagger-assets")
+
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                       swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs/assets/swagger-ui.css",
+                                       swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+        app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
