@@ -22,7 +22,7 @@ def test_chief_and_two_workers_finish_a_search_and_the_chief_publishes(tmp_path)
     args = [sys.executable, "-m", "training.cli", "--data", str(tmp_path / "v.npz"), "--name", "dist",
             "--repository", str(tmp_path / "models"), "--work-dir", str(tmp_path / "work"),
             "--tuner", "random", "--max-trials", "4", "--max-epochs", "2",
-            "--members", "tuned:2", "--epochs", "2", "--patience", "1"]
+            "--members", "tuned:2", "--epochs", "2", "--patience", "1", "--weights", "uniform"]
     env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
     procs = {
         tuner_id: subprocess.Popen(args, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
