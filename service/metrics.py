@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from service.engines.base import disagreement
+from service.engines.base import SCORE_COLUMNS, disagreement
 
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -52,6 +52,7 @@ def resident_bytes() -> int:
 
 
 _FEW = 8  # batches of at most this many values are counted without numpy (BatchHistogram)
+_MUTUAL_INFORMATION, _ABSTAIN = SCORE_COLUMNS.index("mutual_information"), SCORE_COLUMNS.index("abstain")
 
 
 class BatchHistogram(Collector):
@@ -242,9 +243,9 @@ class ServiceMetrics:
             self.queue_wait.observe(wait)
         if stats.average is not None:
             self.observe_predictions(stats.model, stats.classes, stats.average, stats.members)
-        if stats.scores is not None:  # service.engines.base.Ensemble.uncertainty's columns
-            self.mutual_information.observe_many((stats.model,), stats.scores[:, 2])
-            abstained = int(np.count_nonzero(stats.scores[:, 3]))
+        if stats.scores is not None:  # an engine's scores: service.engines.base.SCORE_COLUMNS
+            self.mutual_information.observe_many((stats.model,), stats.scores[:, _MUTUAL_INFORMATION])
+            abstained = int(np.count_nonzero(stats.scores[:, _ABSTAIN]))
             if abstained:
                 self._child(self.abstained_rows, stats.model).inc(abstained)
 

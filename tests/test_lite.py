@@ -128,3 +128,20 @@ def test_a_model_that_does_not_convert_or_disagrees_is_not_kept(compiled, refere
     with caplog.at_level(logging.WARNING, logger="service.engines.compile"):
         assert convert_checked(original, reference) is None
     assert "differ from the members" in caplog.text
+
+
+def test_outputs_are_told_apart_by_shape_and_by_name_when_shapes_tie():
+    from service.engines.lite import order_outputs
+
+    def out(name, *shape):
+        return {"name": name, "shape": [1, *shape]}
+
+    avg, members, scores = out("Identity", 10), out("Identity_1", 5, 10), out("Identity_2", 4)
+    assert order_outputs([scores, members, avg]) == [avg, members, scores]  # by shape, any order
+    swapped = [out("Identity", 4), out("Identity_1", 5, 10), out("Identity_2", 10)]
+    assert order_outputs(swapped) == [swapped[2], swapped[1], swapped[0]]
+    four = [out("Identity_2", 4), out("Identity", 4), out("Identity_1", 3, 4)]  # 4 classes: names decide
+    assert order_outputs(four) == [four[1], four[2], four[0]]
+    assert order_outputs([avg, members]) is None
+    assert order_outputs([avg, out("Identity_1", 10), scores]) is None
+    assert order_outputs([out("Identity", 7), members, scores]) is None  # 7 is neither 10 nor 4

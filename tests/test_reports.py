@@ -23,13 +23,29 @@ def client(repository):
 
 
 def test_report_route_serves_the_versions_report_without_paths(client, repository):
+    path = repository / "digits" / "1" / "report.json"
+    on_disk = json.loads(path.read_text())
+    on_disk["data"]["source"] = "/srv/private/datasets/cancer.csv"  # as a CSV run writes it
+    path.write_text(json.dumps(on_disk))
     resp = client.get("/models/digits/versions/1/report")
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
     report = resp.json()
-    on_disk = json.loads((repository / "digits" / "1" / "report.json").read_text())
     assert report["versus_selected_member"] == on_disk["versus_selected_member"]
     assert report["calibration"]["temperature"] == on_disk["calibration"]["temperature"]
-    assert report["data"]["source"] == "digits" and "/" not in json.dumps(report["data"])
+    assert report["data"]["source"] == "cancer.csv" and "/srv" not in resp.text
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null"])
+def test_a_report_that_is_not_a_json_object_is_a_404(client, repository, content):
+    (repository / "digits" / "1" / "report.json").write_bytes(content)
+    resp = client.get("/models/digits/versions/1/report")
+    assert resp.status_code == 404 and "not a report" in resp.json()["error"]
+
+
+def test_a_version_folder_that_is_a_link_is_not_served(client, repository):
+    (repository / "digits" / "2").symlink_to(repository / "digits" / "1")
+    assert client.get("/models/digits/versions/2/report").status_code == 404
+    assert client.get("/models/digits/versions/2/report/metrics.png").status_code == 404
 
 
 def test_report_pictures_are_served_by_name_only(client, repository):

@@ -132,6 +132,17 @@ def test_gate_refuses_an_ensemble_shown_worse_than_the_selected_member():
     assert decide({"accuracy": fine.ensemble}, None, "accuracy", 0.0, fine, "m1").passed
 
 
+def test_gate_tolerance_applies_to_the_interval_against_the_member():
+    from training.compare import Difference
+
+    slightly = Difference("accuracy", 0.97, 0.98, -0.01, -0.02, -0.005)  # shown worse, by 0.5-2 points
+    assert not decide({"accuracy": 0.97}, None, "accuracy", 0.0, slightly, "m").passed
+    assert decide({"accuracy": 0.97}, None, "accuracy", 0.01, slightly, "m").passed  # within tolerance
+    nll = Difference("nll", 0.30, 0.20, 0.10, 0.04, 0.16)  # lower is better: shown worse
+    assert not decide({"nll": 0.30}, None, "nll", 0.03, nll, "m").passed
+    assert decide({"nll": 0.30}, None, "nll", 0.05, nll, "m").passed
+
+
 def test_auroc_from_ranks():
     assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
     assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0

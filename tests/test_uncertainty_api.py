@@ -116,3 +116,26 @@ def test_mutual_information_is_observed_per_row_with_the_reference_level(client,
     assert sample("ensemble_reference_mutual_information_nats", {"model": "digits"}) == pytest.approx(
         manifest.uncertainty_reference["mutual_information"])
     assert (sample("ensemble_abstained_rows_total", {"model": "digits"}) or 0) >= abstain.sum()
+
+
+def test_rows_above_a_threshold_abstain_in_every_route_and_are_counted(repository, digits_test_split):
+    """A threshold that splits the rows (the fixture's own answers every validation row)."""
+    vdir = repository / "digits" / "1"
+    raw = orjson.loads((vdir / "manifest.json").read_bytes())
+    manifest = read_manifest(vdir)
+    x = digits_test_split.x[:40]
+    members = np.stack([predict_saved_model(vdir / m.path, x) for m in manifest.members], axis=1)
+    scores = uncertainty(served(members, manifest.weights, manifest.temperature), members, manifest.weights)
+    ordered = np.sort(scores[:, 0])
+    threshold = float(ordered[19] + ordered[20]) / 2  # between two rows: float32 rounding cannot flip one
+    raw["abstention"] = {"score": "entropy", "threshold": threshold, "target_error": 0.02, "coverage": 0.5}
+    (vdir / "manifest.json").write_bytes(orjson.dumps(raw))
+    want = scores[:, 0] > threshold
+    c, metrics = make_client(repository)
+    with c:
+        body = c.post("/predict?uncertainty=true", json={"instances": x.tolist()}).json()
+        assert body["abstain"] == want.tolist() and 0 < sum(body["abstain"]) < len(x)
+        inputs = [{"name": "instances", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]
+        v2 = c.post("/v2/models/digits/infer", json={"inputs": inputs, "outputs": [{"name": "abstain"}]}).json()
+        assert v2["outputs"][0]["data"] == want.tolist()
+        assert metrics.registry.get_sample_value("ensemble_abstained_rows_total", {"model": "digits"}) == 2 * want.sum()

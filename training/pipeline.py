@@ -110,9 +110,13 @@ def describe(found: Assessment, kinds: dict[str, str], test_rows: int, weighting
                  "on the test split, ensemble minus member with bootstrap 95% intervals:")
     lines += [f"[evaluate]   {d.sentence()}" for d in found.versus_selected.values()]
     t = found.threshold
-    lines.append(f"[abstain] {t.score} above {t.threshold:.4f}: at most {t.target_error:.1%} errors among "
-                 f"the answered rows on validation, answering {t.coverage:.1%}; on test it answers "
-                 f"{found.test_abstention[0]:.1%} with {found.test_abstention[1]:.1%} errors")
+    if t.coverage > 0:
+        lines.append(f"[abstain] {t.score} above {t.threshold:.4f}: at most {t.target_error:.1%} errors among "
+                     f"the answered rows on validation, answering {t.coverage:.1%}; on test it answers "
+                     f"{found.test_abstention[0]:.1%} with {found.test_abstention[1]:.1%} errors")
+    else:  # a threshold that abstains on everything would be useless: the version gets none
+        lines.append(f"[abstain] WARNING: not even the most certain validation rows err at most "
+                     f"{t.target_error:.1%}; no abstention threshold is published (raise --target-error)")
     lines.append("[uncertainty] AUROC for telling wrong answers from right ones on test: "
                  + ", ".join(f"{k} {v:.3f}" for k, v in found.error_auroc.items()))
     if found.ood_auroc:
@@ -249,9 +253,10 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
             attachments(run_report, found, probs.test[names.index(selected)], splits.test.y),
             calibration=(Calibration(temperature=found.selection.temperature)
                          if config.calibration == "temperature" else None),
-            abstention=Abstention(score=found.threshold.score, threshold=found.threshold.threshold,
-                                  target_error=found.threshold.target_error,
-                                  coverage=found.threshold.coverage),
+            abstention=(Abstention(score=found.threshold.score, threshold=found.threshold.threshold,
+                                   target_error=found.threshold.target_error,
+                                   coverage=found.threshold.coverage)
+                        if found.threshold.coverage > 0 else None),  # unreachable: see describe()
             uncertainty_reference=found.validation_scores,
         )
     finally:

@@ -27,6 +27,7 @@ import numpy as np
 from service.repository import uniform_weights
 from service.scores import pool
 from training.calibration import fit_temperature, tempered_losses
+from training.compare import bootstrap_means
 from training.weighting import fit_weights
 
 RESAMPLES = 1000
@@ -65,14 +66,13 @@ def prune(names: list[str], val_probs: np.ndarray, labels: np.ndarray, calibrate
     """(indices of the members kept, the removals with their evidence); see the module docstring."""
     kept = list(range(len(names)))
     removed: list[Removal] = []
-    picks = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)))
     while len(kept) > 1:
         current = _calibrated_losses(val_probs, labels, kept, uniform_weights(len(kept)), calibrate)
         best: Removal | None = None
         for m in kept:
             rest = [k for k in kept if k != m]
             change = _calibrated_losses(val_probs, labels, rest, uniform_weights(len(rest)), calibrate) - current
-            low, high = np.percentile(change[picks].mean(axis=1), [2.5, 97.5])
+            low, high = np.percentile(bootstrap_means(change, resamples, seed), [2.5, 97.5])
             if high < 0 and (best is None or change.mean() < best.change):
                 best = Removal(names[m], float(change.mean()), float(low), float(high))
         if best is None:

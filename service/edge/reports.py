@@ -9,8 +9,10 @@
                                                      installed swagger-ui-bundle package
 
 The report is read from the version's folder in the repository (any committed version, loaded or
-not), never through a symbolic link, and its data source is shown as a file name only: public
-routes do not tell where files live. The page is one HTML file (`ui.html`) with its script and
+not; no symbolic link on the way: not the ensemble's folder, the version's or the file), and its
+data source is shown as a file name only: public routes do not tell where files live. The
+handlers are plain functions, so FastAPI runs their file reads in its thread pool, off the
+event loop. The page is one HTML file (`ui.html`) with its script and
 style inline and no external assets, so it works on a cluster without internet.
 """
 
@@ -42,16 +44,17 @@ def version_folder(request: Request, name: str, version: int) -> Path:
     """The folder of a committed version of `name`, or 404."""
     if not is_valid_name(name):
         raise ModelNotFound(f"no ensemble named {name[:64]!r}")
-    folder = request.app.state.settings.repository / name / str(version)
-    if not (folder / MANIFEST_FILE).is_file():
+    ensemble = request.app.state.settings.repository / name
+    folder = ensemble / str(version)
+    if ensemble.is_symlink() or folder.is_symlink() or not (folder / MANIFEST_FILE).is_file():
         raise ModelNotFound(f"{name} has no published version {version}")
     return folder
 
 
 def read_file(path: Path) -> bytes:
     """A regular file's bytes (no symbolic link, at most MAX_FILE_BYTES), or 404."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:  # non-blocking: a pipe planted under a report's name must not hang the read
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         raise ModelNotFound(f"{path.parent.name} has no {path.name}") from None
     with os.fdopen(fd, "rb") as f:
@@ -62,8 +65,14 @@ def read_file(path: Path) -> bytes:
 
 
 def public_report(raw: bytes) -> bytes:
-    """The report as served: the data source by its file name only."""
-    report = orjson.loads(raw)
+    """The report as served: the data source by its file name only; 404 if it is not a JSON
+    object (not a report the trainer wrote)."""
+    try:
+        report = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        report = None
+    if not isinstance(report, dict):
+        raise ModelNotFound("this version's report.json is not a report (not a JSON object)")
     data = report.get("data")
     if isinstance(data, dict) and isinstance(data.get("source"), str):
         data["source"] = PurePath(data["source"]).name or data["source"]
@@ -73,13 +82,13 @@ def public_report(raw: bytes) -> bytes:
 _CACHE = {"cache-control": "public, max-age=60"}
 
 
-async def report(request: Request, name: str, version: int = PathParam(ge=1)) -> Response:
+def report(request: Request, name: str, version: int = PathParam(ge=1)) -> Response:
     """The version's report.json (what the trainer measured and decided)."""
     raw = read_file(version_folder(request, name, version) / REPORT_FILE)
     return Response(public_report(raw), media_type="application/json", headers=_CACHE)
 
 
-async def picture(request: Request, name: str, file: str, version: int = PathParam(ge=1)) -> Response:
+def picture(request: Request, name: str, file: str, version: int = PathParam(ge=1)) -> Response:
     """One of the report's pictures, by file name (lower-case letters, digits, `_`, `.png`)."""
     if not PICTURE.fullmatch(file):
         raise ModelNotFound(f"no report picture named {file[:64]!r}")

@@ -22,10 +22,12 @@ import orjson
 
 from service.edge.arrays import numeric, parse_json_object, to_spec
 from service.edge.replies import Reply, encode
-from service.engines.base import disagreement
+from service.engines.base import SCORE_COLUMNS, disagreement
 from service.errors import InvalidInput, PayloadTooLarge
 from service.repository import InputSpec
 from service.scores import SCORES
+
+ABSTAIN = SCORE_COLUMNS.index("abstain")
 
 if TYPE_CHECKING:
     from service.edge.inference import Call, Inference
@@ -173,7 +175,7 @@ async def _rows(call: Call, server: Inference, ensemble) -> Reply:
     if call.query.get("uncertainty", "").lower() in _TRUE:
         body["uncertainty"] = uncertainty_by_name(scores)
         if ensemble.manifest.abstention is not None:
-            body["abstain"] = scores[:, len(SCORES)] > 0
+            body["abstain"] = scores[:, ABSTAIN] > 0
     return Reply(200, encode(body))
 
 

@@ -23,6 +23,7 @@ from fastapi.responses import Response
 
 from service.edge.arrays import numeric, parse_json_object, to_spec
 from service.edge.replies import Reply, as_response, encode, json_reply
+from service.engines.base import SCORE_COLUMNS
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from service.repository import InputSpec
 from service.scores import SCORES
@@ -34,6 +35,7 @@ DATATYPES = {"FP32": "float32", "FP64": "float64", "INT32": "int32", "INT64": "i
              "UINT8": "uint8", "INT16": "int16", "INT8": "int8", "UINT16": "uint16", "FP16": "float16"}
 _NAMES = {**{v: k for k, v in DATATYPES.items()}, "bool": "BOOL"}
 OUTPUTS = ("probabilities", "members", *SCORES, "abstain")
+ABSTAIN = SCORE_COLUMNS.index("abstain")
 
 
 def datatype(dtype: str) -> str:
@@ -176,7 +178,7 @@ def output(name: str, ensemble, average: np.ndarray, members: np.ndarray, scores
         if ensemble.manifest.abstention is None:
             raise InvalidInput(f"{ensemble.name} version {ensemble.version} has no abstention threshold "
                                "(its manifest has none); ask for the uncertainty scores instead")
-        return scores[:, len(SCORES)] > 0
+        return scores[:, ABSTAIN] > 0
     return np.ascontiguousarray(scores[:, SCORES.index(name)])
 
 

@@ -42,7 +42,7 @@ def check_faithful(original: Ensemble, compiled: Ensemble) -> None:
     """The compiled ensemble must answer what the assembled members answer; LoadError otherwise."""
     x = warmup_batch(original.manifest.input, FAITHFUL_ROWS)
     for what, a, b in zip(("average", "member", "uncertainty"), original.predict(x), compiled.predict(x)):
-        if what == "uncertainty":  # the scores; the abstain flag follows from them
+        if what == "uncertainty":  # the scores; the abstain flag (a comparison of one) may flip at its threshold
             a, b = a[:, :len(SCORES)], b[:, :len(SCORES)]
         worst = float(np.max(np.abs(a - b)))
         if not worst <= FAITHFUL_ATOL:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from service.engines.base import Ensemble, LoadError, no_pause, warm_up
+from service.engines.base import SCORE_COLUMNS, Ensemble, LoadError, no_pause, warm_up
 from service.repository import Manifest
 
 
@@ -60,13 +60,11 @@ class LiteEngine:
         except (ValueError, RuntimeError) as exc:
             raise LoadError(f"TensorFlow Lite cannot load the converted ensemble: {exc}") from None
         inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-        # The converter names a function's outputs Identity, Identity_1, ... in their order:
-        # average, members, scores.
-        ordered = sorted(outputs, key=lambda o: _output_number(o["name"]))
-        ranks = [len(o["shape"]) for o in ordered]
-        if len(inputs) != 1 or ranks != [2, 3, 2]:
-            raise LoadError(f"the converted ensemble has {len(inputs)} inputs and outputs of ranks {ranks}; "
-                            "expected one input, and outputs of ranks 2, 3 and 2 (average, members, scores)")
+        ordered = order_outputs(outputs)
+        if len(inputs) != 1 or ordered is None:
+            raise LoadError(f"the converted ensemble has {len(inputs)} inputs and outputs of shapes "
+                            f"{[[int(d) for d in o['shape_signature']] for o in outputs]}; expected one input, and "
+                            f"outputs (rows, classes), (rows, members, classes) and (rows, {SCORE_WIDTH})")
         interpreter.allocate_tensors()
         return _Slot(interpreter, inputs[0]["index"], *(o["index"] for o in ordered), tuple(inputs[0]["shape"]))
 
@@ -89,12 +87,37 @@ class LiteEngine:
             self._idle.put(slot)
 
 
-def _output_number(name: str) -> int:
-    """0 for "Identity", k for "Identity_k" (any other name sorts last)."""
+def output_number(name: str) -> int:
+    """0 for "Identity", k for "Identity_k" (any other name sorts last): the converter names a
+    function's outputs in their order."""
     head, _, number = name.rpartition("_")
     if name == "Identity":
         return 0
     return int(number) if head == "Identity" and number.isdigit() else 1 << 30
+
+
+def order_outputs(outputs: list[dict]) -> list[dict] | None:
+    """The interpreter's output details as (average, members, scores), told apart by shape: the
+    members are the rank-3 output (rows, members, classes), the average (rows, classes), the
+    scores (rows, SCORE_WIDTH); with as many classes as SCORE_WIDTH the two rank-2 outputs are
+    told apart by their names' order (the function returns the average first). None if the
+    shapes are not these."""
+    if len(outputs) != 3:
+        return None
+    members = [o for o in outputs if len(o["shape"]) == 3]
+    pair = sorted((o for o in outputs if len(o["shape"]) == 2), key=lambda o: output_number(o["name"]))
+    if len(members) != 1 or len(pair) != 2:
+        return None
+    classes = int(members[0]["shape"][-1])
+    widths = [int(o["shape"][-1]) for o in pair]
+    if widths == [classes, SCORE_WIDTH]:
+        return [pair[0], members[0], pair[1]]
+    if widths == [SCORE_WIDTH, classes]:
+        return [pair[1], members[0], pair[0]]
+    return None
+
+
+SCORE_WIDTH = len(SCORE_COLUMNS)
 
 
 class _Slot:
