@@ -8,7 +8,7 @@ NAME ?= digits
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run train serve test test-slow bench clean
+.PHONY: install run train serve test test-slow bench clean protos
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "Python 3.11 is required (found %d.%d); set PYTHON=/path/to/python3.11" % v)'
@@ -34,6 +34,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check --no-cache --select F,E9 service training tests benchmarks
 	$(BIN)/python -m pytest -m "not slow"
+
+# The gRPC modules generated from service/rpc/gen/*.proto (checked in; run after editing a .proto).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. service/rpc/gen/*.proto
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -15,7 +15,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.edge import reports, routes, v2
 from service.edge.fast_http import path_in_use
-from service.edge.inference import Edge
+from service.edge.inference import Edge, Inference
 from service.edge.replies import install_error_replies
 from service.engines.child import stop_all
 from service.engines.loader import EngineLoader, plan_of
@@ -55,9 +55,16 @@ def create_app(
         app.state.manager, app.state.batcher = manager, batcher
         batcher.start()
         await manager.start()
+        grpc_server = None
+        if settings.grpc_port:  # imported only then: its protocol definitions load with it
+            from service.rpc import server as rpc
+
+            grpc_server = await rpc.start(settings.host, settings.grpc_port, Inference(settings, metrics, app.state))
         try:
             yield
         finally:
+            if grpc_server is not None:  # as HTTP: no new calls, the running ones get the grace
+                await grpc_server.stop(settings.shutdown_grace_seconds)
             # uvicorn has stopped accepting and waited for the requests it had; whatever is
             # still queued gets the rest of the grace period before it is failed.
             if not await batcher.drain(settings.shutdown_grace_seconds):

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, help="model repository folder (default: models)")
     p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: 8000)")
+    p.add_argument("--grpc-port", type=int, help="port of the gRPC server (default: 0, none)")
     p.add_argument("--default-model", help="ensemble served by POST /predict (default: the only one)")
     p.add_argument("--version-policy", help="'latest' (default) or a version number to pin")
     p.add_argument("--poll-interval-seconds", type=float, help="repository polling interval (default: 2)")

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     repository: Path = Field(Path("models"), description="model repository folder")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    grpc_port: int = Field(0, ge=0, le=65535, description="port of the gRPC server (Open Inference Protocol, "
+                           "health, reflection) on the same host; 0: no gRPC server")
     default_model: str | None = Field(
         None,
         pattern=NAME_PATTERN,

@@ -1,0 +1,154 @@
+"""The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`): the same ensembles,
+batcher, limits and errors as the HTTP route (service.edge.v2), with typed `contents` or
+`raw_input_contents` / `raw_output_contents`.
+
+An answer's outputs are raw bytes when the request sent its input raw or asks for any output
+with the `binary_data` parameter (the protocol has raw contents for every output or for none),
+else typed contents. A service error becomes the gRPC status of
+its HTTP status (`STATUS_OF`); a client's deadline is the request's queue deadline, as
+`X-Request-Timeout-Ms` is on HTTP.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from service.edge.inference import Call, Inference
+from service.edge.v2 import DATATYPES, OUTPUTS, model_metadata, output
+from service.edge.arrays import to_spec
+from service.errors import InvalidInput, PayloadTooLarge, ServiceError
+from service.rpc.gen import grpc_predict_v2_pb2 as pb
+from service.rpc.gen import grpc_predict_v2_pb2_grpc as pb_grpc
+
+# HTTP status of a service error -> gRPC status code.
+STATUS_OF = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+             413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+             429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+             504: grpc.StatusCode.DEADLINE_EXCEEDED}
+# Datatype -> the InferTensorContents field holding its values.
+_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+          "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+          "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+          "FP64": "fp64_contents"}
+_NAMES = {"float32": "FP32", "float64": "FP64", "bool": "BOOL"}
+
+
+def input_array(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndarray:
+    """The request's one input tensor as rows of the model's input spec; InvalidInput (or
+    PayloadTooLarge) naming what is wrong."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"'inputs' holds {len(request.inputs)} tensors; this model takes exactly one")
+    tensor = request.inputs[0]
+    shape, name = list(tensor.shape), tensor.datatype
+    if name not in DATATYPES or name not in _FIELD:
+        raise InvalidInput(f"inputs[0].datatype {name[:40]!r} is not one of {', '.join(n for n in DATATYPES if n in _FIELD)}")
+    expected = list(spec.shape)
+    if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] < 0:
+        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
+    rows = shape[0]
+    if rows == 0:
+        raise InvalidInput("inputs[0] has 0 rows: send at least one")
+    if rows > max_rows:
+        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
+    dtype = np.dtype(DATATYPES[name]).newbyteorder("<")
+    count = int(np.prod(shape))
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput(f"raw_input_contents holds {len(request.raw_input_contents)} tensors; one input was sent")
+        raw = request.raw_input_contents[0]
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(f"raw_input_contents[0] has {len(raw)} bytes; shape {shape} of {name} needs "
+                               f"{count * dtype.itemsize}")
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    else:
+        values = getattr(tensor.contents, _FIELD[name])
+        if len(values) != count:
+            raise InvalidInput(f"inputs[0].contents holds {len(values)} values in {_FIELD[name]}; shape {shape} "
+                               f"of {name} needs {count}")
+        array = np.asarray(values, dtype=dtype).reshape(shape)
+    return to_spec(array, spec, "inputs[0]")
+
+
+def wanted(request: pb.ModelInferRequest) -> list[tuple[str, bool]]:
+    """(output name, as raw bytes) of each output asked for; `probabilities` when none is."""
+    raw = bool(request.raw_input_contents)
+    if not request.outputs:
+        return [("probabilities", raw)]
+    names = []
+    for o in request.outputs:
+        if o.name not in OUTPUTS:
+            raise InvalidInput(f"unknown output {o.name[:100]!r}; this model has {', '.join(OUTPUTS)}")
+        binary = o.parameters["binary_data"].bool_param if "binary_data" in o.parameters else False
+        names.append((o.name, raw or binary))
+    return names
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The six RPCs, on the service's manager and batcher (through `Inference`)."""
+
+    def __init__(self, inference: Inference):
+        self.inference = inference
+
+    @property
+    def manager(self):
+        return self.inference.state.manager
+
+    async def _fail(self, context, exc: ServiceError) -> None:
+        await context.abort(STATUS_OF.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.manager.readiness()[0])
+
+    async def ModelReady(self, request, context):
+        try:
+            self.inference.ensemble(request.name, request.version or None)
+        except ServiceError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="ensemble-serving", version="0.1.0", extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        try:
+            meta = model_metadata(self.inference.ensemble(request.name, request.version or None))
+        except ServiceError as exc:
+            await self._fail(context, exc)
+        tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
+        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                        inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
+
+    async def ModelInfer(self, request, context):
+        try:
+            ensemble = self.inference.ensemble(request.model_name, request.model_version or None)
+            x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
+            outputs = wanted(request)
+            remaining = context.time_remaining()
+            headers = {} if remaining is None else {"x-request-timeout-ms": str(max(remaining, 1e-3) * 1000)}
+            average, members, scores = await self.inference.infer(Call({}, {}, headers, b""), ensemble, x)
+            reply = pb.ModelInferResponse(model_name=ensemble.name, model_version=str(ensemble.version),
+                                          id=request.id)
+            raw_all = any(raw for _, raw in outputs)  # the protocol: raw for every output or for none
+            for name, _ in outputs:
+                array = np.ascontiguousarray(output(name, ensemble, average, members, scores))
+                datatype = _NAMES[array.dtype.name]
+                tensor = reply.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+                if raw_all:
+                    reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+                else:
+                    getattr(tensor.contents, _FIELD[datatype]).extend(array.reshape(-1).tolist())
+            return reply
+        except ServiceError as exc:
+            await self._fail(context, exc)
+
+
+def add_to(server, inference: Inference) -> None:
+    """Serve the Open Inference Protocol on a grpc.aio server."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(inference), server)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

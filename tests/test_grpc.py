@@ -1,0 +1,176 @@
+"""The gRPC server against a real `ensemble-serve` process, with real clients: tritonclient's
+gRPC client (health, metadata, raw infer, per-member and uncertainty outputs), its protocol stubs
+for typed contents, grpc's health and reflection stubs; answers agree with POST /predict, and the
+errors of the HTTP suite get the matching gRPC status.
+
+tritonclient brings its own definitions of the `inference` protocol, so this test process never
+imports the service's (service.rpc.gen): the two would clash in protobuf's default pool."""
+
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from tests.conftest import free_port
+from tests.server import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def served(trained_repository, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpc") / "models"
+    shutil.copytree(trained_repository, root, ignore=shutil.ignore_patterns(".work"))
+    port = free_port()
+    server = ServerProcess(root, args=["--grpc-port", str(port)]).start()
+    server.grpc = f"127.0.0.1:{port}"
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def rows(digits_test_split):
+    return digits_test_split.x[:12].astype("float32")
+
+
+def infer_input(x: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("instances", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def test_health_metadata_and_readiness_through_tritonclient(served):
+    client = triton.InferenceServerClient(served.grpc)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits") and not client.is_model_ready("nope")
+    assert client.get_server_metadata().name == "ensemble-serving"
+    meta = client.get_model_metadata("digits")
+    assert [i.name for i in meta.inputs] == ["instances"] and list(meta.inputs[0].shape) == [-1, 8, 8, 1]
+    assert [o.name for o in meta.outputs] == ["probabilities", "members", "entropy", "expected_entropy",
+                                              "mutual_information", "abstain"]
+
+
+def test_raw_infer_agrees_with_post_predict(served, rows):
+    http = httpx.post(f"{served.base}/predict?members=true&uncertainty=true",
+                      json={"instances": rows.tolist()}, timeout=30).json()
+    client = triton.InferenceServerClient(served.grpc)
+    wanted = [triton.InferRequestedOutput(n) for n in ("probabilities", "members", "mutual_information", "abstain")]
+    result = client.infer("digits", [infer_input(rows)], outputs=wanted, request_id="r-1")
+    np.testing.assert_allclose(result.as_numpy("probabilities"), http["predictions"], atol=1e-6)
+    members = np.stack([http["members"][name] for name in http["members"]], axis=1)
+    np.testing.assert_allclose(result.as_numpy("members"), members, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("mutual_information"), http["uncertainty"]["mutual_information"],
+                               atol=1e-6)
+    assert result.as_numpy("abstain").tolist() == http["abstain"]
+    assert result.get_response().id == "r-1" and result.get_response().model_version == "1"
+
+
+def test_typed_contents_in_and_out(served, rows):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="instances", datatype="FP32", shape=list(rows.shape))
+    tensor.contents.fp32_contents.extend(rows.reshape(-1).tolist())
+    request.outputs.add(name="probabilities")
+    reply = stub.ModelInfer(request, timeout=30)
+    assert not reply.raw_output_contents and reply.outputs[0].datatype == "FP32"
+    typed = np.array(reply.outputs[0].contents.fp32_contents).reshape(list(reply.outputs[0].shape))
+    raw = triton.InferenceServerClient(served.grpc).infer("digits", [infer_input(rows)]).as_numpy("probabilities")
+    np.testing.assert_allclose(typed, raw, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, model, code, message", [
+    ([3, 4], "digits", grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].shape must be [rows, 8, 8, 1]"),
+    ([0, 8, 8, 1], "digits", grpc.StatusCode.INVALID_ARGUMENT, "0 rows"),
+    ([5000, 8, 8, 1], "digits", grpc.StatusCode.INVALID_ARGUMENT, "at most 4096 are allowed"),
+    ([1, 8, 8, 1], "nope", grpc.StatusCode.NOT_FOUND, "nope"),
+])
+def test_errors_get_the_status_matching_http(served, shape, model, code, message):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="instances", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(np.zeros(shape, "<f4").tobytes())
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.ModelInfer(request, timeout=30)
+    assert failed.value.code() == code and message in failed.value.details()
+
+
+def test_malformed_contents_and_outputs_are_invalid_argument(served):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
+    cases = []
+    short = service_pb2.ModelInferRequest(model_name="digits")
+    short.inputs.add(name="instances", datatype="FP32", shape=[1, 8, 8, 1])
+    short.raw_input_contents.append(b"\0" * 10)
+    cases.append((short, "raw_input_contents[0] has 10 bytes"))
+    typed = service_pb2.ModelInferRequest(model_name="digits")
+    typed.inputs.add(name="instances", datatype="FP32", shape=[1, 8, 8, 1]).contents.fp32_contents.extend([1.0])
+    cases.append((typed, "holds 1 values"))
+    text = service_pb2.ModelInferRequest(model_name="digits")
+    text.inputs.add(name="instances", datatype="BYTES", shape=[1, 8, 8, 1])
+    cases.append((text, "is not one of"))
+    unknown = service_pb2.ModelInferRequest(model_name="digits")
+    unknown.inputs.add(name="instances", datatype="FP32", shape=[1, 8, 8, 1])
+    unknown.raw_input_contents.append(np.zeros((1, 8, 8, 1), "<f4").tobytes())
+    unknown.outputs.add(name="logits")
+    cases.append((unknown, "unknown output 'logits'"))
+    nan = service_pb2.ModelInferRequest(model_name="digits")
+    nan.inputs.add(name="instances", datatype="FP32", shape=[1, 8, 8, 1])
+    nan.raw_input_contents.append(np.full((1, 8, 8, 1), np.nan, "<f4").tobytes())
+    cases.append((nan, "non-finite"))
+    for request, message in cases:
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.ModelInfer(request, timeout=30)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+        assert message in failed.value.details()
+    assert httpx.get(f"{served.base}/readyz").status_code == 200  # and it keeps serving
+
+
+def test_the_clients_deadline_is_the_requests_queue_deadline(served, rows):
+    """Behind 3,840 queued rows, one-row calls with a 10 ms deadline expire in the queue: the
+    client gets DEADLINE_EXCEEDED, and the service goes on answering."""
+    import threading
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
+
+    def request(x):
+        r = service_pb2.ModelInferRequest(model_name="digits")
+        r.inputs.add(name="instances", datatype="FP32", shape=list(x.shape))
+        r.raw_input_contents.append(x.astype("<f4").tobytes())
+        return r
+
+    big = np.repeat(rows, 320, axis=0)[:3840]  # one row less than the queue holds would still fit
+    busy = threading.Thread(target=lambda: stub.ModelInfer(request(big), timeout=60))
+    busy.start()
+    codes = set()
+    try:
+        while busy.is_alive() and grpc.StatusCode.DEADLINE_EXCEEDED not in codes:
+            try:
+                stub.ModelInfer(request(rows[:1]), timeout=0.01)
+            except grpc.RpcError as exc:
+                codes.add(exc.code())
+    finally:
+        busy.join(60)
+    assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert stub.ModelInfer(request(rows[:1]), timeout=30).outputs[0].name == "probabilities"
+
+
+def test_health_service_and_reflection(served):
+    channel = grpc.insecure_channel(served.grpc)
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", "digits", "inference.GRPCInferenceService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == serving
+    with pytest.raises(grpc.RpcError) as failed:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    listed = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert {s.name for s in listed.list_services_response.service} == {
+        "inference.GRPCInferenceService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
