@@ -71,6 +71,24 @@ def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, by
     return body[:n], body[n:]
 
 
+def check_input(shape: list[int], dtype_name: object, spec: InputSpec, max_rows: int,
+                datatypes: dict[str, str]) -> tuple[np.dtype, int]:
+    """(little-endian dtype, number of values) of the one input tensor, after checking its
+    datatype (one of `datatypes`), its shape against the model's and its rows against the
+    limit; InvalidInput or PayloadTooLarge naming the problem. Shared with service.rpc.v2."""
+    if not isinstance(dtype_name, str) or dtype_name not in datatypes:
+        raise InvalidInput(f"inputs[0].datatype {str(dtype_name)[:40]!r} is not one of {', '.join(datatypes)}")
+    expected = list(spec.shape)
+    if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] < 0:
+        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
+    rows = shape[0]
+    if rows == 0:
+        raise InvalidInput("inputs[0] has 0 rows: send at least one")
+    if rows > max_rows:
+        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
+    return np.dtype(DATATYPES[dtype_name]).newbyteorder("<"), int(np.prod(shape))
+
+
 def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_rows: int) -> np.ndarray:
     """The single input tensor of a V2 inference request, from JSON `data` or the binary part."""
     inputs = payload.get("inputs")
@@ -83,18 +101,7 @@ def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_row
     # type(d) is int: JSON true and false are Python bools, which isinstance(d, int) accepts
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput("inputs[0].shape must be a list of non-negative integers")
-    if not isinstance(dtype_name, str) or dtype_name not in DATATYPES:
-        raise InvalidInput(f"inputs[0].datatype {str(dtype_name)[:40]!r} is not one of {', '.join(DATATYPES)}")
-    expected = list(spec.shape)
-    if len(shape) != len(expected) + 1 or shape[1:] != expected:
-        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
-    rows = shape[0]
-    if rows == 0:
-        raise InvalidInput("inputs[0] has 0 rows: send at least one")
-    if rows > max_rows:
-        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
-    dtype = np.dtype(DATATYPES[dtype_name]).newbyteorder("<")
-    count = int(np.prod(shape))
+    dtype, count = check_input(shape, dtype_name, spec, max_rows, DATATYPES)
     size = parameters(tensor, "inputs[0].").get("binary_data_size")
     if size is not None:
         if type(size) is not int or size != count * dtype.itemsize:

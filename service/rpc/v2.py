@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 
 from service.edge.inference import Call, Inference
-from service.edge.v2 import DATATYPES, OUTPUTS, model_metadata, output
+from service.edge.v2 import DATATYPES, OUTPUTS, check_input, model_metadata, output
 from service.edge.arrays import to_spec
-from service.errors import InvalidInput, PayloadTooLarge, ServiceError
+from service.errors import InvalidInput, ServiceError
 from service.rpc.gen import grpc_predict_v2_pb2 as pb
 from service.rpc.gen import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -32,6 +32,8 @@ _FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_content
           "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
           "FP64": "fp64_contents"}
 _NAMES = {"float32": "FP32", "float64": "FP64", "bool": "BOOL"}
+# The input datatypes a request may use: the HTTP route's that have a contents field.
+_TYPED = {name: numpy for name, numpy in DATATYPES.items() if name in _FIELD}
 
 
 def input_array(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndarray:
@@ -41,18 +43,7 @@ def input_array(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndarra
         raise InvalidInput(f"'inputs' holds {len(request.inputs)} tensors; this model takes exactly one")
     tensor = request.inputs[0]
     shape, name = list(tensor.shape), tensor.datatype
-    if name not in DATATYPES or name not in _FIELD:
-        raise InvalidInput(f"inputs[0].datatype {name[:40]!r} is not one of {', '.join(n for n in DATATYPES if n in _FIELD)}")
-    expected = list(spec.shape)
-    if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] < 0:
-        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
-    rows = shape[0]
-    if rows == 0:
-        raise InvalidInput("inputs[0] has 0 rows: send at least one")
-    if rows > max_rows:
-        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
-    dtype = np.dtype(DATATYPES[name]).newbyteorder("<")
-    count = int(np.prod(shape))
+    dtype, count = check_input(shape, name, spec, max_rows, _TYPED)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidInput(f"raw_input_contents holds {len(request.raw_input_contents)} tensors; one input was sent")
