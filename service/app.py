@@ -56,11 +56,12 @@ def create_app(
         batcher.start()
         await manager.start()
         grpc_server = None
-        if settings.grpc_port:  # imported only then: its protocol definitions load with it
-            from service.rpc import server as rpc
-
-            grpc_server = await rpc.start(settings.host, settings.grpc_port, Inference(settings, metrics, app.state))
         try:
+            if settings.grpc_port:  # imported only then: its protocol definitions load with it
+                from service.rpc import server as rpc
+
+                grpc_server = await rpc.start(settings.host, settings.grpc_port,
+                                              Inference(settings, metrics, app.state))
             yield
         finally:
             if grpc_server is not None:  # as HTTP: no new calls, the running ones get the grace
