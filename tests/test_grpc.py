@@ -91,10 +91,14 @@ def test_typed_contents_in_and_out(served, rows):
     ([0, 8, 8, 1], "digits", grpc.StatusCode.INVALID_ARGUMENT, "0 rows"),
     ([5000, 8, 8, 1], "digits", grpc.StatusCode.INVALID_ARGUMENT, "at most 4096 are allowed"),
     ([1, 8, 8, 1], "nope", grpc.StatusCode.NOT_FOUND, "nope"),
+    ([1, 8, 8, 1], "digits@abc", grpc.StatusCode.NOT_FOUND, "not a version number"),
+    ([1, 8, 8, 1], "digits@²", grpc.StatusCode.NOT_FOUND, "not a version number"),
+    ([1, 8, 8, 1], "digits@7", grpc.StatusCode.NOT_FOUND, "7"),
 ])
 def test_errors_get_the_status_matching_http(served, shape, model, code, message):
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
-    request = service_pb2.ModelInferRequest(model_name=model)
+    model, _, version = model.partition("@")
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
     request.inputs.add(name="instances", datatype="FP32", shape=shape)
     request.raw_input_contents.append(np.zeros(shape, "<f4").tobytes())
     with pytest.raises(grpc.RpcError) as failed:

@@ -17,7 +17,7 @@ import numpy as np
 from service.edge.inference import Call, Inference
 from service.edge.v2 import DATATYPES, OUTPUTS, check_input, model_metadata, output
 from service.edge.arrays import to_spec
-from service.errors import InvalidInput, ServiceError
+from service.errors import InvalidInput, ModelNotFound, ServiceError
 from service.rpc.gen import grpc_predict_v2_pb2 as pb
 from service.rpc.gen import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -75,6 +75,16 @@ def wanted(request: pb.ModelInferRequest) -> list[tuple[str, bool]]:
     return names
 
 
+def version_of(text: str) -> str | None:
+    """A request's model version: None when empty (the live one), else its digits; NOT_FOUND
+    for anything else (HTTP routes only match digits)."""
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise ModelNotFound(f"version {text[:20]!r} is not a version number")
+    return text
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The six RPCs, on the service's manager and batcher (through `Inference`)."""
 
@@ -96,7 +106,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         try:
-            self.inference.ensemble(request.name, request.version or None)
+            self.inference.ensemble(request.name, version_of(request.version))
         except ServiceError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -106,7 +116,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         try:
-            meta = model_metadata(self.inference.ensemble(request.name, request.version or None))
+            meta = model_metadata(self.inference.ensemble(request.name, version_of(request.version)))
         except ServiceError as exc:
             await self._fail(context, exc)
         tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
@@ -115,7 +125,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            ensemble = self.inference.ensemble(request.model_name, request.model_version or None)
+            ensemble = self.inference.ensemble(request.model_name, version_of(request.model_version))
             x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
             outputs = wanted(request)
             remaining = context.time_remaining()
