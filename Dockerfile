@@ -1,10 +1,10 @@
 # One image for both roles of ensemble-serving:
-#   ensemble-serve (default CMD)   the HTTP service, on 0.0.0.0:8000, repository /models
+#   ensemble-serve (default CMD)   the HTTP service on 0.0.0.0:8000 and gRPC on 8001, repository /models
 #   ensemble-train ...             training, `ensemble-train schedule ...` for the retraining job
 #
 #   docker build -t ensemble-serving .
 #   docker run -v models:/models ensemble-serving ensemble-train --data digits --name digits --repository /models --if-empty
-#   docker run -v models:/models:ro -p 8000:8000 ensemble-serving
+#   docker run -v models:/models:ro -p 8000:8000 -p 8001:8001 ensemble-serving
 #
 # Stages: `requirements` turns pyproject.toml's dependency list into requirements.txt; `deps`
 # installs those into /opt/venv (the big, slow layer: TensorFlow); `wheel` builds the project's
@@ -44,6 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLBACKEND=Agg \
     ENSEMBLE_HOST=0.0.0.0 \
     ENSEMBLE_PORT=8000 \
+    ENSEMBLE_GRPC_PORT=8001 \
     ENSEMBLE_REPOSITORY=/models
 # A fixed numeric user, so Kubernetes' runAsNonRoot can check it and volumes can be chowned to
 # it. /models (the repository) and /state (ENSEMBLE_STATE_DIR, pins) are created owned by it: a
@@ -62,7 +63,7 @@ WORKDIR /home/ensemble
 # matplotlib (the training report's pictures) builds its font cache on first import: once here,
 # not in every container start.
 RUN python -c "import matplotlib.font_manager"
-EXPOSE 8000
+EXPOSE 8000 8001
 # Liveness only (the process answers); readiness (a version is live) is /readyz, for load
 # balancers and Kubernetes. No curl in the slim image: Python's own urllib.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \

@@ -85,6 +85,13 @@ def test_kustomization_lists_every_manifest_and_each_parses():
                                 "HorizontalPodAutoscaler", "CronJob", "Job", "NetworkPolicy"}
 
 
+def image_grpc_port() -> int:
+    """The gRPC port the image sets (ENSEMBLE_GRPC_PORT in the Dockerfile)."""
+    import re
+
+    return int(re.search(r"ENSEMBLE_GRPC_PORT=(\d+)", (ROOT / "Dockerfile").read_text()).group(1))
+
+
 def test_deployment_probes_and_scrape_path_are_routes_of_the_service():
     from service.config import Settings
 
@@ -96,7 +103,8 @@ def test_deployment_probes_and_scrape_path_are_routes_of_the_service():
     paths = [container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")]
     paths.append(pod["metadata"]["annotations"]["prometheus.io/path"])
     assert set(paths) <= routes, set(paths) - routes
-    assert {p["containerPort"] for p in container["ports"]} == {Settings().port}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": Settings().port, "grpc": image_grpc_port()}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(Settings().port)
 
 
@@ -154,7 +162,7 @@ def test_the_api_pods_are_locked_down_and_share_their_pins():
     assert next(e for e in container["env"] if e["name"] == "ENSEMBLE_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"]
     policy = objects["NetworkPolicy"]["spec"]
     assert policy["podSelector"]["matchLabels"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
-    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]}]
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": p["containerPort"]} for p in container["ports"]]}]
     assert policy["egress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
     for job in (objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"],
                 objects["Job"]["spec"]["template"]["spec"]):
