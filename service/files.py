@@ -3,7 +3,9 @@ compile cache and publishing."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -35,8 +37,15 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def read_nofollow(path: Path) -> bytes:
-    """A file's bytes, refusing (OSError) if it is a symbolic link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+def read_nofollow(path: Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes, refusing (OSError) a symbolic link, anything but a regular file
+    (opened without blocking, so a pipe planted under the name cannot hang the read) and, with
+    `limit`, a file of more bytes than that."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if limit is not None and info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
         return f.read()

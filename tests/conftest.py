@@ -48,6 +48,18 @@ def repository(trained_repository, tmp_path) -> Path:
     return root
 
 
+@pytest.fixture()
+def client(repository):
+    """The app over a private copy of the trained repository, through its lifespan (TestClient);
+    `.metrics` is the app's metrics object."""
+    from tests.test_api import make_client
+
+    c, metrics = make_client(repository)
+    with c:
+        c.metrics = metrics
+        yield c
+
+
 @pytest.fixture(scope="session")
 def digits_test_split():
     """The held-out split the fixture ensemble was evaluated on (same data, same seed)."""

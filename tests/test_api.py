@@ -45,14 +45,6 @@ def wait_for(predicate, timeout=30.0):
     return False
 
 
-@pytest.fixture()
-def client(repository):
-    c, metrics = make_client(repository)
-    with c:
-        c.metrics = metrics
-        yield c
-
-
 def test_predict_matches_direct_calibrated_average_of_members(client, repository, digits_test_split):
     x = digits_test_split.x[:40]
     resp = client.post("/predict", content=orjson.dumps({"instances": x.tolist()}))

@@ -12,14 +12,6 @@ import tempfile
 import pytest
 
 from tests.deploy_checks import ensure_debian_packages
-from tests.test_api import make_client
-
-
-@pytest.fixture()
-def client(repository):
-    c, _ = make_client(repository)
-    with c:
-        yield c
 
 
 def test_report_route_serves_the_versions_report_without_paths(client, repository):
@@ -135,3 +127,20 @@ def test_ui_and_docs_render_in_headless_chromium(repository, tmp_path):
         print(f"[figures] screenshots in {tmp_path}")
     finally:
         server.kill()
+
+
+def test_a_pipe_or_an_oversized_file_is_refused_without_blocking(client, repository, tmp_path):
+    import os
+
+    from service.files import read_nofollow
+
+    report = repository / "digits" / "1" / "report.json"
+    report.unlink()
+    os.mkfifo(report)  # opening it to read would wait forever for a writer
+    resp = client.get("/models/digits/versions/1/report")
+    assert resp.status_code == 404 and "has no report.json" in resp.json()["error"]
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 2048)
+    assert read_nofollow(big, 2048) == b"x" * 2048
+    with pytest.raises(OSError, match="larger than 1024 bytes"):
+        read_nofollow(big, 1024)

@@ -14,14 +14,6 @@ from training.members import predict_saved_model
 
 
 @pytest.fixture()
-def client(repository):
-    c, metrics = make_client(repository)
-    with c:
-        c.metrics = metrics
-        yield c
-
-
-@pytest.fixture()
 def expected(repository, digits_test_split):
     """(rows, served probabilities, scores, abstain flags, manifest) computed from the members."""
     x = digits_test_split.x[:24]

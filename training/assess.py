@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from service.scores import SCORES, served, uncertainty
+from service.scores import SCORES, pool, temper, uncertainty
 from training.abstention import Threshold, apply_threshold, auroc, choose_threshold
 from training.compare import Difference, compare, select_member
 from training.evaluate import classification_metrics
@@ -82,26 +82,26 @@ class Assessment:
         }
 
 
-def _scores(probs: np.ndarray, selection: Selection) -> tuple[np.ndarray, np.ndarray]:
-    """(served probabilities, uncertainty scores) of the ensemble on one split's member outputs."""
+def _scores(probs: np.ndarray, selection: Selection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the kept members' mean, served (calibrated) probabilities, uncertainty scores) of the
+    ensemble on one split's member outputs."""
     members = np.moveaxis(probs[selection.kept], 0, 1)  # (rows, kept, classes)
-    out = served(members, selection.weights, selection.temperature)
-    return out, uncertainty(out, members, selection.weights)
+    mean = pool(members, selection.weights)
+    out = temper(mean, selection.temperature)
+    return mean, out, uncertainty(out, members, selection.weights)
 
 
 def assess(names: list[str], probs: Probabilities, val_labels: np.ndarray, test_labels: np.ndarray,
            weighting: Weighting, calibrate: bool, target_error: float, seed: int) -> Assessment:
     """The ensemble of these members, chosen on validation and judged on test (module docstring)."""
     chosen = select(names, probs.val, val_labels, weighting, calibrate, seed)
-    members_test = np.moveaxis(probs.test[chosen.kept], 0, 1)
-    raw = served(members_test, chosen.weights, 1.0)
-    ensemble, test_scores = _scores(probs.test, chosen)
+    raw, ensemble, test_scores = _scores(probs.test, chosen)
     selected = select_member(names, probs.val, val_labels)
 
-    val_served, val_scores = _scores(probs.val, chosen)
+    _, val_served, val_scores = _scores(probs.val, chosen)
     threshold = choose_threshold(val_scores, np.argmax(val_served, axis=1) == val_labels, target_error)
     correct = np.argmax(ensemble, axis=1) == test_labels
-    ood_scores = _scores(probs.ood, chosen)[1] if probs.ood is not None and len(probs.ood[0]) else None
+    ood_scores = _scores(probs.ood, chosen)[2] if probs.ood is not None and len(probs.ood[0]) else None
     ood_auroc = None
     if ood_scores is not None:
         both = np.concatenate([test_scores, ood_scores])

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.evaluate import HIGHER_IS_BETTER, METRICS, expected_calibration_error, negative_log_likelihood
+from training.evaluate import HIGHER_IS_BETTER, METRICS, PER_ROW, expected_calibration_error, negative_log_likelihood
 
 RESAMPLES = 1000
-_EPS = 1e-7
 # Resamples drawn at a time: the indices of a resample are as many as the rows, so all 1,000 at
 # once would hold 8,000 bytes a row (800 MB for 100,000 test rows).
 _CHUNK = 50
@@ -38,16 +37,6 @@ def select_member(names: list[str], val_probs: np.ndarray, val_labels: np.ndarra
     """The member with the lowest validation NLL (ties: the first): the one a user would deploy."""
     losses = [negative_log_likelihood(p, val_labels) for p in val_probs]
     return names[int(np.argmin(losses))]
-
-
-def _per_row(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-row values of the metrics that are means over rows."""
-    rows = np.arange(len(labels))
-    onehot = np.zeros_like(probs, dtype=np.float64)
-    onehot[rows, labels] = 1.0
-    return {"accuracy": (np.argmax(probs, axis=1) == labels).astype(np.float64),
-            "nll": -np.log(np.clip(probs[rows, labels], _EPS, 1.0)),
-            "brier": np.sum((probs - onehot) ** 2, axis=1)}
 
 
 @dataclass(frozen=True)
@@ -84,11 +73,10 @@ def compare(ensemble: np.ndarray, member: np.ndarray, labels: np.ndarray, seed: 
     """Every metric of the two probability matrices on `labels`, with paired bootstrap intervals."""
     labels = np.asarray(labels)
     ensemble, member = np.asarray(ensemble, np.float64), np.asarray(member, np.float64)
-    ours, theirs = _per_row(ensemble, labels), _per_row(member, labels)
     out = {}
     for metric in METRICS:
-        if metric in ours:
-            a, b = ours[metric], theirs[metric]
+        if metric in PER_ROW:
+            a, b = PER_ROW[metric](ensemble, labels), PER_ROW[metric](member, labels)
             point = float(a.mean() - b.mean())
             draws = bootstrap_means(a - b, resamples, seed)  # paired: the same rows for both
             values = float(a.mean()), float(b.mean())

@@ -24,22 +24,40 @@ def average_probabilities(member_probs: np.ndarray, weights: Sequence[float]) ->
     return np.tensordot(w, member_probs, axes=1)
 
 
+def correct_per_row(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """1.0 where the row's most probable class is the label, else 0.0."""
+    return (np.argmax(probs, axis=1) == labels).astype(np.float64)
+
+
+def nll_per_row(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """-log p(label) of each row, p clipped at _EPS."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0))
+
+
+def brier_per_row(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Squared distance between each probability row and its one-hot label."""
+    onehot = np.zeros_like(probs, dtype="float64")
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return np.sum((probs - onehot) ** 2, axis=1)
+
+
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Share of rows whose most probable class is the label."""
-    return float(np.mean(np.argmax(probs, axis=1) == labels))
+    return float(np.mean(correct_per_row(probs, labels)))
 
 
 def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean of -log p(label): the log-loss."""
-    p = np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0)
-    return float(-np.mean(np.log(p)))
+    return float(np.mean(nll_per_row(probs, labels)))
 
 
 def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean over rows of the squared distance between the probability row and the one-hot label."""
-    onehot = np.zeros_like(probs, dtype="float64")
-    onehot[np.arange(len(labels)), labels] = 1.0
-    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    return float(np.mean(brier_per_row(probs, labels)))
+
+
+# The metrics that are means over rows, by their per-row values (ECE is not: it bins the rows).
+PER_ROW = {"accuracy": correct_per_row, "nll": nll_per_row, "brier": brier_per_row}
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):

@@ -18,9 +18,7 @@ style inline and no external assets, so it works on a cluster without internet.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from functools import lru_cache
 from pathlib import Path, PurePath
 
@@ -32,6 +30,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
 from service.errors import ModelNotFound
+from service.files import read_nofollow
 from service.repository import MANIFEST_FILE, is_valid_name
 
 REPORT_FILE = "report.json"
@@ -53,15 +52,12 @@ def version_folder(request: Request, name: str, version: int) -> Path:
 
 def read_file(path: Path) -> bytes:
     """A regular file's bytes (no symbolic link, at most MAX_FILE_BYTES), or 404."""
-    try:  # non-blocking: a pipe planted under a report's name must not hang the read
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    try:
+        return read_nofollow(path, MAX_FILE_BYTES)
+    except FileNotFoundError:
         raise ModelNotFound(f"{path.parent.name} has no {path.name}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
-            raise ModelNotFound(f"{path.name} is not a report file")
-        return f.read()
+    except OSError:  # a link, not a regular file, too large, unreadable
+        raise ModelNotFound(f"{path.parent.name} has no {path.name} that is a report file") from None
 
 
 def public_report(raw: bytes) -> bytes:

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from service.edge.inference import Call, Inference
-from service.edge.v2 import DATATYPES, OUTPUTS, check_input, model_metadata, output
+from service.edge.v2 import DATATYPES, OUTPUTS, check_input, datatype, model_metadata, output
 from service.edge.arrays import to_spec
 from service.errors import InvalidInput, ModelNotFound, ServiceError
 from service.rpc.gen import grpc_predict_v2_pb2 as pb
@@ -31,7 +31,6 @@ _FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_content
           "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
           "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
           "FP64": "fp64_contents"}
-_NAMES = {"float32": "FP32", "float64": "FP64", "bool": "BOOL"}
 # The input datatypes a request may use: the HTTP route's that have a contents field.
 _TYPED = {name: numpy for name, numpy in DATATYPES.items() if name in _FIELD}
 
@@ -136,12 +135,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raw_all = any(raw for _, raw in outputs)  # the protocol: raw for every output or for none
             for name, _ in outputs:
                 array = np.ascontiguousarray(output(name, ensemble, average, members, scores))
-                datatype = _NAMES[array.dtype.name]
-                tensor = reply.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+                name_of_type = datatype(array.dtype.name)
+                tensor = reply.outputs.add(name=name, datatype=name_of_type, shape=list(array.shape))
                 if raw_all:
                     reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
                 else:
-                    getattr(tensor.contents, _FIELD[datatype]).extend(array.reshape(-1).tolist())
+                    getattr(tensor.contents, _FIELD[name_of_type]).extend(array.reshape(-1).tolist())
             return reply
         except ServiceError as exc:
             await self._fail(context, exc)
