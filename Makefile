@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The tests' TensorFlow Serving gRPC client: without its dependencies, which name the
+	# `tensorflow` distribution (tensorflow-cpu provides the same modules).
+	$(BIN)/python -m pip install --quiet --no-deps 'tensorflow-serving-api==2.21.0'
 	touch $@
 
 install: $(STAMP)
@@ -35,9 +38,12 @@ test: $(STAMP)
 	$(BIN)/ruff check --no-cache --select F,E9 service training tests benchmarks
 	$(BIN)/python -m pytest -m "not slow"
 
-# The gRPC modules generated from service/rpc/gen/*.proto (checked in; run after editing a .proto).
+# What is generated from the .proto files (checked in; run after editing one): the Open Inference
+# Protocol's modules, and the descriptor set of TensorFlow Serving's definitions (service/rpc/gen/tfs).
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. service/rpc/gen/*.proto
+	cd service/rpc/gen/tfs && ../../../../$(BIN)/python -m grpc_tools.protoc -I . --include_imports \
+		--descriptor_set_out=../tensorflow_serving.binpb $$(find . -name '*.proto' | sort)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -15,7 +15,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.edge import reports, routes, v2
 from service.edge.fast_http import path_in_use
-from service.edge.inference import Edge, Inference
+from service.edge.inference import Edge
 from service.edge.replies import install_error_replies
 from service.engines.child import stop_all
 from service.engines.loader import EngineLoader, plan_of
@@ -60,8 +60,8 @@ def create_app(
             if settings.grpc_port:  # imported only then: its protocol definitions load with it
                 from service.rpc import server as rpc
 
-                grpc_server = await rpc.start(settings.host, settings.grpc_port,
-                                              Inference(settings, metrics, app.state))
+                # The edge's Inference: gRPC shares HTTP's bytes in flight
+                grpc_server = await rpc.start(settings.host, settings.grpc_port, edge.inference, settings)
             yield
         finally:
             if grpc_server is not None:  # as HTTP: no new calls, the running ones get the grace
@@ -85,4 +85,5 @@ def create_app(
     v2.register(app)
     reports.register(app)
     Edge.document(app)
-    return Edge(app, settings, metrics)
+    edge = Edge(app, settings, metrics)
+    return edge

@@ -20,7 +20,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     grpc_port: int = Field(0, ge=0, le=65535, description="port of the gRPC server (Open Inference Protocol, "
-                           "health, reflection) on the same host; 0: no gRPC server")
+                           "TensorFlow Serving, health, reflection) on the same host; 0: no gRPC server")
+    max_grpc_calls: int = Field(
+        256, ge=1, description="gRPC calls in the server at once; more are refused RESOURCE_EXHAUSTED "
+        "by gRPC before their message is read (each message is received whole, up to max_body_bytes)")
     default_model: str | None = Field(
         None,
         pattern=NAME_PATTERN,

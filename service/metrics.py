@@ -136,11 +136,12 @@ class ServiceMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "ensemble_requests", "HTTP requests by route template and status code",
-            ["route", "status"], registry=r)
+            "ensemble_requests", "Requests by protocol (http, grpc), route (an HTTP route's template, "
+            "a gRPC method's full name) and status (HTTP's; for gRPC the HTTP status whose gRPC code "
+            "was sent, service.rpc.calls)", ["protocol", "route", "status"], registry=r)
         self.request_duration = Histogram(
             "ensemble_request_duration_seconds", "Time from request received to response sent",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+            ["protocol", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.predicted_rows = Counter(
             "ensemble_predicted_rows", "Rows answered by the ensemble", ["model"], registry=r)
         self.model_version = Gauge(
@@ -219,10 +220,10 @@ class ServiceMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        """One answered HTTP request: its count by route and status, and its duration."""
-        self._child(self.requests, route, status).inc()
-        self._child(self.request_duration, route).observe(seconds)
+    def observe_request(self, route: str, status: int, seconds: float, protocol: str = "http") -> None:
+        """One answered request: its count by protocol, route and status, and its duration."""
+        self._child(self.requests, protocol, route, status).inc()
+        self._child(self.request_duration, protocol, route).observe(seconds)
 
     def observe_rows(self, model: str, rows: int) -> None:
         """Rows answered by a model's ensemble."""

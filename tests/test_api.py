@@ -133,9 +133,9 @@ def test_health_models_and_metrics(client):
     text = client.get("/metrics").text
     assert 'ensemble_model_version{model="digits"} 1.0' in text
     assert client.metrics.registry.get_sample_value(
-        "ensemble_requests_total", {"route": "/predict", "status": "422"}) == 1.0
+        "ensemble_requests_total", {"protocol": "http", "route": "/predict", "status": "422"}) == 1.0
     assert client.metrics.registry.get_sample_value(
-        "ensemble_request_duration_seconds_count", {"route": "/predict"}) == 1.0
+        "ensemble_request_duration_seconds_count", {"protocol": "http", "route": "/predict"}) == 1.0
 
 
 def test_empty_repository_is_not_ready_then_becomes_ready_by_itself(trained_repository, tmp_path, digits_test_split):

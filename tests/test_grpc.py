@@ -177,4 +177,10 @@ def test_health_service_and_reflection(served):
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     listed = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     assert {s.name for s in listed.list_services_response.service} == {
-        "inference.GRPCInferenceService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        "inference.GRPCInferenceService", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+        "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    # a service's definitions, from the pool of its own that TensorFlow Serving's live in
+    described = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="tensorflow.serving.PredictionService")])))
+    files = described.file_descriptor_response.file_descriptor_proto
+    assert files and b"PredictionService" in b"".join(files)

@@ -84,7 +84,7 @@ def test_direct_lane_and_asgi_path_answer_alike_on_one_connection(either_path):
     assert answers[0].json()["predictions"] == answers[7].json()["predictions"]
     for route, status, count in [("/predict", "200", 3), ("/predict", "422", 3), ("/predict", "400", 1),
                                  ("/v1/models/{name}:predict", "404", 1), ("/predict", "405", 1)]:
-        line = f'ensemble_requests_total{{route="{route}",status="{status}"}} {count}.0'
+        line = f'ensemble_requests_total{{protocol="http",route="{route}",status="{status}"}} {count}.0'
         assert line in metrics, line
 
 

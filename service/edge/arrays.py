@@ -50,7 +50,7 @@ def numeric(values: Any, field: str, shape: tuple[int, ...] | None = None) -> np
     return array
 
 
-def _check_range(array: np.ndarray, target: np.dtype, field: str) -> None:
+def check_range(array: np.ndarray, target: np.dtype, field: str) -> None:
     """422 if a value of `array` (integers, or whole floats) is outside the integer dtype's range."""
     info = np.iinfo(target)
     # As Python numbers, compared exactly (an int with a float too): no cast can round them.
@@ -76,7 +76,7 @@ def to_spec(array: np.ndarray, spec: InputSpec, field: str, row: str = "row") ->
             if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
                 raise InvalidInput(f"'{field}' must hold whole numbers for input dtype {spec.dtype}")
         if array.dtype != target:
-            _check_range(array, target, field)
+            check_range(array, target, field)
     with np.errstate(over="ignore", invalid="ignore"):
         out = array.astype(spec.dtype, copy=False)
     first = first_nonfinite_row(out)

@@ -132,6 +132,7 @@ class Inference:
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, state: Any):
         self.settings, self.metrics, self.state = settings, metrics, state
+        self.inflight = InflightBytes(settings.max_inflight_bytes)  # request bodies of every protocol
         self._value_limits: dict[tuple[int, ...], int] = {}
 
     def ensemble(self, name: str | None, version: str | None) -> Ensemble:
@@ -159,6 +160,12 @@ class Inference:
         self.metrics.observe_rows(ensemble.name, len(x))
         return result
 
+    def count_refusal(self, exc: ServiceError) -> None:
+        """A request refused before inference: counted by reason when it is one of REJECT_REASONS."""
+        reason = _REJECT_REASONS.get(type(exc))
+        if reason:
+            self.metrics.rejected.labels(reason).inc()
+
 
 class Edge:
     """ASGI: answers POSTs on the inference routes, hands everything else to `app` (FastAPI),
@@ -169,7 +176,7 @@ class Edge:
         self.settings = settings
         self.metrics = metrics
         self.inference = Inference(settings, metrics, app.state)
-        self.inflight = InflightBytes(settings.max_inflight_bytes)
+        self.inflight = self.inference.inflight
         self._limit: tuple[int, int] = (-1, settings.max_body_bytes)  # (manager generation, limit)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -257,9 +264,7 @@ class Edge:
             return internal_error(exc, "POST", path)
 
     def _refusal(self, exc: ServiceError, path: str) -> Reply:
-        reason = _REJECT_REASONS.get(type(exc))
-        if reason:
-            self.metrics.rejected.labels(reason).inc()
+        self.inference.count_refusal(exc)
         return refusal(exc, "POST", path)
 
     def body_limit(self) -> int:

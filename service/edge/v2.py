@@ -72,21 +72,22 @@ def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, by
 
 
 def check_input(shape: list[int], dtype_name: object, spec: InputSpec, max_rows: int,
-                datatypes: dict[str, str]) -> tuple[np.dtype, int]:
-    """(little-endian dtype, number of values) of the one input tensor, after checking its
-    datatype (one of `datatypes`), its shape against the model's and its rows against the
-    limit; InvalidInput or PayloadTooLarge naming the problem. Shared with service.rpc.v2."""
+                datatypes: dict[str, str], where: str = "inputs[0]") -> tuple[np.dtype, int]:
+    """(little-endian dtype, number of values) of the one input tensor (`where` in messages),
+    after checking its datatype (one of `datatypes`), its shape against the model's and its
+    rows against the limit; InvalidInput or PayloadTooLarge naming the problem. Shared with
+    service.rpc.v2 and service.rpc.tfs."""
     if not isinstance(dtype_name, str) or dtype_name not in datatypes:
-        raise InvalidInput(f"inputs[0].datatype {str(dtype_name)[:40]!r} is not one of {', '.join(datatypes)}")
+        raise InvalidInput(f"{where}.datatype {str(dtype_name)[:40]!r} is not one of {', '.join(datatypes)}")
     expected = list(spec.shape)
     if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] < 0:
-        raise InvalidInput(f"inputs[0].shape must be [rows, {', '.join(map(str, expected))}], got {shape}")
+        raise InvalidInput(f"{where}.shape must be [rows, {', '.join(map(str, expected))}], got {shape[:10]}")
     rows = shape[0]
     if rows == 0:
-        raise InvalidInput("inputs[0] has 0 rows: send at least one")
+        raise InvalidInput(f"{where} has 0 rows: send at least one")
     if rows > max_rows:
-        raise PayloadTooLarge(f"inputs[0] has {rows} rows; at most {max_rows} are allowed per request")
-    return np.dtype(DATATYPES[dtype_name]).newbyteorder("<"), int(np.prod(shape))
+        raise PayloadTooLarge(f"{where} has {rows} rows; at most {max_rows} are allowed per request")
+    return np.dtype(datatypes[dtype_name]).newbyteorder("<"), int(np.prod(shape))
 
 
 def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_rows: int) -> np.ndarray:

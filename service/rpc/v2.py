@@ -4,28 +4,22 @@ batcher, limits and errors as the HTTP route (service.edge.v2), with typed `cont
 
 An answer's outputs are raw bytes when the request sent its input raw or asks for any output
 with the `binary_data` parameter (the protocol has raw contents for every output or for none),
-else typed contents. A service error becomes the gRPC status of
-its HTTP status (`STATUS_OF`); a client's deadline is the request's queue deadline, as
-`X-Request-Timeout-Ms` is on HTTP.
+else typed contents. Errors, admission and metrics: service.rpc.calls; a client's deadline is
+the request's queue deadline, as `X-Request-Timeout-Ms` is on HTTP.
 """
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from service.edge.inference import Call, Inference
 from service.edge.v2 import DATATYPES, OUTPUTS, check_input, datatype, model_metadata, output
 from service.edge.arrays import to_spec
 from service.errors import InvalidInput, ModelNotFound, ServiceError
+from service.rpc.calls import add, deadline_headers, rpc
 from service.rpc.gen import grpc_predict_v2_pb2 as pb
-from service.rpc.gen import grpc_predict_v2_pb2_grpc as pb_grpc
 
-# HTTP status of a service error -> gRPC status code.
-STATUS_OF = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-             413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
-             429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
-             504: grpc.StatusCode.DEADLINE_EXCEEDED}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Datatype -> the InferTensorContents field holding its values.
 _FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
           "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -84,7 +78,7 @@ def version_of(text: str) -> str | None:
     return text
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceService:
     """The six RPCs, on the service's manager and batcher (through `Inference`)."""
 
     def __init__(self, inference: Inference):
@@ -94,15 +88,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def manager(self):
         return self.inference.state.manager
 
-    async def _fail(self, context, exc: ServiceError) -> None:
-        await context.abort(STATUS_OF.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
-
+    @rpc(f"/{SERVICE_NAME}/ServerLive")
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
+    @rpc(f"/{SERVICE_NAME}/ServerReady")
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.manager.readiness()[0])
 
+    @rpc(f"/{SERVICE_NAME}/ModelReady")
     async def ModelReady(self, request, context):
         try:
             self.inference.ensemble(request.name, version_of(request.version))
@@ -110,45 +104,40 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
+    @rpc(f"/{SERVICE_NAME}/ServerMetadata")
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="ensemble-serving", version="0.1.0", extensions=[])
 
+    @rpc(f"/{SERVICE_NAME}/ModelMetadata")
     async def ModelMetadata(self, request, context):
-        try:
-            meta = model_metadata(self.inference.ensemble(request.name, version_of(request.version)))
-        except ServiceError as exc:
-            await self._fail(context, exc)
+        meta = model_metadata(self.inference.ensemble(request.name, version_of(request.version)))
         tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                         inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
 
+    @rpc(f"/{SERVICE_NAME}/ModelInfer", infers=True)
     async def ModelInfer(self, request, context):
-        try:
-            ensemble = self.inference.ensemble(request.model_name, version_of(request.model_version))
-            x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
-            outputs = wanted(request)
-            remaining = context.time_remaining()
-            headers = {} if remaining is None else {"x-request-timeout-ms": str(max(remaining, 1e-3) * 1000)}
-            average, members, scores = await self.inference.infer(Call({}, {}, headers, b""), ensemble, x)
-            reply = pb.ModelInferResponse(model_name=ensemble.name, model_version=str(ensemble.version),
-                                          id=request.id)
-            raw_all = any(raw for _, raw in outputs)  # the protocol: raw for every output or for none
-            for name, _ in outputs:
-                array = np.ascontiguousarray(output(name, ensemble, average, members, scores))
-                name_of_type = datatype(array.dtype.name)
-                tensor = reply.outputs.add(name=name, datatype=name_of_type, shape=list(array.shape))
-                if raw_all:
-                    reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
-                else:
-                    getattr(tensor.contents, _FIELD[name_of_type]).extend(array.reshape(-1).tolist())
-            return reply
-        except ServiceError as exc:
-            await self._fail(context, exc)
-
+        ensemble = self.inference.ensemble(request.model_name, version_of(request.model_version))
+        x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
+        outputs = wanted(request)
+        call = Call({}, {}, deadline_headers(context), b"")
+        average, members, scores = await self.inference.infer(call, ensemble, x)
+        reply = pb.ModelInferResponse(model_name=ensemble.name, model_version=str(ensemble.version), id=request.id)
+        raw_all = any(raw for _, raw in outputs)  # the protocol: raw for every output or for none
+        for name, _ in outputs:
+            array = np.ascontiguousarray(output(name, ensemble, average, members, scores))
+            name_of_type = datatype(array.dtype.name)
+            tensor = reply.outputs.add(name=name, datatype=name_of_type, shape=list(array.shape))
+            if raw_all:
+                reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+            else:
+                getattr(tensor.contents, _FIELD[name_of_type]).extend(array.reshape(-1).tolist())
+        return reply
 
 def add_to(server, inference: Inference) -> None:
-    """Serve the Open Inference Protocol on a grpc.aio server."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(inference), server)
-
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    """Serve the Open Inference Protocol on a grpc.aio server: every RPC of the service."""
+    servicer = InferenceService(inference)
+    methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    add(server, SERVICE_NAME, {method.name: (getattr(servicer, method.name),
+                                             getattr(pb, method.input_type.name), getattr(pb, method.output_type.name))
+                               for method in methods})

@@ -1,0 +1,109 @@
+"""What every RPC of the service shares, written once for both protocols (service.rpc.v2,
+service.rpc.tfs): the gRPC status of a service error, the batcher's admission and the bytes in
+flight for inference calls, a clean INTERNAL for a bug, and the request metrics (protocol
+"grpc", the method's full name as the route, the HTTP status whose gRPC code was sent).
+
+A handler raises ServiceError for anything a client did or must wait for; `rpc` turns it into
+the status, so no handler calls `context.abort` itself. Services are registered with `add`,
+whose parse hands a message that does not decode to the handler as `Malformed`, answered
+INVALID_ARGUMENT (gRPC's own answer to a failed parse would be INTERNAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+
+from service.edge.inference import Inference
+from service.errors import BytesInFlight, MalformedRequest, ServiceError
+
+log = logging.getLogger(__name__)
+
+# HTTP status of a service error -> gRPC status code.
+STATUS_OF = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+             413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+             429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+             504: grpc.StatusCode.DEADLINE_EXCEEDED}
+CANCELLED = 499  # the status counted for a call its client cancelled (nginx's "client closed request")
+
+
+def rpc(route: str, infers: bool = False):
+    """Decorate a servicer's method (self with an `inference`): errors to statuses, counted and
+    timed as `route`. With `infers`, the call first passes the batcher's admission and holds its
+    message's bytes against the bytes in flight (429: RESOURCE_EXHAUSTED) while it is answered."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        async def call(self, request, context):
+            inference: Inference = self.inference
+            started, status, held = time.perf_counter(), 200, 0
+            try:
+                if isinstance(request, Malformed):
+                    raise MalformedRequest(f"the request is not a valid {request.expected} message: {request.error}")
+                if infers:
+                    inference.state.batcher.check_admission()
+                    held = request.ByteSize()
+                    if not inference.inflight.reserve(held):
+                        held = 0
+                        raise BytesInFlight(
+                            f"the server holds {inference.inflight.held} bytes of requests; this one's "
+                            f"{request.ByteSize()} would pass the limit of {inference.settings.max_inflight_bytes}")
+                return await method(self, request, context)
+            except ServiceError as exc:
+                status = exc.status
+                inference.count_refusal(exc)
+                await context.abort(STATUS_OF.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
+            except asyncio.CancelledError:
+                status = CANCELLED
+                raise
+            except Exception:  # a bug costs this call an INTERNAL, never the server
+                status = 500
+                log.exception("%s failed", route)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (the server's log has it)")
+            finally:
+                if held:
+                    inference.inflight.release(held)
+                inference.metrics.observe_request(route, status, time.perf_counter() - started, "grpc")
+
+        return call
+
+    return decorate
+
+
+def deadline_headers(context) -> dict[str, str]:
+    """The client's deadline as the X-Request-Timeout-Ms header the batcher's deadline is read
+    from (service.edge.inference.deadline_from); none without a deadline."""
+    remaining = context.time_remaining()
+    return {} if remaining is None else {"x-request-timeout-ms": str(max(remaining, 1e-3) * 1000)}
+
+
+
+class Malformed:
+    """What a request that did not decode is handed to its handler as."""
+
+    def __init__(self, expected: str, error: Exception):
+        self.expected, self.error = expected, str(error)[:200] or type(error).__name__
+
+
+def _parser(request_class):
+    name = request_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes):
+        try:
+            return request_class.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning-free variant of it
+            return Malformed(name, exc)
+
+    return parse
+
+
+def add(server, service: str, methods: dict) -> None:
+    """Register unary methods on a grpc.aio server: {name: (handler, request class, response class)}."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {
+        name: grpc.unary_unary_rpc_method_handler(handler, request_deserializer=_parser(request),
+                                                  response_serializer=response.SerializeToString)
+        for name, (handler, request, response) in methods.items()}),))
