@@ -184,3 +184,54 @@ def test_health_service_and_reflection(served):
         file_containing_symbol="tensorflow.serving.PredictionService")])))
     files = described.file_descriptor_response.file_descriptor_proto
     assert files and b"PredictionService" in b"".join(files)
+
+
+def test_message_size_concurrent_calls_and_bytes_in_flight_are_bounded(trained_repository):
+    """A message past max_body_bytes is refused by gRPC before a handler sees it; past
+    max_grpc_calls calls are refused; calls whose messages together pass the bytes in flight
+    (shared with HTTP) are refused RESOURCE_EXHAUSTED: each way a 429's twin, and the server
+    goes on answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    env = {"ENSEMBLE_MAX_BODY_BYTES": "300000", "ENSEMBLE_MAX_INFLIGHT_BYTES": "400000",
+           "ENSEMBLE_MAX_GRPC_CALLS": "6"}
+    server = ServerProcess(trained_repository, env=env, args=["--grpc-port", str(port)]).start()
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+        def request(rows):
+            r = service_pb2.ModelInferRequest(model_name="digits")
+            r.inputs.add(name="instances", datatype="FP32", shape=[rows, 8, 8, 1])
+            r.raw_input_contents.append(np.zeros((rows, 8, 8, 1), "<f4").tobytes())
+            return r
+
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.ModelInfer(request(1200), timeout=30)  # 307,200 bytes of rows
+        assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def outcome(rows):
+            try:
+                stub.ModelInfer(request(rows), timeout=60)
+                return "ok"
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                return exc.details()
+
+        seen = set()
+        with ThreadPoolExecutor(24) as pool:
+            for _ in range(40):  # 24 calls of 1,000 rows (256 KB) at once, until both limits were hit
+                seen.update(pool.map(outcome, [1000] * 24))
+                if any("bytes of requests" in s for s in seen) and any("Concurrent RPC limit" in s for s in seen):
+                    break
+        assert "ok" in seen
+        assert any("bytes of requests" in s and "limit of 400000" in s for s in seen), seen
+        assert any("Concurrent RPC limit" in s for s in seen), seen
+        assert stub.ModelInfer(request(1), timeout=30).outputs[0].name == "probabilities"
+        metrics = httpx.get(f"{server.base}/metrics").text
+        refused = [line for line in metrics.splitlines()
+                   if line.startswith('ensemble_rejected_requests_total{reason="bytes_in_flight"}')]
+        assert float(refused[0].split()[-1]) >= 1
+        assert 'route="/inference.GRPCInferenceService/ModelInfer",status="429"' in metrics
+    finally:
+        server.kill()

@@ -7,6 +7,7 @@ match the package's field for field."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import grpc
 import httpx
@@ -237,6 +238,14 @@ def test_every_refusal_of_the_rest_suite_has_its_grpc_twin(served, rows):
         served.predictions.Classify(classification_pb2.ClassificationRequest(), timeout=30)
     assert failed.value.code() == Code.UNIMPLEMENTED
     assert httpx.get(f"{served.base}/readyz").status_code == 200
+
+
+def test_a_grpc_server_on_tensorflow_lite_versions_never_loads_tensorflow(served, rows):
+    served.predictions.Predict(predict_request(rows[:1]), timeout=30)
+    (version,) = httpx.get(f"{served.base}/models").json()["models"][0]["versions"]
+    assert version["engine"] == "tflite"
+    libraries = Path(f"/proc/{served.proc.pid}/maps").read_text()
+    assert "libtensorflow_framework" not in libraries and "_pywrap_tensorflow_internal" not in libraries
 
 
 def test_grpc_calls_are_counted_with_their_protocol(served, rows):
