@@ -117,12 +117,15 @@ def test_invalid_setting_exits_2_naming_the_variable(tmp_path):
 
 @pytest.fixture()
 def two_workers(repository, tmp_path):
-    """`ensemble-serve --workers 2`, both workers ready: (base URL, port, supervisor process)."""
-    port = free_port()
+    """`ensemble-serve --workers 2` with gRPC too, both workers ready: (base URL, port, supervisor
+    process); the gRPC port is the process's `grpc_port`."""
+    port, grpc_port = free_port(), free_port()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "--repository", str(repository), "--port", str(port),
-         "--workers", "2", "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--grpc-port", str(grpc_port), "--workers", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.grpc_port = grpc_port
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -192,6 +195,36 @@ def test_workers_share_connections_opened_all_at_once(two_workers):
     finally:
         for client in clients:
             client.close()
+
+
+def test_workers_share_the_grpc_port_too(two_workers, digits_test_split):
+    """Each worker's gRPC server listens on the port with SO_REUSEPORT (gRPC's default): the
+    kernel spreads connections over both, and each answers."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    base, _, proc = two_workers
+    children = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+    # A local subchannel pool each: channels of one process otherwise share one connection.
+    channels = [grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(32)]
+    try:
+        request = service_pb2.ModelInferRequest(model_name="digits")
+        request.inputs.add(name="instances", datatype="FP32", shape=[1, 8, 8, 1])
+        request.raw_input_contents.append(digits_test_split.x[:1].astype("<f4").tobytes())
+        for channel in channels:  # each its own connection
+            reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+            assert reply.outputs[0].name == "probabilities"
+        counts = {pid: n for pid, n in established_by_process(proc.grpc_port, children).items() if n}
+        assert sum(counts.values()) == 32 and len(counts) == 2 and min(counts.values()) >= 4, counts
+    finally:
+        for channel in channels:
+            channel.close()
+    text = httpx.get(f"{base}/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith("ensemble_requests_total{")
+                and 'route="/inference.GRPCInferenceService/ModelInfer"' in l and 'status="200"' in l)
+    assert float(line.rsplit(" ", 1)[1]) == 32.0
 
 
 def test_workers_refuse_an_address_in_use(tmp_path):
