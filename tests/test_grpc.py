@@ -165,6 +165,33 @@ def test_the_clients_deadline_is_the_requests_queue_deadline(served, rows):
     assert stub.ModelInfer(request(rows[:1]), timeout=30).outputs[0].name == "probabilities"
 
 
+def test_a_full_queue_is_resource_exhausted(served):
+    """4,000-row calls at once: one whose rows the queue (4,096 rows) cannot take while another
+    waits is RESOURCE_EXHAUSTED, the twin of HTTP's 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="instances", datatype="FP32", shape=[4000, 8, 8, 1])
+    request.raw_input_contents.append(np.zeros((4000, 8, 8, 1), "<f4").tobytes())
+
+    def outcome(_):
+        try:
+            stub.ModelInfer(request, timeout=60)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()
+
+    seen = set()
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(20):
+            seen.update(pool.map(outcome, range(6)))
+            if any("would pass the limit of 4096" in details for _, details in seen):
+                break
+    assert {code for code, _ in seen} == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, seen
+    assert any("would pass the limit of 4096" in details for _, details in seen), seen
+
+
 def test_health_service_and_reflection(served):
     channel = grpc.insecure_channel(served.grpc)
     health = health_pb2_grpc.HealthStub(channel)
