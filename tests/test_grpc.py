@@ -262,3 +262,29 @@ def test_message_size_concurrent_calls_and_bytes_in_flight_are_bounded(trained_r
         assert 'route="/inference.GRPCInferenceService/ModelInfer",status="429"' in metrics
     finally:
         server.kill()
+
+
+def test_with_nothing_to_serve_health_and_readiness_say_so(tmp_path):
+    """An empty repository: not ready (the twin of /readyz's 503), the default's health
+    NOT_SERVING, an inference for a name the repository lacks NOT_FOUND."""
+    port = free_port()
+    (tmp_path / "models").mkdir()
+    server = ServerProcess(tmp_path / "models", args=["--grpc-port", str(port)]).start(wait_ready=False)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live
+        assert not stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=10).ready
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        request = service_pb2.ModelInferRequest(model_name="digits")
+        request.inputs.add(name="instances", datatype="FP32", shape=[1, 8, 8, 1])
+        request.raw_input_contents.append(np.zeros((1, 8, 8, 1), "<f4").tobytes())
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.ModelInfer(request, timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        assert httpx.get(f"{server.base}/readyz").status_code == 503
+    finally:
+        server.kill()
