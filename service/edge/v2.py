@@ -15,6 +15,7 @@ request asks.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,7 +88,7 @@ def check_input(shape: list[int], dtype_name: object, spec: InputSpec, max_rows:
         raise InvalidInput(f"{where} has 0 rows: send at least one")
     if rows > max_rows:
         raise PayloadTooLarge(f"{where} has {rows} rows; at most {max_rows} are allowed per request")
-    return np.dtype(datatypes[dtype_name]).newbyteorder("<"), int(np.prod(shape))
+    return np.dtype(datatypes[dtype_name]).newbyteorder("<"), math.prod(shape)
 
 
 def input_array(payload: dict[str, Any], binary: bytes, spec: InputSpec, max_rows: int) -> np.ndarray:
