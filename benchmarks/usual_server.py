@@ -25,7 +25,7 @@ class PredictRequest(BaseModel):
 
 @app.post("/predict")
 def predict(request: PredictRequest) -> dict:
-    average, _ = model.predict(np.asarray(request.instances, dtype="float32"), verbose=0)
+    average = model.predict(np.asarray(request.instances, dtype="float32"), verbose=0)[0]  # then members, scores
     return {"predictions": average.tolist()}
 
 
