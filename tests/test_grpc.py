@@ -9,6 +9,7 @@ imports the service's (service.rpc.gen): the two would clash in protobuf's defau
 from __future__ import annotations
 
 import shutil
+import time
 
 import grpc
 import httpx
@@ -254,7 +255,15 @@ def test_message_size_concurrent_calls_and_bytes_in_flight_are_bounded(trained_r
         assert "ok" in seen
         assert any("bytes of requests" in s and "limit of 400000" in s for s in seen), seen
         assert any("Concurrent RPC limit" in s for s in seen), seen
-        assert stub.ModelInfer(request(1), timeout=30).outputs[0].name == "probabilities"
+        # and it answers once the calls are over (gRPC counts a call out just after its answer)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert stub.ModelInfer(request(1), timeout=30).outputs[0].name == "probabilities"
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
         metrics = httpx.get(f"{server.base}/metrics").text
         refused = [line for line in metrics.splitlines()
                    if line.startswith('ensemble_rejected_requests_total{reason="bytes_in_flight"}')]
