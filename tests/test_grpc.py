@@ -297,3 +297,47 @@ def test_with_nothing_to_serve_health_and_readiness_say_so(tmp_path):
         assert httpx.get(f"{server.base}/readyz").status_code == 503
     finally:
         server.kill()
+
+
+def test_sigterm_drains_the_grpc_calls_received(trained_repository):
+    """Calls sent before SIGTERM are answered; calls after it are answered or UNAVAILABLE, and the
+    process exits promptly (the gRPC server stops with HTTP and gives its calls the same grace)."""
+    import signal
+    import threading
+
+    port = free_port()
+    server = ServerProcess(trained_repository, args=["--grpc-port", str(port)]).start()
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="instances", datatype="FP32", shape=[1000, 8, 8, 1])
+    request.raw_input_contents.append(np.zeros((1000, 8, 8, 1), "<f4").tobytes())
+    outcomes, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                stub.ModelInfer(request, timeout=30)
+                outcomes.append((started, grpc.StatusCode.OK))
+            except grpc.RpcError as exc:
+                outcomes.append((started, exc.code()))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=60)
+        exited = time.monotonic()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        server.kill()
+    before = [status for started, status in outcomes if started < signalled]
+    after = {status for started, status in outcomes if started >= signalled}
+    assert code in (0, -signal.SIGTERM) and exited - signalled < 10
+    assert before and set(before) == {grpc.StatusCode.OK}, before
+    assert after <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, after

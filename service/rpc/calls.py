@@ -81,7 +81,6 @@ def deadline_headers(context) -> dict[str, str]:
     return {} if remaining is None else {"x-request-timeout-ms": str(max(remaining, 1e-3) * 1000)}
 
 
-
 class Malformed:
     """What a request that did not decode is handed to its handler as."""
 
@@ -95,7 +94,7 @@ def _parser(request_class):
     def parse(data: bytes):
         try:
             return request_class.FromString(data)
-        except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning-free variant of it
+        except Exception as exc:  # protobuf's DecodeError, or whatever else its parser raises
             return Malformed(name, exc)
 
     return parse

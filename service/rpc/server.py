@@ -43,7 +43,7 @@ class Health:
     async def Check(self, request, context):
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        if request.service in ("", *SERVICES[:3]):  # a protocol's service: the default ensemble
+        if request.service in ("", *PROTOCOLS):
             ready = self.inference.state.manager.readiness()[0]
             return health_pb2.HealthCheckResponse(status=serving if ready else not_serving)
         try:
@@ -66,8 +66,8 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-SERVICES = (v2.SERVICE_NAME, tfs_messages.PREDICTION_SERVICE, tfs_messages.MODEL_SERVICE, HEALTH,
-            reflection.SERVICE_NAME)
+PROTOCOLS = (v2.SERVICE_NAME, tfs_messages.PREDICTION_SERVICE, tfs_messages.MODEL_SERVICE)
+SERVICES = (*PROTOCOLS, HEALTH, reflection.SERVICE_NAME)
 
 
 async def start(host: str, port: int, inference: Inference, settings: Settings) -> grpc.aio.Server:
