@@ -90,3 +90,15 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def grpc_server(repository: Path, copy_to: Path, **kwargs) -> ServerProcess:
+    """A started server with gRPC on a free port (`.grpc`: its address), serving a copy of
+    `repository` at `copy_to`, so that what a test publishes or breaks stays its own."""
+    import shutil
+
+    shutil.copytree(repository, copy_to, ignore=shutil.ignore_patterns(".work"))
+    port = free_port()
+    server = ServerProcess(copy_to, args=["--grpc-port", str(port)], **kwargs).start()
+    server.grpc = f"127.0.0.1:{port}"
+    return server

@@ -8,7 +8,6 @@ imports the service's (service.rpc.gen): the two would clash in protobuf's defau
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import grpc
@@ -21,16 +20,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.conftest import free_port
-from tests.server import ServerProcess
+from tests.server import ServerProcess, grpc_server
 
 
 @pytest.fixture(scope="module")
 def served(trained_repository, tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpc") / "models"
-    shutil.copytree(trained_repository, root, ignore=shutil.ignore_patterns(".work"))
-    port = free_port()
-    server = ServerProcess(root, args=["--grpc-port", str(port)]).start()
-    server.grpc = f"127.0.0.1:{port}"
+    server = grpc_server(trained_repository, tmp_path_factory.mktemp("grpc") / "models")
     try:
         yield server
     finally:

@@ -6,7 +6,6 @@ match the package's field for field."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import grpc
@@ -25,19 +24,15 @@ from tensorflow_serving.apis import (
 )
 
 from service.rpc import tfs_messages
-from tests.conftest import free_port
-from tests.server import ServerProcess
+from tests.server import grpc_server
 
 Code = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
 def served(trained_repository, tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpc-tfs") / "models"
-    shutil.copytree(trained_repository, root, ignore=shutil.ignore_patterns(".work"))
-    port = free_port()
-    server = ServerProcess(root, args=["--grpc-port", str(port)]).start()
-    server.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = grpc_server(trained_repository, tmp_path_factory.mktemp("grpc-tfs") / "models")
+    server.channel = grpc.insecure_channel(server.grpc)
     server.predictions = prediction_service_pb2_grpc.PredictionServiceStub(server.channel)
     server.models = model_service_pb2_grpc.ModelServiceStub(server.channel)
     try:
