@@ -295,7 +295,8 @@ def test_with_nothing_to_serve_health_and_readiness_say_so(tmp_path):
 
 
 def test_sigterm_drains_the_grpc_calls_received(trained_repository):
-    """Calls sent before SIGTERM are answered; calls after it are answered or UNAVAILABLE, and the
+    """Calls sent before SIGTERM are answered; calls after it are answered or refused (UNAVAILABLE,
+    or CANCELLED for one that reaches the gRPC server as it stops: seen in a full run), and the
     process exits promptly (the gRPC server stops with HTTP and gives its calls the same grace)."""
     import signal
     import threading
@@ -335,4 +336,4 @@ def test_sigterm_drains_the_grpc_calls_received(trained_repository):
     after = {status for started, status in outcomes if started >= signalled}
     assert code in (0, -signal.SIGTERM) and exited - signalled < 10
     assert before and set(before) == {grpc.StatusCode.OK}, before
-    assert after <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, after
+    assert after <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, after
