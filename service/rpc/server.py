@@ -2,7 +2,8 @@
 TensorFlow Serving's PredictionService and ModelService (service.rpc.tfs),
 `grpc.health.v1.Health` and server reflection, on grpc.aio in the event loop that serves HTTP,
 sharing its manager, batcher, limits and metrics. Started and stopped by the app's lifespan when
-`grpc_port` is set; it stops accepting when HTTP does and gives its requests the same grace.
+`grpc_port` is set; it stops accepting once HTTP's requests are done, and gives its calls the same
+grace.
 
 A message is received whole by gRPC before a handler sees it: no message may be larger than
 max_body_bytes (RESOURCE_EXHAUSTED from gRPC itself), at most max_grpc_calls calls are in the
