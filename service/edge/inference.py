@@ -154,8 +154,12 @@ class Inference:
         return limit
 
     async def infer(self, call: Call, ensemble: Ensemble, x):
-        """(averaged, per-member) probabilities of the rows x, computed in some batch."""
-        deadline = deadline_from(call.headers, self.settings.request_timeout_ms)
+        """(averaged, per-member) probabilities of the rows x, computed in some batch, by the
+        deadline of the call's X-Request-Timeout-Ms (or the default)."""
+        return await self.infer_by(deadline_from(call.headers, self.settings.request_timeout_ms), ensemble, x)
+
+    async def infer_by(self, deadline: float | None, ensemble: Ensemble, x):
+        """`infer` with the deadline (monotonic time, or None) already known: gRPC's."""
         result = await self.state.batcher.submit(ensemble, x, deadline)
         self.metrics.observe_rows(ensemble.name, len(x))
         return result

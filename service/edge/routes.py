@@ -58,7 +58,7 @@ def admin(request: Request) -> ModelManager:
 async def detailed_status(name: str, manager: ModelManager = Depends(admin)) -> Response:
     """GET /models's entry for `name`, with why each refused version was refused (the reasons
     name files and carry exception text, so they are not public)."""
-    return as_response(json_reply(manager.detailed_status(name)))
+    return as_response(json_reply(manager.named_status(name, detail=True)))
 
 
 async def reload(name: str, manager: ModelManager = Depends(admin)) -> Response:

@@ -103,7 +103,7 @@ class ModelManager:
         slot = self.slots.get(name)
         if slot is None:
             known = ", ".join(sorted(self.slots)) or "none"
-            raise ModelNotFound(f"no ensemble named {name!r} in the repository (known: {known})")
+            raise ModelNotFound(f"no ensemble named {name[:64]!r} in the repository (known: {known})")
         if slot.live is None:
             raise NotReady(f"ensemble {name!r} has no verified version yet: {self._why_not(slot)}")
         return slot.live
@@ -227,7 +227,7 @@ class ModelManager:
             self.metrics.register_model(name)
         if name not in self.slots:
             known = ", ".join(sorted(self.slots)) or "none"
-            raise ModelNotFound(f"no ensemble named {name!r} in the repository (known: {known})")
+            raise ModelNotFound(f"no ensemble named {name[:64]!r} in the repository (known: {known})")
         return self.slots[name]
 
     async def reload(self, name: str) -> dict:
@@ -358,7 +358,8 @@ class ModelManager:
         return ensemble_status(self.slots.get(name, ModelSlot(name)), folders, self.policy_of(name),
                                self.pins.get(name) is not None, skipped, detail)
 
-    def detailed_status(self, name: str) -> dict:
-        """status_of with the reasons, for the admin route; 404 for an unknown ensemble."""
+    def named_status(self, name: str, detail: bool = False) -> dict:
+        """status_of a name a client sent: 404 for an unknown ensemble (the name never reaches
+        the file system otherwise); with `detail`, for the admin route, the reasons."""
         self._slot(name)
-        return self.status_of(name, detail=True)
+        return self.status_of(name, detail)

@@ -74,11 +74,13 @@ def rpc(route: str, infers: bool = False):
     return decorate
 
 
-def deadline_headers(context) -> dict[str, str]:
-    """The client's deadline as the X-Request-Timeout-Ms header the batcher's deadline is read
-    from (service.edge.inference.deadline_from); none without a deadline."""
+def deadline(context, default_ms: float) -> float | None:
+    """The call's queue deadline (monotonic time): the client's, as X-Request-Timeout-Ms is on
+    HTTP, else the default one (service.edge.inference.deadline_from); None for neither."""
     remaining = context.time_remaining()
-    return {} if remaining is None else {"x-request-timeout-ms": str(max(remaining, 1e-3) * 1000)}
+    if remaining is None:
+        return time.monotonic() + default_ms / 1000 if default_ms > 0 else None
+    return time.monotonic() + max(remaining, 1e-6)
 
 
 class Malformed:

@@ -13,18 +13,16 @@ TensorFlow Serving answers with every output of the signature.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
 from service.edge.arrays import check_range, to_spec
-from service.edge.inference import Call, Inference
+from service.edge.inference import Inference
 from service.edge.rest import predicted_labels
 from service.edge.v2 import check_input, output
 from service.engines.base import disagreement
 from service.errors import InvalidInput, ModelNotFound
 from service.rpc import tfs_messages as m
-from service.rpc.calls import add, deadline_headers, rpc
+from service.rpc.calls import add, deadline, rpc
 from service.scores import SCORES
 
 SIGNATURE = "serving_default"
@@ -77,10 +75,16 @@ def model_version(spec) -> str | None:
     return None
 
 
-def ensemble_of(inference: Inference, spec):
-    """The ensemble a ModelSpec names (a name is required, as TensorFlow Serving requires it)."""
+def required_name(spec) -> str:
+    """A ModelSpec's model name, which TensorFlow Serving requires too."""
     if not spec.name:
         raise InvalidInput("model_spec.name is empty: name the model")
+    return spec.name
+
+
+def ensemble_of(inference: Inference, spec):
+    """The ensemble a ModelSpec names."""
+    required_name(spec)
     if spec.signature_name not in ("", SIGNATURE):
         raise InvalidInput(f"signature {spec.signature_name[:64]!r} not found; the model's one signature is "
                            f"{SIGNATURE!r}")
@@ -207,8 +211,8 @@ class PredictionService:
         ensemble = ensemble_of(self.inference, request.model_spec)
         x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
         names = wanted(request, ensemble)
-        average, members, scores = await self.inference.infer(Call({}, {}, deadline_headers(context), b""),
-                                                              ensemble, x)
+        by = deadline(context, self.inference.settings.request_timeout_ms)
+        average, members, scores = await self.inference.infer_by(by, ensemble, x)
         reply = m.PredictResponse(model_spec=model_spec(ensemble))
         for name in names:
             if name == "predictions":
@@ -247,13 +251,9 @@ class ModelService:
     @rpc(f"/{m.MODEL_SERVICE}/GetModelStatus")
     async def GetModelStatus(self, request, context):
         spec = request.model_spec
-        manager = self.inference.state.manager
-        if not spec.name:
-            raise InvalidInput("model_spec.name is empty: name the model")
-        if spec.name not in manager.slots:
-            raise ModelNotFound(f"no ensemble named {spec.name[:64]!r}")
-        version = model_version(spec)
-        entries = (await asyncio.to_thread(manager.status_of, spec.name))["versions"]
+        name, version = required_name(spec), model_version(spec)
+        # On the loop, as GET /models and the admin status route: it may add the name's slot.
+        entries = self.inference.state.manager.named_status(name)["versions"]
         if version is not None:
             entries = [e for e in entries if str(e["version"]) == version]
             if not entries:

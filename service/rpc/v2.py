@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.edge.inference import Call, Inference
+from service.edge.inference import Inference
 from service.edge.v2 import DATATYPES, OUTPUTS, check_input, datatype, model_metadata, output
 from service.edge.arrays import to_spec
 from service.errors import InvalidInput, ModelNotFound, ServiceError
-from service.rpc.calls import add, deadline_headers, rpc
+from service.rpc.calls import add, deadline, rpc
 from service.rpc.gen import grpc_predict_v2_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# Datatype -> the InferTensorContents field holding its values.
-_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-          "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-          "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-          "FP64": "fp64_contents"}
+# Datatype -> the InferTensorContents field holding its values (the benchmark's load generator uses it too).
+CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+            "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+            "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+            "FP64": "fp64_contents"}
 # The input datatypes a request may use: the HTTP route's that have a contents field.
-_TYPED = {name: numpy for name, numpy in DATATYPES.items() if name in _FIELD}
+_TYPED = {name: numpy for name, numpy in DATATYPES.items() if name in CONTENTS}
 
 
 def input_array(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndarray:
@@ -46,9 +46,9 @@ def input_array(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndarra
                                f"{count * dtype.itemsize}")
         array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     else:
-        values = getattr(tensor.contents, _FIELD[name])
+        values = getattr(tensor.contents, CONTENTS[name])
         if len(values) != count:
-            raise InvalidInput(f"inputs[0].contents holds {len(values)} values in {_FIELD[name]}; shape {shape} "
+            raise InvalidInput(f"inputs[0].contents holds {len(values)} values in {CONTENTS[name]}; shape {shape} "
                                f"of {name} needs {count}")
         array = np.asarray(values, dtype=dtype).reshape(shape)
     return to_spec(array, spec, "inputs[0]")
@@ -120,8 +120,8 @@ class InferenceService:
         ensemble = self.inference.ensemble(request.model_name, version_of(request.model_version))
         x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
         outputs = wanted(request)
-        call = Call({}, {}, deadline_headers(context), b"")
-        average, members, scores = await self.inference.infer(call, ensemble, x)
+        by = deadline(context, self.inference.settings.request_timeout_ms)
+        average, members, scores = await self.inference.infer_by(by, ensemble, x)
         reply = pb.ModelInferResponse(model_name=ensemble.name, model_version=str(ensemble.version), id=request.id)
         raw_all = any(raw for _, raw in outputs)  # the protocol: raw for every output or for none
         for name, _ in outputs:
@@ -131,7 +131,7 @@ class InferenceService:
             if raw_all:
                 reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
             else:
-                getattr(tensor.contents, _FIELD[name_of_type]).extend(array.reshape(-1).tolist())
+                getattr(tensor.contents, CONTENTS[name_of_type]).extend(array.reshape(-1).tolist())
         return reply
 
 def add_to(server, inference: Inference) -> None:
