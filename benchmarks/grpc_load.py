@@ -82,22 +82,20 @@ def _pb():
     return pb
 
 
-_DATATYPES = {"float32": "FP32", "float64": "FP64", "int32": "INT32", "int64": "INT64", "uint8": "UINT8"}
-
-
 def infer_request(model: str, x: np.ndarray, raw: bool = True, version: str = "",
                   input_name: str = "instances") -> bytes:
     """A serialized ModelInferRequest carrying `x` (rows first) raw or as typed contents."""
+    from service.edge.v2 import datatype
+    from service.rpc.v2 import CONTENTS
+
     pb = _pb()
-    datatype = _DATATYPES[x.dtype.name]
+    name = datatype(x.dtype.name)
     request = pb.ModelInferRequest(model_name=model, model_version=version)
-    tensor = request.inputs.add(name=input_name, datatype=datatype, shape=list(x.shape))
+    tensor = request.inputs.add(name=input_name, datatype=name, shape=list(x.shape))
     if raw:
         request.raw_input_contents.append(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes())
     else:
-        field = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents",
-                 "INT64": "int64_contents", "UINT8": "uint_contents"}[datatype]
-        getattr(tensor.contents, field).extend(x.reshape(-1).tolist())
+        getattr(tensor.contents, CONTENTS[name]).extend(x.reshape(-1).tolist())
     return request.SerializeToString()
 
 

@@ -92,13 +92,15 @@ class ServerProcess:
             self.proc.wait(timeout=30)
 
 
-def grpc_server(repository: Path, copy_to: Path, **kwargs) -> ServerProcess:
-    """A started server with gRPC on a free port (`.grpc`: its address), serving a copy of
-    `repository` at `copy_to`, so that what a test publishes or breaks stays its own."""
-    import shutil
+def grpc_server(repository: Path, copy_to: Path | None = None, **kwargs) -> ServerProcess:
+    """A started server with gRPC on a free port (`.grpc`: its address), serving `repository`,
+    or a copy of it at `copy_to` when what a test publishes or breaks must stay its own."""
+    if copy_to is not None:
+        import shutil
 
-    shutil.copytree(repository, copy_to, ignore=shutil.ignore_patterns(".work"))
+        shutil.copytree(repository, copy_to, ignore=shutil.ignore_patterns(".work"))
+        repository = copy_to
     port = free_port()
-    server = ServerProcess(copy_to, args=["--grpc-port", str(port)], **kwargs).start()
+    server = ServerProcess(repository, args=["--grpc-port", str(port)], **kwargs).start()
     server.grpc = f"127.0.0.1:{port}"
     return server

@@ -216,12 +216,11 @@ def test_message_size_concurrent_calls_and_bytes_in_flight_are_bounded(trained_r
     goes on answering."""
     from concurrent.futures import ThreadPoolExecutor
 
-    port = free_port()
     env = {"ENSEMBLE_MAX_BODY_BYTES": "300000", "ENSEMBLE_MAX_INFLIGHT_BYTES": "400000",
            "ENSEMBLE_MAX_GRPC_CALLS": "6"}
-    server = ServerProcess(trained_repository, env=env, args=["--grpc-port", str(port)]).start()
+    server = grpc_server(trained_repository, env=env)
     try:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
 
         def request(rows):
             r = service_pb2.ModelInferRequest(model_name="digits")
@@ -301,9 +300,8 @@ def test_sigterm_drains_the_grpc_calls_received(trained_repository):
     import signal
     import threading
 
-    port = free_port()
-    server = ServerProcess(trained_repository, args=["--grpc-port", str(port)]).start()
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    server = grpc_server(trained_repository)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
     request = service_pb2.ModelInferRequest(model_name="digits")
     request.inputs.add(name="instances", datatype="FP32", shape=[1000, 8, 8, 1])
     request.raw_input_contents.append(np.zeros((1000, 8, 8, 1), "<f4").tobytes())

@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from tensorflow_serving.apis import predict_pb2
 from tritonclient.grpc import service_pb2
 
-from tests.conftest import free_port
-from tests.server import ServerProcess
+from tests.server import grpc_server
 
 EXAMPLES = 150
 CLIENT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -31,9 +30,8 @@ SUPPRESS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 @pytest.fixture(scope="module")
 def served(trained_repository):
-    port = free_port()
-    server = ServerProcess(trained_repository, args=["--grpc-port", str(port)]).start()
-    server.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = grpc_server(trained_repository)
+    server.channel = grpc.insecure_channel(server.grpc)
     yield server
     server.channel.close()
     server.kill()
