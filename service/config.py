@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="longest pause between two reads of a request's body; "
         "past it the connection is closed")
+    min_body_rate_bytes: int = Field(
+        4096, ge=0, description="after body_timeout_seconds, a request's body must have kept "
+        "coming at this many bytes a second on average, or the connection is closed (Apache's "
+        "mod_reqtimeout MinRate): a client trickling a body cannot hold its connection and bytes "
+        "for long (0: no minimum)")
     http_fast_path: bool = Field(
         True, description="serve HTTP on service.edge.fast_http (one write per response; plain POSTs "
         "on the inference routes answered without ASGI) when the installed uvicorn passes its "

@@ -1,8 +1,10 @@
-"""Slow and oversized clients: a request's head must arrive whole within `header_timeout_seconds`
-of its first byte and hold at most `max_header_bytes`; its body may not pause longer than
-`body_timeout_seconds` between two reads. Past those, 431 (too large) or 408 (too slow) and the
-connection is closed, as a reverse proxy would (nginx: client_header_timeout,
-client_body_timeout, large_client_header_buffers; Node: headersTimeout, maxHeaderSize).
+"""Slow, oversized and malformed clients: a request's head must arrive whole within
+`header_timeout_seconds` of its first byte and hold at most `max_header_bytes`, as must a
+chunked body's trailers; its body may not pause longer than `body_timeout_seconds` between two
+reads, and after that first allowance must keep coming at `min_body_rate_bytes` a second on
+average. Past those, 431 (too large) or 408 (too slow) and the connection is closed, as a
+reverse proxy would (nginx: client_header_timeout, client_body_timeout,
+large_client_header_buffers; Node: headersTimeout, maxHeaderSize; Apache: mod_reqtimeout).
 
 uvicorn has none of these (a 1 MiB header line is accepted, and a client sending a byte now and
 then holds its connection and buffer for ever), so `guarded(cls)` wraps whichever HTTP protocol
@@ -10,10 +12,12 @@ serves (the fast path's or uvicorn's own), through asyncio's public Protocol int
 `connection_made`, `data_received`, `connection_lost`. It follows the byte stream's framing
 (the head up to its blank line, then a body of Content-Length bytes or of chunks) to know where
 each request starts, and hands every byte on unchanged; the protocol's own parser still decides
-what the bytes mean. A stream it cannot follow (a malformed length) is left to that parser,
-which refuses it.
+what the bytes mean. The framing it follows is the grammar and nothing more (a chunk size is 1
+to 16 hexadecimal digits: no sign, space or underscore); bytes outside it are a 400 and the
+connection closed, so the guard and the parser never disagree on where a request ends, and
+every turn of the loop over client bytes consumes one or changes state.
 
-408 and 431 are written only where no other response can be on its way: on a connection's first
+400, 408 and 431 are written only where no other response can be on its way: on a connection's first
 request. On a later one (a response to a pipelined request may still be coming) the connection
 is closed without one.
 """
@@ -31,7 +35,10 @@ log = logging.getLogger(__name__)
 HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, IDLE, UNGUARDED = range(8)
 _LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.IGNORECASE)
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# A chunk-size line (RFC 9112 7.1): hexadecimal digits, then extensions. Nothing else: no sign, no
+# space or underscore inside the number (Python's int() takes all three), at most 16 digits.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\r?\n")
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 def refusal(status: int, message: str) -> bytes:
@@ -61,6 +68,8 @@ def guarded(protocol_class: type) -> type:
             self._max_head = settings.max_header_bytes
             self._head_timeout = settings.header_timeout_seconds
             self._body_timeout = settings.body_timeout_seconds
+            self._min_rate = settings.min_body_rate_bytes
+            self._body_at, self._body_bytes, self._trailers = 0.0, 0, 0
             self._state, self._head, self._left, self._line = HEAD, bytearray(), 0, bytearray()
             self._requests, self._timer, self._transport = 0, None, None
             self._deadline: float | None = None  # when the part of a request now awaited is late
@@ -111,7 +120,8 @@ def guarded(protocol_class: type) -> type:
             self._requests += 1
             if left:
                 self._state, self._left = BODY, left
-                self._expect(self._body_timeout, "the rest of its body")
+                self._body_started()
+                self._body_bytes = length - left
             else:
                 self._state, self._deadline = IDLE, None
             return True
@@ -119,10 +129,12 @@ def guarded(protocol_class: type) -> type:
         # -- the framing ---------------------------------------------------------------------
 
         def _follow(self, data: bytes) -> tuple[int, str] | None:
-            """Advance through `data`; (status, message) if the request must be refused."""
+            """Advance through `data`; (status, message) if the request must be refused. Every
+            turn of the loop consumes a byte or changes state; one that does neither is a bug in
+            this parser, and the connection is closed rather than the loop spun."""
             i, n = 0, len(data)
             while i < n:
-                state = self._state
+                state, at = self._state, i
                 if state == IDLE:  # the first byte of the next request starts its clock
                     self._state, self._head = HEAD, bytearray()
                     self._expect(self._head_timeout, "its request head")
@@ -136,33 +148,36 @@ def guarded(protocol_class: type) -> type:
                         return 431, f"the request head is larger than {self._max_head} bytes"
                     if end >= 0:
                         self._head_done()
-                elif state == BODY:
+                elif state == BODY or state == CHUNK_DATA:
                     take = min(self._left, n - i)
                     self._left -= take
                     i += take
+                    self._arrived(take)
                     if self._left == 0:
-                        self._request_done()
-                    else:
-                        self._expect(self._body_timeout, "the rest of its body")
+                        if state == BODY:
+                            self._request_done()
+                        else:
+                            self._state = CHUNK_END
                 elif state in (CHUNK_SIZE, CHUNK_END, TRAILERS):
                     end = data.find(b"\n", i)
                     stop = n if end < 0 else end + 1
                     self._line += data[i:stop]
+                    self._arrived(stop - i)
                     i = stop
                     if len(self._line) > self._max_head:
                         return 431, f"a chunk header is larger than {self._max_head} bytes"
+                    if state == TRAILERS:
+                        self._trailers += stop - at
+                        if self._trailers > self._max_head:
+                            return 431, f"the chunked body's trailers are larger than {self._max_head} bytes"
                     if end >= 0:
-                        self._line_done()
-                    self._expect(self._body_timeout, "the rest of its body")
-                elif state == CHUNK_DATA:
-                    take = min(self._left, n - i)
-                    self._left -= take
-                    i += take
-                    if self._left == 0:
-                        self._state = CHUNK_END
-                    self._expect(self._body_timeout, "the rest of its body")
+                        refused = self._line_done()
+                        if refused is not None:
+                            return refused
                 else:  # UNGUARDED
                     break
+                if i <= at and self._state == state:  # no progress: never loop on the same bytes
+                    return 400, "the request's framing could not be followed"
             return None
 
         def _head_done(self) -> None:
@@ -172,31 +187,49 @@ def guarded(protocol_class: type) -> type:
                 return
             self._requests += 1
             if _CHUNKED.search(head):
-                self._state, self._line = CHUNK_SIZE, bytearray()
-                self._expect(self._body_timeout, "the rest of its body")
+                self._state, self._line, self._trailers = CHUNK_SIZE, bytearray(), 0
+                self._body_started()
                 return
             m = _LENGTH.search(head)
             self._left = int(m.group(1)) if m else 0
             if self._left:
                 self._state = BODY
-                self._expect(self._body_timeout, "the rest of its body")
+                self._body_started()
             else:
                 self._request_done()
 
-        def _line_done(self) -> None:
-            line, self._line = bytes(self._line).strip(), bytearray()
+        def _line_done(self) -> tuple[int, str] | None:
+            """A chunk-size line, the CRLF after a chunk's data, or a trailer line has arrived
+            whole: move on, or (status, message) if it breaks the grammar."""
+            raw, self._line = bytes(self._line), bytearray()
             if self._state == CHUNK_END:  # the CRLF after a chunk's data
+                if raw not in (b"\r\n", b"\n"):
+                    return 400, "a chunk's data is longer than its size"
                 self._state = CHUNK_SIZE
             elif self._state == CHUNK_SIZE:
-                try:
-                    size = int(line.split(b";")[0], 16)
-                except ValueError:  # the protocol's parser refuses it; not ours to follow
-                    self._state = UNGUARDED
-                    self._disarm()
-                    return
+                m = _CHUNK_SIZE.fullmatch(raw)
+                if m is None:
+                    return 400, "a chunk size is not a hexadecimal number of at most 16 digits"
+                size = int(m.group(1), 16)
                 self._state, self._left = (TRAILERS, 0) if size == 0 else (CHUNK_DATA, size)
-            elif not line:  # TRAILERS: the blank line that ends them
+            elif raw in (b"\r\n", b"\n"):  # TRAILERS: the blank line that ends them
                 self._request_done()
+            return None
+
+        def _body_started(self) -> None:
+            """The body's clock: it must keep coming (no pause over body_timeout_seconds) and,
+            past that first allowance, at min_body_rate bytes a second on average."""
+            self._body_at, self._body_bytes = self._clock.time(), 0
+            self._expect(self._body_timeout, "the rest of its body")
+
+        def _arrived(self, n: int) -> None:
+            """n more bytes of the body: the deadline of the next ones."""
+            self._body_bytes += n
+            pause = self._body_timeout
+            if self._min_rate:
+                allowed = self._body_at + self._body_timeout + self._body_bytes / self._min_rate
+                pause = min(pause, allowed - self._clock.time())
+            self._expect(pause, "the rest of its body")
 
         def _request_done(self) -> None:
             self._state, self._deadline = IDLE, None  # between requests, uvicorn's keep-alive timeout applies
