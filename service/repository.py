@@ -11,6 +11,8 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -19,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -216,12 +218,21 @@ def uniform_weights(n: int) -> list[float]:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
+    """Hex sha256 of a regular file's bytes, read in chunks (OSError for a symbolic link or a pipe)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    for chunk in _file_chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    """A regular file's bytes in chunks, opened without following a symbolic link and without
+    blocking (a pipe put in its place is refused, never waited on)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        while chunk := f.read(_CHUNK):
+            yield chunk
 
 
 def file_digests(directory: Path) -> dict[str, str]:
@@ -259,10 +270,17 @@ def read_manifest(version_dir: Path) -> Manifest:
     return manifest
 
 
-def verify_checksums(version_dir: Path, manifest: Manifest) -> None:
+def verify_checksums(version_dir: Path, manifest: Manifest, copy_into: Path | None = None) -> None:
     """Check every member's files against the manifest: none missing, none extra, all equal,
-    and every one a regular file in its folder (no symbolic link, device or pipe: what is
-    verified is what gets loaded)."""
+    and every one a regular file in its folder (no symbolic link, device or pipe).
+
+    Checking a folder and then loading it by its path leaves a writer time to change it in
+    between; with `copy_into`, each member file is copied there as it is checked (and the
+    manifest written beside them), so what is loaded from `copy_into` is exactly what was
+    verified, whatever happens to `version_dir` afterwards. `copy_into` must not exist yet; an
+    OSError while writing it is raised as such (the copy's disk, not the version, failed)."""
+    if copy_into is not None:
+        copy_into.mkdir(mode=0o700, parents=True)
     for member in manifest.members:
         member_dir = version_dir / member.path
         if member_dir.is_symlink() or not member_dir.is_dir():
@@ -277,12 +295,36 @@ def verify_checksums(version_dir: Path, manifest: Manifest) -> None:
                 f"member {member.name}: file {member.path}/{extra[0]} is not in the manifest"
             )
         for rel, expected in member.files.items():
-            actual = sha256_file(member_dir / rel)
+            actual = _checked_digest(member_dir / rel, copy_into / member.path / rel if copy_into else None,
+                                     f"member {member.name}: {member.path}/{_shown(rel)}")
             if actual != expected:
                 raise ChecksumError(
                     f"member {member.name}: checksum mismatch for {member.path}/{rel} "
                     f"(manifest {expected[:12]}..., file {actual[:12]}...)"
                 )
+    if copy_into is not None:
+        (copy_into / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def _checked_digest(path: Path, copy_to: Path | None, where: str) -> str:
+    """The file's sha256 (ChecksumError naming `where` if it cannot be read: it may have changed
+    since it was listed); with `copy_to`, its bytes also written to that new file as they are
+    hashed (an OSError there is the copy's own)."""
+    if copy_to is not None:
+        copy_to.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with (open(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb")
+          if copy_to is not None else contextlib.nullcontext()) as out:
+        digest, chunks = hashlib.sha256(), _file_chunks(path)
+        while True:
+            try:
+                chunk = next(chunks, b"")
+            except OSError as exc:
+                raise ChecksumError(f"{where} cannot be read: {exc.strerror}") from None
+            if not chunk:
+                return digest.hexdigest()
+            digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
 
 
 def _regular_files(folder: Path, where: str) -> list[str]:

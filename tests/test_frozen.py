@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -19,7 +22,7 @@ from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
 from service.engines.keras_members import load_members
 from service.engines.loader import EngineLoader, plan_of
 from service.engines.tensorflow import import_frozen
-from service.repository import read_manifest
+from service.repository import ChecksumError, read_manifest, verify_checksums
 from tests.repo_tools import export_nan_member, publish_with_member
 
 
@@ -120,24 +123,21 @@ def test_stop_all_kills_a_compiling_child(trained_repository):
 def test_cache_keys_on_the_manifest_and_survives_damage(compiled, repository, tmp_path):
     manifest, vdir, graph = compiled
     cache = CompileCache(tmp_path / "cache", keep=2)
-    assert cache.get(vdir) is None
-    cache.put(vdir, graph)
-    assert cache.get(vdir) == graph
+    assert cache.get(manifest) is None
+    cache.put(manifest, graph)
+    assert cache.get(manifest) == graph
     copy = repository / "digits" / "1"  # same files, same manifest: same entry
-    assert cache.get(copy) == graph
-    (copy / "manifest.json").write_text((copy / "manifest.json").read_text().replace('"version": 1', '"version": 7'))
-    assert cache.get(copy) is None  # another manifest is another version
-    cache.path_of(vdir).write_bytes(b"damaged")
-    assert cache.get(vdir) is None  # compiled again, not a crash
+    assert cache.get(read_manifest(copy)) == graph
+    assert cache.get(manifest.model_copy(update={"version": 7})) is None  # another manifest is another version
+    cache.path_of(manifest).write_bytes(b"damaged")
+    assert cache.get(manifest) is None  # compiled again, not a crash
     for i in range(3):
-        (tmp_path / f"v{i}").mkdir()
-        (tmp_path / f"v{i}" / "manifest.json").write_text(str(i))
-        cache.put(tmp_path / f"v{i}", graph)
+        cache.put(manifest.model_copy(update={"version": 10 + i}), graph)
     assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
     (tmp_path / "a-file").write_text("not a folder")
     unwritable = CompileCache(tmp_path / "a-file" / "cache")  # costs time, never a refused version
-    unwritable.put(vdir, graph)
-    assert unwritable.get(vdir) is None
+    unwritable.put(manifest, graph)
+    assert unwritable.get(manifest) is None
 
 
 def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_path, monkeypatch):
@@ -155,12 +155,12 @@ def test_loader_compiles_a_version_once_with_a_cache(compiled, repository, tmp_p
 
 
 @contextlib.contextmanager
-def compiling_elsewhere(folder, vdir):
+def compiling_elsewhere(folder, manifest):
     """Another worker holding the version's compile lock (a thread with its own descriptor)."""
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with CompileCache(folder)._compiling(vdir, 30):
+        with CompileCache(folder)._compiling(manifest, 30):
             held.set()
             release.wait(10)
 
@@ -176,7 +176,7 @@ def compiling_elsewhere(folder, vdir):
 
 def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
     """N workers that see a new version at once: the first compiles, the others wait and read."""
-    _, vdir, graph = compiled
+    manifest, _, graph = compiled
     calls, results = [], []
 
     def slow_compile():
@@ -185,7 +185,7 @@ def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
         return graph
 
     def load():  # each worker has its own cache object and file descriptor on the one folder
-        results.append(CompileCache(tmp_path / "cache").get_or_compile(vdir, slow_compile, 30))
+        results.append(CompileCache(tmp_path / "cache").get_or_compile(manifest, slow_compile, 30))
 
     workers = [threading.Thread(target=load, name=f"worker-{i}") for i in range(3)]
     for w in workers:
@@ -196,23 +196,21 @@ def test_concurrent_loaders_compile_a_version_once(compiled, tmp_path):
 
 
 def test_a_lock_held_too_long_or_unavailable_costs_time_not_the_version(compiled, tmp_path, caplog):
-    _, vdir, graph = compiled
+    manifest, _, graph = compiled
     started = time.monotonic()
-    with compiling_elsewhere(tmp_path / "cache", vdir):
-        assert CompileCache(tmp_path / "cache").get_or_compile(vdir, lambda: graph, 0.3) == graph
+    with compiling_elsewhere(tmp_path / "cache", manifest):
+        assert CompileCache(tmp_path / "cache").get_or_compile(manifest, lambda: graph, 0.3) == graph
     assert time.monotonic() - started >= 0.3
     assert "still being compiled elsewhere" in caplog.text
     (tmp_path / "a-file").write_text("not a folder")
-    assert CompileCache(tmp_path / "a-file" / "cache").get_or_compile(vdir, lambda: graph, 1) == graph
+    assert CompileCache(tmp_path / "a-file" / "cache").get_or_compile(manifest, lambda: graph, 1) == graph
 
 
 def test_evicted_entries_take_their_lock_files_along(compiled, tmp_path):
-    _, _, graph = compiled
+    manifest, _, graph = compiled
     cache = CompileCache(tmp_path / "cache", keep=2)
     for i in range(4):
-        (tmp_path / f"v{i}").mkdir()
-        (tmp_path / f"v{i}" / "manifest.json").write_text(str(i))
-        cache.get_or_compile(tmp_path / f"v{i}", lambda: graph, 1)
+        cache.get_or_compile(manifest.model_copy(update={"version": 10 + i}), lambda: graph, 1)
         time.sleep(0.01)  # distinct modification times: the oldest go first
     assert len(list((tmp_path / "cache").glob("*.graph"))) == 2
     assert len(list((tmp_path / "cache").glob("*.lock"))) <= 2
@@ -222,12 +220,76 @@ def test_a_stopping_server_gives_up_waiting_and_starts_no_compile(compiled, tmp_
     """SIGTERM while another worker compiles: the waiting loader leaves at once, not after it."""
     from service.engines.child import stops
 
-    _, vdir, graph = compiled
+    manifest, vdir, graph = compiled
     calls, stopping_at = [], time.monotonic() + 0.3
     started = time.monotonic()
-    with compiling_elsewhere(tmp_path / "cache", vdir), pytest.raises(LoadError, match="the server is stopping"):
+    with compiling_elsewhere(tmp_path / "cache", manifest), pytest.raises(LoadError, match="the server is stopping"):
         CompileCache(tmp_path / "cache").get_or_compile(
-            vdir, lambda: calls.append(1) or graph, 30, give_up=lambda: time.monotonic() > stopping_at)
+            manifest, lambda: calls.append(1) or graph, 30, give_up=lambda: time.monotonic() > stopping_at)
     assert calls == [] and time.monotonic() - started < 5
     with pytest.raises(CompileFailed, match="the server is stopping"):
         compile_in_child(vdir, 60, since_stops=stops() - 1)  # a stop came after the load began
+
+
+# -- what is compiled is what was verified ----------------------------------------------------
+
+def swap_member(vdir, manifest, victim: int, donor: int) -> None:
+    """Replace a member's folder by a copy of another member's: a different SavedModel that loads."""
+    target = vdir / manifest.members[victim].path
+    shutil.rmtree(target)
+    shutil.copytree(vdir / manifest.members[donor].path, target)
+
+
+@pytest.fixture()
+def private_tmp(tmp_path, monkeypatch):
+    """The temporary folder the loader copies versions into (and its compile child works in)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_member_swapped_after_verification_is_not_compiled_nor_cached(repository, tmp_path, private_tmp):
+    """The manager checks a version, then the loader compiles it in a child: a member folder
+    replaced in between, by another SavedModel that loads, is refused, and nothing is cached."""
+    vdir = repository / "digits" / "1"
+    manifest = read_manifest(vdir)
+    verify_checksums(vdir, manifest)  # the manager's check, before it calls the loader
+    swap_member(vdir, manifest, victim=-1, donor=0)
+    abandoned = private_tmp / "ensemble-verified-0123456789ab"  # a copy left by a server that was killed
+    (abandoned / "digits").mkdir(parents=True)
+    abandoned.with_name(abandoned.name + ".lock").touch()
+    os.utime(abandoned, (time.time() - 3600, time.time() - 3600))
+    settings = Settings(isolated_loading=True, compile_cache_dir=tmp_path / "cache", warmup_batch_sizes=(1,))
+    with pytest.raises(ChecksumError, match=f"member {manifest.members[-1].name}: "):
+        EngineLoader(settings, plan_of(settings, 2))(manifest, vdir, lambda: None)
+    assert not list((tmp_path / "cache").glob("*.graph"))
+    assert list(private_tmp.iterdir()) == []  # no copy left behind, the abandoned one removed
+
+
+def test_a_member_swapped_while_compiling_changes_neither_the_answers_nor_the_cache(
+        compiled, repository, tmp_path, private_tmp, digits_test_split):
+    """The files change while the version compiles (at the loader's first pause): the version
+    answers with the members that were verified, and the cache holds their graph only."""
+    manifest, intact, graph = compiled
+    vdir = repository / "digits" / "1"
+    x = digits_test_split.x[:50]
+    verified = import_frozen(manifest, intact, graph.frozen, (1,)).predict(x)
+    assert np.max(np.abs(verified[1][:, -1] - verified[1][:, 0])) > 1e-2  # the swap would show
+    swapped = []
+
+    def pace():
+        if not swapped:
+            swap_member(vdir, manifest, victim=-1, donor=0)
+            swapped.append(True)
+
+    settings = Settings(isolated_loading=False, compile_cache_dir=tmp_path / "cache", warmup_batch_sizes=(1,))
+    loaded = EngineLoader(settings, plan_of(settings, 2))(manifest, vdir, pace)
+    assert swapped
+    cached = CompileCache(tmp_path / "cache").get(manifest)
+    from_cache = import_frozen(manifest, intact, cached.frozen, (1,))
+    for answers in (loaded.predict(x), from_cache.predict(x)):
+        for got, want in zip(answers, verified):
+            np.testing.assert_allclose(got, want, atol=1e-4)
+    assert len(list((tmp_path / "cache").glob("*.graph"))) == 1
+    assert list(private_tmp.iterdir()) == []

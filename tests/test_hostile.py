@@ -330,13 +330,14 @@ def test_a_version_holding_anything_but_its_own_regular_files_is_refused(reposit
 # -- a compile cache that is checked ----------------------------------------------------------
 
 def cache_and_versions(tmp_path):
-    from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
+    from datetime import datetime, timezone
 
-    versions = []
-    for i in (1, 2):
-        (tmp_path / f"v{i}").mkdir()
-        (tmp_path / f"v{i}" / "manifest.json").write_text(f"manifest {i}")
-        versions.append(tmp_path / f"v{i}")
+    from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
+    from service.repository import InputSpec, Manifest, MemberEntry, OutputSpec
+
+    member = MemberEntry(name="m", path="members/m", kind="tuned", weight=1.0, files={"f": "0" * 64})
+    versions = [Manifest(name="digits", version=i, created=datetime.now(timezone.utc), input=InputSpec(shape=(4,)),
+                         output=OutputSpec(classes=("a", "b")), members=(member,)) for i in (1, 2)]
     graphs = [CompiledVersion(FrozenGraph(f"graph {i}".encode(), "in:0", ("a:0", "b:0")), f"lite {i}".encode())
               for i in (1, 2)]
     return CompileCache(tmp_path / "cache"), versions, graphs

@@ -84,7 +84,7 @@ def test_file_keeps_the_lite_model_and_refuses_a_truncated_one(compiled, tmp_pat
 
 def loaded_by_the_server(graph, tmp_path, manifest, vdir, **settings):
     """What the server's loader makes of a compiled version (from its cache, as after a restart)."""
-    CompileCache(tmp_path / "cache").put(vdir, graph)
+    CompileCache(tmp_path / "cache").put(manifest, graph)
     settings = Settings(compile_cache_dir=tmp_path / "cache", warmup_batch_sizes=(1,), **settings)
     return EngineLoader(settings, plan_of(settings, 2))(manifest, vdir, lambda: None)
 

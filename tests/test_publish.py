@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,6 +83,77 @@ def test_stale_staging_folders_are_removed_fresh_ones_kept(tmp_path):
     os.utime(old, (long_ago, long_ago))
     assert remove_stale_staging(tmp_path) == [old]
     assert new.exists() and not old.exists()
+
+
+# A publisher in a process of its own that stops once its member is staged, until told to go on.
+PAUSED_PUBLISHER = """
+import sys
+from pathlib import Path
+
+import training.publish as publish
+from service.repository import InputSpec, OutputSpec
+
+real = publish.file_digests
+
+
+def staged(folder):
+    print("staged", flush=True)
+    sys.stdin.readline()
+    return real(folder)
+
+
+publish.file_digests = staged
+member = publish.MemberArtifact("m", "tuned", Path(sys.argv[2]), 1.0)
+manifest = publish.publish_version(Path(sys.argv[1]), "digits", [member], InputSpec(shape=(4,)),
+                                   OutputSpec(classes=("a", "b")), {})
+print("published", manifest.version, flush=True)
+"""
+
+
+@contextmanager
+def paused_publisher(root: Path, source: Path):
+    """(process, its staging folder) of a publisher stopped mid-publish; killed at the end if alive."""
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_PUBLISHER, str(root), str(source)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        assert ready and child.stdout.readline() == "staged\n", "the publisher did not reach its staging step"
+        staging = [p for p in (root / "digits").glob(f"{STAGING_PREFIX}*") if p.is_dir()]
+        assert len(staging) == 1
+        yield child, staging[0]
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_killed_publishers_staging_folder_is_removed_by_the_next_publish(tmp_path):
+    root, member = tmp_path / "models", fake_member(tmp_path, "m")
+    with paused_publisher(root, member.source) as (child, staging):
+        child.kill()
+        child.wait(10)
+    age(staging, 2 * 3600)  # two hours: past the grace (an hour), where a dead publisher's folder used to stay a day
+    publish_version(root, "digits", [MemberArtifact("m", "tuned", member.source, 1.0)], SPEC, OUT, {})
+    assert sorted(os.listdir(root / "digits")) == ["1"]  # the folder and its lock file are gone
+
+
+def test_a_live_publishers_staging_folder_is_kept_however_old(tmp_path):
+    root, member = tmp_path / "models", fake_member(tmp_path, "m")
+    only = [MemberArtifact("m", "tuned", member.source, 1.0)]
+    with paused_publisher(root, member.source) as (child, staging):
+        age(staging, 3 * 24 * 3600)  # older than any grace: only its lock says it is alive
+        assert publish_version(root, "digits", only, SPEC, OUT, {}).version == 1
+        assert remove_stale_staging(root / "digits", older_than=0) == []
+        assert staging.is_dir()
+        out, _ = child.communicate("go on\n", timeout=60)
+    assert child.returncode == 0 and out == "published 2\n"
+    verify_checksums(root / "digits" / "2", read_manifest(root / "digits" / "2"))
+    assert sorted(os.listdir(root / "digits")) == ["1", "2"]
 
 
 def test_replaces_names_the_version_published_just_before_the_rename(tmp_path, monkeypatch):

@@ -141,6 +141,49 @@ def test_verify_checksums_detects_missing_and_extra_files(tmp_path):
         verify_checksums(tmp_path / "digits" / "1", m)
 
 
+def test_a_verified_copy_holds_the_verified_bytes_and_the_manifest(tmp_path):
+    m = write_version(tmp_path, "digits", 1, payload=b"verified")
+    copy = tmp_path / "private" / "digits" / "1"
+    verify_checksums(tmp_path / "digits" / "1", m, copy_into=copy)
+    assert file_digests(copy / "members" / "m") == m.members[0].files
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*")) == [
+        "manifest.json", "members", "members/m", "members/m/saved_model.pb"]
+    assert read_manifest(copy) == m
+    with pytest.raises(FileExistsError):  # the copy's own faults are OSErrors, not the version's
+        verify_checksums(tmp_path / "digits" / "1", m, copy_into=copy)
+
+
+def test_a_file_turned_into_a_pipe_after_listing_is_refused_not_waited_on(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from service import repository
+
+    m = write_version(tmp_path, "digits", 1)
+    listed = repository._regular_files
+
+    def then_swapped(folder, where):
+        files = listed(folder, where)
+        (folder / "saved_model.pb").unlink()
+        os.mkfifo(folder / "saved_model.pb")  # no writer: reading it would wait for ever
+        return files
+
+    monkeypatch.setattr(repository, "_regular_files", then_swapped)
+    raised = []
+
+    def verify():
+        try:
+            verify_checksums(tmp_path / "digits" / "1", m)
+        except ChecksumError as exc:
+            raised.append(exc)
+
+    checking = threading.Thread(target=verify, daemon=True)
+    checking.start()
+    checking.join(10)
+    assert not checking.is_alive(), "the check waited on a pipe"
+    assert "members/m/saved_model.pb cannot be read: not a regular file" in str(raised[0])
+
+
 def test_scan_ignores_hidden_odd_and_uncommitted_folders(tmp_path):
     write_version(tmp_path, "digits", 1)
     write_version(tmp_path, "digits", 10)

@@ -3,21 +3,21 @@
 A version is assembled under a hidden staging folder beside the versions, the manifest is
 written last and everything is fsynced, then the folder is renamed to the next free number.
 Readers ignore hidden folders and folders without a manifest, so a crash at any point leaves
-nothing they would serve.
+nothing they would serve. A publisher holds its staging folder (service.held_folders) while it
+works; the next publish removes the staging folders of publishers that died, never a live one's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from service.files import sync_folder
+from service.held_folders import held_folder, remove_abandoned
 from service.repository import (
     MANIFEST_FILE,
     MEMBERS_DIR,
@@ -37,8 +37,12 @@ from service.repository import (
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
-# A staging folder older than this belongs to a writer that died; it is removed on next publish.
-STALE_STAGING_SECONDS = 24 * 3600
+# A staging folder whose publisher is gone (its lock is free) is removed by the next publish once
+# it is this old; the wait covers a publisher on another machine whose lock this one cannot see.
+STALE_STAGING_SECONDS = 3600
+# A staging folder without a lock file was made by something else (an older publisher, a copy by
+# hand): only its age says it is abandoned.
+FOREIGN_STAGING_SECONDS = 24 * 3600
 _RENAME_ATTEMPTS = 20
 
 
@@ -71,17 +75,9 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def remove_stale_staging(model_dir: Path, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
-    """Delete staging folders left by writers that died long ago; returns what was removed."""
-    removed = []
-    now = time.time()
-    for path in model_dir.glob(f"{STAGING_PREFIX}*"):
-        try:
-            if now - path.stat().st_mtime > older_than:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-        except FileNotFoundError:
-            continue
-    return removed
+    """Delete the staging folders of publishers that died (their lock is free) once older than
+    `older_than` seconds; returns what was removed."""
+    return remove_abandoned(model_dir, STAGING_PREFIX, older_than, FOREIGN_STAGING_SECONDS)
 
 
 def check_writable(root: Path) -> None:
@@ -129,9 +125,8 @@ def publish_version(
     model_dir.mkdir(exist_ok=True)
     remove_stale_staging(model_dir)
 
-    staging = model_dir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
-    staging.mkdir()
-    try:
+    # A lock on the staging folder while it is filled: a later publish removes it only if this one died.
+    with held_folder(model_dir, STAGING_PREFIX, mode=0o777) as staging:  # mode: the umask applies, as to any folder
         entries = []
         for member in members:
             rel = f"{MEMBERS_DIR}/{member.name}"
@@ -188,6 +183,3 @@ def publish_version(
                 log.warning("%s was published but its folder could not be synced: %s", target, exc)
             return manifest
         raise PublishError(f"could not claim a version number in {model_dir} after {_RENAME_ATTEMPTS} tries")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from service.engines.base import LoadError
 from service.files import read_nofollow, write_atomically
-from service.repository import MANIFEST_FILE
+from service.repository import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,20 @@ class CompileCache:
     """Compiled versions kept in a folder, so a restarted server (or another worker) reads a
     version's compilation instead of compiling it again in a child process.
 
-    An entry is named by the hash of the version's manifest.json (which holds every member
-    file's sha256) and the TensorFlow version, and is used only if it carries the HMAC the
-    server wrote with it: a keyed digest of the manifest's hash and the entry's bytes, under a
-    key kept in the folder (`.key`, readable by the server's user only). So an entry that a
+    An entry is named by the hash of the version's manifest (the one the loader was given, in
+    its canonical JSON: every member file's sha256 is in it) and the TensorFlow version, and is
+    used only if it carries the HMAC the server wrote with it: a keyed digest of the manifest's
+    hash and the entry's bytes, under a key kept in the folder (`.key`, readable by the server's
+    user only). So an entry that a
     server did not write, or one moved to another version's name, is ignored and the version
     compiled again (checking costs one sha256 of the entry; compiling costs seconds). The folder
     is created private to the server's user (0700) and not used when anyone else may write it;
     files are opened without following symbolic links and written under unpredictable names,
     then renamed into place. The newest `keep` entries are kept. Processes sharing the folder
     (`--workers N`) compile a version one at a time (`get_or_compile`): the others wait for the
-    first and read its entry. Only use it after the version's files were verified against its
-    manifest (the manager does, before loading)."""
+    first and read its entry. What is put under a manifest must be compiled from files verified
+    against that manifest, as they were read (the loader compiles from a private copy made
+    while verifying), so that an entry holds what its manifest describes."""
 
     def __init__(self, folder: Path, keep: int = 16):
         self.folder, self.keep = Path(folder), keep
@@ -145,23 +147,23 @@ class CompileCache:
                 self._key = key
         return self._key
 
-    def path_of(self, version_dir: Path) -> Path:
-        return self.folder / f"{self._version_digest(version_dir)[:32]}.graph"
+    def path_of(self, manifest: Manifest) -> Path:
+        return self.folder / f"{self._version_digest(manifest)[:32]}.graph"
 
     @staticmethod
-    def _version_digest(version_dir: Path) -> str:
-        digest = hashlib.sha256((Path(version_dir) / MANIFEST_FILE).read_bytes())
+    def _version_digest(manifest: Manifest) -> str:
+        digest = hashlib.sha256(manifest.model_dump_json().encode())
         digest.update(tensorflow_version().encode())
         return digest.hexdigest()
 
-    def _mac(self, key: bytes, version_dir: Path, data: bytes) -> bytes:
-        return hmac.new(key, self._version_digest(version_dir).encode() + data, hashlib.sha256).digest()
+    def _mac(self, key: bytes, manifest: Manifest, data: bytes) -> bytes:
+        return hmac.new(key, self._version_digest(manifest).encode() + data, hashlib.sha256).digest()
 
-    def get(self, version_dir: Path) -> CompiledVersion | None:
+    def get(self, manifest: Manifest) -> CompiledVersion | None:
         key = self.key()
         if key is None:
             return None
-        path = self.path_of(version_dir)
+        path = self.path_of(manifest)
         try:
             stored = read_nofollow(path)
         except FileNotFoundError:
@@ -170,7 +172,7 @@ class CompileCache:
             log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
             return None
         mac, data = stored[:32], stored[32:]
-        if len(stored) < 32 or not hmac.compare_digest(mac, self._mac(key, version_dir, data)):
+        if len(stored) < 32 or not hmac.compare_digest(mac, self._mac(key, manifest, data)):
             log.warning("ignoring compiled graph %s: not written by a server of this cache for this "
                         "version (its digest does not match); compiling the version again", path)
             return None
@@ -180,35 +182,35 @@ class CompileCache:
             log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
             return None
 
-    def get_or_compile(self, version_dir: Path, compile: Callable[[], CompiledVersion],
+    def get_or_compile(self, manifest: Manifest, compile: Callable[[], CompiledVersion],
                        wait_seconds: float, give_up: Callable[[], bool] = lambda: False) -> CompiledVersion:
         """The cached compilation of the version, or compile()'s, cached. While another process (or
         thread) compiles the same version, wait for it, up to wait_seconds, and take its entry:
         N workers that see a new version at once compile it once, not N times side by side.
         While waiting, raise LoadError as soon as give_up() (the server is stopping)."""
-        compiled = self.get(version_dir)
+        compiled = self.get(manifest)
         if compiled is not None:
             return compiled
-        with self._compiling(version_dir, wait_seconds, give_up):
-            compiled = self.get(version_dir)  # compiled by whoever held the lock before us
+        with self._compiling(manifest, wait_seconds, give_up):
+            compiled = self.get(manifest)  # compiled by whoever held the lock before us
             if compiled is None:
                 compiled = compile()
-                self.put(version_dir, compiled)
+                self.put(manifest, compiled)
         return compiled
 
     @contextmanager
-    def _compiling(self, version_dir: Path, wait_seconds: float,
+    def _compiling(self, manifest: Manifest, wait_seconds: float,
                    give_up: Callable[[], bool] = lambda: False) -> Iterator[None]:
         """Hold the version's lock file (flock: released by the kernel if the holder dies).
         A lock that cannot be had, or not within wait_seconds, costs time, never the version:
         compile without it."""
         fd = None
         if self.key() is not None:
-            path = self.path_of(version_dir).with_suffix(".lock")
+            path = self.path_of(manifest).with_suffix(".lock")
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             except OSError as exc:
-                log.warning("compiling %s without the cache's lock: %s", version_dir, exc)
+                log.warning("compiling %s without the cache's lock: %s", _named(manifest), exc)
         try:
             if fd is not None:
                 deadline = time.monotonic() + wait_seconds
@@ -218,11 +220,11 @@ class CompileCache:
                         break
                     except BlockingIOError:
                         if give_up():
-                            raise LoadError(f"gave up waiting for {version_dir} to be compiled "
+                            raise LoadError(f"gave up waiting for {_named(manifest)} to be compiled "
                                             "elsewhere: the server is stopping") from None
                         if time.monotonic() >= deadline:
                             log.warning("%s is still being compiled elsewhere after %.0f s; compiling "
-                                        "it here too", version_dir, wait_seconds)
+                                        "it here too", _named(manifest), wait_seconds)
                             break
                         time.sleep(0.1)
             yield
@@ -230,14 +232,14 @@ class CompileCache:
             if fd is not None:
                 os.close(fd)  # releases the lock
 
-    def put(self, version_dir: Path, compiled: CompiledVersion) -> None:
+    def put(self, manifest: Manifest, compiled: CompiledVersion) -> None:
         key = self.key()
         if key is None:
             return
-        path = self.path_of(version_dir)
+        path = self.path_of(manifest)
         data = compiled.to_bytes()
         try:
-            write_atomically(path, self._mac(key, version_dir, data) + data)
+            write_atomically(path, self._mac(key, manifest, data) + data)
         except OSError as exc:  # a cache that cannot be written costs time, not service
             log.warning("compiled graph not cached in %s: %s", self.folder, exc)
             return
@@ -255,3 +257,7 @@ class CompileCache:
             old.unlink(missing_ok=True)
             old.with_suffix(".lock").unlink(missing_ok=True)
 
+
+
+def _named(manifest: Manifest) -> str:
+    return f"{manifest.name} version {manifest.version}"

@@ -9,12 +9,18 @@ version that runs on it (or is compiled in this process): a server whose version
 TensorFlow Lite never imports it.
 
 The manager calls the loader from its loading thread, after it has checked the version's files
-against the manifest.
+against the manifest. A check of a folder followed by a load of that folder by its path lets a
+writer swap files in between, so a version is never compiled from the repository: the loader
+copies it into a private folder of its own, checking every byte against the manifest as it
+copies (`verified_copy`), and compiles that copy; the cache keeps the result under that manifest.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -22,9 +28,14 @@ from service.config import Settings
 from service.engines.base import Ensemble, LoadError
 from service.engines.child import compile_in_child, stops
 from service.engines.compiled import CompileCache, CompiledVersion
-from service.repository import Manifest
+from service.held_folders import held_folder, remove_abandoned
+from service.repository import Manifest, verify_checksums
 
 log = logging.getLogger(__name__)
+
+COPY_PREFIX = "ensemble-verified-"
+# A copy whose server is gone (killed while compiling) is removed by the next compile this old.
+ABANDONED_COPY_SECONDS = 60.0
 
 
 class ThreadPlan(NamedTuple):
@@ -83,20 +94,42 @@ class EngineLoader:
         return import_frozen(manifest, path, compiled.frozen, settings.warmup_batch_sizes, pace)
 
     def compiled(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> CompiledVersion:
-        """The version's compilation: from the cache, or compiled now (and cached). Workers share
-        the cache: one compiles a new version, the others wait and read it."""
+        """The version's compilation: from the cache, or compiled now from a verified private copy
+        of `path` (and cached). Workers share the cache: one compiles a new version, the others
+        wait and read it."""
         began = stops()  # the server stopping after this (child.stop_all) abandons the load
 
         def compile_it() -> CompiledVersion:
-            if self.settings.isolated_loading:
-                return compile_in_child(path, self.settings.load_timeout_seconds, since_stops=began)
-            from service.engines import compile as compiling
-            from service.engines.tensorflow import configure_threads
+            with verified_copy(manifest, path) as copy:
+                pace()
+                if self.settings.isolated_loading:
+                    return compile_in_child(copy, self.settings.load_timeout_seconds, since_stops=began)
+                from service.engines import compile as compiling
+                from service.engines.tensorflow import configure_threads
 
-            configure_threads(self.threads.intra_op, self.threads.inter_op)
-            return compiling.compile_version(manifest, path, pace)
+                configure_threads(self.threads.intra_op, self.threads.inter_op)
+                return compiling.compile_version(manifest, copy, pace)
 
         if self.cache is None:
             return compile_it()
-        return self.cache.get_or_compile(path, compile_it, self.settings.load_timeout_seconds,
+        return self.cache.get_or_compile(manifest, compile_it, self.settings.load_timeout_seconds,
                                          give_up=lambda: stops() != began)
+
+
+@contextmanager
+def verified_copy(manifest: Manifest, path: Path) -> Iterator[Path]:
+    """A copy of the version at `path`, in a folder of this process's own under the temporary
+    folder, every file checked against `manifest` as it is copied (ChecksumError if the folder
+    no longer matches it); removed when the block ends. Copies left by a server that was killed
+    are removed here, once their lock is free."""
+    parent = Path(tempfile.gettempdir())
+    remove_abandoned(parent, COPY_PREFIX, ABANDONED_COPY_SECONDS)
+    with ExitStack() as held:
+        try:
+            work = held.enter_context(held_folder(parent, COPY_PREFIX))
+            copy = work / manifest.name / str(manifest.version)  # the layout read_manifest checks
+            verify_checksums(path, manifest, copy_into=copy)
+        except OSError as exc:  # the copy's own disk: the version's faults are ChecksumErrors
+            raise LoadError(f"cannot copy {path} into a private folder under {parent} to compile it: "
+                            f"{exc}") from None
+        yield copy
