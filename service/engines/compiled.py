@@ -92,12 +92,11 @@ class CompileCache:
     its canonical JSON: every member file's sha256 is in it) and the TensorFlow version, and is
     used only if it carries the HMAC the server wrote with it: a keyed digest of the manifest's
     hash and the entry's bytes, under a key kept in the folder (`.key`, readable by the server's
-    user only). So an entry that a
-    server did not write, or one moved to another version's name, is ignored and the version
-    compiled again (checking costs one sha256 of the entry; compiling costs seconds). The folder
-    is created private to the server's user (0700) and not used when anyone else may write it;
-    files are opened without following symbolic links and written under unpredictable names,
-    then renamed into place. The newest `keep` entries are kept. Processes sharing the folder
+    user only). So an entry that a server did not write, or one moved to another version's
+    name, is ignored and the version compiled again (checking costs one sha256 of the entry;
+    compiling costs seconds). The folder is created private to the server's user (0700) and not
+    used when anyone else may write it; files are opened without following symbolic links and
+    written under unpredictable names, then renamed into place. The newest `keep` entries are kept. Processes sharing the folder
     (`--workers N`) compile a version one at a time (`get_or_compile`): the others wait for the
     first and read its entry. What is put under a manifest must be compiled from files verified
     against that manifest, as they were read (the loader compiles from a private copy made
@@ -256,7 +255,6 @@ class CompileCache:
         for _, old in sorted(aged, reverse=True)[self.keep:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".lock").unlink(missing_ok=True)
-
 
 
 def _named(manifest: Manifest) -> str:
