@@ -61,7 +61,8 @@ def create_app(
                 from service.rpc import server as rpc
 
                 # The edge's Inference: gRPC shares HTTP's bytes in flight
-                grpc_server = await rpc.start(settings.host, settings.grpc_port, edge.inference, settings)
+                grpc_server = rpc.GrpcService(settings.host, settings.grpc_port, edge.inference, settings)
+                await grpc_server.start()
             yield
         finally:
             if grpc_server is not None:  # as HTTP: no new calls, the running ones get the grace

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         "answered, in bytes; a body that would pass it is answered 429 with Retry-After (bodies "
         "up to 64 KiB count against a separate 16 MiB, so small requests go on being answered while "
         "large ones wait)")
+    max_inflight_bytes_per_peer: int = Field(
+        64 * 1024 * 1024, ge=1024, description="of the request bodies held at once, the most one "
+        "client address may hold (HTTP and gRPC together); past it that client's requests are "
+        "answered 429 while others go on (behind a proxy that hides client addresses every client "
+        "is one peer: raise it to max_inflight_bytes)")
     max_json_values: int = Field(
         1 << 22, ge=1024, description="JSON values (numbers, lists, objects, strings) one request "
         "may hold; counted on the bytes before parsing, so a body's parse never needs more than "
@@ -139,6 +144,11 @@ class Settings(BaseSettings):
                 f"max_body_bytes ({self.max_body_bytes}) is above max_inflight_bytes "
                 f"({self.max_inflight_bytes}): a body of the largest size allowed could never be "
                 "admitted; raise max_inflight_bytes or lower max_body_bytes")
+        if self.max_body_bytes > self.max_inflight_bytes_per_peer:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) is above max_inflight_bytes_per_peer "
+                f"({self.max_inflight_bytes_per_peer}): a body of the largest size allowed could never "
+                "be admitted; raise max_inflight_bytes_per_peer or lower max_body_bytes")
         return self
 
     @field_validator("version_policy", mode="before")

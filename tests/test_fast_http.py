@@ -74,12 +74,13 @@ class Lane:
     """An application with direct routes (as service.edge.inference.Edge): POSTs under /direct
     are answered by `direct_reply`, everything else by `answer`."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, budget: int = 10_000):
         self.app = answer
-        self.fail = fail
+        self.fail, self.budget = fail, budget
         self.calls: list[tuple] = []
         self.done: list[tuple] = []
         self.released: list[tuple] = []
+        self.held: list[int] = []  # the sizes hold_body was asked to cover, in order
 
     async def __call__(self, scope, receive, send):
         await self.app(scope, receive, send)
@@ -87,8 +88,12 @@ class Lane:
     def direct_route(self, path):
         return ("/direct", path) if path.startswith("/direct") else None
 
-    def admit(self, length):
+    def admit(self, length, peer):
         return ("hold", length) if length <= 1000 else None
+
+    def hold_body(self, hold, path, size):
+        self.held.append(size)
+        return None if size <= self.budget else Reply(429, b"busy")
 
     async def direct_reply(self, route, path, headers, query_string, body):
         self.calls.append((route, path, headers, query_string, body))
@@ -240,6 +245,7 @@ def test_direct_route_is_answered_by_the_lane_in_one_write():
     assert (b"content-length", b"3") in headers
     assert lane.done == [(("/direct", "/direct/x"), 201)]
     assert lane.released == [("hold", 3)]  # what was admitted is given back
+    assert lane.held and lane.held[-1] == 3  # the body's bytes were held before it was answered
     assert len(t.writes) == 1 and not t.closed_by_server
     head, _, body = t.writes[0].partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
@@ -261,6 +267,17 @@ def test_direct_body_in_several_packets_is_answered_once_complete():
     t = exchange(request[:-7], request[-7:-3], request[-3:], app=lane)
     assert [c[4] for c in lane.calls] == [b"0123456789"]
     assert len(t.writes) == 1 and t.writes[0].endswith(b"direct:0123456789")
+
+
+def test_direct_body_is_held_as_it_arrives_and_refused_mid_body_with_the_connection_closed():
+    request = post("/direct", b"x" * 900)
+    lane = Lane(budget=500)  # the bytes in flight allow 500: the body passes them half-way
+    t = exchange(request[:-800], request[-800:-400], request[-400:], app=lane)
+    assert lane.calls == []  # never answered as if whole
+    assert lane.held[0] < 900 and lane.held[-1] > 500  # counted as the bytes came, refused past 500
+    assert len(t.writes) == 1 and t.writes[0].startswith(b"HTTP/1.1 429 ")
+    assert b"\r\nconnection: close\r\n" in t.writes[0] and t.closed_by_server  # its rest is never read
+    assert lane.released == [("hold", 900)]
 
 
 def test_pipelined_direct_and_asgi_requests_are_answered_in_order():

@@ -183,21 +183,39 @@ def test_limits_derive_from_the_model():
 
 def test_bytes_in_flight_keep_a_pool_for_small_bodies():
     pool = InflightBytes(budget=1_000_000, small_pool=SMALL_BODY * 2)
-    assert pool.reserve(900_000)
-    assert not pool.reserve(200_000)  # past the budget: refused, nothing held
-    assert pool.held == 900_000
-    assert pool.reserve(300)  # small requests go on while large ones fill the budget
-    pool.release(900_000)
-    assert pool.reserve(200_000)
+    large, refused_hold, small = Hold("a"), Hold("b"), Hold("c")
+    assert pool.grow(large, 900_000)
+    assert not pool.grow(refused_hold, 200_000)  # past the budget: refused, nothing held
+    assert pool.held == 900_000 and refused_hold.large == 0
+    assert "limit of 1000000" in pool.refusal(refused_hold, 200_000)
+    assert pool.grow(small, 300)  # small requests go on while large ones fill the budget
+    pool.release_hold(large)
+    assert pool.grow(refused_hold, 200_000)
     # a body that arrives in chunks moves from the small pool to the budget as it grows
-    chunked = Hold()
+    chunked = Hold("d")
     assert pool.grow(chunked, 1000) and pool.grow(chunked, SMALL_BODY + 1)
     assert (chunked.small, chunked.large) == (0, SMALL_BODY + 1)
     assert not pool.grow(chunked, 2_000_000) and chunked.large == SMALL_BODY + 1  # refused: unchanged
-    pool.release(300)
-    pool.release(200_000)
-    pool.release_hold(chunked)
+    for hold in (small, refused_hold, chunked):
+        pool.release_hold(hold)
     assert pool.held == 0 and pool.small == 0 and pool.large == 0
+    assert pool.held_by("a") == pool.held_by("d") == 0
+
+
+def test_one_peer_cannot_hold_more_than_its_share_of_the_bytes_in_flight():
+    pool = InflightBytes(budget=1_000_000, per_peer=300_000)
+    first, second, other = Hold("10.0.0.1"), Hold("10.0.0.1"), Hold("10.0.0.2")
+    assert pool.grow(first, 200_000)
+    assert not pool.grow(second, 200_000)  # the peer's 300 000 would be passed
+    assert "per client" in pool.refusal(second, 200_000)
+    assert pool.grow(second, 100_000)  # up to its share
+    assert pool.grow(other, 300_000)  # another peer has its own
+    assert pool.held_by("10.0.0.1") == 300_000 and pool.held_by("10.0.0.2") == 300_000
+    pool.release_hold(first)
+    assert pool.grow(second, 250_000) and pool.held_by("10.0.0.1") == 250_000
+    pool.release_hold(second)
+    pool.release_hold(other)
+    assert pool.held == 0 and pool.held_by("10.0.0.1") == 0
 
 
 def test_a_body_over_the_models_largest_request_is_413_on_both_paths(client):

@@ -115,3 +115,75 @@ def test_stalled_clients_are_closed_and_do_not_slow_a_normal_client(trained_repo
         assert "Traceback" not in server.output()
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="module", params=["true", "false"], ids=["fast", "stock"])
+def small_budget_server(request, trained_repository):
+    """A server whose bytes in flight are small enough for a few idle clients to fill them if
+    declared lengths were reserved before their bytes came."""
+    server = ServerProcess(trained_repository, env={
+        "ENSEMBLE_HTTP_FAST_PATH": request.param, "ENSEMBLE_MAX_BODY_BYTES": str(1 << 20),
+        "ENSEMBLE_MAX_INFLIGHT_BYTES": str(4 << 20), "ENSEMBLE_MAX_INFLIGHT_BYTES_PER_PEER": str(4 << 20),
+        "ENSEMBLE_BODY_TIMEOUT_SECONDS": "2", "ENSEMBLE_MIN_BODY_RATE_BYTES": "4096"}).start()
+    yield server
+    server.kill()
+
+
+def declared_and_silent(port: int, n: int, length: int) -> list[socket.socket]:
+    """n connections that declare a body of `length` bytes and send none of it."""
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % length)
+        conns.append(s)
+    return conns
+
+
+def test_declared_lengths_hold_nothing_until_their_bytes_come(small_budget_server):
+    server = small_budget_server
+    one_row = {"instances": [[[[0]] * 8] * 8]}
+    large = {"instances": [[[[0.5]] * 8] * 8] * 400}  # ~200 KiB: counted in the main budget
+    idle = declared_and_silent(server.port, 300, 64 * 1024)  # 19 MiB declared against a 16 MiB pool
+    idle += declared_and_silent(server.port, 8, 1 << 20)  # 8 MiB declared against a 4 MiB budget
+    try:
+        with httpx.Client(base_url=server.base, timeout=10) as client:
+            for _ in range(5):
+                answer = client.post("/predict", json=one_row)
+                assert answer.status_code == 200, answer.text
+                answer = client.post("/predict", json=large)
+                assert answer.status_code == 200, answer.text
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_body_trickled_slower_than_the_minimum_rate_is_closed(small_budget_server):
+    """One byte every 0.3 s never pauses past the 2 s body timeout; the minimum rate (4096 B/s
+    after the first 2 s) closes it all the same, within seconds."""
+    s = socket.create_connection(("127.0.0.1", small_budget_server.port), timeout=1)
+    s.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 65536\r\n\r\n{")
+    started = time.monotonic()
+    closed_after = None
+    try:
+        while time.monotonic() - started < 15:
+            try:
+                s.sendall(b" ")
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            try:
+                if s.recv(4096) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            time.sleep(0.3)  # the trickle itself, not a synchronisation
+    finally:
+        s.close()
+    assert closed_after is not None, "a body trickled at ~3 bytes a second was kept open for 15 s"
+    assert closed_after < 8, closed_after
+    with httpx.Client(base_url=small_budget_server.base, timeout=10) as client:
+        assert client.get("/healthz").status_code == 200

@@ -117,7 +117,8 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 def find_lane(app):
     """The application object under uvicorn's middleware that answers POSTs directly (one
-    with `direct_route`, `admit`, `direct_reply`, `direct_done` and `release`), or None."""
+    with `direct_route`, `admit`, `hold_body`, `direct_reply`, `direct_done` and `release`), or
+    None."""
     for _ in range(8):  # uvicorn wraps the app in at most a few middlewares
         if app is None or hasattr(app, "direct_route"):
             return app
@@ -145,7 +146,7 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                     route = lane.direct_route(scope["path"])
                     if route is not None:
                         length = declared_length(scope["headers"])
-                        hold = lane.admit(length) if length is not None else None
+                        hold = lane.admit(length, self.client[0] if self.client else "") if length is not None else None
                         if hold is not None:
                             self._start_direct(cycle, lane, route, hold)
                             return
@@ -166,22 +167,32 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
 
             Skipped per request, against the ASGI path: uvicorn's proxy-headers middleware and
             ASGI wrapper, the receive and send messages and their checks. Requests the lane is
-            not given (other methods and paths, no Content-Length or one the lane does not admit
-            (over the body limit, or past the bytes in flight), chunked
-            bodies, `Expect: 100-continue`, an access log) take the ASGI path, which refuses or
-            serves them as before."""
+            not given (other methods and paths, no Content-Length or one over the body limit,
+            chunked bodies, `Expect: 100-continue`, an access log) take the ASGI path, which
+            refuses or serves them as before. A body whose bytes pass the bytes in flight is
+            answered 429 here, and its connection closed (the rest of it is never read)."""
             started = time.perf_counter()
+            scope = cycle.scope
             try:
+                # The body's bytes are held in flight as they arrive: uvicorn stops reading
+                # past its high-water mark until this loop has counted them.
+                refused = None
                 while cycle.more_body and not cycle.disconnected:
                     cycle.flow.resume_reading()
                     await cycle.message_event.wait()
                     cycle.message_event.clear()
+                    refused = lane.hold_body(hold, scope["path"], len(cycle.body))
+                    if refused is not None:
+                        break
                 if cycle.disconnected:
                     return
-                scope = cycle.scope
-                reply = await lane.direct_reply(route, scope["path"], scope["headers"],
-                                                scope["query_string"], bytes(cycle.body))
-                cycle.body = bytearray()  # the cycle outlives the request: let the body go
+                if refused is not None:  # the rest of the body is not read: the connection closes
+                    reply, cycle.keep_alive = refused, False
+                else:
+                    body, cycle.body = bytes(cycle.body), bytearray()  # one copy of the body, not two
+                    reply = lane.hold_body(hold, scope["path"], len(body)) or await lane.direct_reply(
+                        route, scope["path"], scope["headers"], scope["query_string"], body)
+                    del body
                 if cycle.flow.write_paused and not cycle.disconnected:
                     await cycle.flow.drain()
                 if not cycle.disconnected:
@@ -271,8 +282,11 @@ class _Probe:
     def direct_route(self, path):
         return ("/direct", "probe", {}) if path == "/direct" else None
 
-    def admit(self, length):
+    def admit(self, length, peer):
         return object() if length <= 100 else None
+
+    def hold_body(self, hold, path, size):
+        return None
 
     async def direct_reply(self, route, path, headers, query_string, body):
         return self.Reply()

@@ -30,6 +30,7 @@ from service.edge import rest, v2
 from service.edge.limits import Hold, InflightBytes, json_value_limit, largest_body
 from service.edge.replies import Reply, encode, internal_error, refusal
 from service.engines.base import Ensemble
+from service.repository import InputSpec
 from service.errors import (
     BytesInFlight,
     DeadlineExceeded,
@@ -132,7 +133,8 @@ class Inference:
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, state: Any):
         self.settings, self.metrics, self.state = settings, metrics, state
-        self.inflight = InflightBytes(settings.max_inflight_bytes)  # request bodies of every protocol
+        # request bodies of every protocol
+        self.inflight = InflightBytes(settings.max_inflight_bytes, per_peer=settings.max_inflight_bytes_per_peer)
         self._value_limits: dict[tuple[int, ...], int] = {}
 
     def ensemble(self, name: str | None, version: str | None) -> Ensemble:
@@ -143,6 +145,14 @@ class Inference:
         if version is not None and len(version) > _MAX_LENGTH_DIGITS:
             raise ModelNotFound(f"version {version[:20]}... of {name!r} is not loaded")
         return manager.get(name, int(version) if version else None)
+
+    def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int) -> int:
+        """The largest `size_of(input spec, max rows)` of the versions loaded (live or previous),
+        and never more than max_body_bytes; `none_loaded` while none is."""
+        manager, rows = self.state.manager, self.settings.max_rows_per_request
+        loaded = [e for slot in manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
+        return min(max((size_of(e.input_spec, rows) for e in loaded), default=none_loaded),
+                   self.settings.max_body_bytes)
 
     def json_value_limit(self, ensemble: Ensemble) -> int:
         """The most JSON values a valid request to `ensemble` holds (service.edge.limits)."""
@@ -196,7 +206,8 @@ class Edge:
                           headers=[(b"allow", b"POST")])
         else:
             headers = decode_headers(scope["headers"])
-            hold = Hold()
+            client = scope.get("client")
+            hold = Hold(client[0] if client else "")
             try:
                 body = await self._read_body(headers, receive, hold)
             except ServiceError as exc:
@@ -235,16 +246,24 @@ class Edge:
         """What `direct_reply` needs to answer a POST on `path`, or None: not an inference route."""
         return match_route(path)
 
-    def admit(self, length: int) -> int | None:
-        """The bytes a body of `length` will hold (`length`), reserved, if it is within the body
-        limit and the bytes in flight allow; else None, and the ASGI path refuses it (413 or 429)."""
-        if length <= self.body_limit() and self.inflight.reserve(length):
-            return length
+    def admit(self, length: int, peer: str) -> Hold | None:
+        """A Hold for the body of `length` bytes from `peer` if `length` is within the body
+        limit, else None (the ASGI path refuses it, 413). Nothing is held until the body's bytes
+        arrive (`hold_body`)."""
+        return Hold(peer) if length <= self.body_limit() else None
+
+    def hold_body(self, hold: Hold, path: str, size: int) -> Reply | None:
+        """Let `hold` cover the `size` bytes of body arrived so far; the 429 to answer instead
+        if the bytes in flight (all, or the peer's) do not allow it."""
+        try:
+            self._take(hold, size, size)
+        except BytesInFlight as exc:
+            return self._refusal(exc, path)
         return None
 
-    def release(self, held: int) -> None:
+    def release(self, hold: Hold) -> None:
         """The request `admit` admitted is over: its bytes are free again."""
-        self.inflight.release(held)
+        self.inflight.release_hold(hold)
 
     async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
                            raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
@@ -274,12 +293,9 @@ class Edge:
     def body_limit(self) -> int:
         """The largest body a valid request to the loaded ensembles can need, and never more
         than max_body_bytes (that alone while none is loaded)."""
-        manager = self.inference.state.manager
-        if manager.generation != self._limit[0]:  # a version was swapped: work it out again
-            loaded = [e for slot in manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
-            rows = self.settings.max_rows_per_request
-            needed = max((largest_body(e.input_spec, rows) for e in loaded), default=self.settings.max_body_bytes)
-            self._limit = (manager.generation, min(needed, self.settings.max_body_bytes))
+        generation = self.inference.state.manager.generation
+        if generation != self._limit[0]:  # a version was swapped: work it out again
+            self._limit = (generation, self.inference.largest_request(largest_body, self.settings.max_body_bytes))
         return self._limit[1]
 
     def _take(self, hold: Hold, size: int, limit: int, declared: str | None = None) -> None:
@@ -290,15 +306,15 @@ class Edge:
             raise PayloadTooLarge(f"request body{said} exceeds the limit of {limit} bytes (the largest "
                                   "valid request of the models served, or max_body_bytes)")
         if not self.inflight.grow(hold, size):
-            raise BytesInFlight(f"the server holds {self.inflight.held} bytes of request bodies; "
-                                f"{size} more would pass the limit of {self.settings.max_inflight_bytes}")
+            raise BytesInFlight(self.inflight.refusal(hold, size))
 
     async def _read_body(self, headers: dict[str, str], receive, hold: Hold) -> bytes:
-        """The body, refusing before reading past the body limit or the bytes in flight."""
+        """The body, refusing before reading past the body limit (413: on the declared length
+        before a byte is read) and counting its bytes in flight as they arrive (429)."""
         limit = self.body_limit()
         declared = headers.get("content-length")
         length = content_length(declared) if declared is not None else None
-        if length is not None:
+        if length is not None and length > limit:
             self._take(hold, length, limit, declared)
         chunks, size = [], 0
         while True:
@@ -307,8 +323,7 @@ class Edge:
                 raise MalformedRequest("the client went away before sending its body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if length is None or size > length:
-                self._take(hold, size, limit)
+            self._take(hold, size, limit)
             chunks.append(chunk)
             if not message.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -8,9 +8,11 @@ Three limits, each checked before the memory it guards is spent:
   more than `max_body_bytes`. Checked on the declared Content-Length before a byte of the body
   is read, and again as a body without one arrives. Over it: 413, since no retry can help.
 - **Bytes in flight**: the bodies being received or answered at once are at most
-  `max_inflight_bytes`, reserved on the declared length before the body is read. Over it: 429
-  with Retry-After. Bodies up to `SMALL_BODY` count against a pool of their own
-  (`SMALL_POOL`), so a few clients sending large bodies cannot starve the many small requests.
+  `max_inflight_bytes`, counted as their bytes arrive (a connection that declares a length and
+  sends nothing holds nothing), and at most `max_inflight_bytes_per_peer` of them from one
+  client address. Over either: 429 with Retry-After. Bodies up to `SMALL_BODY` count against a
+  pool of their own (`SMALL_POOL`), so a few clients sending large bodies cannot starve the
+  many small requests.
 - **The values a JSON body may hold**: parsing turns every number, list and object into a
   Python object of 24-64 bytes, 10-30 times the bytes of its text. `json_values` counts an upper
   bound of them on the bytes (a few GB/s) before parsing, and a body holding more than a valid
@@ -35,6 +37,8 @@ SMALL_POOL = 16 * 1024 * 1024
 # The most text a valid request needs for one number: 24 characters for the longest float64
 # (-2.2250738585072014e-308), with room for the indentation of a pretty-printed body.
 BYTES_PER_NUMBER = 64
+# The most bytes one value takes in a protobuf message (an int64 varint; a double takes 8).
+BYTES_PER_PROTO_VALUE = 10
 # What a request holds besides its rows: field names, an id, outputs, parameters.
 ENVELOPE_BYTES = 64 * 1024
 ENVELOPE_VALUES = 1024
@@ -55,6 +59,12 @@ def largest_body(spec: InputSpec, max_rows: int) -> int:
     return max_rows * math.prod(spec.shape) * BYTES_PER_NUMBER + ENVELOPE_BYTES
 
 
+def largest_message(spec: InputSpec, max_rows: int) -> int:
+    """The most bytes a valid gRPC message of `max_rows` rows of `spec` can need: each value at
+    its longest in protobuf (an int64 as a varint: 10 bytes), and the envelope."""
+    return max_rows * math.prod(spec.shape) * BYTES_PER_PROTO_VALUE + ENVELOPE_BYTES
+
+
 def json_value_limit(spec: InputSpec, max_rows: int, cap: int) -> int:
     """The most JSON values a valid request can hold (`cap` at most)."""
     return min(cap, max_rows * values_per_row(spec.shape) + ENVELOPE_VALUES)
@@ -69,64 +79,78 @@ def json_values(body: bytes) -> int:
 
 
 class Hold:
-    """The bytes a body of unknown length (chunked) holds of an InflightBytes budget so far."""
+    """The bytes one request's body holds of an InflightBytes budget so far, and the peer it
+    came from."""
 
-    __slots__ = ("small", "large")
+    __slots__ = ("small", "large", "peer")
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "") -> None:
         self.small = self.large = 0
+        self.peer = peer
 
 
 class InflightBytes:
-    """Bytes of request bodies held at once. A body of known length is reserved whole before it
-    is read (`reserve`, `release`); one without grows its Hold chunk by chunk (`grow`,
-    `release_hold`). A body up to SMALL_BODY is held in the small pool, a larger one in the
-    main budget. Used from the event loop's thread only (both HTTP paths run there), so it
-    takes no lock."""
+    """Bytes of request bodies held at once, counted as they arrive: each request's Hold grows
+    with its body (`grow`) and is given back when the request is answered (`release_hold`). A
+    body up to SMALL_BODY is held in the small pool, a larger one in the main budget; and no
+    peer (a client address) may hold more than `per_peer` of either, so one client cannot take
+    the budget from the others. Used from the event loop's thread only (both HTTP paths and gRPC
+    run there), so it takes no lock."""
 
-    def __init__(self, budget: int, small_pool: int = SMALL_POOL):
+    def __init__(self, budget: int, small_pool: int = SMALL_POOL, per_peer: int | None = None):
         self.budget, self.small_pool = budget, small_pool
+        self.per_peer = budget + small_pool if per_peer is None else per_peer
         self.large = self.small = 0
-
-    def reserve(self, n: int) -> bool:
-        """Hold n bytes if the budget allows; False (nothing held) if it does not."""
-        if n <= SMALL_BODY:
-            if self.small + n > self.small_pool:
-                return False
-            self.small += n
-        else:
-            if self.large + n > self.budget:
-                return False
-            self.large += n
-        return True
-
-    def release(self, n: int) -> None:
-        """Give back what `reserve(n)` held."""
-        if n <= SMALL_BODY:
-            self.small -= n
-        else:
-            self.large -= n
+        self._peers: dict[str, int] = {}  # bytes held by each peer holding any
 
     def grow(self, hold: Hold, total: int) -> bool:
-        """Make `hold` cover `total` bytes if the budget allows; False (hold unchanged) if not."""
-        if total <= SMALL_BODY:
-            if self.small + total - hold.small > self.small_pool:
-                return False
-            self.small += total - hold.small
-            hold.small = total
+        """Make `hold` cover `total` bytes if the budgets allow; False (hold unchanged) if not."""
+        more = total - hold.small - hold.large
+        if more <= 0:
             return True
-        if self.large + total - hold.large > self.budget:
+        peer = self._peers.get(hold.peer, 0)
+        if peer + more > self.per_peer:
             return False
-        self.large += total - hold.large
-        self.small -= hold.small
-        hold.large, hold.small = total, 0
+        if total <= SMALL_BODY:
+            if self.small + more > self.small_pool:
+                return False
+            self.small += more
+            hold.small = total
+        else:
+            if self.large + total - hold.large > self.budget:
+                return False
+            self.large += total - hold.large
+            self.small -= hold.small
+            hold.large, hold.small = total, 0
+        self._peers[hold.peer] = peer + more
         return True
 
     def release_hold(self, hold: Hold) -> None:
-        self.small -= hold.small
-        self.large -= hold.large
-        hold.small = hold.large = 0
+        """Give back all that `hold` holds."""
+        held = hold.small + hold.large
+        if held:
+            self.small -= hold.small
+            self.large -= hold.large
+            left = self._peers[hold.peer] - held
+            if left:
+                self._peers[hold.peer] = left
+            else:
+                del self._peers[hold.peer]
+            hold.small = hold.large = 0
 
     @property
     def held(self) -> int:
         return self.large + self.small
+
+    def held_by(self, peer: str) -> int:
+        """Bytes the peer holds now."""
+        return self._peers.get(peer, 0)
+
+    def refusal(self, hold: Hold, total: int) -> str:
+        """Why `grow(hold, total)` was refused, for the 429's message."""
+        more, peer = total - hold.small - hold.large, self.held_by(hold.peer)
+        if peer + more > self.per_peer:
+            return (f"this client holds {peer} bytes of requests being received or answered; {more} more "
+                    f"would pass the limit of {self.per_peer} per client")
+        return (f"the server holds {self.held} bytes of requests being received or answered; {more} more "
+                f"would pass the limit of {self.budget}" + (" for small ones" if total <= SMALL_BODY else ""))

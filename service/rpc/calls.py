@@ -1,7 +1,8 @@
 """What every RPC of the service shares, written once for both protocols (service.rpc.v2,
 service.rpc.tfs): the gRPC status of a service error, the batcher's admission and the bytes in
-flight for inference calls, a clean INTERNAL for a bug, and the request metrics (protocol
-"grpc", the method's full name as the route, the HTTP status whose gRPC code was sent).
+flight, a clean INTERNAL for a bug, and the request metrics (protocol
+"grpc", the method's full name as the route, the HTTP status whose gRPC code was sent), and
+the bytes in flight of every call's message, counted with HTTP's by client address.
 
 A handler raises ServiceError for anything a client did or must wait for; `rpc` turns it into
 the status, so no handler calls `context.abort` itself. Services are registered with `add`,
@@ -19,6 +20,7 @@ import time
 import grpc
 
 from service.edge.inference import Inference
+from service.edge.limits import Hold
 from service.errors import BytesInFlight, MalformedRequest, ServiceError
 
 log = logging.getLogger(__name__)
@@ -33,45 +35,60 @@ CANCELLED = 499  # the status counted for a call its client cancelled (nginx's "
 
 def rpc(route: str, infers: bool = False):
     """Decorate a servicer's method (self with an `inference`): errors to statuses, counted and
-    timed as `route`. With `infers`, the call first passes the batcher's admission and holds its
-    message's bytes against the bytes in flight (429: RESOURCE_EXHAUSTED) while it is answered."""
+    timed as `route`. Every call holds its message's bytes against the bytes in flight shared
+    with HTTP (429: RESOURCE_EXHAUSTED) while it is answered; with `infers`, it first passes the
+    batcher's admission.
+
+    A refusal is sent after the handler's frames are gone: `context.abort` raises, and an
+    exception raised while the request is still referenced from a frame keeps that frame, and
+    so the message, alive in a reference cycle until the garbage collector runs."""
 
     def decorate(method):
         @functools.wraps(method)
         async def call(self, request, context):
             inference: Inference = self.inference
-            started, status, held = time.perf_counter(), 200, 0
+            started, status, hold = time.perf_counter(), 200, Hold(peer_address(context.peer()))
+            code = message = None
             try:
                 if isinstance(request, Malformed):
                     raise MalformedRequest(f"the request is not a valid {request.expected} message: {request.error}")
+                size = request.ByteSize()
+                if not inference.inflight.grow(hold, size):
+                    raise BytesInFlight(inference.inflight.refusal(hold, size))
                 if infers:
                     inference.state.batcher.check_admission()
-                    held = request.ByteSize()
-                    if not inference.inflight.reserve(held):
-                        held = 0
-                        raise BytesInFlight(
-                            f"the server holds {inference.inflight.held} bytes of requests; this one's "
-                            f"{request.ByteSize()} would pass the limit of {inference.settings.max_inflight_bytes}")
                 return await method(self, request, context)
             except ServiceError as exc:
                 status = exc.status
                 inference.count_refusal(exc)
-                await context.abort(STATUS_OF.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
+                code, message = STATUS_OF.get(exc.status, grpc.StatusCode.INTERNAL), str(exc)
             except asyncio.CancelledError:
                 status = CANCELLED
                 raise
             except Exception:  # a bug costs this call an INTERNAL, never the server
                 status = 500
                 log.exception("%s failed", route)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error (the server's log has it)")
+                code, message = grpc.StatusCode.INTERNAL, "internal error (the server's log has it)"
             finally:
-                if held:
-                    inference.inflight.release(held)
+                inference.inflight.release_hold(hold)
                 inference.metrics.observe_request(route, status, time.perf_counter() - started, "grpc")
+            request = None  # noqa: F841 - the message goes now, not with the abort's traceback
+            await context.abort(code, message)
 
         return call
 
     return decorate
+
+
+def peer_address(peer: str) -> str:
+    """The client's address in a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"),
+    without its port: the peer whose bytes in flight are counted together with its HTTP ones."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
 
 
 def deadline(context, default_ms: float) -> float | None:

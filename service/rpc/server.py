@@ -5,10 +5,11 @@ sharing its manager, batcher, limits and metrics. Started and stopped by the app
 `grpc_port` is set; it stops accepting once HTTP's requests are done, and gives its calls the same
 grace.
 
-A message is received whole by gRPC before a handler sees it: no message may be larger than
-max_body_bytes (RESOURCE_EXHAUSTED from gRPC itself), at most max_grpc_calls calls are in the
-server at once, and an inference call's message counts against the bytes in flight shared with
-HTTP (service.rpc.calls).
+A message is received whole by gRPC before a handler sees it: no message may be larger than the
+largest valid request of the versions loaded (`GrpcService`, never more than max_body_bytes;
+RESOURCE_EXHAUSTED from gRPC itself), at most max_grpc_calls calls are in the server at once,
+and every call's message counts against the bytes in flight shared with HTTP
+(service.rpc.calls).
 
 Health: the empty service name is the default ensemble's readiness (as GET /readyz), an ensemble's
 name its own, a protocol's service name the default's; anything else is NOT_FOUND.
@@ -16,6 +17,7 @@ name its own, a protocol's service name the default's; anything else is NOT_FOUN
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -25,6 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service.config import Settings
 from service.edge.inference import Inference
+from service.edge.limits import ENVELOPE_BYTES, largest_message
 from service.errors import ModelNotFound, ServiceError
 from service.rpc import tfs, tfs_messages, v2
 from service.rpc.calls import add, rpc
@@ -71,11 +74,73 @@ PROTOCOLS = (v2.SERVICE_NAME, tfs_messages.PREDICTION_SERVICE, tfs_messages.MODE
 SERVICES = (*PROTOCOLS, HEALTH, reflection.SERVICE_NAME)
 
 
-async def start(host: str, port: int, inference: Inference, settings: Settings) -> grpc.aio.Server:
-    """A started gRPC server on host:port with both protocols, health and reflection."""
+def message_limit(inference: Inference) -> int:
+    """The largest message the gRPC server receives: the largest valid request of the versions
+    loaded (service.edge.limits.largest_message), never more than max_body_bytes; with none
+    loaded, only the envelope (inference is refused then anyway)."""
+    return inference.largest_request(largest_message, ENVELOPE_BYTES)
+
+
+class GrpcService:
+    """The process's gRPC server, whose receive limit follows the versions loaded.
+
+    gRPC receives a message whole before any handler sees it, and its limit is fixed when the
+    server is built. So when the loaded versions change the limit, a new server is started on
+    the same port (SO_REUSEPORT, gRPC's default on Linux) and the old one stopped with the
+    shutdown grace: its calls finish, its clients are sent GOAWAY and reconnect to the new one."""
+
+    def __init__(self, host: str, port: int, inference: Inference, settings: Settings):
+        self.host, self.port, self.inference, self.settings = host, port, inference, settings
+        self.server: grpc.aio.Server | None = None
+        self.limit = 0
+        self._generation = -1
+        self._task: asyncio.Task | None = None
+        self._stopping: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Listen with the limit of the versions loaded now, and follow them."""
+        await self._open()
+        self._task = asyncio.create_task(self._follow(), name="grpc-message-limit")
+
+    async def _open(self) -> None:
+        self._generation = self.inference.state.manager.generation
+        limit = message_limit(self.inference)
+        old, self.server = self.server, await start(self.host, self.port, self.inference, self.settings, limit)
+        self.limit = limit
+        if old is not None:
+            log.info("gRPC: messages of up to %d bytes from now on (the versions loaded changed)", limit)
+            stopping = asyncio.create_task(old.stop(self.settings.shutdown_grace_seconds))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_seconds)
+            try:
+                if self.inference.state.manager.generation != self._generation:
+                    if message_limit(self.inference) != self.limit:
+                        await self._open()
+                    else:
+                        self._generation = self.inference.state.manager.generation
+            except Exception:  # the server listening keeps serving; the next turn tries again
+                log.exception("gRPC: opening a server with the new message limit failed")
+
+    async def stop(self, grace: float) -> None:
+        """No new calls; the running ones get `grace` seconds."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop(grace)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+
+
+async def start(host: str, port: int, inference: Inference, settings: Settings, limit: int) -> grpc.aio.Server:
+    """A started gRPC server on host:port with both protocols, health and reflection, receiving
+    messages of up to `limit` bytes."""
     server = grpc.aio.server(
         maximum_concurrent_rpcs=settings.max_grpc_calls,
-        options=[("grpc.max_receive_message_length", settings.max_body_bytes),
+        options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", -1)])
     v2.add_to(server, inference)
     tfs.add_to(server, inference)
