@@ -11,7 +11,8 @@ so every replica serving the repository follows within a poll interval plus a lo
 
 A version is checked (manifest and every file's checksum) before it is pinned. Without a
 running server the CLI cannot know which versions a server refused; `rollback` pins the newest
-committed version below the one the pins or the policy choose.
+committed version below the one the pins or the policy choose. A damaged pins file is reported
+(`status` exits 1) and never written over: the pins it held would be lost for every replica.
 """
 
 from __future__ import annotations
@@ -59,11 +60,18 @@ def committed_versions(repository: Path, name: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     store = PinStore(pins_folder(args.repository, args.state_dir))
+    store.refresh()
     if args.command == "status":
+        damaged = store.state.state != "valid"
         for name in scan_names(args.repository):
             pinned = store.get(name)
-            print(f"{name}: {'pinned to ' + str(pinned) if pinned else 'following the policy'}; "
-                  f"committed versions {committed_versions(args.repository, name) or 'none'}")
+            pins = "pins unknown (the pins file is damaged)" if damaged else (
+                f"pinned to {pinned}" if pinned else "following the policy")
+            print(f"{name}: {pins}; committed versions {committed_versions(args.repository, name) or 'none'}")
+        if damaged:
+            return refuse(f"the pins file {store.path} is damaged ({store.state.error}): every replica "
+                          "keeps the pins it read before, and one started since serves nothing; repair "
+                          "it or remove it (no pins)")
         return EXIT_OK
     if args.name not in scan_names(args.repository):
         return refuse(f"no ensemble named {args.name!r} in {args.repository}")

@@ -194,6 +194,11 @@ class ServiceMetrics:
             "ensemble_model_pinned_version", "Version pinned through the admin routes or the "
             "configured policy (0: follows the newest good version)", ["model"], registry=r,
             multiprocess_mode="livemax")
+        self.pins_file_valid = Gauge(
+            "ensemble_pins_file_valid", "1 when the shared pins file was read and accepted at the "
+            "last poll (or there is none: no pins); 0 when it is damaged and the pins read before "
+            "it stay in force, or none were (then no version is served)", registry=r,
+            multiprocess_mode="livemin")
         self.http_fast_path = Gauge(
             "ensemble_http_fast_path", "1 when HTTP is served by the fast path (service.edge.fast_http), "
             "0 when by uvicorn's stock protocol", registry=r, multiprocess_mode="livemin")

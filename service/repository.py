@@ -352,6 +352,10 @@ def _regular_files(folder: Path, where: str) -> list[str]:
     return files
 
 
+# The largest version number: a signed 64-bit integer, what JSON clients and gRPC's int64 carry.
+MAX_VERSION = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class VersionDir:
     """A numeric version folder found on disk, committed or not."""
@@ -413,14 +417,19 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def is_version_folder(entry: str) -> bool:
+    """Whether a folder name is a version number: ASCII digits (str.isdigit() accepts "²" and
+    "٣", which int() refuses or reads), no leading zero, from 1 to MAX_VERSION."""
+    return entry.isascii() and entry.isdigit() and entry == str(int(entry)) and 1 <= int(entry) <= MAX_VERSION
+
+
 def scan_model_entries(root: Path, name: str) -> tuple[list[VersionDir], list[Skipped]]:
     """The numeric version folders of one ensemble, oldest first, and the entries skipped."""
     found, skipped = _entries(root / name, root)
     versions = []
     for entry, path in found:
-        # ASCII digits only: str.isdigit() accepts "²" and "٣", which int() refuses or reads
-        if not (entry.isascii() and entry.isdigit()) or entry != str(int(entry)) or int(entry) < 1:
-            skipped.append(Skipped(_shown(entry), "not a version number (1, 2, ...; no leading zeros)"))
+        if not is_version_folder(entry):
+            skipped.append(Skipped(_shown(entry), f"not a version number (1 to {MAX_VERSION}; no leading zeros)"))
             continue
         try:
             committed = (path / MANIFEST_FILE).is_file()

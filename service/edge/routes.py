@@ -30,11 +30,11 @@ async def readyz(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    """Every ensemble and version folder with its state; `skipped`, the repository's entries that
-    are not ensembles; `http` names the HTTP path that serves (`fast`: service.edge.fast_http;
-    `stock`: uvicorn's own)."""
-    ensembles, skipped = manager_of(request).status()
-    return as_response(json_reply({"models": ensembles, "skipped": skipped, "http": request.app.state.http_path}))
+    """Every ensemble and version folder with its state as the last poll saw them (no request
+    walks the file system); `skipped`, the repository's entries that are not ensembles; `pins`,
+    whether the pins in force are the pins file's; `http` names the HTTP path that serves
+    (`fast`: service.edge.fast_http; `stock`: uvicorn's own)."""
+    return as_response(json_reply({**manager_of(request).status(), "http": request.app.state.http_path}))
 
 
 async def prometheus_metrics(request: Request) -> Response:

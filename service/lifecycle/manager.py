@@ -6,6 +6,17 @@ ensemble keeps using that object to the end, so it is answered entirely by one v
 version that fails any check is recorded with its reason and not tried again until its files
 change. Pins and rollbacks override the policy; the rules of their races with a load in
 progress are in `rollback` and `_load`.
+
+No file-system work happens on the event loop: each poll scans the repository and re-reads the
+pins in a thread (`service.lifecycle.snapshot`), then applies what it found on the loop, where
+every state change (a swap, a failure recorded) happens. The status routes answer from the last
+poll's snapshot; only the admin actions look at the repository again, through a poll or a scan
+in the same thread.
+
+A replica that never read good pins (it started while the pins file was damaged) loads no
+version and is not ready: it cannot know which versions the fleet pinned, and serving the
+newest could undo an operator's rollback. It says why (readiness, GET /models, the log) and
+loads as soon as the file is repaired or removed.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ from service.lifecycle.memory import release_garbage
 from service.lifecycle.pacing import Pacer, lower_thread_priority
 from service.lifecycle.pins import PinsNotShared, PinStore
 from service.lifecycle.slots import Failure, ModelSlot
-from service.lifecycle.status import ensemble_status
+from service.lifecycle.snapshot import Snapshot, take, version_stamp
+from service.lifecycle.status import ensemble_status, pins_status, skips_status
 from service.metrics import ServiceMetrics
 from service.repository import (
     Manifest,
@@ -33,9 +45,6 @@ from service.repository import (
     failure_of,
     read_manifest,
     scan_model,
-    scan_model_entries,
-    scan_names,
-    scan_names_entries,
     verify_checksums,
 )
 
@@ -47,18 +56,6 @@ class Loader(Protocol):
     exception that says why not (`service.engines.loader.EngineLoader` is the real one)."""
 
     def __call__(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> Ensemble: ...
-
-
-def version_stamp(version: VersionDir) -> tuple:
-    """What must change before a failed version is tried again: (path, mtime, size) of its files."""
-    entries = []
-    for path in sorted(version.path.rglob("*")):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue
-        entries.append((path.relative_to(version.path).as_posix(), st.st_mtime_ns, st.st_size))
-    return tuple(entries)
 
 
 UNCOMMITTED_REASON = (
@@ -93,6 +90,10 @@ class ModelManager:
         self._first_swap = True
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader",
                                            initializer=lower_thread_priority)
+        # The repository's file-system work (scans, stamps, the pins file): never on the loop,
+        # and never queued behind a load of tens of seconds.
+        self._scanner = ThreadPoolExecutor(1, thread_name_prefix="repository-scan")
+        self.snapshot = Snapshot()  # the last poll's look at the repository
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -149,6 +150,9 @@ class ModelManager:
         return False, "; ".join(f"{s.name}: {self._why_not(s)}" for s in self.slots.values())
 
     def _why_not(self, slot: ModelSlot) -> str:
+        if not self.pins.state.known:
+            return (f"the pins file cannot be trusted ({self.pins.state.error}) and this replica never "
+                    "read good pins: it serves no version until the file is repaired or removed")
         if slot.loading is not None:
             return f"version {slot.loading} is loading"
         if slot.failures:
@@ -169,6 +173,7 @@ class ModelManager:
         await cancel(self._task)
         self._task = None
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._scanner.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -179,36 +184,51 @@ class ModelManager:
                 log.exception("polling the repository %s failed", self.repository)
 
     async def poll_once(self) -> None:
-        """Scan the repository and bring every ensemble to the version its policy chooses."""
+        """Scan the repository (in a thread) and bring every ensemble to the version its policy
+        chooses (on the loop)."""
         async with self._lock:
-            self.pins.refresh()
-            for name in scan_names(self.repository):
+            failed = {name: frozenset(slot.failures) for name, slot in self.slots.items()}
+            self.snapshot = await self._off_loop(self._look, failed)
+            self.metrics.pins_file_valid.set(1 if self.pins.state.state == "valid" else 0)
+            for name in self.snapshot.names:
                 try:
-                    await self._refresh(self._slot(name))
+                    await self._refresh(self._slot_of(name))
                 except Exception:  # one ensemble's trouble must not keep the others from their versions
                     log.exception("checking the versions of %s failed", name)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
+
+    def _look(self, failed: dict[str, frozenset[int]]) -> Snapshot:
+        """A poll's file-system work, in the scan thread: the pins file, the repository, memory."""
+        self.pins.refresh()
         self.metrics.update_process()
+        return take(self.repository, failed)
+
+    async def _off_loop(self, work: Callable, *args):
+        """`work(*args)` in the scan thread: file-system work never blocks the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._scanner, work, *args)
 
     def policy_of(self, name: str) -> Literal["latest"] | int:
         """A pin set through the admin routes, else the configured policy."""
         return self.pins.get(name) or self.policy
 
     async def _refresh(self, slot: ModelSlot) -> None:
-        folders = {v.version: v for v in scan_model(self.repository, slot.name)}
+        scan = self.snapshot.of(slot.name)
+        folders, stamps = scan.folders, scan.stamps
         # A failed version is retried only once its files have changed.
         for number, failure in list(slot.failures.items()):
-            if number not in folders or version_stamp(folders[number]) != failure.stamp:
+            if number not in folders or stamps.get(number) != failure.stamp:
                 del slot.failures[number]
         # Under the repository contract a numbered folder appears complete, manifest included;
         # one without is a copy in progress or an abandoned one: reported once, never loaded.
         live_now = slot.live.version if slot.live is not None else 0
         for number, folder in folders.items():
             if not folder.committed and number > live_now and number not in slot.failures:
-                self._record_failure(slot, number, UNCOMMITTED_REASON, version_stamp(folder), "uncommitted")
+                self._record_failure(slot, number, UNCOMMITTED_REASON, stamps[number], "uncommitted")
         versions = {n: v for n, v in folders.items() if v.committed}
         policy = self.policy_of(slot.name)
         self.metrics.model_pinned_version.labels(slot.name).set(0 if policy == "latest" else policy)
+        if not self.pins.state.known:  # the fleet's pins are unknown here: serve nothing (module docstring)
+            return
         while True:
             chosen = choose_version(versions, policy, rejected=slot.failures)
             if chosen is None or (slot.live is not None and chosen == slot.live.version):
@@ -221,19 +241,26 @@ class ModelManager:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def _slot(self, name: str) -> ModelSlot:
-        if name not in self.slots and name in scan_names(self.repository):
+    def _slot_of(self, name: str) -> ModelSlot:
+        """The slot of a name the repository holds, made at its first sight."""
+        if name not in self.slots:
             self.slots[name] = ModelSlot(name)
             self.metrics.register_model(name)
+        return self.slots[name]
+
+    def _slot(self, name: str) -> ModelSlot:
+        """The slot of a name a client sent: 404 unless the last poll found it (the name never
+        reaches the file system)."""
         if name not in self.slots:
             known = ", ".join(sorted(self.slots)) or "none"
             raise ModelNotFound(f"no ensemble named {name[:64]!r} in the repository (known: {known})")
         return self.slots[name]
 
     async def reload(self, name: str) -> dict:
-        """Check the repository now (admin), instead of at the next poll."""
-        self._slot(name)
+        """Check the repository now (admin), instead of at the next poll: an ensemble published
+        since the last poll is found."""
         await self.poll_once()
+        self._slot(name)
         return self.status_of(name, detail=True)
 
     async def rollback(self, name: str) -> dict:
@@ -257,7 +284,7 @@ class ModelManager:
         that fails its checks is refused (409) and the live version stays."""
         async with self._lock:
             slot = self._slot(name)
-            versions = {v.version: v for v in scan_model(self.repository, name)}
+            versions = {v.version: v for v in await self._off_loop(scan_model, self.repository, name)}
             if version not in versions or not versions[version].committed:
                 raise ModelNotFound(f"{name} has no committed version {version}")
             before = self.pins.get(name)
@@ -293,9 +320,9 @@ class ModelManager:
         """Verify and load one version in a worker thread; swap it in on success, unless a pin
         to another version was set meanwhile (by a rollback; `pinning`: the caller is pinning
         this very version)."""
+        stamp = await self._off_loop(version_stamp, version)  # first: a change while it loads is a change
         slot.loading = version.version
         started = time.monotonic()
-        stamp = version_stamp(version)
         try:
             ensemble = await asyncio.get_running_loop().run_in_executor(
                 self._loader, self._verify_and_load, version)
@@ -345,18 +372,21 @@ class ModelManager:
 
     # -- reporting ----------------------------------------------------------------------------
 
-    def status(self) -> tuple[list[dict], list[dict]]:
-        """For GET /models: every ensemble and each of its version folders with its state, and
-        the repository's entries that are not ensembles (with why)."""
-        names, skipped = scan_names_entries(self.repository)
-        return [self.status_of(name) for name in names], [vars(s) for s in skipped]
+    def status(self) -> dict:
+        """For GET /models, from the last poll's snapshot: every ensemble and each of its version
+        folders with its state, the repository's entries that are not ensembles (with why: the
+        first of them, and their count), and whether the pins in force are the pins file's."""
+        snapshot = self.snapshot
+        return {"models": [self.status_of(name) for name in snapshot.names],
+                **skips_status(snapshot.skipped), "pins": pins_status(self.pins.state)}
 
     def status_of(self, name: str, detail: bool = False) -> dict:
-        """One ensemble's versions and their states, and the entries skipped in its folder;
-        with `detail` (admins), why each failed version failed."""
-        folders, skipped = scan_model_entries(self.repository, name)
-        return ensemble_status(self.slots.get(name, ModelSlot(name)), folders, self.policy_of(name),
-                               self.pins.get(name) is not None, skipped, detail)
+        """One ensemble's versions and their states, and the entries skipped in its folder, as
+        the last poll saw them; with `detail` (admins), why each failed version failed."""
+        scan = self.snapshot.of(name)
+        return ensemble_status(self.slots.get(name, ModelSlot(name)), sorted(scan.folders.values(),
+                               key=lambda v: v.version), self.policy_of(name),
+                               self.pins.get(name) is not None, scan.skipped, detail)
 
     def named_status(self, name: str, detail: bool = False) -> dict:
         """status_of a name a client sent: 404 for an unknown ensemble (the name never reaches

@@ -10,28 +10,68 @@ undo it. `ensemble-admin` writes the same file, for operators without HTTP.
 
 A pin that cannot be written where the others read it is refused (`PinsNotShared`), never
 kept by one replica alone: the fleet would serve two versions.
+
+The file is shared state, so it is read as untrusted bytes: a regular file only (never through
+a link, never blocking on a pipe), of a bounded size, parsed with every error caught, each name
+an ensemble name and each version in the repository's range. A file refused for any reason is
+damaged: the pins read before stay in force and `state` says so; a store that never read good
+pins (a replica started on a damaged file) knows none (`PinsState.known` is false), and a pin
+is not written over a damaged file (`PinsDamaged`): what it held would be lost for the fleet.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from service.files import write_atomically
+from service.files import read_nofollow, write_atomically
+from service.repository import MAX_VERSION, is_valid_name
 
 log = logging.getLogger(__name__)
 
 PINS_FILE = "pins.json"
 STATE_FOLDER = ".state"
+# One pin is a few dozen bytes: a file this large is not a pins file, and is refused unread.
+MAX_PINS_BYTES = 1 << 20
 
 
 class PinsNotShared(OSError):
     """The pins file cannot be written in the shared folder."""
+
+
+class PinsDamaged(PinsNotShared):
+    """The pins file is damaged: a pin written over it would drop the pins it held."""
+
+
+class DamagedPins(ValueError):
+    """The bytes of a pins file are not {ensemble name: version}; the text says why, without the
+    file's path (it reaches GET /models)."""
+
+
+@dataclass(frozen=True)
+class PinsState:
+    """Whether the pins in force are the file's: `valid` (the file was read and accepted, or there
+    is none: no pins), `damaged` (the file is refused; the pins read before it stay in force) or
+    `unknown` (the file is refused and no good pins were ever read here, or it was not read yet).
+    `error` says why the file is refused, `since` (Unix time) when it was first seen so."""
+
+    state: str = "unknown"
+    error: str | None = None
+    since: float | None = None
+
+    @property
+    def known(self) -> bool:
+        """Whether the pins in force are the fleet's (as read now, or the last good ones)."""
+        return self.state != "unknown"
 
 
 def pins_folder(repository: Path, state_dir: Path | None) -> Path:
@@ -41,63 +81,107 @@ def pins_folder(repository: Path, state_dir: Path | None) -> Path:
 
 class PinStore:
     """Versions pinned, by ensemble name: in memory only without a folder (tests, a lone
-    server), else in `<folder>/pins.json`, read again whenever it changed."""
+    server), else in `<folder>/pins.json`, read again (`refresh`) whenever it changed. Safe to
+    use from the poller's thread and the event loop at once."""
 
     def __init__(self, folder: Path | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.path = self.folder / PINS_FILE if self.folder is not None else None
         self._pins: dict[str, int] = {}
         self._seen: tuple | None = None  # (mtime_ns, size, inode) of the file when last read
-        self.refresh()
+        self.state = PinsState("valid") if self.path is None else PinsState()
+        self._guard = threading.RLock()
 
     def refresh(self) -> dict[str, int]:
-        """Re-read the file if it changed since it was last read; the pins now in force."""
-        if self.path is None:
+        """Re-read the file if it changed since it was last read; the pins now in force (the last
+        good ones while the file is damaged: `state` says so). File-system work: call it off
+        the event loop."""
+        with self._guard:
+            if self.path is not None:
+                self._read()
             return self._pins
+
+    def _read(self) -> None:
         try:
-            st = self.path.stat()
-        except FileNotFoundError:
+            st = os.lstat(self.path)
+        except (FileNotFoundError, NotADirectoryError):  # no file (or no folder): no pins
             self._pins, self._seen = {}, None
-            return self._pins
+            self._accept()
+            return
         except OSError as exc:
-            log.error("cannot read the pins file %s: %s; keeping the pins read before", self.path, exc)
-            return self._pins
+            self._seen = None  # read again once it can be
+            self._refuse(f"{PINS_FILE} cannot be read: {exc.strerror or exc}")
+            return
         seen = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if seen != self._seen:
-            try:
-                self._pins = parse(self.path.read_text())
-            except (OSError, ValueError) as exc:
-                log.error("ignoring unreadable pins file %s: %s", self.path, exc)
-            self._seen = seen
-        return self._pins
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            pins = parse(read_nofollow(self.path, MAX_PINS_BYTES))
+        except OSError as exc:
+            self._refuse(f"{PINS_FILE} {unreadable(exc)}")
+        except DamagedPins as exc:
+            self._refuse(str(exc))
+        else:
+            self._pins = pins
+            self._accept()
+
+    def _accept(self) -> None:
+        if self.state.state != "valid" and self.state.error is not None:
+            log.warning("the pins file %s is valid again: its pins are in force", self.path)
+        self.state = PinsState("valid")
+
+    def _refuse(self, error: str) -> None:
+        before = self.state
+        known = before.known
+        self.state = PinsState("damaged" if known else "unknown", error,
+                               before.since if before.error is not None else time.time())
+        if error == before.error:  # said once, not at every poll
+            return
+        if known:
+            log.error("the pins file %s is damaged (%s): keeping the pins read before it, %s",
+                      self.path, error, self._pins or "none")
+        else:
+            log.critical("the pins file %s is damaged (%s) and no good pins were read before it: "
+                         "the versions the fleet pinned are unknown here; repair the file or remove "
+                         "it (no pins)", self.path, error)
 
     def get(self, name: str) -> int | None:
         return self._pins.get(name)
 
     def set(self, name: str, version: int | None) -> None:
         """Pin `name` to `version`, or unpin it with None: read, changed and written back under
-        the folder's lock (replicas writing at once lose nothing), atomically and durably."""
+        the folder's lock (replicas writing at once lose nothing), atomically and durably; never
+        over a damaged file (PinsDamaged)."""
         if self.path is None:
             if version is None:
                 self._pins.pop(name, None)
             else:
                 self._pins[name] = version
             return
-        try:
-            with self._locked():
-                self._seen = None
-                pins = dict(self.refresh())
-                if version is None:
-                    pins.pop(name, None)
-                else:
-                    pins[name] = version
-                write_atomically(self.path, json.dumps(pins, sort_keys=True, indent=1).encode())
-                self._pins, self._seen = pins, None
-        except OSError as exc:
-            raise PinsNotShared(
-                f"the pin cannot be recorded in {self.path}, where every replica reads it "
-                f"({exc.strerror or exc}); make that folder writable, or set ENSEMBLE_STATE_DIR "
-                "to a folder every replica shares and may write") from None
+        with self._guard:
+            try:
+                with self._locked():
+                    self._seen = None
+                    pins = dict(self.refresh())
+                    if self.state.state != "valid":
+                        raise PinsDamaged(
+                            f"the pins file {self.path} is damaged ({self.state.error}); a pin written "
+                            "over it would drop the pins it holds for every replica: repair it (a JSON "
+                            'object such as {"digits": 3}, renamed into place) or remove it (no pins)')
+                    if version is None:
+                        pins.pop(name, None)
+                    else:
+                        pins[name] = version
+                    write_atomically(self.path, json.dumps(pins, sort_keys=True, indent=1).encode())
+                    self._pins, self._seen = pins, None
+            except PinsDamaged:
+                raise
+            except OSError as exc:
+                raise PinsNotShared(
+                    f"the pin cannot be recorded in {self.path}, where every replica reads it "
+                    f"({exc.strerror or exc}); make that folder writable, or set ENSEMBLE_STATE_DIR "
+                    "to a folder every replica shares and may write") from None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -110,15 +194,42 @@ class PinStore:
             os.close(fd)
 
 
-def parse(text: str) -> dict[str, int]:
-    """The pins of a pins file's text; ValueError if it is not {name: positive version}."""
-    raw = json.loads(text)
+def unreadable(exc: OSError) -> str:
+    """Why a pins file could not be read, in words without its path."""
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link"
+    if exc.errno == errno.EFBIG:
+        return f"is larger than {MAX_PINS_BYTES} bytes"
+    if exc.errno in (errno.EINVAL, errno.EISDIR):
+        return "is not a regular file"
+    return f"cannot be read: {exc.strerror or exc}"
+
+
+def parse(data: bytes) -> dict[str, int]:
+    """The pins of a pins file's bytes; DamagedPins unless they are a JSON object of
+    {ensemble name: version from 1 to MAX_VERSION}."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DamagedPins(f"{PINS_FILE} is not UTF-8 text") from None
+    except RecursionError:
+        raise DamagedPins(f"{PINS_FILE} is nested too deeply to be pins") from None
+    except ValueError as exc:  # json.JSONDecodeError; also an integer of too many digits
+        raise DamagedPins(f"{PINS_FILE} is not JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
-        raise ValueError("not a JSON object")
+        raise DamagedPins(f"{PINS_FILE} is not a JSON object of {{ensemble name: version}}")
     pins = {}
     for name, version in raw.items():
-        if type(version) is not int or version < 1:
-            raise ValueError(f"the pin of {name!r} is not a version number: {version!r}")
-        pins[str(name)] = version
+        if not is_valid_name(name):
+            raise DamagedPins(f"{PINS_FILE} pins {name[:64]!r}, which is not an ensemble name")
+        if type(version) is not int or not 1 <= version <= MAX_VERSION:
+            raise DamagedPins(f"the pin of {name!r} in {PINS_FILE} is not a version number from 1 to "
+                              f"{MAX_VERSION}: {short(version)}")
+        pins[name] = version
     return pins
 
+
+def short(value: object) -> str:
+    """A JSON value as text of at most 40 characters (a pin's value may be anything)."""
+    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,12 +1,20 @@
-"""What GET /models shows of an ensemble: each version folder with its state, and the policy."""
+"""What GET /models shows: each ensemble's version folders with their states and its policy, the
+entries skipped (a bounded part of them, and their count), and whether the pins are the file's."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Literal
 
+from service.lifecycle.pins import PinsState
 from service.lifecycle.slots import ModelSlot
-from service.repository import Skipped, VersionDir
+from service.lifecycle.snapshot import Skips
+from service.repository import VersionDir
+
+
+def when(at: float) -> str:
+    """A Unix time as ISO 8601 text, in UTC."""
+    return datetime.fromtimestamp(at, timezone.utc).isoformat()
 
 
 def version_entry(slot: ModelSlot, folder: VersionDir, detail: bool = False) -> dict:
@@ -25,7 +33,7 @@ def version_entry(slot: ModelSlot, folder: VersionDir, detail: bool = False) -> 
         failure = slot.failures[folder.version]
         entry["state"] = "uncommitted" if failure.category == "uncommitted" else "failed"
         entry.update(category=failure.category,
-                     failed_at=datetime.fromtimestamp(failure.at, timezone.utc).isoformat())
+                     failed_at=when(failure.at))
         if detail:
             entry["reason"] = failure.reason
     elif not folder.committed:
@@ -42,8 +50,20 @@ def version_entry(slot: ModelSlot, folder: VersionDir, detail: bool = False) -> 
     return entry
 
 
+def skips_status(skipped: Skips) -> dict:
+    """`skipped`: the first entries skipped, with why; `skipped_count`: how many there are."""
+    return {"skipped": [vars(s) for s in skipped.shown], "skipped_count": skipped.count}
+
+
+def pins_status(pins: PinsState) -> dict:
+    """Whether the pins in force are the pins file's (`valid`), the last good ones because the
+    file is damaged (`damaged`), or unknown (`unknown`: no version served), and why."""
+    return {"state": pins.state, "error": pins.error,
+            "since": when(pins.since) if pins.since is not None else None}
+
+
 def ensemble_status(slot: ModelSlot, folders: list[VersionDir], policy: Literal["latest"] | int,
-                    pinned: bool, skipped: list[Skipped] = (), detail: bool = False) -> dict:
+                    pinned: bool, skipped: Skips = Skips(), detail: bool = False) -> dict:
     """One ensemble for GET /models: live and previous versions, policy, every folder newest
     first, and the entries of its folder that are not versions (with why)."""
     return {"name": slot.name,
@@ -51,4 +71,4 @@ def ensemble_status(slot: ModelSlot, folders: list[VersionDir], policy: Literal[
             "previous": slot.previous.version if slot.previous is not None else None,
             "policy": policy, "pinned": pinned,
             "versions": [version_entry(slot, folder, detail) for folder in reversed(folders)],
-            "skipped": [vars(s) for s in skipped]}
+            **skips_status(skipped)}
