@@ -45,7 +45,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     ENSEMBLE_HOST=0.0.0.0 \
     ENSEMBLE_PORT=8000 \
     ENSEMBLE_GRPC_PORT=8001 \
-    ENSEMBLE_REPOSITORY=/models
+    ENSEMBLE_REPOSITORY=/models \
+    ENSEMBLE_MAX_BODY_BYTES=8388608 \
+    ENSEMBLE_MAX_INFLIGHT_BYTES=67108864 \
+    ENSEMBLE_MAX_INFLIGHT_BYTES_PER_PEER=67108864 \
+    ENSEMBLE_MAX_GRPC_CALLS=16 \
+    ENSEMBLE_MAX_CONNECTIONS=512
+# The memory limits above keep what clients can make one process hold (docs/operations.md,
+# "Memory under hostile clients") within the 1.5 GiB the Deployment and compose give the api.
 # A fixed numeric user, so Kubernetes' runAsNonRoot can check it and volumes can be chowned to
 # it. /models (the repository) and /state (ENSEMBLE_STATE_DIR, pins) are created owned by it: a
 # fresh named volume mounted there takes that ownership, so the user can write into it.

@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         for e in exc.errors():
             field = ".".join(str(p) for p in e["loc"])
-            print(f"ensemble-serve: error: {field} (--{field.replace('_', '-')} or "
-                  f"ENSEMBLE_{field.upper()}): {e['msg']}", file=sys.stderr)
+            if field:
+                print(f"ensemble-serve: error: {field} (--{field.replace('_', '-')} or "
+                      f"ENSEMBLE_{field.upper()}): {e['msg']}", file=sys.stderr)
+            else:  # a check of several settings together: its message names them
+                print(f"ensemble-serve: error: {e['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=settings.log_level.upper(),

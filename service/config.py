@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="longest pause between two reads of a request's body; "
         "past it the connection is closed")
+    max_connections: int = Field(
+        1024, ge=1, description="HTTP connections open at once in each worker; more are closed as "
+        "they open (each may hold a request head, trailers and a read buffer: "
+        "docs/operations.md has the bound)")
     min_body_rate_bytes: int = Field(
         4096, ge=0, description="after body_timeout_seconds, a request's body must have kept "
         "coming at this many bytes a second on average, or the connection is closed (Apache's "

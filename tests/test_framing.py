@@ -106,3 +106,33 @@ def test_a_good_chunked_request_with_trailers_within_the_limit_is_answered(serve
     got = refused(server.port, request)
     assert got.startswith(b"HTTP/1.1 200 "), got[:300]
     assert b'"predictions"' in got
+
+
+def test_connections_past_max_connections_are_closed_as_they_open(trained_repository):
+    from tests.server import ServerProcess
+
+    server = ServerProcess(trained_repository, env={"ENSEMBLE_MAX_CONNECTIONS": "20"}).start()
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(19)]
+    try:  # 19 open and silent, plus the readiness client's: the 21st is closed at once
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        try:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert extra.recv(4096) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            extra.close()
+        held.pop().close()
+        deadline = time.monotonic() + 5  # a place is free again once the server saw the close
+        while True:
+            try:
+                assert httpx.get(server.base + "/healthz", timeout=1).status_code == 200
+                break
+            except (httpx.TransportError, AssertionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert "refusing connections: 20 are open" in server.output()
+    finally:
+        for s in held:
+            s.close()
+        server.kill()

@@ -4,6 +4,8 @@ the memory is spent."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import orjson
 import pytest
@@ -421,3 +423,27 @@ def test_eviction_tolerates_entries_evicted_meanwhile(tmp_path, monkeypatch):
     cache.put(v2, g2)  # no FileNotFoundError
     monkeypatch.undo()
     assert cache.get(v2) == g2
+
+
+def test_the_images_settings_keep_the_documented_bound_within_the_containers_memory(monkeypatch):
+    """The shipped image's limits (Dockerfile ENV), for any model (every limit at its cap), with
+    400 MiB for the idle server: within the memory limit the Deployment gives the api."""
+    import re
+
+    from service.edge.limits import memory_bound
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(re.findall(r"(ENSEMBLE_[A-Z_]+)=(\S+?)\s*\\?\n", (root / "Dockerfile").read_text()))
+    assert {"ENSEMBLE_MAX_BODY_BYTES", "ENSEMBLE_MAX_GRPC_CALLS", "ENSEMBLE_MAX_CONNECTIONS"} <= set(env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    shipped = Settings()
+    assert shipped.grpc_port  # the image serves gRPC: its messages count
+    worst = memory_bound(shipped, shipped.max_body_bytes, shipped.max_body_bytes, shipped.max_json_values)
+    limit = re.search(r"limits:\s*\n(?:\s+\w+: \S+\n)*?\s+memory: (\d+)Mi",
+                      (root / "deploy/kubernetes/deployment.yaml").read_text())
+    assert limit, "no memory limit in the Deployment"
+    assert worst + 400 * 2**20 <= int(limit.group(1)) * 2**20, worst / 2**20
+    # the package's own defaults do not fit: which is why the image sets its own
+    monkeypatch.undo()
+    assert memory_bound(Settings(grpc_port=8001), 64 << 20, 64 << 20, 1 << 22) > 1536 * 2**20

@@ -115,6 +115,17 @@ def test_invalid_setting_exits_2_naming_the_variable(tmp_path):
     assert "ENSEMBLE_PORT" in result.stderr and "65535" in result.stderr
 
 
+def test_settings_that_contradict_each_other_exit_2_naming_both(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--repository", str(tmp_path)],
+        env={**os.environ, "ENSEMBLE_MAX_BODY_BYTES": "999999999"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("ensemble-serve: error: max_body_bytes (999999999) is above "
+                                    "max_inflight_bytes"), result.stderr
+    assert "(-- or ENSEMBLE_)" not in result.stderr
+
+
 @pytest.fixture()
 def two_workers(repository, tmp_path):
     """`ensemble-serve --workers 2` with gRPC too, both workers ready: (base URL, port, supervisor

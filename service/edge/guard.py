@@ -32,12 +32,14 @@ from service.config import Settings
 
 log = logging.getLogger(__name__)
 
-HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, IDLE, UNGUARDED = range(8)
+HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, IDLE, UNGUARDED, REFUSED = range(9)
 _LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.IGNORECASE)
 # A chunk-size line (RFC 9112 7.1): hexadecimal digits, then extensions. Nothing else: no sign, no
 # space or underscore inside the number (Python's int() takes all three), at most 16 digits.
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\r?\n")
+_OPEN: set = set()  # the process's open HTTP connections (the event loop's thread only)
+_WARNED = [0.0]  # when refusing connections was last logged
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -69,6 +71,7 @@ def guarded(protocol_class: type) -> type:
             self._head_timeout = settings.header_timeout_seconds
             self._body_timeout = settings.body_timeout_seconds
             self._min_rate = settings.min_body_rate_bytes
+            self._max_connections = settings.max_connections
             self._body_at, self._body_bytes, self._trailers = 0.0, 0, 0
             self._state, self._head, self._left, self._line = HEAD, bytearray(), 0, bytearray()
             self._requests, self._timer, self._transport = 0, None, None
@@ -77,15 +80,27 @@ def guarded(protocol_class: type) -> type:
 
         def connection_made(self, transport) -> None:
             self._transport, self._clock = transport, asyncio.get_running_loop()
+            if len(_OPEN) >= self._max_connections:  # each connection may hold its head and buffers
+                if self._clock.time() > _WARNED[0] + 10:  # said once in a while, not per connection
+                    _WARNED[0] = self._clock.time()
+                    log.warning("refusing connections: %d are open (max_connections)", len(_OPEN))
+                self._state = REFUSED
+                transport.abort()
+                return
+            _OPEN.add(self)
             super().connection_made(transport)
             self._expect(self._head_timeout, "its request head")  # a connection that sends nothing too
 
         def connection_lost(self, exc) -> None:
             self._disarm()
-            super().connection_lost(exc)
+            if self in _OPEN:
+                _OPEN.discard(self)
+                super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             state = self._state
+            if state == REFUSED:
+                return
             if state == IDLE or (state == HEAD and not self._head):
                 if not self._whole_request(data):
                     refused = self._follow(data)

@@ -154,3 +154,23 @@ class InflightBytes:
                     f"would pass the limit of {self.per_peer} per client")
         return (f"the server holds {self.held} bytes of requests being received or answered; {more} more "
                 f"would pass the limit of {self.budget}" + (" for small ones" if total <= SMALL_BODY else ""))
+
+
+# What one connection may hold besides its body: uvicorn stops reading past 64 KiB of unread
+# body, after one read of up to 256 KiB (asyncio's), and the guard's head and trailers.
+READ_BUFFER_BYTES = 320 * 1024
+# What gRPC needs for a message while it is received and parsed, in messages.
+GRPC_COPIES = 3
+# The queue, the batches computing and the allocator's slack.
+WORKING_BYTES = 64 * 1024 * 1024
+
+
+def memory_bound(settings, body_limit: int, message_limit: int, json_values: int) -> int:
+    """The most bytes clients can make one server process hold above its idle size
+    (docs/operations.md, "Memory under hostile clients"), for a body limit, a gRPC message limit
+    and a JSON value limit."""
+    heads = settings.max_connections * (2 * settings.max_header_bytes + READ_BUFFER_BYTES)
+    bodies = (settings.max_inflight_bytes + SMALL_POOL) * 9 // 8
+    parse = 32 * json_values + 4 * body_limit
+    grpc = settings.max_grpc_calls * GRPC_COPIES * message_limit if settings.grpc_port else 0
+    return heads + bodies + parse + grpc + WORKING_BYTES
