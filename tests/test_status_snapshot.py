@@ -22,6 +22,7 @@ from service.config import Settings
 from service.edge.fast_http import protocol
 from service.lifecycle.snapshot import SKIPPED_SHOWN
 from tests.conftest import free_port
+from tests.repo_tools import manifest_as
 from tests.server import ServerProcess
 from tests.test_api import COMPILED
 
@@ -81,6 +82,7 @@ def test_status_routes_answer_from_the_last_poll_which_scans_off_the_loop(reposi
         (broken / "manifest.json").write_text("{}")
         for i in range(SKIPPED_SHOWN + 50):
             (repository / f"Not-A-Name-{i:03d}").mkdir()
+        (repository / "digits" / str(10**22)).mkdir()  # past any version number a reply can carry
 
         del listings[:]
         for _ in range(2):  # the second poll compares the failed versions' stamps
@@ -102,12 +104,21 @@ def test_status_routes_answer_from_the_last_poll_which_scans_off_the_loop(reposi
         assert len(body["skipped"]) == SKIPPED_SHOWN and body["skipped_count"] == SKIPPED_SHOWN + 50
         assert body["skipped"][0]["entry"] == "Not-A-Name-000"  # the first by name: stable
         assert body["pins"]["state"] == "valid"
+        assert {"entry": str(10**22), "reason": f"not a version number (1 to {2**63 - 1}; no leading zeros)"} \
+            in digits["skipped"]
 
         # a new version shows at the next poll, not before
         (repository / "digits" / "43").mkdir()
         assert 43 not in {v["version"] for v in client.get("/models").json()["models"][0]["versions"]}
         client.post("/models/digits/reload", headers=AUTH)
         assert 43 in {v["version"] for v in client.get("/models").json()["models"][0]["versions"]}
+
+        # a failed version whose files change (here, its copy completed) is tried again, and goes live
+        version = repository / "digits" / "41"
+        shutil.copytree(repository / "digits" / "1" / "members", version / "members")
+        (version / "manifest.json").write_text(manifest_as(repository / "digits" / "1", 41))
+        assert client.post("/models/digits/reload", headers=AUTH).json()["live"] == 41
+        assert listings and all(thread != loop_thread for thread, _ in listings)
 
 
 @pytest.mark.slow

@@ -384,12 +384,11 @@ class ModelManager:
         """One ensemble's versions and their states, and the entries skipped in its folder, as
         the last poll saw them; with `detail` (admins), why each failed version failed."""
         scan = self.snapshot.of(name)
-        return ensemble_status(self.slots.get(name, ModelSlot(name)), sorted(scan.folders.values(),
-                               key=lambda v: v.version), self.policy_of(name),
-                               self.pins.get(name) is not None, scan.skipped, detail)
+        return ensemble_status(self.slots.get(name, ModelSlot(name)), list(scan.folders.values()),
+                               self.policy_of(name), self.pins.get(name) is not None, scan.skipped, detail)
 
     def named_status(self, name: str, detail: bool = False) -> dict:
-        """status_of a name a client sent: 404 for an unknown ensemble (the name never reaches
-        the file system otherwise); with `detail`, for the admin route, the reasons."""
+        """status_of a name a client sent: 404 for an ensemble the last poll did not find; with
+        `detail`, for the admin route, the reasons."""
         self._slot(name)
         return self.status_of(name, detail)

@@ -10,6 +10,7 @@ failed ones (retried only once their files change) and the uncommitted ones (rec
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping
@@ -25,15 +26,18 @@ SKIPPED_SHOWN = 100
 
 
 def version_stamp(version: VersionDir) -> tuple:
-    """What must change before a failed version is tried again: (path, mtime, size) of its files."""
+    """What must change before a failed version is tried again: (path, mtime, size) of its files
+    and folders. What cannot be read is left out, never raised: a poll goes on."""
     entries = []
-    for path in sorted(version.path.rglob("*")):
-        try:
-            st = path.stat()
-        except OSError:  # gone, or unreadable: not part of the stamp
-            continue
-        entries.append((path.relative_to(version.path).as_posix(), st.st_mtime_ns, st.st_size))
-    return tuple(entries)
+    for folder, folders, files in os.walk(version.path):  # links to folders are not followed
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # gone, or unreadable
+                continue
+            entries.append((os.path.relpath(path, version.path), st.st_mtime_ns, st.st_size))
+    return tuple(sorted(entries))
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,8 @@ def capped(skipped: list[Skipped]) -> Skips:
 
 @dataclass(frozen=True)
 class EnsembleScan:
-    """One ensemble's folder: its version folders by number, what was skipped, and the stamps
-    of its failed and uncommitted versions."""
+    """One ensemble's folder: its version folders by number (oldest first), what was skipped, and
+    the stamps of its failed and uncommitted versions."""
 
     folders: dict[int, VersionDir] = field(default_factory=dict)
     skipped: Skips = Skips()
