@@ -15,15 +15,21 @@ from service.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFul
 
 
 class Fake:
-    """Echoes row sums as 'probabilities'; records batch sizes; can block, fail or lie."""
+    """Echoes row sums as 'probabilities'; records batch sizes; can block, fail or lie. `entered`
+    is set once a batch has been taken (before the gate); with a `barrier`, each batch waits
+    there for the others."""
 
-    def __init__(self, delay=0.0, fail=False, short=False):
-        self.delay, self.fail, self.short = delay, fail, short
+    def __init__(self, delay=0.0, fail=False, short=False, barrier: threading.Barrier | None = None):
+        self.delay, self.fail, self.short, self.barrier = delay, fail, short, barrier
         self.batches = []
+        self.entered = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
 
     def predict(self, x):
+        self.entered.set()
+        if self.barrier is not None:
+            self.barrier.wait()
         self.gate.wait(5)
         self.batches.append(len(x))
         time.sleep(self.delay)
@@ -43,6 +49,14 @@ async def started(**kw) -> Batcher:
     b = Batcher(**kw)
     b.start()
     return b
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Wait on the event loop until condition() holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.001)
 
 
 def test_split_rows_and_take_batch():
@@ -78,9 +92,9 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows():
         b, fake = await started(max_batch_size=64), Fake()
         fake.gate.clear()  # hold the first batch so the others queue up behind it
         first = asyncio.ensure_future(b.submit(fake, np.array([[0.0]])))
-        await asyncio.sleep(0.02)
+        await until(fake.entered.is_set)  # the first batch is taken, and held
         rest = [asyncio.ensure_future(b.submit(fake, np.full((2, 1), float(i)))) for i in range(1, 11)]
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # each submit runs up to its await: all ten are queued
         fake.gate.set()
         results = await asyncio.gather(first, *rest)
         await b.stop()
@@ -96,10 +110,14 @@ def test_the_next_batch_starts_without_waiting_for_the_event_loop():
     async def go():
         b, fake = await started(), Fake(delay=0.05)
         first = asyncio.ensure_future(b.submit(fake, np.zeros((1, 1))))
-        await asyncio.sleep(0.01)  # the first batch is computing
+        await until(fake.entered.is_set)  # the first batch is computing
         second = asyncio.ensure_future(b.submit(fake, np.ones((1, 1))))
         await asyncio.sleep(0)  # the second request is queued
-        time.sleep(0.3)  # the loop is busy: the thread must go on to the second batch by itself
+        # The loop is busy (held here, never awaiting): the thread must go on to the second
+        # batch by itself.
+        deadline = time.monotonic() + 5
+        while len(fake.batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
         computed_while_busy = list(fake.batches)
         results = await asyncio.gather(first, second)
         await b.stop()
@@ -112,15 +130,14 @@ def test_the_next_batch_starts_without_waiting_for_the_event_loop():
 
 def test_with_two_threads_two_batches_compute_side_by_side():
     async def go():
-        b, fake = await started(threads=2), Fake(delay=0.2)
-        t = time.monotonic()
+        # Two batches of one row, each waiting at the barrier for the other: computed one after
+        # the other, the first would wait in vain (5 s) and fail.
+        b, fake = await started(threads=2, max_batch_size=1), Fake(barrier=threading.Barrier(2, timeout=5))
         results = await asyncio.gather(*[b.submit(fake, np.full((1, 1), float(i))) for i in range(2)])
-        elapsed = time.monotonic() - t
         await b.stop()
-        return elapsed, results
+        return results
 
-    elapsed, results = run(go())
-    assert elapsed < 0.35  # one after the other would take 0.4 s
+    results = run(go())
     assert [avg.tolist() for avg, _ in results] == [[[0.0]], [[1.0]]]
 
 
@@ -141,21 +158,20 @@ def test_full_queue_refuses_at_once():
         b, fake = await started(max_batch_size=2, max_queue_rows=4), Fake()
         fake.gate.clear()
         held = [asyncio.ensure_future(b.submit(fake, np.zeros((2, 1))))]
-        await asyncio.sleep(0.05)  # that batch is running (blocked); now fill the queue
+        await until(fake.entered.is_set)  # that batch is running (blocked); now fill the queue
         held += [asyncio.ensure_future(b.submit(fake, np.zeros((2, 1)))) for _ in range(2)]
-        await asyncio.sleep(0.01)  # 4 rows wait behind the running batch
-        t = time.monotonic()
+        await asyncio.sleep(0)  # each submit runs up to its await: 4 rows wait behind the running batch
         with pytest.raises(QueueFull, match="limit of 4"):
-            await b.submit(fake, np.zeros((1, 1)))
-        refused_in = time.monotonic() - t
+            await asyncio.wait_for(b.submit(fake, np.zeros((1, 1))), 5)
         with pytest.raises(QueueFull, match="queue is full"):
             b.check_admission()  # before any body is parsed
+        # refused at once: the running batch is still held, so nothing had left the queue
+        assert fake.batches == [] and not fake.gate.is_set()
         fake.gate.set()
         await asyncio.gather(*held)
         await b.stop()
-        return refused_in
 
-    assert run(go()) < 0.01
+    run(go())
 
 
 def test_admission_is_open_below_the_bound_and_closed_when_draining():
@@ -175,7 +191,7 @@ def test_a_failed_batch_fails_every_waiter_and_the_batcher_goes_on():
         b, bad, good = await started(), Fake(fail=True), Fake()
         bad.gate.clear()
         waiters = [asyncio.ensure_future(b.submit(bad, np.zeros((1, 1)))) for _ in range(3)]
-        await asyncio.sleep(0.02)
+        await until(bad.entered.is_set)
         bad.gate.set()
         outcomes = await asyncio.gather(*waiters, return_exceptions=True)
         after = await b.submit(good, np.ones((1, 1)))
@@ -204,9 +220,10 @@ def test_expired_requests_are_not_computed():
         b, fake = await started(), Fake()
         fake.gate.clear()
         first = asyncio.ensure_future(b.submit(fake, np.zeros((1, 1))))
-        await asyncio.sleep(0.02)
-        late = asyncio.ensure_future(b.submit(fake, np.zeros((5, 1)), deadline=time.monotonic() + 0.01))
-        await asyncio.sleep(0.05)
+        await until(fake.entered.is_set)  # the first batch is taken, and held
+        expires = time.monotonic() + 0.01
+        late = asyncio.ensure_future(b.submit(fake, np.zeros((5, 1)), deadline=expires))
+        await until(lambda: time.monotonic() > expires)  # its deadline passes while it waits
         fake.gate.set()
         await first
         with pytest.raises(DeadlineExceeded, match="not computed"):
