@@ -11,7 +11,8 @@ No file-system work happens on the event loop: each poll scans the repository an
 pins in a thread (`service.lifecycle.snapshot`), then applies what it found on the loop, where
 every state change (a swap, a failure recorded) happens. The status routes answer from the last
 poll's snapshot; only the admin actions look at the repository again, through a poll or a scan
-in the same thread.
+in the same thread. One exception: an admin action that pins writes the small pins file on the
+loop (`_record_pin`), so that a rollback's pin and swap happen with no await between them.
 
 A replica that never read good pins (it started while the pins file was damaged) loads no
 version and is not ready: it cannot know which versions the fleet pinned, and serving the

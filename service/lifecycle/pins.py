@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from service.files import read_nofollow, write_atomically
 from service.repository import MAX_VERSION, is_valid_name
@@ -64,7 +64,7 @@ class PinsState:
     `unknown` (the file is refused and no good pins were ever read here, or it was not read yet).
     `error` says why the file is refused, `since` (Unix time) when it was first seen so."""
 
-    state: str = "unknown"
+    state: Literal["valid", "damaged", "unknown"] = "unknown"
     error: str | None = None
     since: float | None = None
 
