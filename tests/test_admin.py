@@ -156,13 +156,14 @@ def test_rollback_during_a_slow_load_is_immediate_and_stays(repository):
     from service.lifecycle.manager import ModelManager
     from service.metrics import ServiceMetrics
 
-    release = threading.Event()
+    release, loading = threading.Event(), threading.Event()
 
     class Unused:  # an engine never called: the scenario is about versions going live
         kind = "fake"
 
     def loader(manifest, path, pace):
         if manifest.version == 3:  # a version that takes long to compile
+            loading.set()
             release.wait(30)
         return Ensemble(manifest, path, Unused())
 
@@ -174,7 +175,8 @@ def test_rollback_during_a_slow_load_is_immediate_and_stays(repository):
         assert manager.live("digits").version == 2
         publish_copy(repository)
         polling = asyncio.create_task(manager.poll_once())
-        await asyncio.sleep(0.3)  # version 3 is loading, the manager's lock held
+        # version 3 is loading, the manager's lock held
+        assert await asyncio.get_running_loop().run_in_executor(None, loading.wait, 30)
         started = time.monotonic()
         await asyncio.wait_for(manager.rollback("digits"), 1)
         assert manager.live("digits").version == 1

@@ -320,7 +320,10 @@ def test_sigterm_drains_the_grpc_calls_received(trained_repository):
     try:
         for t in threads:
             t.start()
-        time.sleep(2)
+        answering = time.monotonic() + 60
+        while sum(status == grpc.StatusCode.OK for _, status in outcomes) < 8:  # the clients are being served
+            assert time.monotonic() < answering, outcomes
+            time.sleep(0.01)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(timeout=60)
