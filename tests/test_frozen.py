@@ -16,6 +16,7 @@ import pytest
 
 from service.config import Settings
 from service.engines.base import LoadError
+from service.engines import child as child_module
 from service.engines.child import CompileFailed, compile_in_child, stop_all
 from service.engines.compile import compile_version
 from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
@@ -112,7 +113,10 @@ def test_stop_all_kills_a_compiling_child(trained_repository):
 
     worker = threading.Thread(target=run)
     worker.start()
-    time.sleep(1.0)
+    started = time.monotonic() + 30
+    while not child_module._running:  # until the child is started, where stop_all finds it
+        assert time.monotonic() < started, "no compile child started in 30 s"
+        time.sleep(0.01)
     stop_all()
     worker.join(10)
     assert not worker.is_alive()
