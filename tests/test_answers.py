@@ -141,6 +141,19 @@ def post_rows(client: httpx.Client, route: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(resp.json()["predictions"])
 
 
+def model_infer_request(x: np.ndarray, version: str = "", outputs: tuple[str, ...] = ()):
+    """An Open Inference Protocol ModelInfer request (tritonclient's messages) for rows x of digits,
+    sent raw, asking for `outputs` (none: the server's default)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="digits", model_version=version)
+    request.inputs.add(name="instances", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
 HTTP_ROUTES = ("/predict", "/v1/models/digits:predict", "/v2/models/digits/infer")
 
 
@@ -186,31 +199,22 @@ def test_each_versioned_http_route_answers_with_that_versions_numbers(production
 @pytest.mark.parametrize("version", [1, 2])
 def test_grpc_with_a_version_answers_with_that_versions_numbers(production, pool, version):
     """The Open Inference Protocol's model_version and TensorFlow Serving's model_spec.version."""
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from tests.test_grpc_tfs import predict_request
 
     x = pool[:9]
     served, members = production.expected[version][0][:9], production.expected[version][1][:9]
     with grpc.insecure_channel(production.grpc) as channel:
-        request = service_pb2.ModelInferRequest(model_name="digits", model_version=str(version))
-        request.inputs.add(name="instances", datatype="FP32", shape=list(x.shape))
-        request.raw_input_contents.append(x.astype("<f4").tobytes())
-        for name in ("probabilities", "members"):
-            request.outputs.add(name=name)
+        request = model_infer_request(x, str(version), outputs=("probabilities", "members"))
         reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
         assert reply.model_version == str(version)
         got = {o.name: np.frombuffer(raw, "<f4").reshape(o.shape) for o, raw in zip(reply.outputs, reply.raw_output_contents)}
         np.testing.assert_allclose(got["probabilities"], served, atol=ATOL)
         np.testing.assert_allclose(got["members"], members, atol=ATOL)
 
-        tfs = predict_pb2.PredictRequest()
-        tfs.model_spec.name = "digits"
-        tfs.model_spec.version.value = version
-        tensor = tfs.inputs["instances"]
-        tensor.dtype = 1  # DT_FLOAT
-        for d in x.shape:
-            tensor.tensor_shape.dim.add(size=d)
-        tensor.tensor_content = x.astype("<f4").tobytes()
+        tfs = predict_request(x, version=version)
         tfs.output_filter.append("predictions")
         answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(tfs, timeout=30)
         assert answer.model_spec.version.value == version

@@ -33,8 +33,11 @@ def test_grpc_calls_expire_in_the_servers_queue_on_the_servers_deadline(trained_
     """Behind 4,000 queued one-row batches, calls of both protocols that set no deadline get the
     default (1 ms) and are refused by the queue (its message, its counter); the call that set a
     deadline of a minute is served whole, though the default would have expired it."""
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from tests.test_answers import model_infer_request
+    from tests.test_grpc_tfs import predict_request
 
     server = grpc_server(trained_repository, env={"ENSEMBLE_MAX_BATCH_SIZE": "1", "ENSEMBLE_REQUEST_TIMEOUT_MS": "1"})
     try:
@@ -42,26 +45,12 @@ def test_grpc_calls_expire_in_the_servers_queue_on_the_servers_deadline(trained_
         v2 = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         tfs = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
 
-        def v2_request(x):
-            r = service_pb2.ModelInferRequest(model_name="digits")
-            r.inputs.add(name="instances", datatype="FP32", shape=list(x.shape))
-            r.raw_input_contents.append(x.astype("<f4").tobytes())
-            return r
-
-        one_row = digits_test_split.x[:1].astype("<f4")
-        tfs_request = predict_pb2.PredictRequest()
-        tfs_request.model_spec.name = "digits"
-        tensor = tfs_request.inputs["instances"]
-        tensor.dtype = 1  # DT_FLOAT
-        for d in one_row.shape:
-            tensor.tensor_shape.dim.add(size=d)
-        tensor.tensor_content = one_row.tobytes()
-
+        one_row = digits_test_split.x[:1].astype("float32")
         big = np.resize(digits_test_split.x, (4000, 8, 8, 1))
 
         def long_call(outcome: list) -> None:
             try:
-                outcome.append(v2(v2_request(big), timeout=60))
+                outcome.append(v2(model_infer_request(big), timeout=60))
             except grpc.RpcError as exc:
                 outcome.append(exc)
 
@@ -74,7 +63,7 @@ def test_grpc_calls_expire_in_the_servers_queue_on_the_servers_deadline(trained_
                 while caller.is_alive() and sample(server, "ensemble_queue_depth_rows") < 1000:
                     pass  # each look is a request to /metrics
                 if caller.is_alive():  # 1,000 rows or more wait: both calls queue behind them
-                    calls = {"v2": v2.future(v2_request(one_row)), "tfs": tfs.future(tfs_request)}
+                    calls = {"v2": v2.future(model_infer_request(one_row)), "tfs": tfs.future(predict_request(one_row))}
                     for protocol, call in calls.items():
                         try:  # sent without a deadline (the server's default applies), waited for 30 s
                             call.result(timeout=30)
