@@ -162,7 +162,7 @@ def test_concurrent_requests_of_different_rows_through_the_fast_lane(production,
     one so that they queue and merge: each answered with its own rows' numbers. Rounds repeat
     (at most 10) until the server reports a batch that merged requests."""
     live = production.expected[2][0]
-    big = np.arange(1500) % ROWS  # about 20 ms of computing: the small ones queue behind it
+    big = np.arange(1500) % ROWS  # the small ones queue behind it while it computes
     batches, computed = (metric(production, n) for n in ("ensemble_batch_size_rows_count",
                                                          "ensemble_queue_wait_seconds_count"))
     with httpx.Client(base_url=production.base, timeout=30,
@@ -183,6 +183,8 @@ def test_concurrent_requests_of_different_rows_through_the_fast_lane(production,
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_each_versioned_http_route_answers_with_that_versions_numbers(production, pool, version):
+    """TensorFlow Serving REST and the Open Inference Protocol over HTTP, with a version in the
+    path: that version's numbers; without one: the live version's."""
     x = pool[:9]
     want = production.expected[version][0][:9]
     with httpx.Client(base_url=production.base, timeout=30) as client:
@@ -210,7 +212,8 @@ def test_grpc_with_a_version_answers_with_that_versions_numbers(production, pool
         request = model_infer_request(x, str(version), outputs=("probabilities", "members"))
         reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
         assert reply.model_version == str(version)
-        got = {o.name: np.frombuffer(raw, "<f4").reshape(o.shape) for o, raw in zip(reply.outputs, reply.raw_output_contents)}
+        got = {o.name: np.frombuffer(raw, "<f4").reshape(o.shape)
+               for o, raw in zip(reply.outputs, reply.raw_output_contents)}
         np.testing.assert_allclose(got["probabilities"], served, atol=ATOL)
         np.testing.assert_allclose(got["members"], members, atol=ATOL)
 

@@ -40,8 +40,8 @@ def test_grpc_calls_expire_in_the_servers_queue_on_the_servers_deadline(trained_
     from tests.test_grpc_tfs import predict_request
 
     server = grpc_server(trained_repository, env={"ENSEMBLE_MAX_BATCH_SIZE": "1", "ENSEMBLE_REQUEST_TIMEOUT_MS": "1"})
+    channel = grpc.insecure_channel(server.grpc)
     try:
-        channel = grpc.insecure_channel(server.grpc)
         v2 = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         tfs = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
 
@@ -82,8 +82,8 @@ def test_grpc_calls_expire_in_the_servers_queue_on_the_servers_deadline(trained_
         assert sample(server, "ensemble_rejected_requests_total", 'reason="deadline"') >= 2
         for route in ("/inference.GRPCInferenceService/ModelInfer", "/tensorflow.serving.PredictionService/Predict"):
             assert sample(server, "ensemble_requests_total", f'protocol="grpc",route="{route}",status="504"') >= 1
-        channel.close()
     finally:
+        channel.close()
         server.kill()
 
 
