@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                   access_log=settings.access_log, http=protocol(settings),
-                  timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+                  timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+                  # on every response, both HTTP paths: a browser never guesses another type
+                  headers=[("x-content-type-options", "nosniff")])
     if settings.workers == 1:
         from service.app import create_app
 

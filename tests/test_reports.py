@@ -3,6 +3,8 @@ assets; and (slow) both pages in a real headless Chromium against a real server.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
@@ -70,6 +72,10 @@ def test_ui_is_one_page_without_external_assets(client):
     page = resp.text
     assert "<script>" in page and "/models" in page and "/report" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from another host
+    policy = resp.headers["content-security-policy"]
+    assert policy.startswith("default-src 'none'; script-src 'sha256-") and "'unsafe-inline'" not in policy
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1).encode()
+    assert base64.b64encode(hashlib.sha256(script).digest()).decode() in policy  # its own script only
 
 
 def test_docs_load_swagger_ui_from_the_server_itself(client):

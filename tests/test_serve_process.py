@@ -43,7 +43,12 @@ def test_served_over_http_with_env_settings(server, digits_test_split):
     assert len(body["labels"]) == 5
     accuracy = sum(int(l) == y for l, y in zip(body["labels"], digits_test_split.y[:5])) / 5
     assert accuracy >= 0.4  # a 3-epoch tiny ensemble; the full run is measured in the README
-    assert "ensemble_requests_total" in httpx.get(f"{base}/metrics").text
+    metrics = httpx.get(f"{base}/metrics")
+    assert "ensemble_requests_total" in metrics.text
+    refused = httpx.post(f"{base}/predict", content=b"not json")  # the direct lane's error reply
+    assert refused.status_code == 400
+    for answer in (resp, metrics, refused, httpx.get(f"{base}/models"), httpx.get(f"{base}/ui")):
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
 
 
 def test_direct_lane_and_asgi_path_answer_alike_on_one_connection(either_path):
