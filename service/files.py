@@ -46,6 +46,9 @@ def read_nofollow(path: Path, limit: int | None = None) -> bytes:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if limit is not None and info.st_size > limit:
+        if limit is None:
+            return f.read()
+        data = f.read(limit + 1) if info.st_size <= limit else b""  # a file growing meanwhile too
+        if info.st_size > limit or len(data) > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-        return f.read()
+        return data

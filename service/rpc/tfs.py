@@ -252,7 +252,7 @@ class ModelService:
     async def GetModelStatus(self, request, context):
         spec = request.model_spec
         name, version = required_name(spec), model_version(spec)
-        # On the loop, as GET /models and the admin status route: it may add the name's slot.
+        # From the last poll's snapshot, as GET /models and the admin status route: no disk here.
         entries = self.inference.state.manager.named_status(name)["versions"]
         if version is not None:
             entries = [e for e in entries if str(e["version"]) == version]
