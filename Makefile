@@ -63,3 +63,11 @@ clean:
 .PHONY: test-container
 test-container: $(STAMP)
 	ENSEMBLE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -m slow tests/test_container.py
+
+## Mutation testing (not in CI): mutmut over batching, the codecs, repository, lifecycle, engines,
+## in a copy of HEAD under .mutation/, one mutant at a time (docs/development.md#mutation-testing).
+## GROUPS="batching codecs" runs some groups only.
+.PHONY: mutation
+mutation: $(STAMP)
+	$(BIN)/python -c 'import mutmut' 2>/dev/null || $(BIN)/python -m pip install --quiet 'mutmut>=3.8.1'
+	$(BIN)/python mutation/run.py $(GROUPS)

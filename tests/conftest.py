@@ -30,6 +30,12 @@ def trained_repository(tmp_path_factory) -> Path:
     from training.tune import SearchBudget
 
     root = tmp_path_factory.mktemp("repo")
+    # The mutation run (mutation/run.py) starts a pytest session per mutant: it names a folder
+    # where the first session's ensemble is kept, and later sessions copy it instead of training.
+    kept = os.environ.get("ENSEMBLE_TEST_TRAINED_REPOSITORY")
+    if kept and (Path(kept) / "digits" / "1" / "manifest.json").is_file():
+        shutil.copytree(kept, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".work", ".state"))
+        return root
     config = TrainConfig(
         data="digits", name="digits", repository=root, work_dir=tmp_path_factory.mktemp("work"),
         budget=SearchBudget(max_epochs=2, factor=2), members=TINY_MEMBERS,
@@ -37,6 +43,8 @@ def trained_repository(tmp_path_factory) -> Path:
         weighting="uniform",  # all five members kept, whatever the bootstrap says of minutes-old members
     )
     train_ensemble(config, report=lambda line: None)
+    if kept:
+        shutil.copytree(root, kept, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".work", ".state"))
     return root
 
 
