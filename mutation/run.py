@@ -32,8 +32,10 @@ GROUPS: dict[str, list[str]] = {
                "service/rpc/v2.py", "service/rpc/tfs.py"],
     "repository": ["service/repository.py"],
     "lifecycle": ["service/lifecycle/*.py"],
-    "engines": ["service/engines/*.py"],
 }
+# Not yet: service/engines/*.py. mutmut wraps every method in a trampoline, and Keras reads a
+# layer's __init__ signature (keras_members.Temperature), so the engines need their Keras classes
+# kept out of mutation before they can run (docs/development.md#mutation-testing).
 
 # The fast in-process tests that exercise those modules. mutmut runs, per mutant, only those of
 # them that called the mutated function.
