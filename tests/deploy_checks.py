@@ -20,6 +20,12 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ensemble-serving.json"
 KUBERNETES_DIR = DEPLOY / "kubernetes"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
+def image_limits() -> dict[str, str]:
+    """The ENSEMBLE_MAX_* variables the image sets (Dockerfile ENV): its memory limits."""
+    env = re.findall(r"(ENSEMBLE_[A-Z_]+)=(\S+?)\s*\\?\n", (ROOT / "Dockerfile").read_text())
+    return {name: value for name, value in env if name.startswith("ENSEMBLE_MAX_")}
+
+
 # What Grafana puts in place of its built-in variables, for running a panel's query by hand.
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 

@@ -431,14 +431,15 @@ def test_the_images_settings_keep_the_documented_bound_within_the_containers_mem
     import re
 
     from service.edge.limits import memory_bound
+    from tests.deploy_checks import image_limits
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(re.findall(r"(ENSEMBLE_[A-Z_]+)=(\S+?)\s*\\?\n", (root / "Dockerfile").read_text()))
+    env = image_limits()
     assert {"ENSEMBLE_MAX_BODY_BYTES", "ENSEMBLE_MAX_GRPC_CALLS", "ENSEMBLE_MAX_CONNECTIONS"} <= set(env)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    shipped = Settings()
-    assert shipped.grpc_port  # the image serves gRPC: its messages count
+    assert "ENSEMBLE_GRPC_PORT=8001" in (root / "Dockerfile").read_text()  # the image serves gRPC
+    shipped = Settings(grpc_port=8001)
     worst = memory_bound(shipped, shipped.max_body_bytes, shipped.max_body_bytes, shipped.max_json_values)
     limit = re.search(r"limits:\s*\n(?:\s+\w+: \S+\n)*?\s+memory: (\d+)Mi",
                       (root / "deploy/kubernetes/deployment.yaml").read_text())
