@@ -25,31 +25,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What each group mutates (globs mutmut matches against paths under service/).
-GROUPS: dict[str, list[str]] = {
-    "batching": ["service/batching.py"],
-    "codecs": ["service/edge/arrays.py", "service/edge/rest.py", "service/edge/v2.py",
-               "service/rpc/v2.py", "service/rpc/tfs.py"],
-    "repository": ["service/repository.py"],
-    "lifecycle": ["service/lifecycle/*.py"],
+# Per group: what it mutates (paths under service/) and the fast in-process tests that exercise
+# it. mutmut runs, per mutant, only those of the group's tests that called the mutated function.
+# Each group has its own copy and its own record of which test calls what.
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "batching": (["service/batching.py"],
+                 ["tests/test_batching.py", "tests/test_answers.py", "tests/test_mutants.py"]),
+    "codecs": (["service/edge/arrays.py", "service/edge/rest.py", "service/edge/v2.py"],
+               ["tests/test_codec.py", "tests/test_hostile.py", "tests/test_protocols.py",
+                "tests/test_uncertainty_api.py", "tests/test_mutants.py"]),
+    "repository": (["service/repository.py"],
+                   ["tests/test_repository.py", "tests/test_publish.py", "tests/test_tamper.py",
+                    "tests/test_mutants.py"]),
+    "lifecycle": (["service/lifecycle/*.py"],
+                  ["tests/test_admin.py", "tests/test_pacing.py", "tests/test_damaged_pins.py",
+                   "tests/test_status_snapshot.py", "tests/test_api.py", "tests/test_mutants.py"]),
 }
 # Not yet: service/engines/*.py. mutmut wraps every method in a trampoline, and Keras reads a
 # layer's __init__ signature (keras_members.Temperature), so the engines need their Keras classes
-# kept out of mutation before they can run (docs/development.md#mutation-testing).
+# kept out of mutation before they can run; the gRPC codecs (service/rpc/v2.py, tfs.py) are only
+# exercised by tests that start a server process, which mutmut does not trace to a function
+# (docs/development.md#mutation-testing).
 
-# The fast in-process tests that exercise those modules. mutmut runs, per mutant, only those of
-# them that called the mutated function.
-TESTS = [
-    "tests/test_batching.py", "tests/test_answers.py", "tests/test_codec.py", "tests/test_hostile.py",
-    "tests/test_protocols.py", "tests/test_api.py", "tests/test_uncertainty_api.py",
-    "tests/test_repository.py", "tests/test_publish.py", "tests/test_tamper.py", "tests/test_admin.py",
-    "tests/test_pacing.py", "tests/test_damaged_pins.py", "tests/test_status_snapshot.py",
-    "tests/test_mutants.py",
-]
-# The engines' own tests (test_frozen, test_lite, test_ensemble) compile in child processes and
-# take minutes: the engines group is not part of the run yet (docs/development.md).
-# Tests in those files that start a server process (or a compile child) and need the real server
-# to see the mutant: mutmut cannot trace them to a function, so they only cost time here.
+# Tests in those files that start a server process: mutmut cannot trace what runs in the server
+# to a function, so they would only cost time here.
 DESELECT = [
     "tests/test_answers.py::test_concurrent_requests_of_different_rows_through_the_fast_lane",
     "tests/test_answers.py::test_each_versioned_http_route_answers_with_that_versions_numbers",
@@ -57,22 +56,27 @@ DESELECT = [
     "tests/test_damaged_pins.py::test_a_damaged_pins_file_on_a_real_server_at_start_then_while_it_serves",
 ]
 
+# What the tests read beside the code (the deployment files they check, the trainer).
+ALSO_COPY = ["training/", "deploy/", "docs/", "benchmarks/", "models/", "Dockerfile", "docker-compose.yml",
+             "Makefile", "README.md"]
+
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
           36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
           -11: "segfault", -9: "segfault", None: "not checked"}
 
 
-def setup_cfg() -> str:
-    """mutmut's configuration for the copy (written there, not in the project's pyproject.toml)."""
+def setup_cfg(group: str) -> str:
+    """mutmut's configuration for a group's copy (written there, not in the project's pyproject.toml)."""
     def lines(values: list[str]) -> str:
         return "\n" + "\n".join(f"    {v}" for v in values)
 
-    only = [p for group in GROUPS.values() for p in group]
-    selection = [t for t in TESTS if (ROOT / t).exists()] + [f"--deselect={d}" for d in DESELECT]
+    only, tests = GROUPS[group]
+    selection = [t for t in tests if (ROOT / t).exists()] + [f"--deselect={d}" for d in DESELECT
+                                                             if d.split("::")[0] in tests]
     return ("[mutmut]\n"
             "source_paths = service\n"
             f"only_mutate ={lines(only)}\n"
-            f"also_copy ={lines(['training/'])}\n"
+            f"also_copy ={lines(ALSO_COPY)}\n"
             f"pytest_add_cli_args_test_selection ={lines(selection)}\n"
             f"pytest_add_cli_args ={lines(['-m', 'not slow', '-p', 'no:cacheprovider', '-q'])}\n"
             # TensorFlow and gRPC are not fork-safe once used: fork each mutant from a clean server.
@@ -80,19 +84,19 @@ def setup_cfg() -> str:
             "use_git_change_detection = false\n")
 
 
-def prepare(work: Path, fresh: bool) -> Path:
-    """The copy of HEAD that mutmut works in, with its configuration."""
-    tree = work / "tree"
-    if fresh and work.exists():
-        shutil.rmtree(work)
+def prepare(work: Path, group: str, fresh: bool) -> Path:
+    """The copy of HEAD that mutmut works in for a group, with its configuration."""
+    tree = work / group
+    if fresh and tree.exists():
+        shutil.rmtree(tree)
     if not tree.exists():
         tree.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
                               capture_output=True, text=True).stdout.strip()
-        (work / "commit").write_text(head + "\n")
-    (tree / "setup.cfg").write_text(setup_cfg())
+        (tree / ".commit").write_text(head + "\n")
+    (tree / "setup.cfg").write_text(setup_cfg(group))
     return tree
 
 
@@ -135,30 +139,33 @@ def main() -> int:
         parser.error(f"unknown group(s) {unknown}: choose from {', '.join(GROUPS)}")
 
     work = args.work.resolve()
-    tree = prepare(work, args.fresh)
     mutmut = str(Path(sys.executable).parent / "mutmut")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
            # the session's tiny ensemble is trained once and copied by later sessions (tests/conftest.py)
            "ENSEMBLE_TEST_TRAINED_REPOSITORY": str(work / "trained")}
-    if not args.show_survivors:
-        for group in args.groups or list(GROUPS):
-            names = [p.removesuffix(".py").replace("/", ".").replace("*", "") + "*" for p in GROUPS[group]]
+    rows, by_group = [], {}
+    for group in args.groups or list(GROUPS):
+        tree = prepare(work, group, args.fresh)
+        if not args.show_survivors:
             started = time.monotonic()
-            print(f"== {group}: mutmut run --max-children 1 {' '.join(names)}", flush=True)
-            subprocess.run([mutmut, "run", "--max-children", "1", *names], cwd=tree, env=env)
+            # No mutant names: mutmut resumes where an interrupted run stopped.
+            print(f"== {group}: mutmut run --max-children 1 (in {tree})", flush=True)
+            subprocess.run([mutmut, "run", "--max-children", "1"], cwd=tree, env=env)
             print(f"== {group}: {time.monotonic() - started:.0f} s", flush=True)
-    by_file = results(tree)
-    rows = table(by_file)
-    (work / "results.json").write_text(json.dumps({"rows": rows, "mutants": by_file}, indent=1))
-    print(f"{'file':34} {'mutants':>7} {'killed':>6} {'survived':>8} {'timeout':>7} {'no tests':>8} {'rate':>6}")
+        by_file = results(tree)
+        by_group[group] = by_file
+        rows += [dict(r, group=group) for r in table(by_file)]
+        if args.show_survivors:
+            for statuses in by_file.values():
+                for name, status in statuses.items():
+                    if status == "survived":
+                        subprocess.run([mutmut, "show", name], cwd=tree, env=env)
+    (work / "results.json").write_text(json.dumps({"rows": rows, "mutants": by_group}, indent=1))
+    print(f"{'file':34} {'mutants':>7} {'killed':>6} {'survived':>8} {'timeout':>7} {'no tests':>8} "
+          f"{'unrun':>5} {'rate':>6}")
     for r in rows:
         print(f"{r['file']:34} {r['mutants']:7} {r['killed']:6} {r['survived']:8} {r['timeout']:7} "
-              f"{r['no tests']:8} {r['kill rate']!s:>6}")
-    if args.show_survivors:
-        for statuses in by_file.values():
-            for name, status in statuses.items():
-                if status == "survived":
-                    subprocess.run([mutmut, "show", name], cwd=tree, env=env)
+              f"{r['no tests']:8} {r['not checked']:5} {r['kill rate']!s:>6}")
     return 0
 
 
