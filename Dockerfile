@@ -49,8 +49,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     ENSEMBLE_MAX_BODY_BYTES=8388608 \
     ENSEMBLE_MAX_INFLIGHT_BYTES=67108864 \
     ENSEMBLE_MAX_INFLIGHT_BYTES_PER_PEER=67108864 \
-    ENSEMBLE_MAX_GRPC_CALLS=16 \
-    ENSEMBLE_MAX_CONNECTIONS=512
+    ENSEMBLE_MAX_GRPC_CALLS=12 \
+    ENSEMBLE_MAX_CONNECTIONS=256
 # The memory limits above keep what clients can make one process hold (docs/operations.md,
 # "Memory under hostile clients") within the 1.5 GiB the Deployment and compose give the api.
 # A fixed numeric user, so Kubernetes' runAsNonRoot can check it and volumes can be chowned to

@@ -204,3 +204,25 @@ def test_a_damaged_pins_file_on_a_real_server_at_start_then_while_it_serves(repo
         httpx.get(f"{server.base}/healthz").raise_for_status()
     finally:
         server.kill()
+
+
+def test_a_pin_waits_a_bounded_time_for_a_lock_another_writer_holds(tmp_path):
+    """A writer that keeps the folder's lock (a stopped ensemble-admin, a hung share) costs a pin
+    at most LOCK_WAIT_SECONDS, then a refusal: the caller may be the event loop."""
+    import fcntl
+
+    from service.lifecycle.pins import LOCK_WAIT_SECONDS, PinsNotShared
+
+    store = PinStore(tmp_path)
+    store.set("digits", 1)
+    fd = os.open(tmp_path / ".pins.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held by another open file description: as another process
+    try:
+        started = time.monotonic()
+        with pytest.raises(PinsNotShared, match="another writer holds the pins lock"):
+            store.set("digits", 2)
+        assert time.monotonic() - started < LOCK_WAIT_SECONDS + 0.5
+    finally:
+        os.close(fd)
+    store.set("digits", 2)  # free again: recorded
+    assert PinStore(tmp_path).refresh() == {"digits": 2}

@@ -42,6 +42,23 @@ def test_bodies_and_pipelined_requests_pass_the_guard_unchanged(path):
     assert not t.closed_by_server
 
 
+@pytest.mark.parametrize("path", ["fast", "stock"])
+def test_blank_lines_count_against_the_head_and_cost_linear_time(path):
+    """A packet of 1 MiB of blank lines: refused 431 once they pass the head limit, in one pass
+    over the bytes (the head search went back over the rest of the packet at each blank line:
+    quadratic, seconds of the event loop per MiB)."""
+    from service.edge import fast_http
+
+    cls = fast_http.GuardedOneWriteProtocol if path == "fast" else fast_http.GuardedStockProtocol
+    started = time.perf_counter()
+    t = exchange(b"\r\n\r\n" * (1 << 18), cls=cls)
+    assert time.perf_counter() - started < 1.0
+    assert t.writes and t.writes[0].startswith(b"HTTP/1.1 431 ") and t.closed_by_server
+    # a few blank lines before a request are allowed, as HTTP/1.1 says
+    t = exchange(b"\r\n\r\n" + post("/other", b"abc"), cls=cls)
+    assert b"".join(t.writes).endswith(b"abc") and not t.closed_by_server
+
+
 def stalled_connections(port: int, n: int, body: bool) -> list[socket.socket]:
     """n connections that start a request and stop: mid-head, or mid-body."""
     conns = []

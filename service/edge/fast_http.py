@@ -170,7 +170,7 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
             not given (other methods and paths, no Content-Length or one over the body limit,
             chunked bodies, `Expect: 100-continue`, an access log) take the ASGI path, which
             refuses or serves them as before. A body whose bytes pass the bytes in flight is
-            answered 429 here, and its connection closed (the rest of it is never read)."""
+            answered 429 as they do, and the rest of it discarded as it arrives."""
             started = time.perf_counter()
             scope = cycle.scope
             try:
@@ -186,8 +186,8 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                         break
                 if cycle.disconnected:
                     return
-                if refused is not None:  # the rest of the body is not read: the connection closes
-                    reply, cycle.keep_alive = refused, False
+                if refused is not None:  # uvicorn discards the rest of the body, as on the ASGI path
+                    reply, cycle.body = refused, bytearray()
                 else:
                     body, cycle.body = bytes(cycle.body), bytearray()  # one copy of the body, not two
                     reply = lane.hold_body(hold, scope["path"], len(body)) or await lane.direct_reply(

@@ -13,9 +13,10 @@ serves (the fast path's or uvicorn's own), through asyncio's public Protocol int
 (the head up to its blank line, then a body of Content-Length bytes or of chunks) to know where
 each request starts, and hands every byte on unchanged; the protocol's own parser still decides
 what the bytes mean. The framing it follows is the grammar and nothing more (a chunk size is 1
-to 16 hexadecimal digits: no sign, space or underscore); bytes outside it are a 400 and the
-connection closed, so the guard and the parser never disagree on where a request ends, and
-every turn of the loop over client bytes consumes one or changes state.
+to 16 hexadecimal digits: no sign, space or underscore); bytes outside it close the connection
+(with a 400 where no other response can be on its way, below), so the guard and the parser
+never disagree on where a request ends, and every turn of the loop over client bytes consumes
+one or changes state. Blank lines before a request count against its head.
 
 400, 408 and 431 are written only where no other response can be on its way: on a connection's first
 request. On a later one (a response to a pipelined request may still be coming) the connection
@@ -72,7 +73,7 @@ def guarded(protocol_class: type) -> type:
             self._body_timeout = settings.body_timeout_seconds
             self._min_rate = settings.min_body_rate_bytes
             self._max_connections = settings.max_connections
-            self._body_at, self._body_bytes, self._trailers = 0.0, 0, 0
+            self._body_at, self._body_bytes, self._trailers, self._blank = 0.0, 0, 0, 0
             self._state, self._head, self._left, self._line = HEAD, bytearray(), 0, bytearray()
             self._requests, self._timer, self._transport = 0, None, None
             self._deadline: float | None = None  # when the part of a request now awaited is late
@@ -151,15 +152,23 @@ def guarded(protocol_class: type) -> type:
             while i < n:
                 state, at = self._state, i
                 if state == IDLE:  # the first byte of the next request starts its clock
-                    self._state, self._head = HEAD, bytearray()
+                    self._state, self._head, self._blank = HEAD, bytearray(), 0
                     self._expect(self._head_timeout, "its request head")
                     continue
                 if state == HEAD:
-                    end = (bytes(self._head[-3:]) + data[i:]).find(b"\r\n\r\n")
-                    take = n - i if end < 0 else end + 4 - min(3, len(self._head))
+                    # The blank line ending the head: across the seam with what came before,
+                    # else in this packet (searched from i: linear in the packet, however many
+                    # heads it holds).
+                    seam = len(self._head[-3:])
+                    end = (bytes(self._head[-3:]) + data[i:i + 3]).find(b"\r\n\r\n")
+                    if end >= 0:
+                        take = end + 4 - seam
+                    else:
+                        end = data.find(b"\r\n\r\n", i)
+                        take = n - i if end < 0 else end + 4 - i
                     self._head += data[i:i + take]
                     i += take
-                    if len(self._head) > self._max_head:
+                    if len(self._head) + self._blank > self._max_head:
                         return 431, f"the request head is larger than {self._max_head} bytes"
                     if end >= 0:
                         self._head_done()
@@ -197,7 +206,8 @@ def guarded(protocol_class: type) -> type:
 
         def _head_done(self) -> None:
             head = bytes(self._head)
-            if head.strip(b"\r\n") == b"":  # blank lines between requests: still waiting for one
+            if head.strip(b"\r\n") == b"":  # blank lines before a request: they count against its head
+                self._blank += len(head)
                 self._head = bytearray()
                 return
             self._requests += 1

@@ -152,8 +152,11 @@ class InflightBytes:
         if peer + more > self.per_peer:
             return (f"this client holds {peer} bytes of requests being received or answered; {more} more "
                     f"would pass the limit of {self.per_peer} per client")
-        return (f"the server holds {self.held} bytes of requests being received or answered; {more} more "
-                f"would pass the limit of {self.budget}" + (" for small ones" if total <= SMALL_BODY else ""))
+        if total <= SMALL_BODY:
+            return (f"the server holds {self.small} bytes of small requests being received or answered; "
+                    f"{more} more would pass their limit of {self.small_pool}")
+        return (f"the server holds {self.large} bytes of requests being received or answered; {more} more "
+                f"would pass the limit of {self.budget}")
 
 
 # What one connection may hold besides its body: uvicorn stops reading past 64 KiB of unread
@@ -172,5 +175,6 @@ def memory_bound(settings, body_limit: int, message_limit: int, json_values: int
     heads = settings.max_connections * (2 * settings.max_header_bytes + READ_BUFFER_BYTES)
     bodies = (settings.max_inflight_bytes + SMALL_POOL) * 9 // 8
     parse = 32 * json_values + 4 * body_limit
-    grpc = settings.max_grpc_calls * GRPC_COPIES * message_limit if settings.grpc_port else 0
+    # Two gRPC servers while one hands over to the other (a version that changed the limit).
+    grpc = 2 * settings.max_grpc_calls * GRPC_COPIES * message_limit if settings.grpc_port else 0
     return heads + bodies + parse + grpc + WORKING_BYTES

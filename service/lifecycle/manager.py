@@ -88,6 +88,7 @@ class ModelManager:
         self.loader_duty_cycle = loader_duty_cycle
         self.slots: dict[str, ModelSlot] = {}
         self.generation = 0  # counts the swaps: what derives from the loaded versions can be kept until it changes
+        self.on_swap: list[Callable[[], None]] = []  # called after each swap, on the loop
         self._first_swap = True
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader",
                                            initializer=lower_thread_priority)
@@ -361,6 +362,8 @@ class ModelManager:
         dropped = slot.previous if slot.previous is not ensemble else None
         slot.previous, slot.live = slot.live, ensemble
         self.generation += 1
+        for listener in self.on_swap:
+            listener()
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
         self.metrics.reference_mutual_information.labels(slot.name).set(

@@ -39,6 +39,7 @@ from service.repository import MAX_VERSION, is_valid_name
 log = logging.getLogger(__name__)
 
 PINS_FILE = "pins.json"
+LOCK_WAIT_SECONDS = 0.5  # the longest a pin waits for another writer (it may be on the event loop)
 STATE_FOLDER = ".state"
 # One pin is a few dozen bytes: a file this large is not a pins file, and is refused unread.
 MAX_PINS_BYTES = 1 << 20
@@ -159,7 +160,9 @@ class PinStore:
             else:
                 self._pins[name] = version
             return
-        with self._guard:
+        if not self._guard.acquire(timeout=LOCK_WAIT_SECONDS):  # a poll's read in the scan thread
+            raise PinsNotShared(f"the pins file {self.path} is being read; try again")
+        with _released(self._guard):
             try:
                 with self._locked():
                     self._seen = None
@@ -185,13 +188,32 @@ class PinStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """The folder's lock, waited for at most LOCK_WAIT_SECONDS (the caller may be the event
+        loop): a writer that holds it longer, or a lock that never answers, is an OSError."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / ".pins.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            give_up = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > give_up:
+                        raise OSError(errno.EWOULDBLOCK, "another writer holds the pins lock; try again") from None
+                    time.sleep(0.005)
             yield
         finally:
             os.close(fd)
+
+
+@contextmanager
+def _released(lock) -> Iterator[None]:
+    """Release `lock`, acquired already, on leaving."""
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def unreadable(exc: OSError) -> str:

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import time
+from urllib.parse import unquote
 
 import grpc
 
@@ -83,7 +84,7 @@ def rpc(route: str, infers: bool = False):
 def peer_address(peer: str) -> str:
     """The client's address in a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"),
     without its port: the peer whose bytes in flight are counted together with its HTTP ones."""
-    kind, _, rest = peer.partition(":")
+    kind, _, rest = unquote(peer).partition(":")  # grpcio writes IPv6 brackets as %5B and %5D
     if kind == "ipv6" and rest.startswith("["):
         return rest[1:rest.find("]")]
     if kind == "ipv4":

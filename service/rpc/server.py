@@ -85,28 +85,34 @@ class GrpcService:
     """The process's gRPC server, whose receive limit follows the versions loaded.
 
     gRPC receives a message whole before any handler sees it, and its limit is fixed when the
-    server is built. So when the loaded versions change the limit, a new server is started on
-    the same port (SO_REUSEPORT, gRPC's default on Linux) and the old one stopped with the
-    shutdown grace: its calls finish, its clients are sent GOAWAY and reconnect to the new one."""
+    server is built. So when a swap makes the limit grow (a version taking larger requests than
+    any loaded since start; the first version of a server started with none), a new server is
+    started on the same port (SO_REUSEPORT, gRPC's default on Linux) and the old one stopped
+    with the shutdown grace: its calls finish, its clients are sent GOAWAY and reconnect to the
+    new one; a call reaching the old one just as it stops may end CANCELLED or UNAVAILABLE, as
+    at shutdown. Between the swap and the new server's start (milliseconds) a message past the
+    old limit is still refused; a start that fails is tried again every poll interval. A limit
+    that would shrink is left as it is: a hand-over costs more than the memory it would save."""
 
     def __init__(self, host: str, port: int, inference: Inference, settings: Settings):
         self.host, self.port, self.inference, self.settings = host, port, inference, settings
         self.server: grpc.aio.Server | None = None
         self.limit = 0
-        self._generation = -1
+        self._generation = -1  # the manager's generation the limit was worked out for
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
         self._stopping: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Listen with the limit of the versions loaded now, and follow them."""
         await self._open()
+        self.inference.state.manager.on_swap.append(self._wake.set)
         self._task = asyncio.create_task(self._follow(), name="grpc-message-limit")
 
     async def _open(self) -> None:
-        self._generation = self.inference.state.manager.generation
-        limit = message_limit(self.inference)
+        generation, limit = self.inference.state.manager.generation, message_limit(self.inference)
         old, self.server = self.server, await start(self.host, self.port, self.inference, self.settings, limit)
-        self.limit = limit
+        self.limit, self._generation = limit, generation
         if old is not None:
             log.info("gRPC: messages of up to %d bytes from now on (the versions loaded changed)", limit)
             stopping = asyncio.create_task(old.stop(self.settings.shutdown_grace_seconds))
@@ -115,10 +121,14 @@ class GrpcService:
 
     async def _follow(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.poll_interval_seconds)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 if self.inference.state.manager.generation != self._generation:
-                    if message_limit(self.inference) != self.limit:
+                    if message_limit(self.inference) > self.limit:
                         await self._open()
                     else:
                         self._generation = self.inference.state.manager.generation
@@ -127,6 +137,8 @@ class GrpcService:
 
     async def stop(self, grace: float) -> None:
         """No new calls; the running ones get `grace` seconds."""
+        if self._wake.set in self.inference.state.manager.on_swap:
+            self.inference.state.manager.on_swap.remove(self._wake.set)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -150,6 +162,10 @@ async def start(host: str, port: int, inference: Inference, settings: Settings, 
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"the gRPC server cannot listen on {host}:{port}")
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:  # cancelled or failed while starting: nothing left listening
+        await server.stop(None)
+        raise
     log.info("gRPC (Open Inference Protocol, TensorFlow Serving, health, reflection) on %s:%d", host, bound)
     return server
