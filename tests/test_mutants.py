@@ -4,6 +4,7 @@ docs/development.md#mutation-testing): each pins a behaviour no other test check
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -92,3 +93,116 @@ def test_a_full_batch_leaves_at_once_whatever_max_delay_says():
         assert time.monotonic() - t0 < 1.0
 
     run(main())
+
+
+class Scored(Fake):
+    """A predictor as the service has it: a name, class labels and a third output (scores)."""
+
+    name = "digits"
+    classes = ("a",)
+
+    def predict(self, x):
+        average, members = super().predict(x)
+        return average, members, average * 10
+
+
+async def held_batch(b, fake):
+    """A first request whose batch is taken and held at the gate: what is submitted next queues."""
+    fake.gate.clear()
+    first = asyncio.ensure_future(b.submit(fake, np.zeros((1, 1), np.float32)))
+    while not fake.entered.is_set():
+        await asyncio.sleep(0.001)
+    return first
+
+
+def test_stop_fails_what_is_queued_closes_admission_and_ends_the_threads():
+    async def main():
+        before = set(threading.enumerate())
+        b, fake = await started(), Fake()
+        (thread,) = set(threading.enumerate()) - before
+        first = await held_batch(b, fake)
+        queued = asyncio.ensure_future(b.submit(fake, np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0)
+        await b.stop()
+        with pytest.raises(NotReady, match="^the service is shutting down$"):
+            await asyncio.wait_for(queued, 2)
+        with pytest.raises(NotReady, match="^the service is shutting down$"):
+            b.check_admission()
+        fake.gate.set()
+        await first  # the batch in flight is still answered
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 2)
+        assert not thread.is_alive(), "the inference thread did not end after stop()"
+
+    run(main())
+
+
+def test_a_cancelled_request_does_not_keep_the_rest_of_its_batch_from_an_answer():
+    async def main():
+        b, fake = await started(), Fake()
+        first = await held_batch(b, fake)
+        gone = asyncio.ensure_future(b.submit(fake, np.ones((1, 1), np.float32)))
+        kept = asyncio.ensure_future(b.submit(fake, np.full((1, 1), 7.0, np.float32)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        fake.gate.set()
+        average, _ = await asyncio.wait_for(kept, 2)
+        assert average.tolist() == [[7.0]]
+        await first
+        await b.stop()
+
+    run(main())
+
+
+def test_two_merged_requests_each_get_their_own_rows_of_three_outputs():
+    async def main():
+        seen = []
+        b, fake = await started(on_batch=seen.append), Scored()
+        first = await held_batch(b, fake)
+        one = asyncio.ensure_future(b.submit(fake, np.array([[1.0], [2.0]], np.float32)))
+        two = asyncio.ensure_future(b.submit(fake, np.array([[3.0]], np.float32)))
+        await asyncio.sleep(0)
+        fake.gate.set()
+        (a1, m1, s1), (a2, m2, s2) = await asyncio.wait_for(asyncio.gather(one, two), 2)
+        await first
+        await asyncio.sleep(0.01)  # on_batch runs after the answers
+        await b.stop()
+        return fake.batches, (a1, m1, s1), (a2, m2, s2), seen
+
+    batches, (a1, m1, s1), (a2, m2, s2), seen = run(main())
+    assert batches == [1, 3]
+    assert a1.tolist() == [[1.0], [2.0]] and s1.tolist() == [[10.0], [20.0]] and m1.shape == (2, 1, 1)
+    assert a2.tolist() == [[3.0]] and s2.tolist() == [[30.0]] and m2.shape == (1, 1, 1)
+    stats = seen[-1]
+    assert (stats.rows, stats.requests, stats.model, stats.classes) == (3, 2, "digits", ("a",))
+    assert stats.average.tolist() == [[1.0], [2.0], [3.0]] and stats.members.shape == (3, 1, 1)
+    assert stats.scores.tolist() == [[10.0], [20.0], [30.0]]
+    assert len(stats.queue_wait) == 2 and all(0 <= w < 5 for w in stats.queue_wait)
+    assert isinstance(stats.inference_seconds, float) and 0 <= stats.inference_seconds < 5
+
+
+def test_batch_stats_of_a_predictor_without_name_or_classes_carry_no_outputs():
+    async def main():
+        seen = []
+        b, fake = await started(on_batch=seen.append), Fake()
+        await b.submit(fake, np.ones((2, 1), np.float32))
+        await asyncio.sleep(0.01)
+        await b.stop()
+        return seen
+
+    (stats,) = run(main())
+    assert (stats.rows, stats.requests, stats.model, stats.classes) == (2, 1, "", ())
+    assert stats.average is None and stats.members is None and stats.scores is None
+
+
+def test_an_inference_failed_from_the_predictor_keeps_its_message_and_is_logged(caplog):
+    async def main():
+        b = await started()
+        try:
+            await b.submit(Fake(short=True), np.zeros((2, 1), np.float32))
+        finally:
+            await b.stop()
+
+    with pytest.raises(Exception, match="^the ensemble returned 1 rows for a batch of 2$"):
+        run(main())
+    assert "batch of 2 rows failed: the ensemble returned 1 rows for a batch of 2" in caplog.text
