@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import split_rows
-from service.errors import NotReady, PayloadTooLarge
+from service.batching import split_rows, take_batch
+from service.errors import DeadlineExceeded, NotReady, PayloadTooLarge
 from tests.test_batching import Fake, run, started
 
 
@@ -206,3 +206,33 @@ def test_an_inference_failed_from_the_predictor_keeps_its_message_and_is_logged(
     with pytest.raises(Exception, match="^the ensemble returned 1 rows for a batch of 2$"):
         run(main())
     assert "batch of 2 rows failed: the ensemble returned 1 rows for a batch of 2" in caplog.text
+
+
+def test_take_batch_counts_every_row_it_takes():
+    from collections import deque
+    from types import SimpleNamespace
+
+    p = object()
+    q = deque(SimpleNamespace(predictor=p, x=np.zeros((2, 1))) for _ in range(3))
+    assert len(take_batch(q, limit=5)) == 2 and len(q) == 1
+
+
+def test_an_expired_request_says_how_long_it_waited_and_the_batcher_drains_after_it():
+    async def main():
+        depths = []
+        b, fake = await started(on_depth=depths.append), Fake()
+        first = await held_batch(b, fake)
+        expires = time.monotonic() + 0.01
+        late = asyncio.ensure_future(b.submit(fake, np.zeros((1, 1), np.float32), deadline=expires))
+        while time.monotonic() <= expires:
+            await asyncio.sleep(0.005)
+        fake.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded, match=r"^the request's deadline passed after 0\.\d{3} s in the "
+                                                    r"queue; it was not computed$"):
+            await late
+        assert await b.drain(1.0)  # the batch of expired requests was answered, too
+        await b.stop()
+        return depths
+
+    assert run(main()) == [0, 0]  # what each batch left queued
