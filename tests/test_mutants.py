@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import split_rows, take_batch
+from service.batching import Batcher, split_rows, take_batch
 from service.errors import DeadlineExceeded, NotReady, PayloadTooLarge
 from tests.test_batching import Fake, run, started
 
@@ -236,3 +236,12 @@ def test_an_expired_request_says_how_long_it_waited_and_the_batcher_drains_after
         return depths
 
     assert run(main()) == [0, 0]  # what each batch left queued
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"max_queue_rows": 0}, {"max_delay_seconds": -0.1},
+                                 {"threads": 0}])
+def test_each_batcher_bound_is_checked_on_its_own(bad):
+    with pytest.raises(ValueError, match=r"^max_batch_size, max_queue_rows and threads must be >= 1, "
+                                         r"max_delay_seconds >= 0$"):
+        Batcher(**bad)
+    Batcher(max_batch_size=1, max_queue_rows=1, max_delay_seconds=0, threads=1)  # the least that works
