@@ -58,6 +58,8 @@ DESELECT = [
 ALSO_COPY = ["training/", "deploy/", "docs/", "benchmarks/", "models/", "Dockerfile", "docker-compose.yml",
              "Makefile", "README.md"]
 
+RETRY_TIMEOUT = 60  # seconds for the new tests against one survivor (they pass in about one without it)
+
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
           36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
           -11: "segfault", -9: "segfault", None: "not checked"}
@@ -79,6 +81,10 @@ def setup_cfg(group: str) -> str:
             f"pytest_add_cli_args ={lines(['-m', 'not slow', '-p', 'no:cacheprovider', '-q'])}\n"
             # TensorFlow and gRPC are not fork-safe once used: fork each mutant from a clean server.
             "process_isolation = forkserver\n"
+            # A mutant that hangs a test counts as caught (timeout) after five times the tests'
+            # clean duration plus a second, not mutmut's default fifteen: hung batcher tests
+            # otherwise cost a minute each.
+            "timeout_multiplier = 5\n"
             "use_git_change_detection = false\n")
 
 
@@ -137,9 +143,12 @@ def retry(tree: Path, by_file: dict[str, dict], tests: list[str], env: dict[str,
         for name, status in statuses.items():
             if status != "survived":
                 continue
-            code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                                  cwd=tree / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
-                                  capture_output=True).returncode
+            try:
+                code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                       *tests], cwd=tree / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
+                                      capture_output=True, timeout=RETRY_TIMEOUT).returncode
+            except subprocess.TimeoutExpired:  # a hang is caught, as mutmut counts its timeouts
+                code = 1
             print(f"{'killed  ' if code == 1 else 'survived'} {name}", flush=True)
             if code == 1:
                 meta["exit_code_by_key"][name] = 1
