@@ -205,7 +205,8 @@ def test_an_inference_failed_from_the_predictor_keeps_its_message_and_is_logged(
 
     with pytest.raises(Exception, match="^the ensemble returned 1 rows for a batch of 2$"):
         run(main())
-    assert "batch of 2 rows failed: the ensemble returned 1 rows for a batch of 2" in caplog.text
+    assert "batch of 2 rows failed: the ensemble returned 1 rows for a batch of 2" in [
+        r.getMessage() for r in caplog.records]
 
 
 def test_take_batch_counts_every_row_it_takes():
