@@ -132,7 +132,8 @@ def table(by_file: dict[str, dict]) -> list[dict]:
 
 
 def retry(tree: Path, by_file: dict[str, dict], tests: list[str], env: dict[str, str]) -> None:
-    """Each survivor of the group against `tests` (copied into the mutants' tree): recorded as
+    """Each survivor (or mutant no test of the group called) against `tests` (copied into the
+    mutants' tree): recorded as
     killed (exit code 1 in mutmut's meta file) when they fail with it; listed in retried.json."""
     killed_later = json.loads((tree / "retried.json").read_text()) if (tree / "retried.json").exists() else {}
     for test in tests:
@@ -141,7 +142,7 @@ def retry(tree: Path, by_file: dict[str, dict], tests: list[str], env: dict[str,
         meta_path = tree / "mutants" / (path + ".meta")
         meta = json.loads(meta_path.read_text())
         for name, status in statuses.items():
-            if status != "survived":
+            if status not in ("survived", "no tests"):
                 continue
             try:
                 code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",

@@ -246,3 +246,60 @@ def test_each_batcher_bound_is_checked_on_its_own(bad):
                                          r"max_delay_seconds >= 0$"):
         Batcher(**bad)
     Batcher(max_batch_size=1, max_queue_rows=1, max_delay_seconds=0, threads=1)  # the least that works
+
+
+# -- the codecs -------------------------------------------------------------------------------
+
+def test_a_value_below_an_integer_range_is_the_one_named():
+    from service.edge.arrays import check_range
+    from service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"^'instances' holds -1 outside the range of input dtype uint8 \[0, 255\]$"):
+        check_range(np.array([-1, 300]), np.dtype("uint8"), "instances")
+    with pytest.raises(InvalidInput, match=r"^'instances' holds 300 outside"):
+        check_range(np.array([0, 300]), np.dtype("uint8"), "instances")
+    check_range(np.array([0, 255]), np.dtype("uint8"), "instances")  # both ends are in range
+
+
+def test_byte_strings_and_other_kinds_are_named_in_the_refusal():
+    from service.edge.arrays import numeric
+    from service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"^'x' must hold numbers only; found strings$"):
+        numeric(np.array([b"a"]), "x")
+    with pytest.raises(InvalidInput, match=r"^'x' must hold numbers only; found values of type complex128$"):
+        numeric([1j], "x")
+
+
+def test_columnar_inputs_name_their_field_in_every_refusal():
+    from service.edge.rest import columnar_inputs
+    from service.errors import InvalidInput
+    from service.repository import InputSpec
+
+    spec = InputSpec(shape=(2,))
+    with pytest.raises(InvalidInput, match=r"^'inputs' names 2 tensors; this model takes exactly one$"):
+        columnar_inputs({"a": [[1, 2]], "b": [[1, 2]]}, spec, 8)
+    with pytest.raises(InvalidInput, match=r"^'inputs' is empty"):
+        columnar_inputs({"a": []}, spec, 8)
+    assert columnar_inputs({"a": [[1, 2]]}, spec, 8).tolist() == [[1.0, 2.0]]
+
+
+def test_v2_model_metadata_in_full():
+    from types import SimpleNamespace
+
+    from service.edge.v2 import model_metadata
+    from service.repository import InputSpec
+    from service.scores import SCORES
+
+    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0"), SimpleNamespace(name="m1")],
+                               temperature=1.5, abstention=None)
+    ensemble = SimpleNamespace(name="digits", version=3, input_spec=InputSpec(shape=(4,), dtype="uint8"),
+                               classes=("a", "b", "c"), manifest=manifest)
+    assert model_metadata(ensemble) == {
+        "name": "digits", "versions": ["3"], "platform": "tensorflow_savedmodel_ensemble",
+        "inputs": [{"name": "instances", "datatype": "UINT8", "shape": [-1, 4]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                    {"name": "members", "datatype": "FP32", "shape": [-1, 2, 3]},
+                    *({"name": s, "datatype": "FP32", "shape": [-1]} for s in SCORES)],
+        "parameters": {"classes": ["a", "b", "c"], "members": ["m0", "m1"], "temperature": 1.5},
+    }
