@@ -12,7 +12,13 @@ import pytest
 
 from service.batching import Batcher, split_rows, take_batch
 from service.errors import DeadlineExceeded, NotReady, PayloadTooLarge
-from tests.test_batching import Fake, run, started
+from tests.test_batching import Fake, started
+
+
+def run(coro, timeout: float = 10.0):
+    """Run a coroutine, failing after `timeout` seconds: a mutant that loses a request fails
+    the test instead of hanging it."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_split_rows_takes_a_limit_of_one_and_refuses_zero():
