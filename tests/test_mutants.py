@@ -309,3 +309,46 @@ def test_v2_model_metadata_in_full():
                     *({"name": s, "datatype": "FP32", "shape": [-1]} for s in SCORES)],
         "parameters": {"classes": ["a", "b", "c"], "members": ["m0", "m1"], "temperature": 1.5},
     }
+
+
+def test_v2_model_metadata_with_an_abstention_threshold():
+    from types import SimpleNamespace
+
+    from service.edge.v2 import model_metadata
+    from service.repository import Abstention, InputSpec
+
+    abstention = Abstention(score="entropy", threshold=0.5, target_error=0.05, coverage=0.9)
+    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
+    ensemble = SimpleNamespace(name="digits", version=1, input_spec=InputSpec(shape=(2,)), classes=("a",),
+                               manifest=manifest)
+    meta = model_metadata(ensemble)
+    assert meta["outputs"][-1] == {"name": "abstain", "datatype": "BOOL", "shape": [-1]}
+    assert meta["parameters"]["abstention"] == abstention.model_dump()
+
+
+def test_v2_server_metadata_and_readiness_replies():
+    import json
+    from types import SimpleNamespace
+
+    from service.edge.v2 import v2_ready, v2_server_metadata
+
+    reply = asyncio.run(v2_server_metadata())
+    assert reply.status_code == 200
+    assert json.loads(reply.body) == {"name": "ensemble-serving", "version": "0.1.0",
+                                      "extensions": ["binary_tensor_data"]}
+    for ready, status in ((True, 200), (False, 503)):
+        manager = SimpleNamespace(readiness=lambda ready=ready: (ready, []))
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(manager=manager)))
+        reply = asyncio.run(v2_ready(request))
+        assert (reply.status_code, json.loads(reply.body)) == (status, {"ready": ready})
+
+
+def test_members_by_name_gives_each_member_its_rows():
+    from service.edge.rest import members_by_name
+
+    probs = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (rows, members, classes)
+    by_name = members_by_name(probs, ["a", "b", "c"])
+    assert list(by_name) == ["a", "b", "c"]
+    for i, name in enumerate("abc"):
+        np.testing.assert_array_equal(by_name[name], probs[:, i, :])
+        assert by_name[name].flags.c_contiguous
