@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, split_rows, take_batch
-from service.errors import DeadlineExceeded, NotReady, PayloadTooLarge
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, PayloadTooLarge
 from tests.test_batching import Fake, started
 
 
@@ -352,3 +352,42 @@ def test_members_by_name_gives_each_member_its_rows():
     for i, name in enumerate("abc"):
         np.testing.assert_array_equal(by_name[name], probs[:, i, :])
         assert by_name[name].flags.c_contiguous
+
+
+def test_a_split_request_keeps_its_deadline():
+    async def main():
+        b, fake = await started(max_batch_size=2), Fake()
+        first = await held_batch(b, fake)
+        expires = time.monotonic() + 0.01
+        late = asyncio.ensure_future(b.submit(fake, np.zeros((5, 1), np.float32), deadline=expires))
+        while time.monotonic() <= expires:
+            await asyncio.sleep(0.005)
+        fake.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded, match="it was not computed"):
+            await late
+        await b.stop()
+        return fake.batches
+
+    assert run(main()) == [1]  # none of the three chunks was computed
+
+
+class Broken(Fake):
+    """A predictor whose `classes` cannot be read: the batcher's own code fails after predict."""
+
+    @property
+    def classes(self):
+        raise RuntimeError("no classes")
+
+
+def test_a_bug_in_the_batcher_fails_its_batch_with_the_exception_type_and_the_thread_goes_on(caplog):
+    async def main():
+        b, fake = await started(), Fake()
+        with pytest.raises(InferenceFailed, match=r"^internal error in the batcher: RuntimeError$"):
+            await b.submit(Broken(), np.ones((1, 1), np.float32))
+        average, _ = await b.submit(fake, np.ones((1, 2), np.float32))
+        await b.stop()
+        return average
+
+    assert run(main()).tolist() == [[2.0]]
+    assert "the batch of 1 requests could not be computed" in [r.getMessage() for r in caplog.records]
