@@ -391,3 +391,67 @@ def test_a_bug_in_the_batcher_fails_its_batch_with_the_exception_type_and_the_th
 
     assert run(main()).tolist() == [[2.0]]
     assert "the batch of 1 requests could not be computed" in [r.getMessage() for r in caplog.records]
+
+
+def test_v2_check_input_messages_and_bounds():
+    from service.edge.v2 import DATATYPES, check_input
+    from service.errors import InvalidInput
+    from service.repository import InputSpec
+
+    spec = InputSpec(shape=(2,))
+    long_name = "X" * 60
+    with pytest.raises(InvalidInput, match=rf"^inputs\[0\]\.datatype '{'X' * 40}' is not one of FP32, FP64, "):
+        check_input([1, 2], long_name, spec, 4, DATATYPES)
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\]\.shape must be \[rows, 2\], got \[-1, 2\]$"):
+        check_input([-1, 2], "FP32", spec, 4, DATATYPES)  # right rank and dims, negative rows
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\]\.shape must be \[rows, 2\], got \[1, 3\]$"):
+        check_input([1, 3], "FP32", spec, 4, DATATYPES)  # right rank, wrong dims
+    with pytest.raises(InvalidInput, match=r"got \[1, 1, 1, 1, 1, 1, 1, 1, 1, 1\]$"):
+        check_input([1] * 12, "FP32", spec, 4, DATATYPES)  # the shape quoted is cut at ten
+    with pytest.raises(PayloadTooLarge, match=r"^inputs\[0\] has 5 rows; at most 4 are allowed per request$"):
+        check_input([5, 2], "FP32", spec, 4, DATATYPES)
+    dtype, count = check_input([4, 2], "FP32", spec, 4, DATATYPES)  # exactly the row limit
+    assert (dtype, count) == (np.dtype("<f4"), 8)
+
+
+def test_instances_at_the_row_limit_are_taken_and_refusals_name_the_field():
+    from service.edge.rest import instances_to_array
+    from service.errors import InvalidInput
+    from service.repository import InputSpec
+
+    spec = InputSpec(shape=(2,), dtype="uint8")
+    assert instances_to_array([[1, 2]] * 3, spec, 3).shape == (3, 2)
+    with pytest.raises(InvalidInput, match=r"^'rows' is ragged or mixes types: it must be nested lists of numbers "
+                                           r"of shape \[2\]$"):
+        instances_to_array([[1, 2], [1]], spec, 3, field="rows")
+    with pytest.raises(InvalidInput, match=r"^'rows' holds 300 outside the range"):
+        instances_to_array([[1, 300]], spec, 3, field="rows")
+
+
+def test_v2_wanted_outputs_default_and_binary_and_their_refusals():
+    from service.edge.v2 import OUTPUTS, wanted_outputs
+    from service.errors import InvalidInput
+
+    assert wanted_outputs({}) == (["probabilities"], set())
+    assert wanted_outputs({"parameters": {"binary_data_output": True}}) == (["probabilities"], {"probabilities"})
+    with pytest.raises(InvalidInput, match=r"""^'outputs' must be a list of \{"name": "..."\}$"""):
+        wanted_outputs({"outputs": [{"name": 1}]})
+    with pytest.raises(InvalidInput, match=rf"^unknown output '{'y' * 100}'; this model has {', '.join(OUTPUTS)}$"):
+        wanted_outputs({"outputs": [{"name": "y" * 150}]})
+
+
+def test_v2_input_array_refusals_say_what_to_send():
+    from service.edge.v2 import input_array
+    from service.errors import InvalidInput
+    from service.repository import InputSpec
+
+    spec = InputSpec(shape=(2,))
+    with pytest.raises(InvalidInput, match=r"""^missing field 'inputs': send \[\{"name", "shape", "datatype", "data"\}\]$"""):
+        input_array({}, b"", spec, 4)
+    with pytest.raises(InvalidInput, match=r"^'inputs' holds 1 tensors; this model takes exactly one$"):
+        input_array({"inputs": [1]}, b"", spec, 4)  # one item, not an object
+    with pytest.raises(InvalidInput, match=r"^'inputs' holds 2 tensors; this model takes exactly one$"):
+        input_array({"inputs": [{}, {}]}, b"", spec, 4)
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\]\.shape must be a list of non-negative integers$"):
+        input_array({"inputs": [{"name": "instances", "shape": [-1, 2], "datatype": "FP32", "data": []}]},
+                    b"", spec, 4)
