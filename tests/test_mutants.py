@@ -455,3 +455,23 @@ def test_v2_input_array_refusals_say_what_to_send():
     with pytest.raises(InvalidInput, match=r"^inputs\[0\]\.shape must be a list of non-negative integers$"):
         input_array({"inputs": [{"name": "instances", "shape": [-1, 2], "datatype": "FP32", "data": []}]},
                     b"", spec, 4)
+
+
+def test_three_merged_requests_of_three_outputs_each_get_their_own_rows():
+    async def main():
+        b, fake = await started(), Scored()
+        first = await held_batch(b, fake)
+        sizes = (1, 2, 1)
+        xs = [np.arange(i * 10, i * 10 + n, dtype=np.float32).reshape(n, 1) for i, n in enumerate(sizes)]
+        waiting = [asyncio.ensure_future(b.submit(fake, x)) for x in xs]
+        await asyncio.sleep(0)
+        fake.gate.set()
+        answers = await asyncio.gather(*waiting)
+        await first
+        await b.stop()
+        return fake.batches, xs, answers
+
+    batches, xs, answers = run(main())
+    assert batches == [1, 4]
+    for x, (average, members, scores) in zip(xs, answers):
+        assert average.tolist() == x.tolist() and scores.tolist() == (x * 10).tolist() and len(members) == len(x)
