@@ -475,3 +475,98 @@ def test_three_merged_requests_of_three_outputs_each_get_their_own_rows():
     assert batches == [1, 4]
     for x, (average, members, scores) in zip(xs, answers):
         assert average.tolist() == x.tolist() and scores.tolist() == (x * 10).tolist() and len(members) == len(x)
+
+
+def ensemble_double(version: int = 1, abstention=None):
+    """An ensemble as the codecs read it: name, version, input spec, classes and manifest."""
+    from types import SimpleNamespace
+
+    from service.repository import InputSpec
+
+    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
+    return SimpleNamespace(name="digits", version=version, input_spec=InputSpec(shape=(2,)), classes=("a",),
+                           manifest=manifest)
+
+
+def test_ragged_rows_without_a_shape_get_no_shape_hint():
+    from service.edge.arrays import numeric
+    from service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"^'x' is ragged or mixes types: it must be nested lists of numbers$"):
+        numeric([[1], [1, 2]], "x")
+
+
+def test_v2_binary_body_header_length_checks():
+    from service.edge.v2 import split_binary_body
+    from service.errors import MalformedRequest
+
+    assert split_binary_body(b"abc", None) == (b"abc", b"")
+    assert split_binary_body(b"abc", "3") == (b"abc", b"")  # all of it JSON
+    assert split_binary_body(b"abc", "1") == (b"a", b"bc")
+    with pytest.raises(MalformedRequest, match=r"^Inference-Header-Content-Length must be a byte count, got '1a'$"):
+        split_binary_body(b"abc", "1a")
+    with pytest.raises(MalformedRequest, match=r"^Inference-Header-Content-Length is 1{20}\.\.\. but the body"):
+        split_binary_body(b"0123456789", "1" * 25)
+    with pytest.raises(MalformedRequest, match=r"^Inference-Header-Content-Length is 12 but the body has only 10 bytes$"):
+        split_binary_body(b"0123456789", "12")
+
+
+def test_v2_parameters_that_are_not_an_object_are_named():
+    from service.edge.v2 import parameters, wanted_outputs
+    from service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\]\.parameters must be a JSON object, got a JSON int$"):
+        parameters({"parameters": 3}, "inputs[0].")
+    with pytest.raises(InvalidInput, match=r"^parameters must be a JSON object, got a JSON list$"):
+        wanted_outputs({"parameters": []})
+
+
+def test_v2_input_array_data_and_binary_refusals_name_the_input():
+    from service.edge.v2 import input_array
+    from service.errors import InvalidInput
+    from service.repository import InputSpec
+
+    spec = InputSpec(shape=(2,))
+    tensor = {"name": "instances", "shape": [1, 2], "datatype": "FP32"}
+    with pytest.raises(InvalidInput, match=r"^the binary part of the body has 4 bytes; inputs\[0\] declares 8$"):
+        input_array({"inputs": [dict(tensor, parameters={"binary_data_size": 8})]}, b"abcd", spec, 4)
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\] has neither 'data' nor parameters\.binary_data_size$"):
+        input_array({"inputs": [tensor]}, b"", spec, 4)
+    with pytest.raises(InvalidInput, match=r"^'inputs\[0\]\.data' must hold numbers only; found strings$"):
+        input_array({"inputs": [dict(tensor, data=["a", "b"])]}, b"", spec, 4)
+    with pytest.raises(InvalidInput, match=r"^'inputs\[0\]' holds a non-finite number in row 0"):
+        input_array({"inputs": [dict(tensor, data=[float("nan"), 1.0])]}, b"", spec, 4)
+
+
+def test_v2_outputs_are_little_endian_and_flat():
+    import json
+
+    from service.edge.v2 import encode_outputs
+
+    big = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=">f4")
+    body, header_length = encode_outputs("digits", 1, None, {"probabilities": big}, {"probabilities"})
+    assert body[header_length:] == np.array([1.0, 2.0, 3.0, 4.0], dtype="<f4").tobytes()
+    body, header_length = encode_outputs("digits", 1, "r1", {"probabilities": big}, set())
+    assert header_length is None
+    assert json.loads(body)["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_asking_for_abstain_without_a_threshold_says_what_to_ask_instead():
+    from service.edge.v2 import output
+    from service.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"^digits version 1 has no abstention threshold \(its manifest has none\); "
+                                           r"ask for the uncertainty scores instead$"):
+        output("abstain", ensemble_double(), None, None, np.zeros((1, 4)))
+
+
+def test_v2_model_metadata_of_a_version_is_that_versions():
+    import json
+    from types import SimpleNamespace
+
+    from service.edge.v2 import v2_model
+
+    versions = {None: ensemble_double(1), 2: ensemble_double(2)}
+    manager = SimpleNamespace(get=lambda name, version=None: versions[version])
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(manager=manager)))
+    assert json.loads(asyncio.run(v2_model(request, "digits", 2)).body)["versions"] == ["2"]
