@@ -570,3 +570,40 @@ def test_v2_model_metadata_of_a_version_is_that_versions():
     manager = SimpleNamespace(get=lambda name, version=None: versions[version])
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(manager=manager)))
     assert json.loads(asyncio.run(v2_model(request, "digits", 2)).body)["versions"] == ["2"]
+
+
+def rows_reply(body: bytes, query: dict[str, str]) -> dict:
+    """The JSON of `POST /predict`'s handler for `body`, over a one-member double of a served
+    ensemble whose answer is fixed."""
+    import json
+    from types import SimpleNamespace
+
+    from service.edge.rest import _rows
+
+    average = np.array([[0.2, 0.8]], np.float32)
+    members = average[:, None, :]
+    scores = np.zeros((1, 4), np.float32)
+
+    async def infer(call, ensemble, x):
+        assert x.tolist() == [[1.0, 2.0]]
+        return average, members, scores
+
+    ensemble = ensemble_double(version=3)
+    ensemble.classes = ("a", "b")
+    server = SimpleNamespace(settings=SimpleNamespace(max_rows_per_request=4),
+                             json_value_limit=lambda ensemble: 100, infer=infer)
+    reply = asyncio.run(_rows(SimpleNamespace(body=body, query=query), server, ensemble))
+    assert reply.status == 200
+    return json.loads(reply.body)
+
+
+def test_the_row_reply_names_labels_classes_model_and_members_on_either_decoder():
+    for body in (b'{"instances": [[1, 2]]}', b'{"instances": [[1, 2]], "signature_name": "x"}'):
+        reply = rows_reply(body, {"members": "TRUE"})
+        assert np.allclose(reply["predictions"], [[0.2, 0.8]]) and "outputs" not in reply
+        assert reply["labels"] == ["b"] and reply["classes"] == ["a", "b"]
+        assert reply["model"] == {"name": "digits", "version": 3}
+        assert list(reply["members"]) == ["m0"] and np.allclose(reply["members"]["m0"], [[0.2, 0.8]])
+        assert reply["disagreement"] == [0.0]
+    assert "members" not in rows_reply(b'{"instances": [[1, 2]]}', {})
+    assert "outputs" in rows_reply(b'{"inputs": [[1, 2]], "signature_name": "x"}', {})
