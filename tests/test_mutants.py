@@ -607,3 +607,50 @@ def test_the_row_reply_names_labels_classes_model_and_members_on_either_decoder(
         assert reply["disagreement"] == [0.0]
     assert "members" not in rows_reply(b'{"instances": [[1, 2]]}', {})
     assert "outputs" in rows_reply(b'{"inputs": [[1, 2]], "signature_name": "x"}', {})
+
+
+def test_v2_infer_replies_200_as_json_or_binary_with_its_header_length():
+    from types import SimpleNamespace
+
+    from service.edge.v2 import v2_infer
+
+    ensemble = ensemble_double()
+
+    async def infer(call, ensemble, x):
+        return np.array([[0.2, 0.8]], np.float32), np.zeros((1, 1, 2), np.float32), np.zeros((1, 4), np.float32)
+
+    server = SimpleNamespace(ensemble=lambda name, version: ensemble, infer=infer, json_value_limit=lambda e: 100,
+                             settings=SimpleNamespace(max_rows_per_request=4))
+    request = {"inputs": [{"name": "instances", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
+    import json
+    for params, binary in (({}, False), ({"binary_data_output": True}, True)):
+        body = json.dumps(dict(request, parameters=params)).encode()
+        call = SimpleNamespace(params={"name": "digits"}, body=body, headers={})
+        reply = asyncio.run(v2_infer(call, server))
+        assert reply.status == 200
+        if binary:
+            assert reply.content_type == b"application/octet-stream"
+            (name, value), = reply.headers
+            assert name == b"inference-header-content-length" and int(value) < len(reply.body)
+        else:
+            assert reply.content_type == b"application/json" and reply.headers == []
+
+
+def test_v2_routes_are_registered_on_their_paths():
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.edge.v2 import register
+
+    app = FastAPI()
+    app.state.manager = SimpleNamespace(readiness=lambda: (True, []), get=lambda name, version=None: ensemble_double())
+    register(app)
+    with TestClient(app) as client:
+        assert client.get("/v2").json()["name"] == "ensemble-serving"
+        assert client.get("/v2/health/live").json() == {"live": True}
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        assert client.get("/v2/models/digits").json()["name"] == "digits"
+        assert client.get("/v2/models/digits/versions/1").json()["versions"] == ["1"]
+        assert client.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
