@@ -654,3 +654,16 @@ def test_v2_routes_are_registered_on_their_paths():
         assert client.get("/v2/models/digits").json()["name"] == "digits"
         assert client.get("/v2/models/digits/versions/1").json()["versions"] == ["1"]
         assert client.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
+
+
+def test_a_json_body_of_exactly_the_value_limit_is_parsed_and_an_empty_one_says_what_to_send():
+    from service.edge.arrays import parse_json_object
+    from service.edge.limits import json_values
+    from service.errors import MalformedRequest
+
+    body = b'{"instances": [[1, 2]]}'
+    assert parse_json_object(body, json_values(body)) == {"instances": [[1, 2]]}
+    with pytest.raises(PayloadTooLarge):
+        parse_json_object(body, json_values(body) - 1)
+    with pytest.raises(MalformedRequest, match=r'^request body is empty; send a JSON object like \{"instances": \[\.\.\.\]\}$'):
+        parse_json_object(b"", 10)
