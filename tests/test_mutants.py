@@ -667,3 +667,19 @@ def test_a_json_body_of_exactly_the_value_limit_is_parsed_and_an_empty_one_says_
         parse_json_object(body, json_values(body) - 1)
     with pytest.raises(MalformedRequest, match=r'^request body is empty; send a JSON object like \{"instances": \[\.\.\.\]\}$'):
         parse_json_object(b"", 10)
+
+
+def test_the_row_decoder_refuses_a_byte_after_the_object_names_its_field_and_prefers_instances():
+    from service.edge.rest import decode
+    from service.errors import InvalidInput, MalformedRequest
+    from service.repository import InputSpec
+
+    spec = InputSpec(shape=(2,))
+    with pytest.raises(MalformedRequest):
+        decode(b'{"instances": [[1, 2]]}x', spec, 4, 100)
+    with pytest.raises(InvalidInput, match=r"^'instances' holds a non-finite number in instance 0"):
+        decode(b'{"instances": [[1e39, 1]]}', spec, 4, 100)
+    with pytest.raises(InvalidInput, match=r"^missing field 'instances'"):
+        decode(b'{"x": 1}', spec, 4, 100)
+    x, columnar = decode(b'{"instances": [[1, 2]], "inputs": [[3, 4]]}', spec, 4, 100)
+    assert x.tolist() == [[1.0, 2.0]] and not columnar
