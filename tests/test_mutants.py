@@ -654,6 +654,7 @@ def test_v2_routes_are_registered_on_their_paths():
         assert client.get("/v2/models/digits").json()["name"] == "digits"
         assert client.get("/v2/models/digits/versions/1").json()["versions"] == ["1"]
         assert client.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
+        assert client.get("/v2/models/digits/versions/1/ready").json() == {"name": "digits", "ready": True}
 
 
 def test_a_json_body_of_exactly_the_value_limit_is_parsed_and_an_empty_one_says_what_to_send():
