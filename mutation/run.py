@@ -81,8 +81,8 @@ def setup_cfg(group: str) -> str:
             f"pytest_add_cli_args ={lines(['-m', 'not slow', '-p', 'no:cacheprovider', '-q'])}\n"
             # TensorFlow and gRPC are not fork-safe once used: fork each mutant from a clean server.
             "process_isolation = forkserver\n"
-            # A mutant that hangs a test counts as caught (timeout) after five times the tests'
-            # clean duration plus a second, not mutmut's default fifteen: hung batcher tests
+            # A mutant that hangs a test counts as caught (timeout) after five times (the tests'
+            # clean duration plus a second), not mutmut's default fifteen: hung batcher tests
             # otherwise cost a minute each.
             "timeout_multiplier = 5\n"
             "use_git_change_detection = false\n")
