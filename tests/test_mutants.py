@@ -684,3 +684,264 @@ def test_the_row_decoder_refuses_a_byte_after_the_object_names_its_field_and_pre
         decode(b'{"x": 1}', spec, 4, 100)
     x, columnar = decode(b'{"instances": [[1, 2]], "inputs": [[3, 4]]}', spec, 4, 100)
     assert x.tolist() == [[1.0, 2.0]] and not columnar
+
+
+# service/repository.py (the `repository` group)
+
+
+def test_failure_of_names_a_repository_error_by_its_message_and_anything_else_by_its_type():
+    from service.repository import ManifestError, failure_of
+
+    assert failure_of(ManifestError("no manifest")) == ("no manifest", "manifest")
+    assert failure_of(ValueError("bad shape")) == ("ValueError: bad shape", "load")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_first_nonfinite_row_is_the_index_of_the_first_bad_row(dtype):
+    from service.repository import first_nonfinite_row
+
+    x = np.ones((4, 2, 2), dtype)
+    assert first_nonfinite_row(x) is None
+    x[2, 1, 0] = np.nan
+    x[3, 0, 1] = np.inf
+    assert first_nonfinite_row(x) == 2
+    assert first_nonfinite_row(np.ones((3, 2), np.int64)) is None
+
+
+def test_uniform_weights_of_one_member_and_the_refusal_of_none():
+    from service.repository import uniform_weights
+
+    assert uniform_weights(1) == [1.0]
+    with pytest.raises(ValueError, match="^an ensemble needs at least one member$"):
+        uniform_weights(0)
+
+
+def test_a_verified_copy_is_private_and_holds_every_file_of_a_member(tmp_path):
+    import os
+    import stat
+    from datetime import datetime, timezone
+
+    from service.repository import InputSpec, Manifest, MemberEntry, OutputSpec, file_digests, verify_checksums
+
+    vdir = tmp_path / "digits" / "1"
+    (vdir / "members" / "m").mkdir(parents=True)
+    (vdir / "members" / "m" / "a.pb").write_bytes(b"a")
+    (vdir / "members" / "m" / "b.pb").write_bytes(b"b")
+    m = Manifest(name="digits", version=1, created=datetime.now(timezone.utc), input=InputSpec(shape=(2,)),
+                 output=OutputSpec(classes=("a", "b")),
+                 members=(MemberEntry(name="m", path="members/m", kind="tuned", weight=1.0,
+                                      files=file_digests(vdir / "members" / "m")),))
+    old = os.umask(0o022)
+    try:
+        verify_checksums(vdir, m, copy_into=tmp_path / "copy")
+    finally:
+        os.umask(old)
+    member = tmp_path / "copy" / "members" / "m"
+    assert sorted(p.name for p in member.iterdir()) == ["a.pb", "b.pb"]
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o700
+    assert stat.S_IMODE(member.stat().st_mode) == 0o700
+    assert {stat.S_IMODE((member / f).stat().st_mode) for f in ("a.pb", "b.pb")} == {0o600}
+
+
+def test_a_checked_copy_is_never_written_over_an_existing_file_or_through_a_link(tmp_path):
+    from service.repository import _checked_digest
+
+    (tmp_path / "src").write_bytes(b"new")
+    (tmp_path / "there").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        _checked_digest(tmp_path / "src", tmp_path / "there", "here")
+    assert (tmp_path / "there").read_bytes() == b"old"
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError):
+        _checked_digest(tmp_path / "src", tmp_path / "link", "here")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_largest_version_number_is_a_version_folder():
+    from service.repository import MAX_VERSION, is_version_folder
+
+    assert is_version_folder(str(MAX_VERSION))
+    assert not is_version_folder(str(MAX_VERSION + 1))
+
+
+def test_symbolic_links_in_the_repository_kept_inside_it_skipped_when_leading_out_or_nowhere(tmp_path):
+    from service.repository import Skipped, scan_model_entries, scan_names_entries
+
+    root = tmp_path / "repo"
+    (root / "digits" / "1").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "alias").symlink_to(root / "digits")
+    (root / "away").symlink_to(tmp_path / "outside")
+    (root / "gone").symlink_to(root / "missing")  # dangling, though it would be inside
+    (root / "Odd!").mkdir()
+    names, skipped = scan_names_entries(root)
+    assert names == ["alias", "digits"]
+    out = "a symbolic link leading out of the repository"
+    assert sorted(skipped, key=lambda s: s.entry) == [
+        Skipped("Odd!", r"not an ensemble name (^[a-z0-9][a-z0-9_-]{0,63}$)"),
+        Skipped("away", out), Skipped("gone", out)]
+    (root / "digits" / "2").symlink_to(root / "digits" / "none")
+    (root / "digits" / "3").symlink_to(root / "digits" / "1")
+    versions, skipped = scan_model_entries(root, "digits")
+    assert [v.version for v in versions] == [1, 3] and skipped == [Skipped("2", out)]
+
+
+def one_member_version(root, files=(("saved_model.pb", b"weights"),)):
+    """A version folder digits/1 whose one member `m` holds `files`, and its manifest."""
+    from datetime import datetime, timezone
+
+    from service.repository import InputSpec, Manifest, MemberEntry, OutputSpec, file_digests
+
+    vdir = root / "digits" / "1"
+    (vdir / "members" / "m").mkdir(parents=True)
+    for name, data in files:
+        (vdir / "members" / "m" / name).write_bytes(data)
+    return vdir, Manifest(name="digits", version=1, created=datetime.now(timezone.utc),
+                          input=InputSpec(shape=(2,)), output=OutputSpec(classes=("a", "b")),
+                          members=(MemberEntry(name="m", path="members/m", kind="tuned", weight=1.0,
+                                               files=file_digests(vdir / "members" / "m")),))
+
+
+def test_a_member_folder_replaced_by_a_link_or_removed_is_refused_by_name(tmp_path):
+    import shutil
+
+    from service.repository import ChecksumError, verify_checksums
+
+    vdir, m = one_member_version(tmp_path)
+    (vdir / "members" / "m").rename(tmp_path / "real")
+    (vdir / "members" / "m").symlink_to(tmp_path / "real")
+    message = r"^member m: folder members/m is missing \(or a symbolic link\)$"
+    with pytest.raises(ChecksumError, match=message):
+        verify_checksums(vdir, m)
+    (vdir / "members" / "m").unlink()
+    with pytest.raises(ChecksumError, match=message):
+        verify_checksums(vdir, m)
+    shutil.copytree(tmp_path / "real", vdir / "members" / "m")
+    (vdir / "members" / "m" / "extra").symlink_to(tmp_path / "real" / "saved_model.pb")
+    with pytest.raises(ChecksumError, match=r"^member m: members/m/extra is a symbolic link; a version holds"):
+        verify_checksums(vdir, m)
+
+
+def test_sha256_file_refuses_a_pipe_and_a_link_without_waiting_or_following(tmp_path):
+    import errno
+    import os
+
+    from service.repository import sha256_file
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError) as raised:
+        sha256_file(tmp_path / "pipe")
+    assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (
+        errno.EINVAL, "not a regular file", str(tmp_path / "pipe"))
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    with pytest.raises(OSError) as raised:
+        sha256_file(tmp_path / "link")
+    assert raised.value.errno == errno.ELOOP
+
+
+def test_read_manifest_refuses_a_link_or_a_folder_and_names_each_schema_problem(tmp_path):
+    import json
+
+    from service.repository import ManifestError, read_manifest
+
+    vdir, m = one_member_version(tmp_path)
+    (tmp_path / "elsewhere.json").write_text(m.model_dump_json())
+    (vdir / "manifest.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ManifestError, match=r"manifest.json is not a regular file$"):
+        read_manifest(vdir)
+    (vdir / "manifest.json").unlink()
+    (vdir / "manifest.json").mkdir()
+    with pytest.raises(ManifestError, match=r"manifest.json is not a regular file$"):
+        read_manifest(vdir)
+    (vdir / "manifest.json").rmdir()
+    raw = json.loads(m.model_dump_json())
+    raw["input"]["shape"] = []
+    raw["members"][0]["weight"] = 0.5
+    (vdir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError) as raised:
+        read_manifest(vdir)
+    assert str(raised.value) == (
+        f"{vdir / 'manifest.json'} does not follow the schema: input.shape: "
+        "Tuple should have at least 1 item after validation, not 0")
+    raw["input"]["shape"] = [2]
+    (vdir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"schema: \(root\): Value error, member weights must sum to 1"):
+        read_manifest(vdir)
+    (vdir / "manifest.json").write_text('{"name": "digits", "version": 1}')
+    with pytest.raises(ManifestError, match=r"schema: created: Field required; input: Field required; "):
+        read_manifest(vdir)
+    (vdir / "manifest.json").write_text(m.model_dump_json())
+    assert read_manifest(vdir) == m
+    (tmp_path / "digits").rename(tmp_path / "other")
+    with pytest.raises(ManifestError, match="describes digits/1 but sits in other/1$"):
+        read_manifest(tmp_path / "other" / "1")
+
+
+def test_checksum_refusals_name_the_first_extra_file_both_digests_and_anything_not_a_file(tmp_path):
+    import os
+
+    from service.repository import ChecksumError, verify_checksums
+
+    vdir, m = one_member_version(tmp_path)
+    member = vdir / "members" / "m"
+    for extra in ("y", "x"):
+        (member / extra).write_bytes(b"")
+    with pytest.raises(ChecksumError, match=r"^member m: file members/m/x is not in the manifest$"):
+        verify_checksums(vdir, m)
+    for extra in ("y", "x"):
+        (member / extra).unlink()
+    (member / "saved_model.pb").write_bytes(b"changed")
+    expected, actual = m.members[0].files["saved_model.pb"], __import__("hashlib").sha256(b"changed").hexdigest()
+    with pytest.raises(ChecksumError) as raised:
+        verify_checksums(vdir, m)
+    assert str(raised.value) == (f"member m: checksum mismatch for members/m/saved_model.pb "
+                                 f"(manifest {expected[:12]}..., file {actual[:12]}...)")
+    (member / "saved_model.pb").write_bytes(b"weights")
+    os.mkfifo(member / "p")
+    with pytest.raises(ChecksumError, match=r"^member m: members/m/p is not a regular file$"):
+        verify_checksums(vdir, m)
+    (member / "p").unlink()
+    verify_checksums(vdir, m, copy_into=tmp_path / "copy")
+    assert (tmp_path / "copy" / "manifest.json").read_text() == m.model_dump_json(indent=2) + "\n"
+
+
+def test_ensemble_names_are_checked_against_the_pattern():
+    from service.repository import is_valid_name
+
+    assert is_valid_name("digits") and is_valid_name("a" * 64)
+    assert not is_valid_name("Digits") and not is_valid_name("a" * 65) and not is_valid_name("")
+
+
+def test_scanning_skips_files_hidden_entries_odd_names_and_unreadable_folders_with_their_reasons(tmp_path):
+    import os
+
+    from service.repository import MAX_VERSION, Skipped, scan_model, scan_model_entries, scan_names_entries
+
+    root = tmp_path / "repo"
+    versions = [1, 2, 3, 5, 8, 13]
+    for v in versions:
+        (root / "digits" / str(v)).mkdir(parents=True)
+    (root / "digits" / "2" / "manifest.json").write_text("{}")
+    for hidden in (".staging-1", ".a", ".z"):
+        (root / "digits" / hidden).mkdir()
+        (root / hidden).mkdir()
+    for odd in ("007", "latest", "x", "y"):
+        (root / "digits" / odd).mkdir()
+    (root / "digits" / "4").write_text("a file")
+    (root / "notes.txt").write_text("a file")
+    os.mkdir(os.fsencode(root / "digits") + b"/caf\xe9")
+    (root / "digits" / ("v" * 120)).mkdir()
+    found, skipped = scan_model_entries(root, "digits")
+    assert [(v.name, v.version, v.path, v.committed) for v in found] == [
+        ("digits", v, root / "digits" / str(v), v == 2) for v in versions]
+    assert scan_model(root, "digits") == found
+    reason = f"not a version number (1 to {MAX_VERSION}; no leading zeros)"
+    assert sorted(skipped, key=lambda s: s.entry) == sorted(
+        [Skipped(odd, reason) for odd in ("007", "latest", "x", "y", "caf\\udce9", "v" * 100)]
+        + [Skipped("4", "not a folder")], key=lambda s: s.entry)
+    names, skipped = scan_names_entries(root)
+    assert names == ["digits"] and skipped == [Skipped("notes.txt", "not a folder")]
+    (root / "loop").symlink_to(root / "loop")
+    assert scan_model_entries(root, "loop") == (
+        [], [Skipped("loop", "cannot be read: Too many levels of symbolic links")])
