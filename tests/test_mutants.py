@@ -40,10 +40,7 @@ def test_drain_of_an_idle_batcher_returns_true_at_once():
 def test_drain_waits_for_the_batch_in_flight_and_returns_soon_after_it():
     async def main():
         b, fake = await started(), Fake()
-        fake.gate.clear()
-        task = asyncio.ensure_future(b.submit(fake, np.ones((1, 2), np.float32)))
-        while not fake.entered.is_set():
-            await asyncio.sleep(0.001)
+        task = await held_batch(b, fake)
         asyncio.get_running_loop().call_later(0.1, fake.gate.set)
         t0 = time.monotonic()
         assert await b.drain(5.0)
@@ -56,10 +53,7 @@ def test_drain_waits_for_the_batch_in_flight_and_returns_soon_after_it():
 def test_drain_past_its_timeout_with_a_batch_in_flight_returns_false():
     async def main():
         b, fake = await started(), Fake()
-        fake.gate.clear()
-        task = asyncio.ensure_future(b.submit(fake, np.ones((1, 2), np.float32)))
-        while not fake.entered.is_set():
-            await asyncio.sleep(0.001)
+        task = await held_batch(b, fake)
         assert not await b.drain(0.1)  # the queue is empty, one batch unanswered
         fake.gate.set()
         await task
