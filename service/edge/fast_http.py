@@ -38,6 +38,7 @@ import time
 from service.config import Settings
 from service.edge.guard import guarded
 from service.edge.inference import content_length
+from service.edge.limits import peer_of
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                     route = lane.direct_route(scope["path"])
                     if route is not None:
                         length = declared_length(scope["headers"])
-                        hold = lane.admit(length, self.client[0] if self.client else "") if length is not None else None
+                        hold = lane.admit(length, peer_of(self.client)) if length is not None else None
                         if hold is not None:
                             self._start_direct(cycle, lane, route, hold)
                             return

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.edge import rest, v2
-from service.edge.limits import Hold, InflightBytes, json_value_limit, largest_body
+from service.edge.limits import Hold, InflightBytes, peer_of, json_value_limit, largest_body
 from service.edge.replies import Reply, encode, internal_error, refusal
 from service.engines.base import Ensemble
 from service.repository import InputSpec
@@ -206,8 +206,7 @@ class Edge:
                           headers=[(b"allow", b"POST")])
         else:
             headers = decode_headers(scope["headers"])
-            client = scope.get("client")
-            hold = Hold(client[0] if client else "")
+            hold = Hold(peer_of(scope.get("client")))
             try:
                 body = await self._read_body(headers, receive, hold)
             except ServiceError as exc:

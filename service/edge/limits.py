@@ -89,6 +89,12 @@ class Hold:
         self.peer = peer
 
 
+def peer_of(client: tuple | None) -> str:
+    """The peer a body's bytes in flight count against: the address of an ASGI or uvicorn
+    client (host, port), "" when unknown."""
+    return client[0] if client else ""
+
+
 class InflightBytes:
     """Bytes of request bodies held at once, counted as they arrive: each request's Hold grows
     with its body (`grow`) and is given back when the request is answered (`release_hold`). A
