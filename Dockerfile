@@ -31,6 +31,7 @@ RUN pip install --upgrade pip && pip install -r /tmp/requirements.txt
 FROM deps AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY training ./training
 COPY service ./service
 RUN pip wheel --no-deps --wheel-dir /wheels .

@@ -35,7 +35,7 @@ serve: $(STAMP)
 	$(BIN)/ensemble-serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --default-model $(NAME)
 
 test: $(STAMP)
-	$(BIN)/ruff check --no-cache --select F,E9 service training tests benchmarks
+	$(BIN)/ruff check --no-cache --select F,E9 contract service training tests benchmarks mutation
 	$(BIN)/python -m pytest -m "not slow"
 
 # What is generated from the .proto files (checked in; run after editing one): the Open Inference

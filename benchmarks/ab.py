@@ -103,7 +103,8 @@ def main() -> int:
     if not set(figures) <= set(FIGURES):
         p.error(f"--figures: choose among {', '.join(FIGURES)}")
     sys.path.insert(0, str(HERE.parent))
-    from service.repository import read_manifest, scan_model
+    from contract.layout import scan_model
+    from contract.manifest import read_manifest
 
     vdir = [v for v in scan_model(args.repository, args.name) if v.committed][-1].path
     shape = read_manifest(vdir).input.shape

@@ -160,7 +160,7 @@ def raw_rates(version_dir: Path, seconds: float = 3.0,
     from service.engines.compile import compile_version
     from service.engines.lite import load_lite
     from service.engines.tensorflow import import_frozen
-    from service.repository import read_manifest
+    from contract.manifest import read_manifest
 
     manifest = read_manifest(version_dir)
     compiled = compile_version(manifest, version_dir)
@@ -234,7 +234,8 @@ def main() -> int:
         args.out = args.out or Path(tempfile.gettempdir()) / "bench-smoke-RESULTS.md"
     args.out = args.out or HERE / "RESULTS.md"
 
-    from service.repository import read_manifest, scan_model
+    from contract.layout import scan_model
+    from contract.manifest import read_manifest
 
     committed = [v for v in scan_model(args.repository, args.name) if v.committed]
     if not committed:

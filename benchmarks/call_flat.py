@@ -29,7 +29,8 @@ def main() -> int:
 
     from service.engines.compile import compile_version
     from service.engines.tensorflow import configure_threads, import_frozen
-    from service.repository import read_manifest, scan_model
+    from contract.layout import scan_model
+    from contract.manifest import read_manifest
 
     configure_threads(1, 1)
     folder = [v for v in scan_model(args.repository, args.name) if v.committed][-1].path

@@ -17,7 +17,7 @@ class EnsembleAPI(ls.LitAPI):
     def setup(self, device):
         from service.config import Settings
         from service.engines.loader import EngineLoader, ThreadPlan
-        from service.repository import read_manifest
+        from contract.manifest import read_manifest
 
         # The same engine the service runs: the comparison is of the serving, not the model.
         settings = Settings(isolated_loading=False, warmup_batch_sizes=(1, 32))

@@ -20,7 +20,8 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.repository import read_manifest, scan_model  # noqa: E402
+from contract.layout import scan_model  # noqa: E402
+from contract.manifest import read_manifest
 from tests.loadgen import Load  # noqa: E402
 from tests.repo_tools import publish_copy  # noqa: E402
 from tests.server import ServerProcess  # noqa: E402

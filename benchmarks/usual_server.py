@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from service.engines.keras_members import assemble
-from service.repository import read_manifest
+from contract.manifest import read_manifest
 
 version_dir, port = Path(sys.argv[1]), int(sys.argv[2])
 model = assemble(read_manifest(version_dir), version_dir)

@@ -35,7 +35,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "codecs": (["service/edge/arrays.py", "service/edge/rest.py", "service/edge/v2.py"],
                ["tests/test_codec.py", "tests/test_hostile.py", "tests/test_protocols.py",
                 "tests/test_uncertainty_api.py", "tests/test_mutants.py"]),
-    "repository": (["service/repository.py"],
+    "repository": (["contract/*.py"],
                    ["tests/test_repository.py", "tests/test_publish.py", "tests/test_tamper.py",
                     "tests/test_mutants.py"]),
     "lifecycle": (["service/lifecycle/*.py"],
@@ -74,7 +74,7 @@ def setup_cfg(group: str) -> str:
     selection = [t for t in tests if (ROOT / t).exists()] + [f"--deselect={d}" for d in DESELECT
                                                              if d.split("::")[0] in tests]
     return ("[mutmut]\n"
-            "source_paths = service\n"
+            f"source_paths ={lines(['service', 'contract'])}\n"
             f"only_mutate ={lines(only)}\n"
             f"also_copy ={lines(ALSO_COPY)}\n"
             f"pytest_add_cli_args_test_selection ={lines(selection)}\n"

@@ -23,14 +23,9 @@ import sys
 from pathlib import Path
 
 from service.lifecycle.pins import PinsNotShared, PinStore, pins_folder
-from service.repository import (
-    ChecksumError,
-    ManifestError,
-    read_manifest,
-    scan_model_entries,
-    scan_names,
-    verify_checksums,
-)
+from contract.integrity import ChecksumError, verify_checksums
+from contract.layout import scan_model_entries, scan_names
+from contract.manifest import ManifestError, read_manifest
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.repository import NAME_PATTERN
+from contract.layout import NAME_PATTERN
 
 
 class Settings(BaseSettings):

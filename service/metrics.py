@@ -176,7 +176,7 @@ class ServiceMetrics:
             "class differs from the ensemble's", ["model"], buckets=DISAGREEMENT_BUCKETS, registry=r)
         self.mutual_information = BatchHistogram(
             "ensemble_mutual_information_nats", "Per predicted row: the members' disagreement as "
-            "information (service.scores), the epistemic part of its uncertainty", ["model"],
+            "information (contract.scores), the epistemic part of its uncertainty", ["model"],
             buckets=MUTUAL_INFORMATION_BUCKETS, registry=r)
         self.reference_mutual_information = Gauge(
             "ensemble_reference_mutual_information_nats", "Mean mutual information of the live "

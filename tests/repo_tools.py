@@ -7,7 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-from service.repository import MANIFEST_FILE, file_digests, next_version, scan_model
+from contract.integrity import file_digests
+from contract.layout import MANIFEST_FILE, next_version, scan_model
 
 
 def manifest_as(source: Path, version: int, edit=None) -> str:

@@ -22,8 +22,8 @@ import pytest
 from service.batching import Batcher
 from service.config import Settings
 from service.engines.loader import EngineLoader, plan_of
-from service.repository import read_manifest
-from service.scores import served as served_probabilities
+from contract.manifest import read_manifest
+from contract.scores import served as served_probabilities
 from tests.repo_tools import publish_copy
 from tests.server import grpc_server
 from tests.test_api import COMPILED

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.repository import read_manifest
-from service.scores import served
+from contract.manifest import read_manifest
+from contract.scores import served
 from training.members import predict_saved_model
 
 

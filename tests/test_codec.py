@@ -10,7 +10,7 @@ from service.edge.arrays import parse_json_object
 from service.edge.rest import instances_to_array, numeric_rows, predicted_labels
 from service.engines.base import disagreement
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
-from service.repository import InputSpec, first_nonfinite_row
+from contract.manifest import InputSpec, first_nonfinite_row
 
 SPEC = InputSpec(shape=(2, 2, 1))
 ROW = [[[1], [2]], [[3], [16]]]

@@ -16,7 +16,7 @@ import pytest
 
 from service import admin_cli
 from service.lifecycle.pins import MAX_PINS_BYTES, PinsDamaged, PinStore
-from service.repository import MAX_VERSION
+from contract.layout import MAX_VERSION
 from tests.repo_tools import publish_copy
 from tests.server import ServerProcess
 

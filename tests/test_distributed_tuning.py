@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from service.repository import read_manifest
+from contract.manifest import read_manifest
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from service.engines.base import LoadError, check_probabilities
 from service.engines.keras_members import check_signature, load_members
-from service.repository import InputSpec, read_manifest
-from service.scores import SCORES, served, uncertainty
+from contract.manifest import InputSpec, read_manifest
+from contract.scores import SCORES, served, uncertainty
 from training.members import predict_saved_model
 
 
@@ -30,7 +30,7 @@ def test_ensemble_equals_the_calibrated_average_of_its_members(trained_repositor
     np.testing.assert_allclose(members, direct.transpose(1, 0, 2), atol=1e-5)
     np.testing.assert_allclose(average, served(direct.transpose(1, 0, 2), manifest.weights, manifest.temperature),
                                atol=1e-5)
-    # The uncertainty scores computed in the graph are service.scores' (the contract's) definition.
+    # The uncertainty scores computed in the graph are contract.scores' (the contract's) definition.
     want = uncertainty(served(direct.transpose(1, 0, 2), manifest.weights, manifest.temperature),
                        direct.transpose(1, 0, 2), manifest.weights)
     np.testing.assert_allclose(scores[:, :3], want, atol=1e-5)

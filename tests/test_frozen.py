@@ -23,7 +23,8 @@ from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
 from service.engines.keras_members import load_members
 from service.engines.loader import EngineLoader, plan_of
 from service.engines.tensorflow import import_frozen
-from service.repository import ChecksumError, read_manifest, verify_checksums
+from contract.integrity import ChecksumError, verify_checksums
+from contract.manifest import read_manifest
 from tests.repo_tools import export_nan_member, publish_with_member
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from service.edge import rest, v2
 from service.errors import ServiceError
-from service.repository import InputSpec
+from contract.manifest import InputSpec
 from tests.server import ServerProcess
 
 SPECS = [InputSpec(shape=(8, 8, 1)), InputSpec(shape=(3,), dtype="uint8"), InputSpec(shape=(2, 2), dtype="int32"),

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from service.config import Settings
 from service.edge.limits import largest_message
-from service.repository import InputSpec
+from contract.manifest import InputSpec
 from tests.conftest import free_port
 from tests.server import ServerProcess, grpc_server
 

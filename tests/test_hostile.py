@@ -18,7 +18,7 @@ from service.edge.limits import SMALL_BODY, Hold, InflightBytes, json_value_limi
 from service.edge.rest import instances_to_array
 from service.edge.v2 import input_array, wanted_outputs
 from service.errors import InvalidInput, PayloadTooLarge
-from service.repository import InputSpec
+from contract.manifest import InputSpec
 from tests.test_api import make_client
 
 DIGITS = InputSpec(shape=(8, 8, 1))
@@ -279,7 +279,7 @@ def odd_repository(root, outside):
 
 
 def test_odd_entries_are_skipped_with_a_reason_and_polling_goes_on(repository, tmp_path):
-    from service.repository import scan_model_entries, scan_names_entries
+    from contract.layout import scan_model_entries, scan_names_entries
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -298,7 +298,7 @@ def test_odd_entries_are_skipped_with_a_reason_and_polling_goes_on(repository, t
 def test_an_unreadable_entry_is_reported_not_raised(repository, monkeypatch):
     import os
 
-    from service import repository as repo
+    from contract import layout as repo
 
     real = os.scandir
 
@@ -329,7 +329,8 @@ def test_a_service_on_an_odd_repository_serves_and_reports_what_it_skipped(repos
 def test_a_version_holding_anything_but_its_own_regular_files_is_refused(repository, tmp_path, kind):
     import os
 
-    from service.repository import ChecksumError, read_manifest, verify_checksums
+    from contract.integrity import ChecksumError, verify_checksums
+    from contract.manifest import read_manifest
 
     version = repository / "digits" / "1"
     manifest = read_manifest(version)
@@ -353,7 +354,7 @@ def cache_and_versions(tmp_path):
     from datetime import datetime, timezone
 
     from service.engines.compiled import CompileCache, CompiledVersion, FrozenGraph
-    from service.repository import InputSpec, Manifest, MemberEntry, OutputSpec
+    from contract.manifest import InputSpec, Manifest, MemberEntry, OutputSpec
 
     member = MemberEntry(name="m", path="members/m", kind="tuned", weight=1.0, files={"f": "0" * 64})
     versions = [Manifest(name="digits", version=i, created=datetime.now(timezone.utc), input=InputSpec(shape=(4,)),

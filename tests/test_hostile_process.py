@@ -16,7 +16,7 @@ import pytest
 
 from service.config import Settings
 from service.edge.limits import SMALL_POOL, json_value_limit, largest_body
-from service.repository import InputSpec
+from contract.manifest import InputSpec
 from tests.server import ServerProcess
 
 SETTINGS = Settings()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from service.engines.keras_members import load_members
-from service.repository import read_manifest, verify_checksums
+from contract.integrity import verify_checksums
+from contract.manifest import read_manifest
 from training.cli import EXIT_FAILED, EXIT_OK, main
 from training.importer import MemberImportError, import_members
 from training.members import predict_saved_model

@@ -18,7 +18,7 @@ from service.engines.keras_members import load_members
 from service.engines.lite import LiteEngine, load_lite
 from service.engines.loader import EngineLoader, plan_of
 from service.engines.tensorflow import import_frozen
-from service.repository import read_manifest
+from contract.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

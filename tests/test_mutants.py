@@ -274,7 +274,7 @@ def test_byte_strings_and_other_kinds_are_named_in_the_refusal():
 def test_columnar_inputs_name_their_field_in_every_refusal():
     from service.edge.rest import columnar_inputs
     from service.errors import InvalidInput
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     spec = InputSpec(shape=(2,))
     with pytest.raises(InvalidInput, match=r"^'inputs' names 2 tensors; this model takes exactly one$"):
@@ -288,8 +288,8 @@ def test_v2_model_metadata_in_full():
     from types import SimpleNamespace
 
     from service.edge.v2 import model_metadata
-    from service.repository import InputSpec
-    from service.scores import SCORES
+    from contract.manifest import InputSpec
+    from contract.scores import SCORES
 
     manifest = SimpleNamespace(members=[SimpleNamespace(name="m0"), SimpleNamespace(name="m1")],
                                temperature=1.5, abstention=None)
@@ -309,7 +309,7 @@ def test_v2_model_metadata_with_an_abstention_threshold():
     from types import SimpleNamespace
 
     from service.edge.v2 import model_metadata
-    from service.repository import Abstention, InputSpec
+    from contract.manifest import Abstention, InputSpec
 
     abstention = Abstention(score="entropy", threshold=0.5, target_error=0.05, coverage=0.9)
     manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
@@ -390,7 +390,7 @@ def test_a_bug_in_the_batcher_fails_its_batch_with_the_exception_type_and_the_th
 def test_v2_check_input_messages_and_bounds():
     from service.edge.v2 import DATATYPES, check_input
     from service.errors import InvalidInput
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     spec = InputSpec(shape=(2,))
     long_name = "X" * 60
@@ -411,7 +411,7 @@ def test_v2_check_input_messages_and_bounds():
 def test_instances_at_the_row_limit_are_taken_and_refusals_name_the_field():
     from service.edge.rest import instances_to_array
     from service.errors import InvalidInput
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     spec = InputSpec(shape=(2,), dtype="uint8")
     assert instances_to_array([[1, 2]] * 3, spec, 3).shape == (3, 2)
@@ -437,7 +437,7 @@ def test_v2_wanted_outputs_default_and_binary_and_their_refusals():
 def test_v2_input_array_refusals_say_what_to_send():
     from service.edge.v2 import input_array
     from service.errors import InvalidInput
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     spec = InputSpec(shape=(2,))
     with pytest.raises(InvalidInput, match=r"""^missing field 'inputs': send \[\{"name", "shape", "datatype", "data"\}\]$"""):
@@ -475,7 +475,7 @@ def ensemble_double(version: int = 1, abstention=None):
     """An ensemble as the codecs read it: name, version, input spec, classes and manifest."""
     from types import SimpleNamespace
 
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
     return SimpleNamespace(name="digits", version=version, input_spec=InputSpec(shape=(2,)), classes=("a",),
@@ -518,7 +518,7 @@ def test_v2_parameters_that_are_not_an_object_are_named():
 def test_v2_input_array_data_and_binary_refusals_name_the_input():
     from service.edge.v2 import input_array
     from service.errors import InvalidInput
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     spec = InputSpec(shape=(2,))
     tensor = {"name": "instances", "shape": [1, 2], "datatype": "FP32"}
@@ -667,7 +667,7 @@ def test_a_json_body_of_exactly_the_value_limit_is_parsed_and_an_empty_one_says_
 def test_the_row_decoder_refuses_a_byte_after_the_object_names_its_field_and_prefers_instances():
     from service.edge.rest import decode
     from service.errors import InvalidInput, MalformedRequest
-    from service.repository import InputSpec
+    from contract.manifest import InputSpec
 
     spec = InputSpec(shape=(2,))
     with pytest.raises(MalformedRequest):
@@ -680,11 +680,11 @@ def test_the_row_decoder_refuses_a_byte_after_the_object_names_its_field_and_pre
     assert x.tolist() == [[1.0, 2.0]] and not columnar
 
 
-# service/repository.py (the `repository` group)
+# contract/ (the `repository` group; service/repository.py when it ran)
 
 
 def test_failure_of_names_a_repository_error_by_its_message_and_anything_else_by_its_type():
-    from service.repository import ManifestError, failure_of
+    from contract.manifest import ManifestError, failure_of
 
     assert failure_of(ManifestError("no manifest")) == ("no manifest", "manifest")
     assert failure_of(ValueError("bad shape")) == ("ValueError: bad shape", "load")
@@ -692,7 +692,7 @@ def test_failure_of_names_a_repository_error_by_its_message_and_anything_else_by
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_first_nonfinite_row_is_the_index_of_the_first_bad_row(dtype):
-    from service.repository import first_nonfinite_row
+    from contract.manifest import first_nonfinite_row
 
     x = np.ones((4, 2, 2), dtype)
     assert first_nonfinite_row(x) is None
@@ -703,7 +703,7 @@ def test_first_nonfinite_row_is_the_index_of_the_first_bad_row(dtype):
 
 
 def test_uniform_weights_of_one_member_and_the_refusal_of_none():
-    from service.repository import uniform_weights
+    from contract.manifest import uniform_weights
 
     assert uniform_weights(1) == [1.0]
     with pytest.raises(ValueError, match="^an ensemble needs at least one member$"):
@@ -715,7 +715,8 @@ def test_a_verified_copy_is_private_and_holds_every_file_of_a_member(tmp_path):
     import stat
     from datetime import datetime, timezone
 
-    from service.repository import InputSpec, Manifest, MemberEntry, OutputSpec, file_digests, verify_checksums
+    from contract.integrity import file_digests, verify_checksums
+    from contract.manifest import InputSpec, Manifest, MemberEntry, OutputSpec
 
     vdir = tmp_path / "digits" / "1"
     (vdir / "members" / "m").mkdir(parents=True)
@@ -738,7 +739,7 @@ def test_a_verified_copy_is_private_and_holds_every_file_of_a_member(tmp_path):
 
 
 def test_a_checked_copy_is_never_written_over_an_existing_file_or_through_a_link(tmp_path):
-    from service.repository import _checked_digest
+    from contract.integrity import _checked_digest
 
     (tmp_path / "src").write_bytes(b"new")
     (tmp_path / "there").write_bytes(b"old")
@@ -752,14 +753,14 @@ def test_a_checked_copy_is_never_written_over_an_existing_file_or_through_a_link
 
 
 def test_the_largest_version_number_is_a_version_folder():
-    from service.repository import MAX_VERSION, is_version_folder
+    from contract.layout import MAX_VERSION, is_version_folder
 
     assert is_version_folder(str(MAX_VERSION))
     assert not is_version_folder(str(MAX_VERSION + 1))
 
 
 def test_symbolic_links_in_the_repository_kept_inside_it_skipped_when_leading_out_or_nowhere(tmp_path):
-    from service.repository import Skipped, scan_model_entries, scan_names_entries
+    from contract.layout import Skipped, scan_model_entries, scan_names_entries
 
     root = tmp_path / "repo"
     (root / "digits" / "1").mkdir(parents=True)
@@ -784,7 +785,8 @@ def one_member_version(root, files=(("saved_model.pb", b"weights"),)):
     """A version folder digits/1 whose one member `m` holds `files`, and its manifest."""
     from datetime import datetime, timezone
 
-    from service.repository import InputSpec, Manifest, MemberEntry, OutputSpec, file_digests
+    from contract.integrity import file_digests
+    from contract.manifest import InputSpec, Manifest, MemberEntry, OutputSpec
 
     vdir = root / "digits" / "1"
     (vdir / "members" / "m").mkdir(parents=True)
@@ -799,7 +801,7 @@ def one_member_version(root, files=(("saved_model.pb", b"weights"),)):
 def test_a_member_folder_replaced_by_a_link_or_removed_is_refused_by_name(tmp_path):
     import shutil
 
-    from service.repository import ChecksumError, verify_checksums
+    from contract.integrity import ChecksumError, verify_checksums
 
     vdir, m = one_member_version(tmp_path)
     (vdir / "members" / "m").rename(tmp_path / "real")
@@ -820,7 +822,7 @@ def test_sha256_file_refuses_a_pipe_and_a_link_without_waiting_or_following(tmp_
     import errno
     import os
 
-    from service.repository import sha256_file
+    from contract.integrity import sha256_file
 
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(OSError) as raised:
@@ -837,7 +839,7 @@ def test_sha256_file_refuses_a_pipe_and_a_link_without_waiting_or_following(tmp_
 def test_read_manifest_refuses_a_link_or_a_folder_and_names_each_schema_problem(tmp_path):
     import json
 
-    from service.repository import ManifestError, read_manifest
+    from contract.manifest import ManifestError, read_manifest
 
     vdir, m = one_member_version(tmp_path)
     (tmp_path / "elsewhere.json").write_text(m.model_dump_json())
@@ -875,7 +877,7 @@ def test_read_manifest_refuses_a_link_or_a_folder_and_names_each_schema_problem(
 def test_checksum_refusals_name_the_first_extra_file_both_digests_and_anything_not_a_file(tmp_path):
     import os
 
-    from service.repository import ChecksumError, verify_checksums
+    from contract.integrity import ChecksumError, verify_checksums
 
     vdir, m = one_member_version(tmp_path)
     member = vdir / "members" / "m"
@@ -901,7 +903,7 @@ def test_checksum_refusals_name_the_first_extra_file_both_digests_and_anything_n
 
 
 def test_ensemble_names_are_checked_against_the_pattern():
-    from service.repository import is_valid_name
+    from contract.layout import is_valid_name
 
     assert is_valid_name("digits") and is_valid_name("a" * 64)
     assert not is_valid_name("Digits") and not is_valid_name("a" * 65) and not is_valid_name("")
@@ -910,7 +912,7 @@ def test_ensemble_names_are_checked_against_the_pattern():
 def test_scanning_skips_files_hidden_entries_odd_names_and_unreadable_folders_with_their_reasons(tmp_path):
     import os
 
-    from service.repository import MAX_VERSION, Skipped, scan_model, scan_model_entries, scan_names_entries
+    from contract.layout import MAX_VERSION, Skipped, scan_model, scan_model_entries, scan_names_entries
 
     root = tmp_path / "repo"
     versions = [1, 2, 3, 5, 8, 13]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import InputSpec, OutputSpec, read_manifest, scan_model, verify_checksums
+from contract.integrity import verify_checksums
+from contract.layout import scan_model
+from contract.manifest import InputSpec, OutputSpec, read_manifest
 from training.publish import (
     STAGING_PREFIX,
     MemberArtifact,
@@ -91,7 +93,7 @@ import sys
 from pathlib import Path
 
 import training.publish as publish
-from service.repository import InputSpec, OutputSpec
+from contract.manifest import InputSpec, OutputSpec
 
 real = publish.file_digests
 

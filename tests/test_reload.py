@@ -22,7 +22,9 @@ import numpy as np
 import orjson
 import pytest
 
-from service.repository import MANIFEST_FILE, read_manifest, scan_model, verify_checksums
+from contract.integrity import verify_checksums
+from contract.layout import MANIFEST_FILE, scan_model
+from contract.manifest import read_manifest
 from tests.loadgen import Load
 from tests.repo_tools import export_nan_member, manifest_as, publish_copy, publish_with_member
 from tests.server import ServerProcess
@@ -236,7 +238,7 @@ def test_kill_9_mid_load_then_restart_serves_the_last_good_version(repository, b
 PUBLISHER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from service.repository import Manifest
+    from contract.manifest import Manifest
     from training.publish import MemberArtifact, publish_version
     root, source = Path(sys.argv[1]), Path(sys.argv[2])
     m = Manifest.model_validate_json((source / "manifest.json").read_text())

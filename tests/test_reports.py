@@ -138,7 +138,7 @@ def test_ui_and_docs_render_in_headless_chromium(repository, tmp_path):
 def test_a_pipe_or_an_oversized_file_is_refused_without_blocking(client, repository, tmp_path):
     import os
 
-    from service.files import read_nofollow
+    from contract.files import read_nofollow
 
     report = repository / "digits" / "1" / "report.json"
     report.unlink()

@@ -7,21 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import (
-    ChecksumError,
+from contract.integrity import ChecksumError, file_digests, verify_checksums
+from contract.layout import choose_version, next_version, scan_model, scan_names
+from contract.manifest import (
     InputSpec,
     Manifest,
     ManifestError,
     MemberEntry,
     OutputSpec,
-    choose_version,
-    file_digests,
-    next_version,
     read_manifest,
-    scan_model,
-    scan_names,
     uniform_weights,
-    verify_checksums,
 )
 
 DIGEST = "a" * 64
@@ -157,7 +152,7 @@ def test_a_file_turned_into_a_pipe_after_listing_is_refused_not_waited_on(tmp_pa
     import os
     import threading
 
-    from service import repository
+    from contract import integrity as repository
 
     m = write_version(tmp_path, "digits", 1)
     listed = repository._regular_files

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import (
-    MANIFEST_FILE,
-    ChecksumError,
-    MemberEntry,
-    next_version,
-    read_manifest,
-    scan_model,
-    verify_checksums,
-)
+from contract.integrity import ChecksumError, verify_checksums
+from contract.layout import MANIFEST_FILE, next_version, scan_model
+from contract.manifest import MemberEntry, read_manifest
 from tests.repo_tools import manifest_as
 from tests.test_api import wait_for
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from service.repository import read_manifest, scan_model
+from contract.layout import scan_model
+from contract.manifest import read_manifest
 from training.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, main
 
 FAST = ["--max-epochs", "2", "--factor", "2", "--members", "2", "--epochs", "2", "--patience", "1",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.scores import LOG_FLOOR, SCORES, abstains, entropy, pool, served, temper, uncertainty
+from contract.scores import LOG_FLOOR, SCORES, abstains, entropy, pool, served, temper, uncertainty
 from training.abstention import apply_threshold, auroc, choose_threshold, fit_threshold, risk_coverage
 from training.calibration import fit_temperature, tempered_losses
 from training.compare import compare, select_member

@@ -7,8 +7,8 @@ import numpy as np
 import orjson
 import pytest
 
-from service.repository import read_manifest
-from service.scores import SCORES, served, uncertainty
+from contract.manifest import read_manifest
+from contract.scores import SCORES, served, uncertainty
 from tests.test_api import make_client
 from training.members import predict_saved_model
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-from service.scores import SCORES
+from contract.scores import SCORES
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

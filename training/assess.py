@@ -7,7 +7,7 @@ for the out-of-distribution check):
    validation split (`selection`);
 2. its metrics on the test split before and after calibration, and against the member a user
    would have deployed instead, chosen on validation, with bootstrap intervals (`compare`);
-3. its uncertainty per row (`service.scores`), the abstention threshold fitted on validation for
+3. its uncertainty per row (`contract.scores`), the abstention threshold fitted on validation for
    the target error and what it gives on test, and how well each score tells wrong answers
    (and unseen classes) from right ones (`abstention`).
 
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from service.scores import SCORES, pool, temper, uncertainty
+from contract.scores import SCORES, pool, temper, uncertainty
 from training.abstention import Threshold, apply_threshold, auroc, choose_threshold
 from training.compare import Difference, compare, select_member
 from training.evaluate import classification_metrics

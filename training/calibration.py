@@ -5,7 +5,7 @@ Averaging members that are each well calibrated makes the mean under-confident (
 differ, so the mean spreads its mass), and calibrating each member before averaging does not
 undo that; one temperature after the average does (Rahaman & Thiery, "Uncertainty
 Quantification and Deep Ensembles", NeurIPS 2021). The temperature works in log space
-(`service.scores.temper`), so a probability of 0 stays finite, and T > 0 keeps every argmax.
+(`contract.scores.temper`), so a probability of 0 stays finite, and T > 0 keeps every argmax.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from service.scores import LOG_FLOOR
+from contract.scores import LOG_FLOOR
 
 # The search range of T: far beyond any temperature a sane ensemble needs either way.
 T_MIN, T_MAX = 0.05, 20.0

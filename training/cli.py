@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from service.repository import is_valid_name, scan_model
+from contract.layout import is_valid_name, scan_model
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.repository import first_nonfinite_row
+from contract.manifest import first_nonfinite_row
 
 
 class DataError(Exception):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.repository import Manifest, read_manifest
-from service.scores import served
+from contract.manifest import Manifest, read_manifest
+from contract.scores import served
 from training.compare import Difference
 from training.evaluate import HIGHER_IS_BETTER, classification_metrics
 from training.publish import latest_committed

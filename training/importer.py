@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from service.repository import SUPPORTED_DTYPES, InputSpec, Manifest, OutputSpec, uniform_weights
+from contract.manifest import SUPPORTED_DTYPES, InputSpec, Manifest, OutputSpec, uniform_weights
 from training.publish import MemberArtifact, PublishError, publish_version
 
 _SMOKE_ROWS = 4

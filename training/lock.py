@@ -6,7 +6,6 @@ that finds it held stops at once, publishing nothing, and says who holds it."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from contract.files import lock_file, lock_within
 from training.publish import PublishError
 
 
@@ -27,13 +27,11 @@ def one_trainer(work_dir: Path, name: str) -> Iterator[None]:
     """Hold `<work_dir>/train-<name>.lock` for the run; TrainingBusy if another run holds it."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / f"train-{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = lock_file(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_within(fd, 0):
             raise TrainingBusy(f"another training run of {name!r} is running ({_holder(fd)}; it holds "
-                               f"{path}): one trainer per ensemble at a time") from None
+                               f"{path}): one trainer per ensemble at a time")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)

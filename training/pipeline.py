@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from service.repository import Abstention, Calibration, DataInfo, InputSpec, Manifest, OutputSpec
+from contract.manifest import Abstention, Calibration, DataInfo, InputSpec, Manifest, OutputSpec
 from training.assess import Assessment, Probabilities, assess
 from training.data import DataOptions, Splits, fingerprint, hold_out, normalization_stats, open_source, split
 from training.evaluate import METRICS, format_table

@@ -3,7 +3,7 @@
 A version is assembled under a hidden staging folder beside the versions, the manifest is
 written last and everything is fsynced, then the folder is renamed to the next free number.
 Readers ignore hidden folders and folders without a manifest, so a crash at any point leaves
-nothing they would serve. A publisher holds its staging folder (service.held_folders) while it
+nothing they would serve. A publisher holds its staging folder (contract.held_folders) while it
 works; the next publish removes the staging folders of publishers that died, never a live one's.
 """
 
@@ -16,23 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from service.files import sync_folder
-from service.held_folders import held_folder, remove_abandoned
-from service.repository import (
-    MANIFEST_FILE,
-    MEMBERS_DIR,
-    Abstention,
-    Calibration,
-    DataInfo,
-    InputSpec,
-    Manifest,
-    MemberEntry,
-    OutputSpec,
-    file_digests,
-    is_valid_name,
-    next_version,
-    scan_model,
-)
+from contract.files import sync_folder
+from contract.held_folders import held_folder, remove_abandoned
+from contract.integrity import file_digests
+from contract.layout import MANIFEST_FILE, MEMBERS_DIR, is_valid_name, next_version, scan_model
+from contract.manifest import Abstention, Calibration, DataInfo, InputSpec, Manifest, MemberEntry, OutputSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.scores import SCORES
+from contract.scores import SCORES
 from training.abstention import risk_coverage
 from training.evaluate import METRICS, reliability_bins
 

@@ -8,7 +8,7 @@ A failed run publishes nothing (the pipeline's own guarantee) and is retried at 
 
 from __future__ import annotations
 
-import fcntl
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterator
+
+from contract.files import lock_file, lock_within
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -59,15 +61,13 @@ def next_run(now: datetime, cron: str | None = None, every: timedelta | None = N
 def single_scheduler(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive lock for the scheduler's lifetime; refuse if another holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ScheduleError(f"another scheduler holds {lock_path}; run one scheduler per ensemble") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = lock_file(lock_path)
+    try:
+        if not lock_within(fd, 0):
+            raise ScheduleError(f"another scheduler holds {lock_path}; run one scheduler per ensemble")
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def run_training(train_args: list[str]) -> int:

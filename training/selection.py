@@ -24,8 +24,8 @@ from typing import Literal
 
 import numpy as np
 
-from service.repository import uniform_weights
-from service.scores import pool
+from contract.manifest import uniform_weights
+from contract.scores import pool
 from training.calibration import fit_temperature, tempered_losses
 from training.compare import bootstrap_means
 from training.weighting import fit_weights

@@ -14,7 +14,7 @@ import orjson
 
 from service.edge.limits import json_values
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
-from service.repository import InputSpec, first_nonfinite_row
+from contract.manifest import InputSpec, first_nonfinite_row
 
 _JSON_NUMERIC_KINDS = "iuf"  # ints and floats; bools and strings are type errors
 

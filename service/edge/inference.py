@@ -30,7 +30,7 @@ from service.edge import rest, v2
 from service.edge.limits import Hold, InflightBytes, peer_of, json_value_limit, largest_body
 from service.edge.replies import Reply, encode, internal_error, refusal
 from service.engines.base import Ensemble
-from service.repository import InputSpec
+from contract.manifest import InputSpec
 from service.errors import (
     BytesInFlight,
     DeadlineExceeded,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from service.repository import InputSpec
+from contract.manifest import InputSpec
 
 SMALL_BODY = 64 * 1024
 SMALL_POOL = 16 * 1024 * 1024

@@ -32,8 +32,8 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
 from service.errors import ModelNotFound
-from service.files import read_nofollow
-from service.repository import MANIFEST_FILE, is_valid_name
+from contract.files import read_nofollow
+from contract.layout import MANIFEST_FILE, is_valid_name
 
 REPORT_FILE = "report.json"
 PICTURE = re.compile(r"[a-z0-9_]{1,64}\.png")

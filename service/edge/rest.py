@@ -8,7 +8,7 @@ tensor (`inputs`, its columnar format); the answer is the averaged probabilities
 or `outputs`, as the request was), the top class of each row, the class labels and the version
 that answered; `?members=true` adds each member's probabilities and their disagreement;
 `?uncertainty=true` adds each row's `uncertainty` (entropy, expected_entropy and
-mutual_information, service.scores) and, when the version has an abstention threshold, `abstain`.
+mutual_information, contract.scores) and, when the version has an abstention threshold, `abstain`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from service.edge.arrays import numeric, parse_json_object, to_spec
 from service.edge.replies import Reply, encode
 from service.engines.base import SCORE_COLUMNS, disagreement
 from service.errors import InvalidInput, PayloadTooLarge
-from service.repository import InputSpec
-from service.scores import SCORES
+from contract.manifest import InputSpec
+from contract.scores import SCORES
 
 ABSTAIN = SCORE_COLUMNS.index("abstain")
 

@@ -8,7 +8,7 @@
 One input tensor (`instances`, the manifest's shape with a batch dimension first); outputs
 `probabilities` (rows, classes, the default), `members` (rows, members, classes), the
 uncertainty scores `entropy`, `expected_entropy` and `mutual_information` (rows, FP32,
-service.scores), and `abstain` (rows, BOOL; for versions with an abstention threshold), each
+contract.scores), and `abstain` (rows, BOOL; for versions with an abstention threshold), each
 returned as JSON `data` or as raw little-endian bytes (the binary tensor extension) as the
 request asks.
 """
@@ -26,8 +26,8 @@ from service.edge.arrays import numeric, parse_json_object, to_spec
 from service.edge.replies import Reply, as_response, encode, json_reply
 from service.engines.base import SCORE_COLUMNS
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
-from service.repository import InputSpec
-from service.scores import SCORES
+from contract.manifest import InputSpec
+from contract.scores import SCORES
 
 if TYPE_CHECKING:
     from service.edge.inference import Call, Inference

@@ -19,8 +19,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from service.errors import InferenceFailed
-from service.repository import InputSpec, Manifest, RepositoryError
-from service.scores import SCORES
+from contract.manifest import InputSpec, Manifest, RepositoryError
+from contract.scores import SCORES
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def warmup_batch(spec: InputSpec, rows: int) -> np.ndarray:
     return rng.uniform(0.0, 1.0, size=(rows, *spec.shape)).astype(spec.dtype)
 
 
-# The columns of an engine's scores: service.scores' three, then 1.0 where the row is above the
+# The columns of an engine's scores: contract.scores' three, then 1.0 where the row is above the
 # version's abstention threshold (0.0 everywhere for a version without one).
 SCORE_COLUMNS = (*SCORES, "abstain")
 

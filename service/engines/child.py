@@ -162,7 +162,7 @@ def main(argv: list[str]) -> int:
 
     configure_threads(1, 1)
     from service.engines.compile import compile_version
-    from service.repository import failure_of, read_manifest
+    from contract.manifest import failure_of, read_manifest
 
     try:
         compiled = compile_version(read_manifest(version_dir), version_dir)

@@ -27,8 +27,8 @@ from service.engines.compiled import CompiledVersion
 from service.engines.keras_members import load_members
 from service.engines.lite import load_lite
 from service.engines.tensorflow import freeze, import_frozen
-from service.repository import Manifest
-from service.scores import SCORES
+from contract.manifest import Manifest
+from contract.scores import SCORES
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ here: a server whose versions run on TensorFlow Lite reads these without importi
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -14,7 +13,6 @@ import os
 import secrets
 import stat
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,8 +20,8 @@ from importlib import metadata
 from pathlib import Path
 
 from service.engines.base import LoadError
-from service.files import read_nofollow, write_atomically
-from service.repository import Manifest
+from contract.files import lock_file, lock_within, read_nofollow, write_atomically
+from contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -207,25 +205,16 @@ class CompileCache:
         if self.key() is not None:
             path = self.path_of(manifest).with_suffix(".lock")
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                fd = lock_file(path, 0o600)
             except OSError as exc:
                 log.warning("compiling %s without the cache's lock: %s", _named(manifest), exc)
         try:
-            if fd is not None:
-                deadline = time.monotonic() + wait_seconds
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if give_up():
-                            raise LoadError(f"gave up waiting for {_named(manifest)} to be compiled "
-                                            "elsewhere: the server is stopping") from None
-                        if time.monotonic() >= deadline:
-                            log.warning("%s is still being compiled elsewhere after %.0f s; compiling "
-                                        "it here too", _named(manifest), wait_seconds)
-                            break
-                        time.sleep(0.1)
+            if fd is not None and not lock_within(fd, wait_seconds, give_up, poll=0.1):
+                if give_up():
+                    raise LoadError(f"gave up waiting for {_named(manifest)} to be compiled "
+                                    "elsewhere: the server is stopping")
+                log.warning("%s is still being compiled elsewhere after %.0f s; compiling "
+                            "it here too", _named(manifest), wait_seconds)
             yield
         finally:
             if fd is not None:

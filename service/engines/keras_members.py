@@ -3,7 +3,7 @@
 The members are SavedModels (`model.export`), reloaded as `keras.layers.TFSMLayer`s and joined
 in a Functional-API model whose outputs are the (weighted) average, tempered when the version is
 calibrated (`Temperature`), the stacked per-member probabilities, and each row's uncertainty
-scores with its abstain flag (`Uncertainty`, service.scores in the graph, so that every engine
+scores with its abstain flag (`Uncertainty`, contract.scores in the graph, so that every engine
 computes them in its own kernels, batch by batch). One `tf.function` with a
 fixed input signature runs it, traced once. This is the reference every compiled engine is
 checked against (`compile`); servers do not run it.
@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from service.engines.base import Ensemble, LoadError, no_pause, warm_up
 from service.engines.tensorflow import TensorFlowEngine, input_signature
-from service.repository import InputSpec, Manifest
-from service.scores import LOG_FLOOR, SCORES
+from contract.manifest import InputSpec, Manifest
+from contract.scores import LOG_FLOOR, SCORES
 
 
 class SignatureError(LoadError):
@@ -56,7 +56,7 @@ def _combine(outputs: list, weights: Sequence[float]):
 
 class Temperature(keras.layers.Layer):
     """The calibration after the average: softmax(log(max(p, LOG_FLOOR)) / T), in log space so
-    a probability of 0 stays finite; `service.scores.temper` is the same in NumPy."""
+    a probability of 0 stays finite; `contract.scores.temper` is the same in NumPy."""
 
     def __init__(self, temperature: float, **kwargs):
         super().__init__(**kwargs)
@@ -72,7 +72,7 @@ class Temperature(keras.layers.Layer):
 
 class Uncertainty(keras.layers.Layer):
     """(served probabilities, stacked members) -> (rows, 4): entropy of the served distribution,
-    the members' weighted mean entropy, their mutual information (service.scores, never
+    the members' weighted mean entropy, their mutual information (contract.scores, never
     negative), and 1.0 where the version's abstention score is above its threshold."""
 
     def __init__(self, weights: Sequence[float], abstain_score: str | None = None, threshold: float = 0.0,

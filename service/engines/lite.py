@@ -26,7 +26,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from service.engines.base import SCORE_COLUMNS, Ensemble, LoadError, no_pause, warm_up
-from service.repository import Manifest
+from contract.manifest import Manifest
 
 
 def load_lite(manifest: Manifest, version_dir: Path, model: bytes, warmup_sizes: Sequence[int],

@@ -28,8 +28,9 @@ from service.config import Settings
 from service.engines.base import Ensemble, LoadError
 from service.engines.child import compile_in_child, stops
 from service.engines.compiled import CompileCache, CompiledVersion
-from service.held_folders import held_folder, remove_abandoned
-from service.repository import Manifest, verify_checksums
+from contract.held_folders import held_folder, remove_abandoned
+from contract.integrity import verify_checksums
+from contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

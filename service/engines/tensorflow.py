@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from service.engines.base import Ensemble, LoadError, no_pause, warm_up
 from service.engines.compiled import FrozenGraph
-from service.repository import InputSpec, Manifest
+from contract.manifest import InputSpec, Manifest
 
 log = logging.getLogger(__name__)
 

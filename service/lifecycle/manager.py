@@ -39,15 +39,9 @@ from service.lifecycle.slots import Failure, ModelSlot
 from service.lifecycle.snapshot import Snapshot, take, version_stamp
 from service.lifecycle.status import ensemble_status, pins_status, skips_status
 from service.metrics import ServiceMetrics
-from service.repository import (
-    Manifest,
-    VersionDir,
-    choose_version,
-    failure_of,
-    read_manifest,
-    scan_model,
-    verify_checksums,
-)
+from contract.integrity import verify_checksums
+from contract.layout import VersionDir, choose_version, scan_model
+from contract.manifest import Manifest, failure_of, read_manifest
 
 log = logging.getLogger(__name__)
 

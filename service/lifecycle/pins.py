@@ -22,7 +22,6 @@ is not written over a damaged file (`PinsDamaged`): what it held would be lost f
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -33,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from service.files import read_nofollow, write_atomically
-from service.repository import MAX_VERSION, is_valid_name
+from contract.files import lock_file, lock_within, read_nofollow, write_atomically
+from contract.layout import MAX_VERSION, is_valid_name
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +190,10 @@ class PinStore:
         """The folder's lock, waited for at most LOCK_WAIT_SECONDS (the caller may be the event
         loop): a writer that holds it longer, or a lock that never answers, is an OSError."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / ".pins.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = lock_file(self.folder / ".pins.lock")
         try:
-            give_up = time.monotonic() + LOCK_WAIT_SECONDS
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > give_up:
-                        raise OSError(errno.EWOULDBLOCK, "another writer holds the pins lock; try again") from None
-                    time.sleep(0.005)
+            if not lock_within(fd, LOCK_WAIT_SECONDS):
+                raise OSError(errno.EWOULDBLOCK, "another writer holds the pins lock; try again")
             yield
         finally:
             os.close(fd)

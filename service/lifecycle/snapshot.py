@@ -15,12 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping
 
-from service.repository import (
-    Skipped,
-    VersionDir,
-    scan_model_entries,
-    scan_names_entries,
-)
+from contract.layout import Skipped, VersionDir, scan_model_entries, scan_names_entries
 
 SKIPPED_SHOWN = 100
 

@@ -9,7 +9,7 @@ from typing import Literal
 from service.lifecycle.pins import PinsState
 from service.lifecycle.slots import ModelSlot
 from service.lifecycle.snapshot import Skips
-from service.repository import VersionDir
+from contract.layout import VersionDir
 
 
 def when(at: float) -> str:

@@ -6,7 +6,7 @@ and errors as the REST route (service.edge.rest), with the messages of service.r
 An ensemble has one signature, `serving_default`: its input is `instances` (the manifest's
 shape and dtype), its outputs the REST route's answer as tensors: `predictions` (the averaged
 probabilities), `labels` (the top class of each row), `members` (rows x members x classes),
-`disagreement`, the uncertainty scores (service.scores) and, when the version has an
+`disagreement`, the uncertainty scores (contract.scores) and, when the version has an
 abstention threshold, `abstain`. A Predict without `output_filter` gets all of them, as
 TensorFlow Serving answers with every output of the signature.
 """
@@ -23,7 +23,7 @@ from service.engines.base import disagreement
 from service.errors import InvalidInput, ModelNotFound
 from service.rpc import tfs_messages as m
 from service.rpc.calls import add, deadline, rpc
-from service.scores import SCORES
+from contract.scores import SCORES
 
 SIGNATURE = "serving_default"
 INPUT = "instances"

@@ -27,7 +27,7 @@ from typing import Sequence, get_args
 
 import numpy as np
 
-from service.repository import ScoreName
+from contract.manifest import ScoreName
 
 # Probabilities are floored here before their log: small enough not to move any probability a
 # float32 softmax produces by more than rounding, large enough that log(floor) / T stays finite.

@@ -12,16 +12,16 @@ by hand): it is removed only after a longer grace, or never.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from contract.files import lock_within, open_regular
 
 LOCK_SUFFIX = ".lock"
 
@@ -80,17 +80,13 @@ def _take(lock: Path) -> int | None:
     """A descriptor holding `lock` (a regular file), or None if another process holds it or it
     cannot be opened."""
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = open_regular(lock, os.O_RDWR)
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if lock_within(fd, 0):
         return fd
-    except OSError:  # BlockingIOError included: held
-        os.close(fd)
-        return None
+    os.close(fd)  # held
+    return None
 
 
 def _remove(folder: Path) -> list[Path]:

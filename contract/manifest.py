@@ -1,0 +1,226 @@
+"""The manifest: the contract of one published version, its schema and how it is read.
+
+Shared by the writer (training) and the reader (service), like the rest of `contract`; it imports
+neither TensorFlow nor FastAPI, so both halves (and their tests) can use it cheaply. A version's
+manifest names its input, its output's classes, its members with their weights, kinds and file
+digests, and what the trainer fitted (calibration, abstention, the uncertainty reference).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from contract.layout import MANIFEST_FILE, MEMBERS_DIR, NAME_PATTERN
+
+FORMAT_VERSION = 1
+MEMBER_KINDS = ("tuned", "seed", "snapshot", "swa", "imported")
+SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
+# Weights must sum to one; this absorbs rounding in a JSON round trip.
+WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+class RepositoryError(Exception):
+    """A version on disk is not a valid, complete version."""
+
+    category = "invalid"  # the reason label of the reload-failure metric
+
+
+def failure_of(exc: Exception) -> tuple[str, str]:
+    """(reason, category) of why a version could not be loaded: a RepositoryError says both;
+    anything else (TensorFlow and Keras raise many types for unloadable models) is a `load`
+    failure named by its type."""
+    if isinstance(exc, RepositoryError):
+        return str(exc), exc.category
+    return f"{type(exc).__name__}: {exc}", "load"
+
+
+class ManifestError(RepositoryError):
+    """The manifest is missing, unreadable or does not follow the schema."""
+
+    category = "manifest"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """Shape of one instance (without the batch dimension) and its dtype."""
+
+    shape: tuple[int, ...] = Field(min_length=1)
+    dtype: Literal["float32", "float64", "int32", "int64", "uint8"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"every dimension must be a positive integer, got {list(shape)}")
+        return shape
+
+
+class OutputSpec(_Strict):
+    """The class labels, in the order of the probability columns."""
+
+    classes: tuple[str, ...] = Field(min_length=2)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(classes)) != len(classes):
+            raise ValueError("class labels must be unique")
+        return classes
+
+
+class MemberEntry(_Strict):
+    """One ensemble member: where it is, how it was made, how it did, and its files' digests."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str
+    kind: Literal["tuned", "seed", "snapshot", "swa", "imported"]
+    hyperparameters: dict[str, bool | int | float | str | None] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    weight: float = Field(gt=0.0, le=1.0)
+    files: dict[str, str] = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_members(cls, path: str) -> str:
+        parts = PurePosixPath(path).parts
+        if len(parts) != 2 or parts[0] != MEMBERS_DIR or parts[1] in ("..", "."):
+            raise ValueError(f"member path must be '{MEMBERS_DIR}/<member>', got {path!r}")
+        return path
+
+    @field_validator("files")
+    @classmethod
+    def _relative_files_and_digests(cls, files: dict[str, str]) -> dict[str, str]:
+        for rel, digest in files.items():
+            p = PurePosixPath(rel)
+            if p.is_absolute() or ".." in p.parts or rel != p.as_posix():
+                raise ValueError(f"file path {rel!r} must be relative, normalised, inside the member")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"digest of {rel!r} is not a sha256 hex digest")
+        return files
+
+
+class DataInfo(_Strict):
+    """Where the training data came from, and a fingerprint of its contents."""
+
+    source: str
+    fingerprint: str
+    rows: dict[str, int] = Field(default_factory=dict)
+
+
+# The uncertainty scores of a prediction (contract.scores computes them).
+ScoreName = Literal["entropy", "expected_entropy", "mutual_information"]
+
+
+class Calibration(_Strict):
+    """Pool, then calibrate: the temperature applied to the averaged members (contract.scores)."""
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0.0, le=100.0)
+
+
+class Abstention(_Strict):
+    """When a prediction should not be trusted: a row whose `score` (contract.scores.SCORES) is
+    above `threshold` is flagged `abstain`. Fitted on the validation split so that the answered
+    rows err at most `target_error`; `coverage` is the share it answered there."""
+
+    score: ScoreName
+    threshold: float
+    target_error: float = Field(gt=0.0, lt=1.0)
+    coverage: float = Field(ge=0.0, le=1.0)
+
+
+class Manifest(_Strict):
+    """The contract of one published version. Written last; its presence commits the version."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    created: datetime
+    input: InputSpec
+    output: OutputSpec
+    members: tuple[MemberEntry, ...] = Field(min_length=1)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    data: DataInfo | None = None
+    replaces: int | None = None
+    calibration: Calibration | None = None
+    abstention: Abstention | None = None
+    # Mean of each uncertainty score on the validation split: the level a drift alert compares with.
+    uncertainty_reference: dict[ScoreName, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _members_consistent(self) -> "Manifest":
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        paths = [m.path for m in self.members]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"member paths must be unique, got {paths}")
+        total = sum(m.weight for m in self.members)
+        if not math.isclose(total, 1.0, abs_tol=WEIGHT_SUM_TOLERANCE):
+            raise ValueError(f"member weights must sum to 1, they sum to {total}")
+        return self
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(m.weight for m in self.members)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature of the pooled distribution (1: not calibrated)."""
+        return self.calibration.temperature if self.calibration is not None else 1.0
+
+
+def first_nonfinite_row(x: np.ndarray) -> int | None:
+    """Index of the first row holding NaN or infinity, or None if every value is finite: rows a
+    version is trained on or asked about must be finite."""
+    if x.dtype.kind != "f":
+        return None
+    # For float32 and narrower, one float64 sum decides: NaN and infinity reach it, and finite
+    # values cannot overflow it. A float64 sum could overflow, so float64 is checked value by value.
+    if x.dtype.itemsize < 8 and np.isfinite(np.add.reduce(x, axis=None, dtype=np.float64)):
+        return None
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def uniform_weights(n: int) -> list[float]:
+    """Equal averaging weights for n members that sum to exactly one after rounding."""
+    if n < 1:
+        raise ValueError("an ensemble needs at least one member")
+    return [1.0 / n] * n
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    """Parse and validate a version's manifest, checking it names the folder it sits in."""
+    path = version_dir / MANIFEST_FILE
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ManifestError(f"{path} is not a regular file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist (the version is not committed)") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ManifestError(f"{path} does not follow the schema: {problems}") from None
+    if manifest.name != version_dir.parent.name or str(manifest.version) != version_dir.name:
+        raise ManifestError(
+            f"{path} describes {manifest.name}/{manifest.version} but sits in "
+            f"{version_dir.parent.name}/{version_dir.name}"
+        )
+    return manifest
