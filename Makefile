@@ -39,10 +39,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 # What is generated from the .proto files (checked in; run after editing one): the Open Inference
-# Protocol's modules, and the descriptor set of TensorFlow Serving's definitions (service/rpc/gen/tfs).
+# Protocol's modules, and the descriptor set of TensorFlow Serving's definitions (service/protocols/gen/tfs).
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. service/rpc/gen/*.proto
-	cd service/rpc/gen/tfs && ../../../../$(BIN)/python -m grpc_tools.protoc -I . --include_imports \
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. service/protocols/gen/*.proto
+	cd service/protocols/gen/tfs && ../../../../$(BIN)/python -m grpc_tools.protoc -I . --include_imports \
 		--descriptor_set_out=../tensorflow_serving.binpb $$(find . -name '*.proto' | sort)
 
 test-slow: $(STAMP)

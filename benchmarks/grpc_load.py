@@ -4,7 +4,7 @@ ceiling on this machine.
 `ghz` is not installable here, so the generator is Python: P worker processes (spawned, 2 by
 default), each running a grpc.aio client whose share of the N concurrent streams (calls kept in
 flight, closed loop, as wrk's connections) go over one or a few channels. Requests are built
-once with the service's own generated messages (service.rpc.gen) and sent pre-serialized, with
+once with the service's own generated messages (service.protocols.gen) and sent pre-serialized, with
 the input in `raw_input_contents`; replies are not parsed (one is, before the load, to check it).
 All workers start together at a shared clock time; each counts the calls that complete inside
 the window and keeps their latencies, which are merged for p50/p99.
@@ -75,7 +75,7 @@ class GrpcLoad:
 # -- requests and replies (the service's generated messages; only the parent process) -----------
 
 def _pb():
-    from service.rpc.gen import grpc_predict_v2_pb2 as pb
+    from service.protocols.gen import grpc_predict_v2_pb2 as pb
 
     # The method's path from the protocol's descriptor, not typed twice.
     assert pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == SERVICE
@@ -85,8 +85,7 @@ def _pb():
 def infer_request(model: str, x: np.ndarray, raw: bool = True, version: str = "",
                   input_name: str = "instances") -> bytes:
     """A serialized ModelInferRequest carrying `x` (rows first) raw or as typed contents."""
-    from service.edge.v2 import datatype
-    from service.rpc.v2 import CONTENTS
+    from service.protocols.oip import CONTENTS, datatype
 
     pb = _pb()
     name = datatype(x.dtype.name)
@@ -141,7 +140,7 @@ def model_input_shape(target: str, model: str, timeout: float = 30.0) -> tuple[t
     import grpc
 
     pb = _pb()
-    from service.rpc.gen import grpc_predict_v2_pb2_grpc as pb_grpc
+    from service.protocols.gen import grpc_predict_v2_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
         meta = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(pb.ModelMetadataRequest(name=model),
@@ -387,7 +386,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, the repository root must be importable for service.rpc.gen.
+    # Run as a script, the repository root must be importable for service.protocols.gen.
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

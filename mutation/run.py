@@ -32,7 +32,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     # tests/test_answers.py (the real ensemble behind the batcher) is left out: it cost about 10 s
     # a mutant, against well under one for the rest, and the run has to fit in an afternoon.
     "batching": (["service/batching.py"], ["tests/test_batching.py", "tests/test_mutants.py"]),
-    "codecs": (["service/edge/arrays.py", "service/edge/rest.py", "service/edge/v2.py"],
+    "codecs": (["service/protocols/arrays.py", "service/edge/rest.py", "service/edge/v2.py"],
                ["tests/test_codec.py", "tests/test_hostile.py", "tests/test_protocols.py",
                 "tests/test_uncertainty_api.py", "tests/test_mutants.py"]),
     "repository": (["contract/*.py"],

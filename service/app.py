@@ -15,7 +15,9 @@ from service.batching import Batcher
 from service.config import Settings
 from service.edge import reports, routes, v2
 from service.edge.fast_http import path_in_use
-from service.edge.inference import Edge
+from service.dataplane.inference import DataPlane
+from service.dataplane.limits import InflightBytes
+from service.edge.asgi import Edge
 from service.edge.replies import install_error_replies
 from service.engines.child import stop_all
 from service.engines.loader import EngineLoader, plan_of
@@ -23,6 +25,7 @@ from service.lifecycle.manager import Loader, ModelManager
 from service.lifecycle.memory import tune_garbage_collector
 from service.lifecycle.pins import PinStore, pins_folder
 from service.metrics import ServiceMetrics
+from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,22 @@ def create_app(
     loader: Loader | None = None,
 ) -> Edge:
     """The ASGI application (the inference layer in front of FastAPI); pass settings, a metrics
-    object and a loader to replace the defaults. `.app` is the FastAPI application."""
+    object and a loader to replace the defaults. `.app` is the FastAPI application, `.plane`
+    the data plane and `.plane.runtime` what they share."""
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
     threads = plan_of(settings, os.cpu_count() or 1)
+    runtime = Runtime(
+        settings, metrics,
+        ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
+                     settings.version_policy, settings.poll_interval_seconds, settings.default_model,
+                     PinStore(pins_folder(settings.repository, settings.state_dir)), settings.loader_duty_cycle),
+        Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue_rows,
+                on_batch=metrics.observe_batch, on_depth=metrics.queue_depth.set,
+                threads=threads.inference_threads),
+        InflightBytes(settings.max_inflight_bytes, per_peer=settings.max_inflight_bytes_per_peer),
+        path_in_use(settings))
+    plane = DataPlane(runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,24 +59,15 @@ def create_app(
         switch_interval = sys.getswitchinterval()
         if settings.switch_interval_ms:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
-        manager = ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
-                               settings.version_policy, settings.poll_interval_seconds,
-                               settings.default_model,
-                               PinStore(pins_folder(settings.repository, settings.state_dir)),
-                               settings.loader_duty_cycle)
-        batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000,
-                          settings.max_queue_rows, on_batch=metrics.observe_batch,
-                          on_depth=metrics.queue_depth.set, threads=threads.inference_threads)
-        app.state.manager, app.state.batcher = manager, batcher
+        manager, batcher = runtime.manager, runtime.batcher
         batcher.start()
         await manager.start()
         grpc_server = None
         try:
-            if settings.grpc_port:  # imported only then: its protocol definitions load with it
+            if settings.grpc_port:  # imported only then: its server and services load with it
                 from service.rpc import server as rpc
 
-                # The edge's Inference: gRPC shares HTTP's bytes in flight
-                grpc_server = rpc.GrpcService(settings.host, settings.grpc_port, edge.inference, settings)
+                grpc_server = rpc.GrpcService(settings.host, settings.grpc_port, plane, settings)
                 await grpc_server.start()
             yield
         finally:
@@ -78,13 +84,10 @@ def create_app(
 
     # /docs comes from service.edge.reports, on local assets: FastAPI's own loads them from a CDN.
     app = FastAPI(title="ensemble-serving", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.settings, app.state.metrics = settings, metrics
-    app.state.http_path = path_in_use(settings)
-    metrics.http_fast_path.set(1 if app.state.http_path == "fast" else 0)
+    metrics.http_fast_path.set(1 if runtime.http_path == "fast" else 0)
     install_error_replies(app)
-    routes.register(app)
-    v2.register(app)
-    reports.register(app)
+    routes.register(app, runtime)
+    v2.register(app, runtime)
+    reports.register(app, settings.repository)
     Edge.document(app)
-    edge = Edge(app, settings, metrics)
-    return edge
+    return Edge(app, plane)

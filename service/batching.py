@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 
 class Predictor(Protocol):
-    """What the batcher calls: rows in, (averaged, per-member) probabilities out, and optionally
-    a third array of per-row outputs (an ensemble's uncertainty scores); every array rows first."""
+    """What the batcher calls: rows in, a tuple of arrays out, every one rows first. The batcher
+    gives each request its own rows of every array and never reads what they mean (an
+    ensemble's `answer` does: service.answer)."""
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
@@ -87,11 +88,8 @@ class BatchStats:
     requests: int
     queue_wait: list[float] = field(default_factory=list)
     inference_seconds: float = 0.0
-    model: str = ""
-    classes: tuple[str, ...] = ()
-    average: np.ndarray | None = None  # the batch's outputs, for disagreement and class metrics
-    members: np.ndarray | None = None
-    scores: np.ndarray | None = None  # the third output, if any, for the uncertainty metrics
+    predictor: Predictor | None = None  # what computed the batch, and its outputs: the metrics
+    outputs: tuple[np.ndarray, ...] = ()  # read their meaning (service.metrics.observe_batch)
 
 
 class Batcher:
@@ -168,9 +166,9 @@ class Batcher:
         if self._queued_rows >= self.max_queue_rows:
             raise QueueFull(f"the queue is full ({self._queued_rows} rows, the limit is {self.max_queue_rows})")
 
-    async def submit(self, predictor: Predictor, x: np.ndarray, deadline: float | None = None):
-        """The predictor's outputs for x ((averaged, per-member) probabilities, and its third
-        output if it has one), computed in some batch."""
+    async def submit(self, predictor: Predictor, x: np.ndarray,
+                     deadline: float | None = None) -> tuple[np.ndarray, ...]:
+        """The predictor's outputs for the rows x (x's rows of each), computed in some batch."""
         rows = len(x)
         if self._closing:
             raise NotReady("the service is shutting down")
@@ -236,7 +234,7 @@ class Batcher:
             self._cond.wait(remaining)
 
     def _compute(self, batch: list[_Item]):
-        """(items computed, items expired, (average, members) or the error, stats) for a batch."""
+        """(items computed, items expired, the outputs or the error, stats) for a batch."""
         now = time.monotonic()
         live, expired = [], []
         for item in batch:
@@ -250,19 +248,17 @@ class Batcher:
         x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])
         started = time.monotonic()
         try:
-            outputs = live[0].predictor.predict(x)
-            average, members, scores = outputs[0], outputs[1], outputs[2] if len(outputs) > 2 else None
-            if any(len(a) != len(x) for a in outputs):
-                raise InferenceFailed(f"the ensemble returned {len(average)} rows for a batch of {len(x)}")
+            outputs = tuple(live[0].predictor.predict(x))
+            wrong = [len(a) for a in outputs if len(a) != len(x)]
+            if wrong or not outputs:
+                raise InferenceFailed(f"the ensemble returned {wrong[0] if wrong else 0} rows for a batch "
+                                      f"of {len(x)}")
         except Exception as exc:  # every waiter gets the error, the batcher keeps serving
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}")
             log.error("batch of %d rows failed: %s", len(x), error)
             return live, expired, error, None
-        predictor = live[0].predictor
-        classes = getattr(predictor, "classes", ())
         stats = BatchStats(len(x), len(live), [started - item.enqueued for item in live],
-                           time.monotonic() - started, getattr(predictor, "name", ""), classes,
-                           average if classes else None, members if classes else None, scores)
+                           time.monotonic() - started, live[0].predictor, outputs)
         return live, expired, outputs, stats
 
     # -- back on the event loop ----------------------------------------------------------------
@@ -279,23 +275,13 @@ class Batcher:
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(outcome)
-        elif outcome is not None and len(outcome) == 2:
-            average, members = outcome
-            offset = 0
-            for item in live:
-                n = len(item.x)
-                if not item.future.done():
-                    item.future.set_result((average[offset:offset + n], members[offset:offset + n]))
-                offset += n
         elif outcome is not None:
-            average, members, scores = outcome
             offset = 0
             for item in live:
-                n = len(item.x)
+                end = offset + len(item.x)
                 if not item.future.done():
-                    end = offset + n
-                    item.future.set_result((average[offset:end], members[offset:end], scores[offset:end]))
-                offset += n
+                    item.future.set_result(tuple([array[offset:end] for array in outcome]))
+                offset = end
         with self._cond:
             self._unanswered -= 1
         self.on_depth(depth)

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
                          "socket and holding its own ensemble")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body; "
                                 "lower still for a model whose largest valid request is smaller "
-                                "(service.edge.limits)")
+                                "(service.dataplane.limits)")
     max_inflight_bytes: int = Field(
         128 * 1024 * 1024, ge=1024, description="request bodies held at once, being received or "
         "answered, in bytes; a body that would pass it is answered 429 with Retry-After (bodies "

@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from service.engines.base import SCORE_COLUMNS, disagreement
+from service.answer import Answer
 
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -52,7 +52,6 @@ def resident_bytes() -> int:
 
 
 _FEW = 8  # batches of at most this many values are counted without numpy (BatchHistogram)
-_MUTUAL_INFORMATION, _ABSTAIN = SCORE_COLUMNS.index("mutual_information"), SCORE_COLUMNS.index("abstain")
 
 
 class BatchHistogram(Collector):
@@ -247,20 +246,23 @@ class ServiceMetrics:
         self.inference_duration.observe(stats.inference_seconds)
         for wait in stats.queue_wait:  # one per request, as the request duration is
             self.queue_wait.observe(wait)
-        if stats.average is not None:
-            self.observe_predictions(stats.model, stats.classes, stats.average, stats.members)
-        if stats.scores is not None:  # an engine's scores: service.engines.base.SCORE_COLUMNS
-            self.mutual_information.observe_many((stats.model,), stats.scores[:, _MUTUAL_INFORMATION])
-            abstained = int(np.count_nonzero(stats.scores[:, _ABSTAIN]))
-            if abstained:
-                self._child(self.abstained_rows, stats.model).inc(abstained)
+        answer = getattr(stats.predictor, "answer", None)  # an ensemble's: service.answer
+        if answer is not None and stats.outputs:
+            self.observe_answer(answer(stats.outputs))
 
-    def observe_predictions(self, model: str, classes, average: np.ndarray, members: np.ndarray) -> None:
-        """What only an ensemble has: member disagreement, and the predicted classes (drift)."""
-        self.disagreement.observe_many((model,), disagreement(members, average))
-        counts = np.bincount(average.argmax(axis=1), minlength=len(classes))
+    def observe_answer(self, answer: Answer) -> None:
+        """What only an ensemble has: member disagreement, the predicted classes (drift), the
+        members' mutual information and the rows that abstained."""
+        head, model = answer.head, answer.name
+        self.disagreement.observe_many((model,), head.disagreement())
+        counts = np.bincount(head.combined.argmax(axis=1), minlength=len(head.labels))
         for i in np.flatnonzero(counts):
-            self._child(self.predicted_class, model, classes[i]).inc(int(counts[i]))
+            self._child(self.predicted_class, model, head.labels[i]).inc(int(counts[i]))
+        self.mutual_information.observe_many((model,), head.score("mutual_information"))
+        abstain = head.abstain()
+        abstained = int(np.count_nonzero(abstain)) if abstain is not None else 0
+        if abstained:
+            self._child(self.abstained_rows, model).inc(abstained)
 
     def update_process(self) -> None:
         self.resident_memory.set(resident_bytes())

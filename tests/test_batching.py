@@ -249,7 +249,7 @@ def test_max_delay_waits_for_company_but_not_forever():
 
 
 def test_inference_routes_match_templates_and_parameters():
-    from service.edge.inference import match_route
+    from service.edge.asgi import match_route
 
     assert match_route("/predict") == ("/predict", "predict", {})
     assert match_route("/v1/models/digits:predict") == ("/v1/models/{name}:predict", "tfs_predict", {"name": "digits"})
@@ -261,7 +261,7 @@ def test_inference_routes_match_templates_and_parameters():
 
 def test_deadline_header_and_default():
     from service.errors import InvalidInput
-    from service.edge.inference import deadline_from
+    from service.edge.asgi import deadline_from
 
     now = time.monotonic()
     assert deadline_from({}, 0) is None

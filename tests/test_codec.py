@@ -6,9 +6,9 @@ import numpy as np
 import orjson
 import pytest
 
-from service.edge.arrays import parse_json_object
-from service.edge.rest import instances_to_array, numeric_rows, predicted_labels
-from service.engines.base import disagreement
+from service.protocols.arrays import parse_json_object
+from service.protocols.predict import instances_to_array, numeric_rows
+from service.answer import disagreement
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from contract.manifest import InputSpec, first_nonfinite_row
 
@@ -80,14 +80,18 @@ def test_integer_inputs_refuse_fractions():
 
 
 def test_labels_and_disagreement():
+    from service.answer import Head
+
     avg = np.array([[0.6, 0.4], [0.2, 0.8]])
     members = np.array([[[0.9, 0.1], [0.3, 0.7]], [[0.1, 0.9], [0.3, 0.7]]])
-    assert predicted_labels(avg, ["cat", "dog"]) == ["cat", "dog"]
+    head = Head("probabilities", "classification", ("cat", "dog"), avg, members, np.zeros((2, 4)), False)
+    assert head.top_labels() == ["cat", "dog"]
     np.testing.assert_allclose(disagreement(members, avg), [0.5, 0.0])
+    np.testing.assert_allclose(head.disagreement(), [0.5, 0.0])
 
 
 def test_v2_data_for_integer_inputs_refuses_fractions_like_instances_do():
-    from service.edge.v2 import input_array as v2_input_array
+    from service.protocols.oip import input_array as v2_input_array
 
     spec = InputSpec(shape=(2,), dtype="int32")
     tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32"}

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.edge import rest, v2
+from service.protocols import oip as v2
+from service.protocols import predict as rest
 from service.errors import ServiceError
 from contract.manifest import InputSpec
 from tests.server import ServerProcess

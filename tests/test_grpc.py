@@ -4,7 +4,7 @@ for typed contents, grpc's health and reflection stubs; answers agree with POST 
 errors of the HTTP suite get the matching gRPC status.
 
 tritonclient brings its own definitions of the `inference` protocol, so this test process never
-imports the service's (service.rpc.gen): the two would clash in protobuf's default pool."""
+imports the service's (service.protocols.gen): the two would clash in protobuf's default pool."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from service.config import Settings
-from service.edge.limits import largest_message
+from service.dataplane.limits import largest_message
 from contract.manifest import InputSpec
 from tests.conftest import free_port
 from tests.server import ServerProcess, grpc_server

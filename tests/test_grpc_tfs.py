@@ -1,7 +1,7 @@
 """TensorFlow Serving over gRPC against a real `ensemble-serve` process, with
 tensorflow-serving-api's own client stubs and TensorFlow's tensor helpers: Predict agrees with
 POST /predict, GetModelMetadata describes the signature, GetModelStatus the versions, each error
-of the REST suite gets its gRPC twin, and the server's own definitions (service/rpc/gen/tfs)
+of the REST suite gets its gRPC twin, and the server's own definitions (service/protocols/gen/tfs)
 match the package's field for field."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service.rpc import tfs_messages
+from service.protocols import tfs_messages
 from tests.server import grpc_server
 
 Code = grpc.StatusCode

@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from service.batching import Batcher
 from service.config import Settings
-from service.edge.arrays import parse_json_object, to_spec
-from service.edge.limits import SMALL_BODY, Hold, InflightBytes, json_value_limit, json_values, largest_body
-from service.edge.rest import instances_to_array
-from service.edge.v2 import input_array, wanted_outputs
+from service.protocols.arrays import parse_json_object, to_spec
+from service.dataplane.limits import SMALL_BODY, Hold, InflightBytes, json_value_limit, json_values, largest_body
+from service.protocols.oip import input_array, wanted_outputs
+from service.protocols.predict import instances_to_array
 from service.errors import InvalidInput, PayloadTooLarge
 from contract.manifest import InputSpec
 from tests.test_api import make_client
@@ -165,7 +165,7 @@ def test_json_values_bounds_what_a_parse_creates():
 
 
 def test_a_body_of_more_values_than_a_valid_request_is_413_before_it_is_parsed(monkeypatch):
-    import service.edge.arrays as arrays
+    import service.protocols.arrays as arrays
 
     parsed = []
     monkeypatch.setattr(arrays.orjson, "loads", lambda b: parsed.append(b) or {})
@@ -431,7 +431,7 @@ def test_the_images_settings_keep_the_documented_bound_within_the_containers_mem
     400 MiB for the idle server: within the memory limit the Deployment gives the api."""
     import re
 
-    from service.edge.limits import memory_bound
+    from service.dataplane.limits import memory_bound
     from tests.deploy_checks import image_limits
 
     root = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Hostile clients against a real server process: 32 connections at once sending bodies built to
 make a parser allocate (numbers, empty rows, deep nesting, rows that parse but are wrong),
 while a normal client goes on asking. The server's resident memory stays within its stated
-bound (service.edge.limits) and the normal client is answered throughout."""
+bound (service.dataplane.limits) and the normal client is answered throughout."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from service.config import Settings
-from service.edge.limits import SMALL_POOL, json_value_limit, largest_body
+from service.dataplane.limits import SMALL_POOL, json_value_limit, largest_body
 from contract.manifest import InputSpec
 from tests.server import ServerProcess
 
@@ -96,7 +96,7 @@ def test_32_hostile_clients_cannot_grow_memory_past_the_bound_and_normal_request
             t.join()
         peak = peak_rss(server.proc.pid)
 
-        # The bound of service.edge.limits: the bodies in flight (both pools, each buffer up to
+        # The bound of service.dataplane.limits: the bodies in flight (both pools, each buffer up to
         # 1/8 over-allocated as it grows), one parse's values (<= 32 bytes each) and up to four
         # working copies of its body, with 64 MiB for the allocator's slack and the batches.
         bound = (SETTINGS.max_inflight_bytes + SMALL_POOL) * 9 // 8 + VALUES * 32 + 4 * LIMIT + 64 * 2**20
@@ -120,12 +120,12 @@ def test_16_maximal_requests_on_each_protocol_stay_within_the_documented_bound(t
     """On the image's memory settings (Dockerfile), 16 concurrent maximal requests on each of
     HTTP JSON (4,096 rows of full-precision numbers: parsed, then computed or refused 429), HTTP
     binary (4,096 rows of FP32) and gRPC (messages of nearly the receive limit), for 10 s: the
-    peak stays under docs/operations.md's bound, service.edge.limits.memory_bound."""
+    peak stays under docs/operations.md's bound, service.dataplane.limits.memory_bound."""
     import grpc
     import numpy as np
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    from service.edge.limits import largest_message, memory_bound
+    from service.dataplane.limits import largest_message, memory_bound
     from tests.deploy_checks import image_limits
     from tests.server import grpc_server
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.engines.base import disagreement
+from service.answer import disagreement
 from service.metrics import DISAGREEMENT_BUCKETS, BatchHistogram, resident_bytes
 
 

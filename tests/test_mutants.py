@@ -174,25 +174,46 @@ def test_two_merged_requests_each_get_their_own_rows_of_three_outputs():
     assert a1.tolist() == [[1.0], [2.0]] and s1.tolist() == [[10.0], [20.0]] and m1.shape == (2, 1, 1)
     assert a2.tolist() == [[3.0]] and s2.tolist() == [[30.0]] and m2.shape == (1, 1, 1)
     stats = seen[-1]
-    assert (stats.rows, stats.requests, stats.model, stats.classes) == (3, 2, "digits", ("a",))
-    assert stats.average.tolist() == [[1.0], [2.0], [3.0]] and stats.members.shape == (3, 1, 1)
-    assert stats.scores.tolist() == [[10.0], [20.0], [30.0]]
+    assert (stats.rows, stats.requests) == (3, 2) and isinstance(stats.predictor, Scored)
+    average, members, scores = stats.outputs
+    assert average.tolist() == [[1.0], [2.0], [3.0]] and members.shape == (3, 1, 1)
+    assert scores.tolist() == [[10.0], [20.0], [30.0]]
     assert len(stats.queue_wait) == 2 and all(0 <= w < 5 for w in stats.queue_wait)
     assert isinstance(stats.inference_seconds, float) and 0 <= stats.inference_seconds < 5
 
 
-def test_batch_stats_of_a_predictor_without_name_or_classes_carry_no_outputs():
-    async def main():
+def test_the_metrics_read_a_batch_through_its_ensembles_answer_and_skip_other_predictors():
+    from service.answer import Answer, Head
+    from service.metrics import ServiceMetrics
+
+    class Answering(Fake):
+        """A predictor with an `answer`, as an ensemble has: its two outputs named as one head."""
+
+        def predict(self, x):
+            return np.hstack([x, 1 - x]), np.stack([np.hstack([x, 1 - x])] * 2, axis=1), np.zeros((len(x), 4))
+
+        def answer(self, outputs):
+            head = Head("probabilities", "classification", ("a", "b"), *outputs, abstains=False)
+            return Answer("digits", 1, ("m0", "m1"), {head.name: head})
+
+    async def main(fake):
         seen = []
-        b, fake = await started(on_batch=seen.append), Fake()
-        await b.submit(fake, np.ones((2, 1), np.float32))
+        b = await started(on_batch=seen.append)
+        await b.submit(fake, np.array([[0.9], [0.2]], np.float32))
         await asyncio.sleep(0.01)
         await b.stop()
         return seen
 
-    (stats,) = run(main())
-    assert (stats.rows, stats.requests, stats.model, stats.classes) == (2, 1, "", ())
-    assert stats.average is None and stats.members is None and stats.scores is None
+    metrics = ServiceMetrics()
+    for fake in (Fake(), Answering()):
+        (stats,) = run(main(fake))
+        assert (stats.rows, stats.requests) == (2, 1) and stats.predictor is fake
+        metrics.observe_batch(stats)
+    text = metrics.exposition().decode()
+    assert "ensemble_batch_size_rows_count 2.0" in text  # both batches: sizes and times
+    assert 'ensemble_member_disagreement_ratio_count{model="digits"} 2.0' in text  # the answering one only
+    assert 'ensemble_predicted_class_total{class="a",model="digits"} 1.0' in text
+    assert 'ensemble_predicted_class_total{class="b",model="digits"} 1.0' in text
 
 
 def test_an_inference_failed_from_the_predictor_keeps_its_message_and_is_logged(caplog):
@@ -251,7 +272,7 @@ def test_each_batcher_bound_is_checked_on_its_own(bad):
 # -- the codecs -------------------------------------------------------------------------------
 
 def test_a_value_below_an_integer_range_is_the_one_named():
-    from service.edge.arrays import check_range
+    from service.protocols.arrays import check_range
     from service.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^'instances' holds -1 outside the range of input dtype uint8 \[0, 255\]$"):
@@ -262,7 +283,7 @@ def test_a_value_below_an_integer_range_is_the_one_named():
 
 
 def test_byte_strings_and_other_kinds_are_named_in_the_refusal():
-    from service.edge.arrays import numeric
+    from service.protocols.arrays import numeric
     from service.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^'x' must hold numbers only; found strings$"):
@@ -272,7 +293,7 @@ def test_byte_strings_and_other_kinds_are_named_in_the_refusal():
 
 
 def test_columnar_inputs_name_their_field_in_every_refusal():
-    from service.edge.rest import columnar_inputs
+    from service.protocols.predict import columnar_inputs
     from service.errors import InvalidInput
     from contract.manifest import InputSpec
 
@@ -287,7 +308,7 @@ def test_columnar_inputs_name_their_field_in_every_refusal():
 def test_v2_model_metadata_in_full():
     from types import SimpleNamespace
 
-    from service.edge.v2 import model_metadata
+    from service.protocols.oip import model_metadata
     from contract.manifest import InputSpec
     from contract.scores import SCORES
 
@@ -308,7 +329,7 @@ def test_v2_model_metadata_in_full():
 def test_v2_model_metadata_with_an_abstention_threshold():
     from types import SimpleNamespace
 
-    from service.edge.v2 import model_metadata
+    from service.protocols.oip import model_metadata
     from contract.manifest import Abstention, InputSpec
 
     abstention = Abstention(score="entropy", threshold=0.5, target_error=0.05, coverage=0.9)
@@ -321,27 +342,31 @@ def test_v2_model_metadata_with_an_abstention_threshold():
 
 
 def test_v2_server_metadata_and_readiness_replies():
-    import json
     from types import SimpleNamespace
 
-    from service.edge.v2 import v2_ready, v2_server_metadata
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
 
-    reply = asyncio.run(v2_server_metadata())
-    assert reply.status_code == 200
-    assert json.loads(reply.body) == {"name": "ensemble-serving", "version": "0.1.0",
-                                      "extensions": ["binary_tensor_data"]}
+    from service.edge.v2 import register
+
     for ready, status in ((True, 200), (False, 503)):
-        manager = SimpleNamespace(readiness=lambda ready=ready: (ready, []))
-        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(manager=manager)))
-        reply = asyncio.run(v2_ready(request))
-        assert (reply.status_code, json.loads(reply.body)) == (status, {"ready": ready})
+        app = FastAPI()
+        register(app, SimpleNamespace(manager=SimpleNamespace(readiness=lambda ready=ready: (ready, []))))
+        with TestClient(app) as client:
+            reply = client.get("/v2")
+            assert reply.status_code == 200
+            assert reply.json() == {"name": "ensemble-serving", "version": "0.1.0",
+                                    "extensions": ["binary_tensor_data"]}
+            reply = client.get("/v2/health/ready")
+            assert (reply.status_code, reply.json()) == (status, {"ready": ready})
 
 
 def test_members_by_name_gives_each_member_its_rows():
-    from service.edge.rest import members_by_name
+    from service.answer import Head
 
     probs = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (rows, members, classes)
-    by_name = members_by_name(probs, ["a", "b", "c"])
+    head = Head("probabilities", "classification", tuple("wxyz"), probs[:, 0], probs, np.zeros((2, 4)), False)
+    by_name = head.members_by_name(["a", "b", "c"])
     assert list(by_name) == ["a", "b", "c"]
     for i, name in enumerate("abc"):
         np.testing.assert_array_equal(by_name[name], probs[:, i, :])
@@ -366,19 +391,22 @@ def test_a_split_request_keeps_its_deadline():
     assert run(main()) == [1]  # none of the three chunks was computed
 
 
-class Broken(Fake):
-    """A predictor whose `classes` cannot be read: the batcher's own code fails after predict."""
+def test_a_bug_in_the_batcher_fails_its_batch_with_the_exception_type_and_the_thread_goes_on(caplog, monkeypatch):
+    import service.batching as batching
 
-    @property
-    def classes(self):
-        raise RuntimeError("no classes")
+    real = batching.BatchStats
 
+    def broken(rows, *args):  # the batcher's own code failing after predict, on one batch
+        if rows == 3:
+            raise RuntimeError("planted")
+        return real(rows, *args)
 
-def test_a_bug_in_the_batcher_fails_its_batch_with_the_exception_type_and_the_thread_goes_on(caplog):
+    monkeypatch.setattr(batching, "BatchStats", broken)
+
     async def main():
         b, fake = await started(), Fake()
         with pytest.raises(InferenceFailed, match=r"^internal error in the batcher: RuntimeError$"):
-            await b.submit(Broken(), np.ones((1, 1), np.float32))
+            await b.submit(fake, np.ones((3, 1), np.float32))
         average, _ = await b.submit(fake, np.ones((1, 2), np.float32))
         await b.stop()
         return average
@@ -388,7 +416,7 @@ def test_a_bug_in_the_batcher_fails_its_batch_with_the_exception_type_and_the_th
 
 
 def test_v2_check_input_messages_and_bounds():
-    from service.edge.v2 import DATATYPES, check_input
+    from service.protocols.oip import DATATYPES, check_input
     from service.errors import InvalidInput
     from contract.manifest import InputSpec
 
@@ -409,7 +437,7 @@ def test_v2_check_input_messages_and_bounds():
 
 
 def test_instances_at_the_row_limit_are_taken_and_refusals_name_the_field():
-    from service.edge.rest import instances_to_array
+    from service.protocols.predict import instances_to_array
     from service.errors import InvalidInput
     from contract.manifest import InputSpec
 
@@ -423,7 +451,7 @@ def test_instances_at_the_row_limit_are_taken_and_refusals_name_the_field():
 
 
 def test_v2_wanted_outputs_default_and_binary_and_their_refusals():
-    from service.edge.v2 import OUTPUTS, wanted_outputs
+    from service.protocols.oip import OUTPUTS, wanted_outputs
     from service.errors import InvalidInput
 
     assert wanted_outputs({}) == (["probabilities"], set())
@@ -435,7 +463,7 @@ def test_v2_wanted_outputs_default_and_binary_and_their_refusals():
 
 
 def test_v2_input_array_refusals_say_what_to_send():
-    from service.edge.v2 import input_array
+    from service.protocols.oip import input_array
     from service.errors import InvalidInput
     from contract.manifest import InputSpec
 
@@ -482,8 +510,16 @@ def ensemble_double(version: int = 1, abstention=None):
                            manifest=manifest)
 
 
+def answer_double(combined, members, scores, version: int = 1, classes=("a",), abstains: bool = False):
+    """The answer of `ensemble_double`'s version (service.answer) with these arrays."""
+    from service.answer import Answer, Head
+
+    head = Head("probabilities", "classification", classes, combined, members, scores, abstains)
+    return Answer("digits", version, ("m0",), {head.name: head})
+
+
 def test_ragged_rows_without_a_shape_get_no_shape_hint():
-    from service.edge.arrays import numeric
+    from service.protocols.arrays import numeric
     from service.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^'x' is ragged or mixes types: it must be nested lists of numbers$"):
@@ -491,7 +527,7 @@ def test_ragged_rows_without_a_shape_get_no_shape_hint():
 
 
 def test_v2_binary_body_header_length_checks():
-    from service.edge.v2 import split_binary_body
+    from service.protocols.oip import split_binary_body
     from service.errors import MalformedRequest
 
     assert split_binary_body(b"abc", None) == (b"abc", b"")
@@ -506,7 +542,7 @@ def test_v2_binary_body_header_length_checks():
 
 
 def test_v2_parameters_that_are_not_an_object_are_named():
-    from service.edge.v2 import parameters, wanted_outputs
+    from service.protocols.oip import parameters, wanted_outputs
     from service.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^inputs\[0\]\.parameters must be a JSON object, got a JSON int$"):
@@ -516,7 +552,7 @@ def test_v2_parameters_that_are_not_an_object_are_named():
 
 
 def test_v2_input_array_data_and_binary_refusals_name_the_input():
-    from service.edge.v2 import input_array
+    from service.protocols.oip import input_array
     from service.errors import InvalidInput
     from contract.manifest import InputSpec
 
@@ -535,7 +571,7 @@ def test_v2_input_array_data_and_binary_refusals_name_the_input():
 def test_v2_outputs_are_little_endian_and_flat():
     import json
 
-    from service.edge.v2 import encode_outputs
+    from service.protocols.oip import encode_outputs
 
     big = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=">f4")
     body, header_length = encode_outputs("digits", 1, None, {"probabilities": big}, {"probabilities"})
@@ -546,24 +582,29 @@ def test_v2_outputs_are_little_endian_and_flat():
 
 
 def test_asking_for_abstain_without_a_threshold_says_what_to_ask_instead():
-    from service.edge.v2 import output
+    from service.protocols.oip import output
     from service.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^digits version 1 has no abstention threshold \(its manifest has none\); "
                                            r"ask for the uncertainty scores instead$"):
-        output("abstain", ensemble_double(), None, None, np.zeros((1, 4)))
+        output("abstain", answer_double(np.zeros((1, 2), np.float32), np.zeros((1, 1, 2), np.float32),
+                                        np.zeros((1, 4), np.float32)))
 
 
 def test_v2_model_metadata_of_a_version_is_that_versions():
-    import json
     from types import SimpleNamespace
 
-    from service.edge.v2 import v2_model
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.edge.v2 import register
 
     versions = {None: ensemble_double(1), 2: ensemble_double(2)}
-    manager = SimpleNamespace(get=lambda name, version=None: versions[version])
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(manager=manager)))
-    assert json.loads(asyncio.run(v2_model(request, "digits", 2)).body)["versions"] == ["2"]
+    app = FastAPI()
+    register(app, SimpleNamespace(manager=SimpleNamespace(get=lambda name, version=None: versions[version])))
+    with TestClient(app) as client:
+        assert client.get("/v2/models/digits/versions/2").json()["versions"] == ["2"]
+        assert client.get("/v2/models/digits").json()["versions"] == ["1"]
 
 
 def rows_reply(body: bytes, query: dict[str, str]) -> dict:
@@ -578,15 +619,15 @@ def rows_reply(body: bytes, query: dict[str, str]) -> dict:
     members = average[:, None, :]
     scores = np.zeros((1, 4), np.float32)
 
-    async def infer(call, ensemble, x):
-        assert x.tolist() == [[1.0, 2.0]]
-        return average, members, scores
+    async def infer(ensemble, x, deadline):
+        assert x.tolist() == [[1.0, 2.0]] and deadline == 7.0
+        return answer_double(average, members, scores, version=3, classes=("a", "b"))
 
     ensemble = ensemble_double(version=3)
-    ensemble.classes = ("a", "b")
-    server = SimpleNamespace(settings=SimpleNamespace(max_rows_per_request=4),
-                             json_value_limit=lambda ensemble: 100, infer=infer)
-    reply = asyncio.run(_rows(SimpleNamespace(body=body, query=query), server, ensemble))
+    plane = SimpleNamespace(settings=SimpleNamespace(max_rows_per_request=4, request_timeout_ms=5),
+                            json_value_limit=lambda ensemble: 100, infer=infer)
+    call = SimpleNamespace(body=body, query=query, deadline=lambda default_ms: 7.0)
+    reply = asyncio.run(_rows(call, plane, ensemble))
     assert reply.status == 200
     return json.loads(reply.body)
 
@@ -610,16 +651,17 @@ def test_v2_infer_replies_200_as_json_or_binary_with_its_header_length():
 
     ensemble = ensemble_double()
 
-    async def infer(call, ensemble, x):
-        return np.array([[0.2, 0.8]], np.float32), np.zeros((1, 1, 2), np.float32), np.zeros((1, 4), np.float32)
+    async def infer(ensemble, x, deadline):
+        return answer_double(np.array([[0.2, 0.8]], np.float32), np.zeros((1, 1, 2), np.float32),
+                             np.zeros((1, 4), np.float32))
 
     server = SimpleNamespace(ensemble=lambda name, version: ensemble, infer=infer, json_value_limit=lambda e: 100,
-                             settings=SimpleNamespace(max_rows_per_request=4))
+                             settings=SimpleNamespace(max_rows_per_request=4, request_timeout_ms=5))
     request = {"inputs": [{"name": "instances", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
     import json
     for params, binary in (({}, False), ({"binary_data_output": True}, True)):
         body = json.dumps(dict(request, parameters=params)).encode()
-        call = SimpleNamespace(params={"name": "digits"}, body=body, headers={})
+        call = SimpleNamespace(params={"name": "digits"}, body=body, headers={}, deadline=lambda default_ms: None)
         reply = asyncio.run(v2_infer(call, server))
         assert reply.status == 200
         if binary:
@@ -639,8 +681,8 @@ def test_v2_routes_are_registered_on_their_paths():
     from service.edge.v2 import register
 
     app = FastAPI()
-    app.state.manager = SimpleNamespace(readiness=lambda: (True, []), get=lambda name, version=None: ensemble_double())
-    register(app)
+    register(app, SimpleNamespace(manager=SimpleNamespace(readiness=lambda: (True, []),
+                                                          get=lambda name, version=None: ensemble_double())))
     with TestClient(app) as client:
         assert client.get("/v2").json()["name"] == "ensemble-serving"
         assert client.get("/v2/health/live").json() == {"live": True}
@@ -652,8 +694,8 @@ def test_v2_routes_are_registered_on_their_paths():
 
 
 def test_a_json_body_of_exactly_the_value_limit_is_parsed_and_an_empty_one_says_what_to_send():
-    from service.edge.arrays import parse_json_object
-    from service.edge.limits import json_values
+    from service.protocols.arrays import parse_json_object
+    from service.dataplane.limits import json_values
     from service.errors import MalformedRequest
 
     body = b'{"instances": [[1, 2]]}'
@@ -665,7 +707,7 @@ def test_a_json_body_of_exactly_the_value_limit_is_parsed_and_an_empty_one_says_
 
 
 def test_the_row_decoder_refuses_a_byte_after_the_object_names_its_field_and_prefers_instances():
-    from service.edge.rest import decode
+    from service.protocols.predict import decode
     from service.errors import InvalidInput, MalformedRequest
     from contract.manifest import InputSpec
 

@@ -11,7 +11,7 @@ Nothing else changes: a `100 Continue` (written before the response starts) and 
 HEAD response pass at once, and a cycle that closes the connection after its head sends the
 head first, as uvicorn would have.
 
-The direct lane: a POST on an inference route (`service.edge.inference.Edge.direct_route`) with
+The direct lane: a POST on an inference route (`service.edge.asgi.Edge.direct_route`) with
 a Content-Length within the body limit is answered from the protocol (`OneWriteProtocol._direct`),
 without uvicorn's ASGI cycle (its proxy-headers middleware, ASGI wrapper, the receive and send
 messages and their checks). Everything else takes the ASGI path.
@@ -37,8 +37,8 @@ import time
 
 from service.config import Settings
 from service.edge.guard import guarded
-from service.edge.inference import content_length
-from service.edge.limits import peer_of
+from service.edge.asgi import content_length
+from service.dataplane.limits import peer_of
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def check() -> str | None:
 
 
 class _Probe:
-    """A tiny application with one direct route, like service.edge.inference.Edge."""
+    """A tiny application with one direct route, like service.edge.asgi.Edge."""
 
     class Reply:
         status, body, headers = 200, b"direct", []

@@ -12,21 +12,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import QueueFull, ServiceError, Unauthorized
+from service.protocols.arrays import encode
 
 log = logging.getLogger(__name__)
 JSON = b"application/json"
-
-
-def encode(payload: dict[str, Any]) -> bytes:
-    """JSON bytes; numpy arrays are serialised natively by orjson."""
-    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 @dataclass

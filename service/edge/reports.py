@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path, PurePath
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
@@ -41,11 +41,11 @@ MAX_FILE_BYTES = 32 * 1024 * 1024  # a report or picture larger than this is not
 _HERE = Path(__file__).resolve().parent
 
 
-def version_folder(request: Request, name: str, version: int) -> Path:
-    """The folder of a committed version of `name`, or 404."""
+def version_folder(repository: Path, name: str, version: int) -> Path:
+    """The folder of a committed version of `name` in the repository, or 404."""
     if not is_valid_name(name):
         raise ModelNotFound(f"no ensemble named {name[:64]!r}")
-    ensemble = request.app.state.settings.repository / name
+    ensemble = repository / name
     folder = ensemble / str(version)
     if ensemble.is_symlink() or folder.is_symlink() or not (folder / MANIFEST_FILE).is_file():
         raise ModelNotFound(f"{name} has no published version {version}")
@@ -80,20 +80,6 @@ def public_report(raw: bytes) -> bytes:
 _CACHE = {"cache-control": "public, max-age=60"}
 
 
-def report(request: Request, name: str, version: int = PathParam(ge=1)) -> Response:
-    """The version's report.json (what the trainer measured and decided)."""
-    raw = read_file(version_folder(request, name, version) / REPORT_FILE)
-    return Response(public_report(raw), media_type="application/json", headers=_CACHE)
-
-
-def picture(request: Request, name: str, file: str, version: int = PathParam(ge=1)) -> Response:
-    """One of the report's pictures, by file name (lower-case letters, digits, `_`, `.png`)."""
-    if not PICTURE.fullmatch(file):
-        raise ModelNotFound(f"no report picture named {file[:64]!r}")
-    return Response(read_file(version_folder(request, name, version) / file), media_type="image/png",
-                    headers=_CACHE)
-
-
 @lru_cache(maxsize=1)
 def _page() -> tuple[bytes, str]:
     """ui.html and its Content-Security-Policy: its own inline script and style (by their
@@ -125,9 +111,22 @@ def swagger_assets() -> Path | None:
     return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
-def register(app: FastAPI) -> None:
-    """Add the report routes, /ui and, when the app was made without FastAPI's own (CDN) docs
-    page, /docs on local assets."""
+def register(app: FastAPI, repository: Path) -> None:
+    """Add the report routes (of the versions in `repository`), /ui and, when the app was made
+    without FastAPI's own (CDN) docs page, /docs on local assets."""
+
+    def report(name: str, version: int = PathParam(ge=1)) -> Response:
+        """The version's report.json (what the trainer measured and decided)."""
+        raw = read_file(version_folder(repository, name, version) / REPORT_FILE)
+        return Response(public_report(raw), media_type="application/json", headers=_CACHE)
+
+    def picture(name: str, file: str, version: int = PathParam(ge=1)) -> Response:
+        """One of the report's pictures, by file name (lower-case letters, digits, `_`, `.png`)."""
+        if not PICTURE.fullmatch(file):
+            raise ModelNotFound(f"no report picture named {file[:64]!r}")
+        return Response(read_file(version_folder(repository, name, version) / file), media_type="image/png",
+                        headers=_CACHE)
+
     app.add_api_route("/models/{name}/versions/{version}/report", report, methods=["GET"])
     app.add_api_route("/models/{name}/versions/{version}/report/{file}", picture, methods=["GET"])
     app.add_api_route("/ui", ui, methods=["GET"], include_in_schema=False)

@@ -1,182 +1,40 @@
-"""The row format: `POST /predict` and TensorFlow Serving's REST predict, decode, encode and schema.
+"""HTTP for the row format: `POST /predict` and TensorFlow Serving's REST predict, on the row
+codec (service.protocols.predict) and the data plane.
 
     POST /predict                                       {"instances": [row, ...]} (the default ensemble)
     POST /v1/models/{name}[/versions/{v}]:predict      TensorFlow Serving: `instances` or `inputs`
 
-A request body is rows (`instances`, TensorFlow Serving's row format) or the batch as one
-tensor (`inputs`, its columnar format); the answer is the averaged probabilities (`predictions`
-or `outputs`, as the request was), the top class of each row, the class labels and the version
-that answered; `?members=true` adds each member's probabilities and their disagreement;
-`?uncertainty=true` adds each row's `uncertainty` (entropy, expected_entropy and
-mutual_information, contract.scores) and, when the version has an abstention threshold, `abstain`.
+`?members=true` and `?uncertainty=true` are the codec's options of the same names.
 """
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-import orjson
-
-from service.edge.arrays import numeric, parse_json_object, to_spec
 from service.edge.replies import Reply, encode
-from service.engines.base import SCORE_COLUMNS, disagreement
-from service.errors import InvalidInput, PayloadTooLarge
-from contract.manifest import InputSpec
-from contract.scores import SCORES
-
-ABSTAIN = SCORE_COLUMNS.index("abstain")
+from service.protocols import predict as rows
 
 if TYPE_CHECKING:
-    from service.edge.inference import Call, Inference
-
-_TRUE = {"1", "true", "yes"}
-
-
-# -- decode -----------------------------------------------------------------------------------
-
-def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: str = "instances") -> np.ndarray:
-    """Rows of a request as an array of shape (rows, *spec.shape) and spec.dtype, or a 4xx."""
-    if instances is None:
-        raise InvalidInput(f"missing field '{field}': send {{\"{field}\": [instance, ...]}}")
-    if not isinstance(instances, list):
-        raise InvalidInput(f"'{field}' must be a list of instances, got a JSON {type(instances).__name__}")
-    if not instances:
-        raise InvalidInput(f"'{field}' is empty: send at least one instance")
-    if len(instances) > max_rows:
-        raise PayloadTooLarge(
-            f"'{field}' has {len(instances)} rows; at most {max_rows} are allowed per request"
-        )
-    array = numeric(instances, field, spec.shape)
-    if array.shape[1:] != spec.shape:
-        got = list(array.shape[1:]) if array.ndim > 1 else "a bare number"
-        raise InvalidInput(f"each instance must have shape {list(spec.shape)}, got {got}")
-    return to_spec(array, spec, field, row="instance")
+    from service.dataplane.inference import DataPlane
+    from service.edge.asgi import Call
 
 
-def columnar_inputs(inputs: Any, spec: InputSpec, max_rows: int) -> np.ndarray:
-    """TF Serving's columnar `inputs`: the batch tensor itself, or {name: tensor} for one input."""
-    if isinstance(inputs, dict):
-        if len(inputs) != 1:
-            raise InvalidInput(f"'inputs' names {len(inputs)} tensors; this model takes exactly one")
-        inputs = next(iter(inputs.values()))
-    return instances_to_array(inputs, spec, max_rows, field="inputs")
-
-
-# A body that is only {"instances": [...]} or {"inputs": [...]}: the common request, parsed by
-# `numeric_rows` without building nested Python lists.
-_ONLY_ROWS = re.compile(rb'\s*\{\s*"(instances|inputs)"\s*:')
-_NUMBER_BYTES = b"0123456789.eE+- \t\r\n"  # what a JSON number (and the space around it) is made of
-
-
-@lru_cache(maxsize=64)
-def _row_skeleton(shape: tuple[int, ...]) -> bytes:
-    """One instance of `shape` as JSON with its numbers and spaces removed: (2, 3) -> [[,,],[,,]]."""
-    skeleton = b""
-    for d in reversed(shape):
-        skeleton = b"[" + b",".join([skeleton] * d) + b"]"
-    return skeleton
-
-
-def numeric_rows(body: bytes, spec: InputSpec, max_rows: int) -> tuple[str, np.ndarray] | None:
-    """(field, rows) of a body that is exactly {"instances": rows} or {"inputs": rows}, rows being
-    1 to max_rows instances of spec.shape holding only numbers, for a float input; None for any
-    other body, which `parse_json_object` and `instances_to_array` then read (and refuse with
-    the precise error).
-
-    numpy's conversion of nested lists spends most of its time discovering their shape. Here
-    the shape is checked on the text instead: with the numbers and spaces deleted, the array
-    must read exactly as the skeleton of its shape, so nothing is ragged and every leaf is made
-    of number characters; with the brackets deleted it is a flat JSON list, which orjson then
-    parses (rejecting anything that is not a number). Integers come out as float64 before the
-    cast to the input's float dtype, exact up to 2**53."""
-    if spec.dtype[0] != "f":
-        return None
-    head = _ONLY_ROWS.match(body)
-    end = body.rfind(b"}")
-    if head is None or end < 0 or body[end + 1:].strip():
-        return None
-    rows_json = body[head.end():end]
-    skeleton = rows_json.translate(None, _NUMBER_BYTES)
-    row = _row_skeleton(spec.shape)
-    rows, extra = divmod(len(skeleton) - 1, len(row) + 1)  # "[" + n rows + (n-1) commas + "]"
-    if extra or not 1 <= rows <= max_rows or skeleton != b"[" + b",".join([row] * rows) + b"]":
-        return None
-    try:
-        flat = orjson.loads(b"[" + rows_json.translate(None, b"[]") + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    try:
-        array = np.array(flat, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    field = head.group(1).decode()
-    return field, to_spec(array.reshape(rows, *spec.shape), spec, field, row="instance")
-
-
-def decode(body: bytes, spec: InputSpec, max_rows: int, max_values: int) -> tuple[np.ndarray, bool]:
-    """(rows, columnar): the request's rows, and whether they came as `inputs` (columnar).
-    A body of more than `max_values` JSON values is refused before it is parsed."""
-    fast = numeric_rows(body, spec, max_rows)
-    if fast is not None:
-        field, x = fast
-        return x, field == "inputs"
-    payload = parse_json_object(body, max_values)
-    if "inputs" in payload and "instances" not in payload:
-        return columnar_inputs(payload["inputs"], spec, max_rows), True
-    return instances_to_array(payload.get("instances"), spec, max_rows), False
-
-
-# -- encode -----------------------------------------------------------------------------------
-
-def predicted_labels(probabilities: np.ndarray, classes: Sequence[str]) -> list[str]:
-    """The most probable class label of every row."""
-    return [classes[i] for i in probabilities.argmax(axis=1).tolist()]
-
-
-def uncertainty_by_name(scores: np.ndarray) -> dict[str, np.ndarray]:
-    """(rows, 3 or more) scores -> {score name: (rows,)}, each contiguous for encoding."""
-    return dict(zip(SCORES, np.ascontiguousarray(scores[:, :len(SCORES)].T)))
-
-
-def members_by_name(member_probabilities: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """(rows, members, classes) -> {member name: (rows, classes)}, each contiguous for encoding."""
-    by_member = np.ascontiguousarray(member_probabilities.transpose(1, 0, 2))
-    return dict(zip(names, by_member))
-
-
-# -- handlers ---------------------------------------------------------------------------------
-
-async def predict(call: Call, server: Inference) -> Reply:
+async def predict(call: Call, plane: DataPlane) -> Reply:
     """/predict: the default ensemble."""
-    return await _rows(call, server, server.ensemble(None, None))
+    return await _rows(call, plane, plane.ensemble(None, None))
 
 
-async def tfs_predict(call: Call, server: Inference) -> Reply:
+async def tfs_predict(call: Call, plane: DataPlane) -> Reply:
     """TensorFlow Serving's predict: the named ensemble, its live or a loaded version."""
-    return await _rows(call, server, server.ensemble(call.params["name"], call.params.get("version")))
+    return await _rows(call, plane, plane.ensemble(call.params["name"], call.params.get("version")))
 
 
-async def _rows(call: Call, server: Inference, ensemble) -> Reply:
-    rows = server.settings.max_rows_per_request
-    x, columnar = decode(call.body, ensemble.input_spec, rows, server.json_value_limit(ensemble))
-    average, per_member, scores = await server.infer(call, ensemble, x)
-    body: dict[str, Any] = {
-        "outputs" if columnar else "predictions": average,
-        "labels": predicted_labels(average, ensemble.classes),
-        "classes": ensemble.classes,
-        "model": {"name": ensemble.name, "version": ensemble.version},
-    }
-    if call.query.get("members", "").lower() in _TRUE:
-        body["members"] = members_by_name(per_member, [m.name for m in ensemble.manifest.members])
-        body["disagreement"] = disagreement(per_member, average)
-    if call.query.get("uncertainty", "").lower() in _TRUE:
-        body["uncertainty"] = uncertainty_by_name(scores)
-        if ensemble.manifest.abstention is not None:
-            body["abstain"] = scores[:, ABSTAIN] > 0
-    return Reply(200, encode(body))
+async def _rows(call: Call, plane: DataPlane, ensemble) -> Reply:
+    x, columnar = rows.decode(call.body, ensemble.input_spec, plane.settings.max_rows_per_request,
+                              plane.json_value_limit(ensemble))
+    answer = await plane.infer(ensemble, x, call.deadline(plane.settings.request_timeout_ms))
+    return Reply(200, encode(rows.answer_body(answer, columnar, rows.flag(call.query.get("members")),
+                                              rows.flag(call.query.get("uncertainty")))))
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -187,7 +45,7 @@ _TFS_BODY = {"type": "object", "properties": {"instances": _ROWS, "inputs": _ROW
              "description": "row format ('instances') or columnar format ('inputs')"}
 _PREDICT_BODY = {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}}
 
-# (path template, handler, summary, request body schema) of each route; service.edge.inference
+# (path template, handler, summary, request body schema) of each route; service.edge.asgi
 # matches and documents them.
 ROUTES = (
     ("/predict", predict, "Predict with the default ensemble (?members=true adds each member's answer, "

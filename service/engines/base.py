@@ -20,7 +20,7 @@ import numpy as np
 
 from service.errors import InferenceFailed
 from contract.manifest import InputSpec, Manifest, RepositoryError
-from contract.scores import SCORES
+from service.answer import SCORE_COLUMNS, Answer
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,6 @@ def warmup_batch(spec: InputSpec, rows: int) -> np.ndarray:
     return rng.uniform(0.0, 1.0, size=(rows, *spec.shape)).astype(spec.dtype)
 
 
-# The columns of an engine's scores: contract.scores' three, then 1.0 where the row is above the
-# version's abstention threshold (0.0 everywhere for a version without one).
-SCORE_COLUMNS = (*SCORES, "abstain")
-
-
 class Engine(Protocol):
     """What computes a version. `kind` names it ("tflite" or "tensorflow") for GET /models and
     the logs; `run` may be called from several threads at once."""
@@ -85,6 +80,9 @@ class Ensemble:
     manifest: Manifest
     path: Path
     engine: Engine
+
+    def __post_init__(self) -> None:
+        self.member_names = tuple(m.name for m in self.manifest.members)
 
     @property
     def name(self) -> str:
@@ -111,6 +109,10 @@ class Ensemble:
                 f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"
             )
         return average, members, scores
+
+    def answer(self, outputs: Sequence[np.ndarray]) -> Answer:
+        """The typed answer (service.answer) in `predict`'s outputs for some rows."""
+        return Answer.of(self.manifest, outputs, self.member_names)
 
 
 def no_pause() -> None:
@@ -144,8 +146,3 @@ def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], 
               n_members, sorted(set(warmup_sizes)))
     return ensemble
 
-
-def disagreement(member_probabilities: np.ndarray, ensemble_probabilities: np.ndarray) -> np.ndarray:
-    """Per row: share of members whose argmax differs from the ensemble's. (rows, members, k) -> (rows,)"""
-    ensemble_top = np.argmax(ensemble_probabilities, axis=-1)[:, None]
-    return np.mean(np.argmax(member_probabilities, axis=-1) != ensemble_top, axis=1)

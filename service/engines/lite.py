@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from service.engines.base import SCORE_COLUMNS, Ensemble, LoadError, no_pause, warm_up
+from service.answer import SCORE_COLUMNS
+from service.engines.base import Ensemble, LoadError, no_pause, warm_up
 from contract.manifest import Manifest
 
 

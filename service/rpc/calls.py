@@ -20,8 +20,8 @@ from urllib.parse import unquote
 
 import grpc
 
-from service.edge.inference import Inference
-from service.edge.limits import Hold
+from service.dataplane.inference import DataPlane
+from service.dataplane.limits import Hold
 from service.errors import BytesInFlight, MalformedRequest, ServiceError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ CANCELLED = 499  # the status counted for a call its client cancelled (nginx's "
 
 
 def rpc(route: str, infers: bool = False):
-    """Decorate a servicer's method (self with an `inference`): errors to statuses, counted and
+    """Decorate a servicer's method (self with a `plane`, the data plane): errors to statuses, counted and
     timed as `route`. Every call holds its message's bytes against the bytes in flight shared
     with HTTP (429: RESOURCE_EXHAUSTED) while it is answered; with `infers`, it first passes the
     batcher's admission.
@@ -47,21 +47,21 @@ def rpc(route: str, infers: bool = False):
     def decorate(method):
         @functools.wraps(method)
         async def call(self, request, context):
-            inference: Inference = self.inference
+            plane: DataPlane = self.plane
             started, status, hold = time.perf_counter(), 200, Hold(peer_address(context.peer()))
             code = message = None
             try:
                 if isinstance(request, Malformed):
                     raise MalformedRequest(f"the request is not a valid {request.expected} message: {request.error}")
                 size = request.ByteSize()
-                if not inference.inflight.grow(hold, size):
-                    raise BytesInFlight(inference.inflight.refusal(hold, size))
+                if not plane.inflight.grow(hold, size):
+                    raise BytesInFlight(plane.inflight.refusal(hold, size))
                 if infers:
-                    inference.state.batcher.check_admission()
+                    plane.check_admission()
                 return await method(self, request, context)
             except ServiceError as exc:
                 status = exc.status
-                inference.count_refusal(exc)
+                plane.count_refusal(exc)
                 code, message = STATUS_OF.get(exc.status, grpc.StatusCode.INTERNAL), str(exc)
             except asyncio.CancelledError:
                 status = CANCELLED
@@ -71,8 +71,8 @@ def rpc(route: str, infers: bool = False):
                 log.exception("%s failed", route)
                 code, message = grpc.StatusCode.INTERNAL, "internal error (the server's log has it)"
             finally:
-                inference.inflight.release_hold(hold)
-                inference.metrics.observe_request(route, status, time.perf_counter() - started, "grpc")
+                plane.inflight.release_hold(hold)
+                plane.metrics.observe_request(route, status, time.perf_counter() - started, "grpc")
             request = None  # noqa: F841 - the message goes now, not with the abort's traceback
             await context.abort(code, message)
 
@@ -94,7 +94,7 @@ def peer_address(peer: str) -> str:
 
 def deadline(context, default_ms: float) -> float | None:
     """The call's queue deadline (monotonic time): the client's, as X-Request-Timeout-Ms is on
-    HTTP, else the default one (service.edge.inference.deadline_from); None for neither."""
+    HTTP, else the default one (service.edge.asgi.deadline_from); None for neither."""
     remaining = context.time_remaining()
     if remaining is None:
         return time.monotonic() + default_ms / 1000 if default_ms > 0 else None

@@ -26,10 +26,11 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service.config import Settings
-from service.edge.inference import Inference
-from service.edge.limits import ENVELOPE_BYTES, largest_message
+from service.dataplane.inference import DataPlane
+from service.dataplane.limits import ENVELOPE_BYTES, largest_message
 from service.errors import ModelNotFound, ServiceError
-from service.rpc import tfs, tfs_messages, v2
+from service.protocols import oip, tfs_messages
+from service.rpc import tfs, v2
 from service.rpc.calls import add, rpc
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,20 @@ class Health:
     """Readiness computed at each Check from the manager (nothing to keep in step); Watch is
     not served (UNIMPLEMENTED), as the protocol allows."""
 
-    def __init__(self, inference: Inference):
-        self.inference = inference
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
 
     @rpc(f"/{HEALTH}/Check")
     async def Check(self, request, context):
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         if request.service in ("", *PROTOCOLS):
-            ready = self.inference.state.manager.readiness()[0]
+            ready = self.plane.manager.readiness()[0]
             return health_pb2.HealthCheckResponse(status=serving if ready else not_serving)
         try:
-            self.inference.ensemble(request.service, None)
+            self.plane.ensemble(request.service, None)
         except ServiceError:
-            if request.service in self.inference.state.manager.slots:
+            if request.service in self.plane.manager.slots:
                 return health_pb2.HealthCheckResponse(status=not_serving)
             raise ModelNotFound(f"no ensemble named {request.service[:64]!r}") from None
         return health_pb2.HealthCheckResponse(status=serving)
@@ -61,11 +62,11 @@ class Health:
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
     """Every service's definitions in one pool for reflection: TensorFlow Serving's live in a
-    pool of their own (service.rpc.tfs_messages), the others in protobuf's default pool."""
+    pool of their own (service.protocols.tfs_messages), the others in protobuf's default pool."""
     pool = descriptor_pool.DescriptorPool()
     for file in tfs_messages.FILES.file:
         pool.Add(file)
-    for module in (v2.pb, health_pb2, reflection_pb2):
+    for module in (oip.messages(), health_pb2, reflection_pb2):
         pool.Add(descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb))
     return pool
 
@@ -74,11 +75,11 @@ PROTOCOLS = (v2.SERVICE_NAME, tfs_messages.PREDICTION_SERVICE, tfs_messages.MODE
 SERVICES = (*PROTOCOLS, HEALTH, reflection.SERVICE_NAME)
 
 
-def message_limit(inference: Inference) -> int:
+def message_limit(plane: DataPlane) -> int:
     """The largest message the gRPC server receives: the largest valid request of the versions
-    loaded (service.edge.limits.largest_message), never more than max_body_bytes; with none
+    loaded (service.dataplane.limits.largest_message), never more than max_body_bytes; with none
     loaded, only the envelope (inference is refused then anyway)."""
-    return inference.largest_request(largest_message, ENVELOPE_BYTES)
+    return plane.largest_request(largest_message, ENVELOPE_BYTES)
 
 
 class GrpcService:
@@ -94,8 +95,8 @@ class GrpcService:
     old limit is still refused; a start that fails is tried again every poll interval. A limit
     that would shrink is left as it is: a hand-over costs more than the memory it would save."""
 
-    def __init__(self, host: str, port: int, inference: Inference, settings: Settings):
-        self.host, self.port, self.inference, self.settings = host, port, inference, settings
+    def __init__(self, host: str, port: int, plane: DataPlane, settings: Settings):
+        self.host, self.port, self.plane, self.settings = host, port, plane, settings
         self.server: grpc.aio.Server | None = None
         self.limit = 0
         self._generation = -1  # the manager's generation the limit was worked out for
@@ -106,12 +107,12 @@ class GrpcService:
     async def start(self) -> None:
         """Listen with the limit of the versions loaded now, and follow them."""
         await self._open()
-        self.inference.state.manager.on_swap.append(self._wake.set)
+        self.plane.manager.on_swap.append(self._wake.set)
         self._task = asyncio.create_task(self._follow(), name="grpc-message-limit")
 
     async def _open(self) -> None:
-        generation, limit = self.inference.state.manager.generation, message_limit(self.inference)
-        old, self.server = self.server, await start(self.host, self.port, self.inference, self.settings, limit)
+        generation, limit = self.plane.manager.generation, message_limit(self.plane)
+        old, self.server = self.server, await start(self.host, self.port, self.plane, self.settings, limit)
         self.limit, self._generation = limit, generation
         if old is not None:
             log.info("gRPC: messages of up to %d bytes from now on (the versions loaded changed)", limit)
@@ -127,18 +128,18 @@ class GrpcService:
                 pass
             self._wake.clear()
             try:
-                if self.inference.state.manager.generation != self._generation:
-                    if message_limit(self.inference) > self.limit:
+                if self.plane.manager.generation != self._generation:
+                    if message_limit(self.plane) > self.limit:
                         await self._open()
                     else:
-                        self._generation = self.inference.state.manager.generation
+                        self._generation = self.plane.manager.generation
             except Exception:  # the server listening keeps serving; the next turn tries again
                 log.exception("gRPC: opening a server with the new message limit failed")
 
     async def stop(self, grace: float) -> None:
         """No new calls; the running ones get `grace` seconds."""
-        if self._wake.set in self.inference.state.manager.on_swap:
-            self.inference.state.manager.on_swap.remove(self._wake.set)
+        if self._wake.set in self.plane.manager.on_swap:
+            self.plane.manager.on_swap.remove(self._wake.set)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -147,16 +148,16 @@ class GrpcService:
         await asyncio.gather(*self._stopping, return_exceptions=True)
 
 
-async def start(host: str, port: int, inference: Inference, settings: Settings, limit: int) -> grpc.aio.Server:
+async def start(host: str, port: int, plane: DataPlane, settings: Settings, limit: int) -> grpc.aio.Server:
     """A started gRPC server on host:port with both protocols, health and reflection, receiving
     messages of up to `limit` bytes."""
     server = grpc.aio.server(
         maximum_concurrent_rpcs=settings.max_grpc_calls,
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", -1)])
-    v2.add_to(server, inference)
-    tfs.add_to(server, inference)
-    add(server, HEALTH, {"Check": (Health(inference).Check, health_pb2.HealthCheckRequest,
+    v2.add_to(server, plane)
+    tfs.add_to(server, plane)
+    add(server, HEALTH, {"Check": (Health(plane).Check, health_pb2.HealthCheckRequest,
                                    health_pb2.HealthCheckResponse)})
     reflection.enable_server_reflection(SERVICES, server, pool=reflection_pool())
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -1,269 +1,54 @@
 """TensorFlow Serving over gRPC: `tensorflow.serving.PredictionService` (Predict,
-GetModelMetadata) and `ModelService` (GetModelStatus), on the same ensembles, batcher, limits
-and errors as the REST route (service.edge.rest), with the messages of service.rpc.tfs_messages
-(no TensorFlow imported).
-
-An ensemble has one signature, `serving_default`: its input is `instances` (the manifest's
-shape and dtype), its outputs the REST route's answer as tensors: `predictions` (the averaged
-probabilities), `labels` (the top class of each row), `members` (rows x members x classes),
-`disagreement`, the uncertainty scores (contract.scores) and, when the version has an
-abstention threshold, `abstain`. A Predict without `output_filter` gets all of them, as
-TensorFlow Serving answers with every output of the signature.
+GetModelMetadata) and `ModelService` (GetModelStatus), carrying its codec
+(service.protocols.tfs) to and from the data plane, as service.edge.rest carries its REST
+predict. Errors, admission and metrics: service.rpc.calls; a client's deadline is the request's
+queue deadline, as `X-Request-Timeout-Ms` is on HTTP.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from service.edge.arrays import check_range, to_spec
-from service.edge.inference import Inference
-from service.edge.rest import predicted_labels
-from service.edge.v2 import check_input, output
-from service.engines.base import disagreement
-from service.errors import InvalidInput, ModelNotFound
-from service.rpc import tfs_messages as m
+from service.dataplane.inference import DataPlane
+from service.protocols import tfs
+from service.protocols import tfs_messages as m
 from service.rpc.calls import add, deadline, rpc
-from contract.scores import SCORES
 
-SIGNATURE = "serving_default"
-INPUT = "instances"
-PREDICT_METHOD = "tensorflow/serving/predict"  # a predict signature's method_name
-
-# DataType -> (numpy dtype, the TensorProto field holding its values when not in tensor_content)
-_TYPES = {
-    "DT_FLOAT": ("float32", "float_val"), "DT_DOUBLE": ("float64", "double_val"),
-    "DT_HALF": ("float16", "half_val"), "DT_INT8": ("int8", "int_val"), "DT_INT16": ("int16", "int_val"),
-    "DT_INT32": ("int32", "int_val"), "DT_INT64": ("int64", "int64_val"), "DT_UINT8": ("uint8", "int_val"),
-    "DT_UINT16": ("uint16", "int_val"), "DT_UINT32": ("uint32", "uint32_val"),
-    "DT_UINT64": ("uint64", "uint64_val"), "DT_BOOL": ("bool", "bool_val"),
-}
-# The type each field's values arrive in, before the check against the tensor's own dtype.
-_WIDE = {"float_val": "float32", "double_val": "float64", "half_val": "int64", "int_val": "int64",
-         "int64_val": "int64", "uint32_val": "uint64", "uint64_val": "uint64", "bool_val": "bool"}
-_NUMPY = {name: numpy for name, (numpy, _) in _TYPES.items()}
-_DATATYPE_OF = {numpy: m.DataType.values_by_name[name].number for name, (numpy, _) in _TYPES.items()}
-_DT_STRING = m.DataType.values_by_name["DT_STRING"].number
-_STATE = m.ModelVersionStatus.State
-_CODE = m.POOL.FindEnumTypeByName("tensorflow.error.Code")
-
-
-def outputs_of(ensemble) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """The signature's outputs: name -> (DataType, shape with -1 for the rows)."""
-    classes, members = len(ensemble.classes), len(ensemble.manifest.members)
-    float32 = _DATATYPE_OF["float32"]
-    outputs = {"predictions": (float32, (-1, classes)), "labels": (_DT_STRING, (-1,)),
-               "members": (float32, (-1, members, classes)), "disagreement": (float32, (-1,)),
-               **{score: (float32, (-1,)) for score in SCORES}}
-    if ensemble.manifest.abstention is not None:
-        outputs["abstain"] = (_DATATYPE_OF["bool"], (-1,))
-    return outputs
-
-
-# -- decode -----------------------------------------------------------------------------------
-
-def model_version(spec) -> str | None:
-    """The version a ModelSpec asks for: None for the live one; NOT_FOUND for a label (versions
-    here have numbers only) or a number that cannot be one."""
-    choice = spec.WhichOneof("version_choice")
-    if choice == "version_label":
-        raise ModelNotFound(f"version label {spec.version_label[:40]!r}: this server has no version labels; "
-                            "name a version number, or none for the live version")
-    if choice == "version":
-        if spec.version.value <= 0:
-            raise ModelNotFound(f"version {spec.version.value} of {spec.name[:64]!r} does not exist")
-        return str(spec.version.value)
-    return None
-
-
-def required_name(spec) -> str:
-    """A ModelSpec's model name, which TensorFlow Serving requires too."""
-    if not spec.name:
-        raise InvalidInput("model_spec.name is empty: name the model")
-    return spec.name
-
-
-def ensemble_of(inference: Inference, spec):
-    """The ensemble a ModelSpec names."""
-    required_name(spec)
-    if spec.signature_name not in ("", SIGNATURE):
-        raise InvalidInput(f"signature {spec.signature_name[:64]!r} not found; the model's one signature is "
-                           f"{SIGNATURE!r}")
-    return inference.ensemble(spec.name, model_version(spec))
-
-
-def input_array(request, spec, max_rows: int) -> np.ndarray:
-    """The request's `instances` tensor as rows of the model's input spec; InvalidInput (or
-    PayloadTooLarge) naming what is wrong. Values come from tensor_content or from the
-    dtype's typed field (one value there fills the shape, as in TensorFlow)."""
-    if len(request.inputs) != 1 or INPUT not in request.inputs:
-        names = ", ".join(repr(k[:40]) for k in list(request.inputs)[:5]) or "none"
-        raise InvalidInput(f"inputs must hold exactly one tensor, {INPUT!r} (the signature's input); got {names}")
-    tensor = request.inputs[INPUT]
-    where = f"inputs[{INPUT!r}]"
-    type_name = m.DataType.values_by_number[tensor.dtype].name if tensor.dtype in m.DataType.values_by_number \
-        else str(tensor.dtype)
-    if type_name not in _TYPES:
-        raise InvalidInput(f"{where}.dtype {type_name} is not one of {', '.join(_TYPES)}")
-    if tensor.tensor_shape.unknown_rank:
-        raise InvalidInput(f"{where}.tensor_shape has an unknown rank; send the tensor's shape")
-    shape = [d.size for d in tensor.tensor_shape.dim]
-    dtype, count = check_input(shape, type_name, spec, max_rows, _NUMPY, where)
-    numpy_type, field = _TYPES[type_name]
-    if tensor.tensor_content:
-        if len(tensor.tensor_content) != count * dtype.itemsize:
-            raise InvalidInput(f"{where}.tensor_content has {len(tensor.tensor_content)} bytes; shape {shape} of "
-                               f"{type_name} needs {count * dtype.itemsize}")
-        array = np.frombuffer(tensor.tensor_content, dtype=dtype).reshape(shape)
-    else:
-        values = getattr(tensor, field)
-        if len(values) not in (1, count):
-            raise InvalidInput(f"{where}.{field} holds {len(values)} values; shape {shape} needs {count} "
-                               "(or one, which fills it)")
-        array = np.asarray(values, dtype=_WIDE[field])
-        if field == "half_val":  # float16 bit patterns in int32s
-            check_range(array, np.dtype(np.uint16), f"{where}.{field}")
-            array = array.astype(np.uint16).view(np.float16)
-        elif array.dtype.kind in "iu" and array.size and array.dtype != np.dtype(numpy_type):
-            check_range(array, np.dtype(numpy_type), f"{where}.{field}")  # int_val of a narrower type
-        array = array.astype(numpy_type, copy=False)
-        array = np.broadcast_to(array, shape) if len(values) == 1 else array.reshape(shape)
-    return to_spec(array, spec, where)
-
-
-def wanted(request, ensemble) -> list[str]:
-    """The outputs a request asks for (`output_filter`), each once; every output when none."""
-    available = outputs_of(ensemble)
-    if not request.output_filter:
-        return list(available)
-    for name in request.output_filter:
-        if name not in available:
-            raise InvalidInput(f"output {name[:100]!r} is not in signature {SIGNATURE!r}; its outputs are "
-                               f"{', '.join(available)}")
-    return list(dict.fromkeys(request.output_filter))
-
-
-# -- encode -----------------------------------------------------------------------------------
-
-def tensor_proto(array: np.ndarray):
-    """A TensorProto of a numeric array (little-endian bytes in tensor_content) or of strings."""
-    proto = m.TensorProto()
-    for d in array.shape:
-        proto.tensor_shape.dim.add(size=d)
-    if array.dtype.kind in "UO":
-        proto.dtype = _DT_STRING
-        proto.string_val.extend(str(v).encode() for v in array.reshape(-1).tolist())
-    else:
-        proto.dtype = _DATATYPE_OF[array.dtype.name]
-        proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return proto
-
-
-def tensor_info(name: str, datatype: int, shape: tuple[int, ...]):
-    info = m.TensorInfo(name=f"{name}:0", dtype=datatype)
-    for d in shape:
-        info.tensor_shape.dim.add(size=d)
-    return info
-
-
-def model_spec(ensemble, signature: str = SIGNATURE):
-    spec = m.ModelSpec(name=ensemble.name, signature_name=signature)
-    spec.version.value = ensemble.version
-    return spec
-
-
-def signature_def(ensemble):
-    """The ensemble's `serving_default` SignatureDef."""
-    shape = (-1, *ensemble.input_spec.shape)
-    signature = m.SignatureDef(method_name=PREDICT_METHOD)
-    signature.inputs[INPUT].CopyFrom(tensor_info(INPUT, _DATATYPE_OF[ensemble.input_spec.dtype], shape))
-    for name, (datatype, out_shape) in outputs_of(ensemble).items():
-        signature.outputs[name].CopyFrom(tensor_info(name, datatype, out_shape))
-    return signature
-
-
-def version_status(entry: dict):
-    """A version folder of GET /models (service.lifecycle.status) as a ModelVersionStatus:
-    live and previous versions are loaded (AVAILABLE), one being loaded LOADING, one being
-    published START, one that failed its checks END with its failure's category, one on disk
-    and not loaded END."""
-    status = m.ModelVersionStatus(version=entry["version"])
-    state = entry["state"]
-    status.state = {"live": _STATE.AVAILABLE, "previous": _STATE.AVAILABLE, "loading": _STATE.LOADING,
-                    "uncommitted": _STATE.START}.get(state, _STATE.END)
-    if state == "failed":
-        status.status.error_code = _CODE.values_by_name["UNKNOWN"].number
-        status.status.error_message = f"failed its checks ({entry.get('category', 'unknown')})"
-    elif state == "uncommitted":
-        status.status.error_message = "being published (uncommitted)"
-    return status
-
-
-# -- services ---------------------------------------------------------------------------------
 
 class PredictionService:
-    """Predict and GetModelMetadata, on the service's manager and batcher (through `Inference`)."""
+    """Predict and GetModelMetadata, on the data plane."""
 
-    def __init__(self, inference: Inference):
-        self.inference = inference
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
 
     @rpc(f"/{m.PREDICTION_SERVICE}/Predict", infers=True)
     async def Predict(self, request, context):
-        ensemble = ensemble_of(self.inference, request.model_spec)
-        x = input_array(request, ensemble.input_spec, self.inference.settings.max_rows_per_request)
-        names = wanted(request, ensemble)
-        by = deadline(context, self.inference.settings.request_timeout_ms)
-        average, members, scores = await self.inference.infer_by(by, ensemble, x)
-        reply = m.PredictResponse(model_spec=model_spec(ensemble))
-        for name in names:
-            if name == "predictions":
-                array = average
-            elif name == "labels":
-                array = np.array(predicted_labels(average, ensemble.classes), dtype=object)
-            elif name == "disagreement":
-                array = disagreement(members, average)
-            else:
-                array = output(name, ensemble, average, members, scores)
-            reply.outputs[name].CopyFrom(tensor_proto(np.asarray(array)))
-        return reply
+        ensemble = self.plane.ensemble(*tfs.model_of(request.model_spec))
+        x = tfs.message_input(request, ensemble.input_spec, self.plane.settings.max_rows_per_request)
+        names = tfs.wanted(request, ensemble)
+        answer = await self.plane.infer(ensemble, x, deadline(context, self.plane.settings.request_timeout_ms))
+        return tfs.predict_response(answer, ensemble, names)
 
     @rpc(f"/{m.PREDICTION_SERVICE}/GetModelMetadata")
     async def GetModelMetadata(self, request, context):
-        ensemble = ensemble_of(self.inference, request.model_spec)
-        if not request.metadata_field:
-            raise InvalidInput("metadata_field is empty: ask for 'signature_def'")
-        for field in request.metadata_field:
-            if field != "signature_def":
-                raise InvalidInput(f"metadata field {field[:40]!r} is not supported; the one there is is "
-                                   "'signature_def'")
-        signatures = m.SignatureDefMap()
-        signatures.signature_def[SIGNATURE].CopyFrom(signature_def(ensemble))
-        reply = m.GetModelMetadataResponse(model_spec=model_spec(ensemble, ""))
-        reply.metadata["signature_def"].Pack(signatures)  # the pool's own Any
-        return reply
+        ensemble = self.plane.ensemble(*tfs.model_of(request.model_spec))
+        return tfs.metadata_response(ensemble, request.metadata_field)
 
 
 class ModelService:
     """GetModelStatus: the versions of an ensemble, from what GET /models reports."""
 
-    def __init__(self, inference: Inference):
-        self.inference = inference
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
 
     @rpc(f"/{m.MODEL_SERVICE}/GetModelStatus")
     async def GetModelStatus(self, request, context):
-        spec = request.model_spec
-        name, version = required_name(spec), model_version(spec)
+        name = tfs.required_name(request.model_spec)
         # From the last poll's snapshot, as GET /models and the admin status route: no disk here.
-        entries = self.inference.state.manager.named_status(name)["versions"]
-        if version is not None:
-            entries = [e for e in entries if str(e["version"]) == version]
-            if not entries:
-                raise ModelNotFound(f"version {version} of {spec.name!r} is not in the repository")
-        return m.GetModelStatusResponse(model_version_status=[version_status(e) for e in entries])
+        return tfs.status_response(self.plane.manager.named_status(name)["versions"], request.model_spec)
 
 
-def add_to(server, inference: Inference) -> None:
+def add_to(server, plane: DataPlane) -> None:
     """Serve TensorFlow Serving's two services on a grpc.aio server."""
-    predict, models = PredictionService(inference), ModelService(inference)
+    predict, models = PredictionService(plane), ModelService(plane)
     add(server, m.PREDICTION_SERVICE, {
         "Predict": (predict.Predict, m.PredictRequest, m.PredictResponse),
         "GetModelMetadata": (predict.GetModelMetadata, m.GetModelMetadataRequest, m.GetModelMetadataResponse)})

@@ -1,4 +1,4 @@
-"""TensorFlow Serving's gRPC messages, from the descriptor set compiled from service/rpc/gen/tfs
+"""TensorFlow Serving's gRPC messages, from the descriptor set compiled from service/protocols/gen/tfs
 (`make protos`), in a descriptor pool of their own.
 
 TensorFlow registers its framework messages (tensorflow.TensorProto, ...) in protobuf's default
@@ -18,7 +18,7 @@ DESCRIPTOR_SET = "tensorflow_serving.binpb"
 
 def _pool() -> tuple[descriptor_pool.DescriptorPool, descriptor_pb2.FileDescriptorSet]:
     files = descriptor_pb2.FileDescriptorSet.FromString(
-        resources.files("service.rpc.gen").joinpath(DESCRIPTOR_SET).read_bytes())
+        resources.files("service.protocols.gen").joinpath(DESCRIPTOR_SET).read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
         pool.Add(file)

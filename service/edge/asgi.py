@@ -1,5 +1,5 @@
-"""The edge's ASGI layer: the inference routes answered in front of FastAPI, and the one place
-every HTTP request is counted and timed.
+"""The edge's ASGI layer: HTTP's transport for the inference routes, answered in front of
+FastAPI, and the one place every HTTP request is counted and timed.
 
 Every request on the inference routes pays for the HTTP framework once; FastAPI's middleware
 stack, dependency solving and response classes cost more than the batched inference itself on
@@ -12,7 +12,8 @@ under uvicorn's middleware and calls `direct_route`, `admit`, `direct_reply`, `d
 `release`. Both ways share `_answer` (the same handlers, errors and metrics), `count`, and the
 limits of `limits` (body size, bytes in flight), checked before a body is read.
 
-No TensorFlow here: the ensemble comes from the manager, the rows go through the batcher.
+No TensorFlow here: the handlers decode with a protocol's codec (service.protocols) and ask the
+data plane (service.dataplane.inference), which knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -20,31 +21,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Awaitable, Callable, NamedTuple
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
 
-from service.config import Settings
+from service.dataplane.inference import DataPlane
+from service.dataplane.limits import Hold, largest_body, peer_of
 from service.edge import rest, v2
-from service.edge.limits import Hold, InflightBytes, peer_of, json_value_limit, largest_body
 from service.edge.replies import Reply, encode, internal_error, refusal
-from service.engines.base import Ensemble
-from contract.manifest import InputSpec
-from service.errors import (
-    BytesInFlight,
-    DeadlineExceeded,
-    InvalidInput,
-    MalformedRequest,
-    ModelNotFound,
-    PayloadTooLarge,
-    QueueFull,
-    ServiceError,
-)
-from service.metrics import ServiceMetrics
+from service.errors import BytesInFlight, InvalidInput, MalformedRequest, ModelNotFound, PayloadTooLarge, ServiceError
 
-_REJECT_REASONS = {QueueFull: "queue_full", DeadlineExceeded: "deadline", PayloadTooLarge: "too_large",
-                   BytesInFlight: "bytes_in_flight"}
 _MAX_LENGTH_DIGITS = 18  # a Content-Length longer than this is more than any limit: refused as such
 
 
@@ -57,8 +44,12 @@ class Call:
     headers: dict[str, str]
     body: bytes
 
+    def deadline(self, default_ms: float) -> float | None:
+        """When the request must have left the queue: its X-Request-Timeout-Ms, else the default."""
+        return deadline_from(self.headers, default_ms)
 
-Handler = Callable[[Call, "Inference"], Awaitable[Reply]]
+
+Handler = Callable[[Call, DataPlane], Awaitable[Reply]]
 
 
 class Route(NamedTuple):
@@ -127,71 +118,15 @@ def content_length(value: bytes | str) -> int | None:
     return int(value) if len(value) <= _MAX_LENGTH_DIGITS else 10 ** _MAX_LENGTH_DIGITS
 
 
-class Inference:
-    """What the handlers of every wire format use: the ensemble a request names, and `infer`,
-    which queues its rows for the batcher under the request's deadline."""
-
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, state: Any):
-        self.settings, self.metrics, self.state = settings, metrics, state
-        # request bodies of every protocol
-        self.inflight = InflightBytes(settings.max_inflight_bytes, per_peer=settings.max_inflight_bytes_per_peer)
-        self._value_limits: dict[tuple[int, ...], int] = {}
-
-    def ensemble(self, name: str | None, version: str | None) -> Ensemble:
-        """The named ensemble's live version, or the loaded `version`; the default with no name."""
-        manager = self.state.manager
-        if name is None:
-            return manager.get(manager.default_name())
-        if version is not None and len(version) > _MAX_LENGTH_DIGITS:
-            raise ModelNotFound(f"version {version[:20]}... of {name!r} is not loaded")
-        return manager.get(name, int(version) if version else None)
-
-    def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int) -> int:
-        """The largest `size_of(input spec, max rows)` of the versions loaded (live or previous),
-        and never more than max_body_bytes; `none_loaded` while none is."""
-        manager, rows = self.state.manager, self.settings.max_rows_per_request
-        loaded = [e for slot in manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
-        return min(max((size_of(e.input_spec, rows) for e in loaded), default=none_loaded),
-                   self.settings.max_body_bytes)
-
-    def json_value_limit(self, ensemble: Ensemble) -> int:
-        """The most JSON values a valid request to `ensemble` holds (service.edge.limits)."""
-        shape = ensemble.input_spec.shape
-        limit = self._value_limits.get(shape)
-        if limit is None:
-            limit = self._value_limits[shape] = json_value_limit(
-                ensemble.input_spec, self.settings.max_rows_per_request, self.settings.max_json_values)
-        return limit
-
-    async def infer(self, call: Call, ensemble: Ensemble, x):
-        """(averaged, per-member) probabilities of the rows x, computed in some batch, by the
-        deadline of the call's X-Request-Timeout-Ms (or the default)."""
-        return await self.infer_by(deadline_from(call.headers, self.settings.request_timeout_ms), ensemble, x)
-
-    async def infer_by(self, deadline: float | None, ensemble: Ensemble, x):
-        """`infer` with the deadline (monotonic time, or None) already known: gRPC's."""
-        result = await self.state.batcher.submit(ensemble, x, deadline)
-        self.metrics.observe_rows(ensemble.name, len(x))
-        return result
-
-    def count_refusal(self, exc: ServiceError) -> None:
-        """A request refused before inference: counted by reason when it is one of REJECT_REASONS."""
-        reason = _REJECT_REASONS.get(type(exc))
-        if reason:
-            self.metrics.rejected.labels(reason).inc()
-
-
 class Edge:
     """ASGI: answers POSTs on the inference routes, hands everything else to `app` (FastAPI),
     and counts and times every HTTP request by route template and status."""
 
-    def __init__(self, app: FastAPI, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, app: FastAPI, plane: DataPlane):
         self.app = app
-        self.settings = settings
-        self.metrics = metrics
-        self.inference = Inference(settings, metrics, app.state)
-        self.inflight = self.inference.inflight
-        self._limit: tuple[int, int] = (-1, settings.max_body_bytes)  # (manager generation, limit)
+        self.plane = plane
+        self.settings, self.metrics, self.inflight = plane.settings, plane.metrics, plane.inflight
+        self._limit: tuple[int, int] = (-1, self.settings.max_body_bytes)  # (manager generation, limit)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -277,24 +212,24 @@ class Edge:
     async def _answer(self, path: str, handler: str, params: dict, headers: dict[str, str],
                       query_string: bytes, body: bytes) -> Reply:
         try:
-            self.inference.state.batcher.check_admission()
+            self.plane.check_admission()
             query = dict(parse_qsl(query_string.decode("latin-1"))) if query_string else {}
-            return await _HANDLERS[handler](Call(params, query, headers, body), self.inference)
+            return await _HANDLERS[handler](Call(params, query, headers, body), self.plane)
         except ServiceError as exc:
             return self._refusal(exc, path)
         except Exception as exc:  # a bug must cost one 500, never the connection or the batcher
             return internal_error(exc, "POST", path)
 
     def _refusal(self, exc: ServiceError, path: str) -> Reply:
-        self.inference.count_refusal(exc)
+        self.plane.count_refusal(exc)
         return refusal(exc, "POST", path)
 
     def body_limit(self) -> int:
         """The largest body a valid request to the loaded ensembles can need, and never more
         than max_body_bytes (that alone while none is loaded)."""
-        generation = self.inference.state.manager.generation
+        generation = self.plane.manager.generation
         if generation != self._limit[0]:  # a version was swapped: work it out again
-            self._limit = (generation, self.inference.largest_request(largest_body, self.settings.max_body_bytes))
+            self._limit = (generation, self.plane.largest_request(largest_body, self.settings.max_body_bytes))
         return self._limit[1]
 
     def _take(self, hold: Hold, size: int, limit: int, declared: str | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Request content to numpy arrays, for every wire format: JSON parsing, one conversion of
-nested lists, and the cast to the input's dtype, each refusing bad input with a clear 4xx.
+"""Request content to numpy arrays and answers to JSON, for every protocol's codec: JSON parsing,
+one conversion of nested lists, and the cast to the input's dtype, each refusing bad input with
+a clear 4xx; JSON bytes of an answer with its arrays serialised natively.
 
 The checks are vectorised (shape, dtype kind, whole numbers, range, finiteness): no Python loop
 runs per element.
@@ -12,16 +13,21 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.edge.limits import json_values
+from service.dataplane.limits import json_values
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from contract.manifest import InputSpec, first_nonfinite_row
 
 _JSON_NUMERIC_KINDS = "iuf"  # ints and floats; bools and strings are type errors
 
 
+def encode(payload: dict[str, Any]) -> bytes:
+    """JSON bytes; numpy arrays are serialised natively by orjson."""
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def parse_json_object(body: bytes, max_values: int) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it; a 413
-    without parsing when it holds more than `max_values` values (service.edge.limits)."""
+    without parsing when it holds more than `max_values` values (service.dataplane.limits)."""
     if not body:
         raise MalformedRequest("request body is empty; send a JSON object like {\"instances\": [...]}")
     if json_values(body) > max_values:

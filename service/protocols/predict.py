@@ -1,0 +1,151 @@
+"""The row format, the codec of `POST /predict` and of TensorFlow Serving's REST predict: a
+request's rows decoded into an array of the model's input, an `Answer` (service.answer) encoded
+as the body's JSON object. It knows nothing of HTTP or gRPC (service.edge.rest serves it).
+
+A request body is rows (`instances`, TensorFlow Serving's row format) or the batch as one
+tensor (`inputs`, its columnar format); the answer is the averaged probabilities (`predictions`
+or `outputs`, as the request was), the top class of each row, the class labels and the version
+that answered; the `members` option adds each member's probabilities and their disagreement;
+`uncertainty` adds each row's `uncertainty` (entropy, expected_entropy and mutual_information,
+contract.scores) and, when the version has an abstention threshold, `abstain`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import orjson
+
+from contract.manifest import InputSpec
+from service.answer import Answer
+from service.errors import InvalidInput, PayloadTooLarge
+from service.protocols.arrays import numeric, parse_json_object, to_spec
+
+_TRUE = {"1", "true", "yes"}
+
+
+# -- decode -----------------------------------------------------------------------------------
+
+def instances_to_array(instances: Any, spec: InputSpec, max_rows: int, field: str = "instances") -> np.ndarray:
+    """Rows of a request as an array of shape (rows, *spec.shape) and spec.dtype, or a 4xx."""
+    if instances is None:
+        raise InvalidInput(f"missing field '{field}': send {{\"{field}\": [instance, ...]}}")
+    if not isinstance(instances, list):
+        raise InvalidInput(f"'{field}' must be a list of instances, got a JSON {type(instances).__name__}")
+    if not instances:
+        raise InvalidInput(f"'{field}' is empty: send at least one instance")
+    if len(instances) > max_rows:
+        raise PayloadTooLarge(
+            f"'{field}' has {len(instances)} rows; at most {max_rows} are allowed per request"
+        )
+    array = numeric(instances, field, spec.shape)
+    if array.shape[1:] != spec.shape:
+        got = list(array.shape[1:]) if array.ndim > 1 else "a bare number"
+        raise InvalidInput(f"each instance must have shape {list(spec.shape)}, got {got}")
+    return to_spec(array, spec, field, row="instance")
+
+
+def columnar_inputs(inputs: Any, spec: InputSpec, max_rows: int) -> np.ndarray:
+    """TF Serving's columnar `inputs`: the batch tensor itself, or {name: tensor} for one input."""
+    if isinstance(inputs, dict):
+        if len(inputs) != 1:
+            raise InvalidInput(f"'inputs' names {len(inputs)} tensors; this model takes exactly one")
+        inputs = next(iter(inputs.values()))
+    return instances_to_array(inputs, spec, max_rows, field="inputs")
+
+
+# A body that is only {"instances": [...]} or {"inputs": [...]}: the common request, parsed by
+# `numeric_rows` without building nested Python lists.
+_ONLY_ROWS = re.compile(rb'\s*\{\s*"(instances|inputs)"\s*:')
+_NUMBER_BYTES = b"0123456789.eE+- \t\r\n"  # what a JSON number (and the space around it) is made of
+
+
+@lru_cache(maxsize=64)
+def _row_skeleton(shape: tuple[int, ...]) -> bytes:
+    """One instance of `shape` as JSON with its numbers and spaces removed: (2, 3) -> [[,,],[,,]]."""
+    skeleton = b""
+    for d in reversed(shape):
+        skeleton = b"[" + b",".join([skeleton] * d) + b"]"
+    return skeleton
+
+
+def numeric_rows(body: bytes, spec: InputSpec, max_rows: int) -> tuple[str, np.ndarray] | None:
+    """(field, rows) of a body that is exactly {"instances": rows} or {"inputs": rows}, rows being
+    1 to max_rows instances of spec.shape holding only numbers, for a float input; None for any
+    other body, which `parse_json_object` and `instances_to_array` then read (and refuse with
+    the precise error).
+
+    numpy's conversion of nested lists spends most of its time discovering their shape. Here
+    the shape is checked on the text instead: with the numbers and spaces deleted, the array
+    must read exactly as the skeleton of its shape, so nothing is ragged and every leaf is made
+    of number characters; with the brackets deleted it is a flat JSON list, which orjson then
+    parses (rejecting anything that is not a number). Integers come out as float64 before the
+    cast to the input's float dtype, exact up to 2**53."""
+    if spec.dtype[0] != "f":
+        return None
+    head = _ONLY_ROWS.match(body)
+    end = body.rfind(b"}")
+    if head is None or end < 0 or body[end + 1:].strip():
+        return None
+    rows_json = body[head.end():end]
+    skeleton = rows_json.translate(None, _NUMBER_BYTES)
+    row = _row_skeleton(spec.shape)
+    rows, extra = divmod(len(skeleton) - 1, len(row) + 1)  # "[" + n rows + (n-1) commas + "]"
+    if extra or not 1 <= rows <= max_rows or skeleton != b"[" + b",".join([row] * rows) + b"]":
+        return None
+    try:
+        flat = orjson.loads(b"[" + rows_json.translate(None, b"[]") + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    try:
+        array = np.array(flat, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    field = head.group(1).decode()
+    return field, to_spec(array.reshape(rows, *spec.shape), spec, field, row="instance")
+
+
+def decode(body: bytes, spec: InputSpec, max_rows: int, max_values: int) -> tuple[np.ndarray, bool]:
+    """(rows, columnar): the request's rows, and whether they came as `inputs` (columnar).
+    A body of more than `max_values` JSON values is refused before it is parsed."""
+    fast = numeric_rows(body, spec, max_rows)
+    if fast is not None:
+        field, x = fast
+        return x, field == "inputs"
+    payload = parse_json_object(body, max_values)
+    if "inputs" in payload and "instances" not in payload:
+        return columnar_inputs(payload["inputs"], spec, max_rows), True
+    return instances_to_array(payload.get("instances"), spec, max_rows), False
+
+
+# -- encode -----------------------------------------------------------------------------------
+
+def flag(value: str | None) -> bool:
+    """An option's value ("1", "true", "yes", any case) as true; anything else, or none, false."""
+    return value is not None and value.lower() in _TRUE
+
+
+def answer_body(answer: Answer, columnar: bool, members: bool = False, uncertainty: bool = False) -> dict[str, Any]:
+    """The answer as the row format shows it: the ensemble's probabilities (`outputs` when the
+    request was columnar, else `predictions`), the top label of each row, the labels, the
+    version; with `members`, each member's probabilities and their disagreement; with
+    `uncertainty`, each row's scores and, for a version with an abstention rule, `abstain`."""
+    head = answer.head
+    body: dict[str, Any] = {
+        "outputs" if columnar else "predictions": head.combined,
+        "labels": head.top_labels(),
+        "classes": head.labels,
+        "model": {"name": answer.name, "version": answer.version},
+    }
+    if members:
+        body["members"] = head.members_by_name(answer.member_names)
+        body["disagreement"] = head.disagreement()
+    if uncertainty:
+        body["uncertainty"] = head.scores_by_name()
+        abstain = head.abstain()
+        if abstain is not None:
+            body["abstain"] = abstain
+    return body
