@@ -8,6 +8,7 @@ digests, and what the trainer fitted (calibration, abstention, the uncertainty r
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import datetime
@@ -19,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from contract.layout import MANIFEST_FILE, MEMBERS_DIR, NAME_PATTERN
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what the trainer writes for one input and one classification output
+FORMATS = (1, 2)  # what is read: format 2 has named inputs and heads with tasks
 MEMBER_KINDS = ("tuned", "seed", "snapshot", "swa", "imported")
 SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
 # Weights must sum to one; this absorbs rounding in a JSON round trip.
@@ -139,26 +141,20 @@ class Abstention(_Strict):
     coverage: float = Field(ge=0.0, le=1.0)
 
 
-class Manifest(_Strict):
-    """The contract of one published version. Written last; its presence commits the version."""
+class _Version(_Strict):
+    """What every format's manifest has: the version's name and number, its members, where its
+    data came from and what the trainer measured."""
 
-    format_version: Literal[1] = FORMAT_VERSION
     name: str = Field(pattern=NAME_PATTERN)
     version: int = Field(ge=1)
     created: datetime
-    input: InputSpec
-    output: OutputSpec
     members: tuple[MemberEntry, ...] = Field(min_length=1)
     metrics: dict[str, float] = Field(default_factory=dict)
     data: DataInfo | None = None
     replaces: int | None = None
-    calibration: Calibration | None = None
-    abstention: Abstention | None = None
-    # Mean of each uncertainty score on the validation split: the level a drift alert compares with.
-    uncertainty_reference: dict[ScoreName, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _members_consistent(self) -> "Manifest":
+    def _members_consistent(self):
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"member names must be unique, got {names}")
@@ -174,10 +170,148 @@ class Manifest(_Strict):
     def weights(self) -> tuple[float, ...]:
         return tuple(m.weight for m in self.members)
 
+
+class Manifest(_Version):
+    """The contract of one published version in format 1: one input tensor, one classification
+    output. Written last; its presence commits the version."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    input: InputSpec
+    output: OutputSpec
+    calibration: Calibration | None = None
+    abstention: Abstention | None = None
+    # Mean of each uncertainty score on the validation split: the level a drift alert compares with.
+    uncertainty_reference: dict[ScoreName, float] = Field(default_factory=dict)
+
     @property
     def temperature(self) -> float:
         """The temperature of the pooled distribution (1: not calibrated)."""
         return self.calibration.temperature if self.calibration is not None else 1.0
+
+    def signature(self) -> "Signature":
+        """The version's inputs and heads as format 2 names them: one input, `instances`; one
+        classification head, `probabilities`."""
+        head = HeadSpec(name="probabilities", task="classification", labels=self.output.classes,
+                        temperatures=(self.temperature,),
+                        abstention=(HeadAbstention(score=self.abstention.score, threshold=self.abstention.threshold)
+                                    if self.abstention is not None else None),
+                        uncertainty_reference=dict(self.uncertainty_reference))
+        return Signature(inputs=(TensorSpec(name="instances", dtype=self.input.dtype, shape=self.input.shape),),
+                         heads=(head,))
+
+
+# -- format 2: named inputs, heads with tasks ----------------------------------------------------
+
+TASKS = ("classification", "binary", "multilabel", "regression")  # contract.tasks holds their rules
+# The uncertainty scores of each task's rows (contract.tasks computes them, in this order).
+TASK_SCORES = {"classification": ("entropy", "expected_entropy", "mutual_information"),
+               "binary": ("entropy", "expected_entropy", "mutual_information"),
+               "multilabel": ("entropy", "expected_entropy", "mutual_information"),
+               "regression": ("std", "epistemic_std", "aleatoric_std")}
+VALUE_DTYPES = ("float32", "float64", "int32", "int64", "uint8", "bool", "string")
+TENSOR_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
+
+
+class TensorSpec(_Strict):
+    """One named input: its dtype and its shape after the batch dimension, a dimension of None
+    taking any length (text's tokens); () is one value per row (a string, a number)."""
+
+    name: str = Field(pattern=TENSOR_NAME)
+    dtype: Literal["float32", "float64", "int32", "int64", "uint8", "bool", "string"]
+    shape: tuple[int | None, ...] = ()
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        if any(d is not None and d <= 0 for d in shape):
+            raise ValueError(f"every dimension must be a positive integer or null (any length), got {list(shape)}")
+        return shape
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every dimension has a length."""
+        return all(d is not None for d in self.shape)
+
+
+class HeadAbstention(_Strict):
+    """When a head's row is not to be trusted: its `score` (one of the task's, or
+    `interval_width` of a regression head at `level`) above `threshold`."""
+
+    score: str
+    threshold: float
+    level: float | None = Field(default=None, gt=0.0, lt=1.0)
+
+
+class HeadSpec(_Strict):
+    """One named output and its task (contract.tasks): `labels` names its k columns (the classes;
+    a binary head's negative then positive label; a multi-label head's labels; a regression
+    head's targets). Calibration: `temperatures` (one for classification and binary, one per
+    label for multilabel; none: not calibrated), `variance_scale` (regression). `variance`: the
+    members' regression head also gives a variance (a Gaussian head)."""
+
+    name: str = Field(pattern=TENSOR_NAME)
+    task: Literal["classification", "binary", "multilabel", "regression"]
+    labels: tuple[str, ...] = Field(min_length=1)
+    variance: bool = False
+    temperatures: tuple[float, ...] = ()
+    variance_scale: float = Field(default=1.0, gt=0.0)
+    abstention: HeadAbstention | None = None
+    uncertainty_reference: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fits_its_task(self) -> "HeadSpec":
+        k, task = len(self.labels), self.task
+        if len(set(self.labels)) != k:
+            raise ValueError(f"head {self.name!r}: labels must be unique")
+        if task == "classification" and k < 2:
+            raise ValueError(f"head {self.name!r}: a classification head needs at least two classes")
+        if task == "binary" and k != 2:
+            raise ValueError(f"head {self.name!r}: a binary head has two labels (negative, positive), got {k}")
+        if self.variance and task != "regression":
+            raise ValueError(f"head {self.name!r}: only a regression head has a variance")
+        want = {"classification": 1, "binary": 1, "multilabel": k}.get(task, 0)
+        if self.temperatures and len(self.temperatures) != want:
+            raise ValueError(f"head {self.name!r}: a {task} head has {want} temperature(s), got "
+                             f"{len(self.temperatures)}")
+        if any(not 0.0 < t <= 100.0 for t in self.temperatures):
+            raise ValueError(f"head {self.name!r}: temperatures must be in (0, 100]")
+        scores = TASK_SCORES[task] + (("interval_width",) if task == "regression" else ())
+        if self.abstention is not None and self.abstention.score not in scores:
+            raise ValueError(f"head {self.name!r}: a {task} head abstains on one of {', '.join(scores)}")
+        if self.abstention is not None and (self.abstention.score == "interval_width") != (self.abstention.level is not None):
+            raise ValueError(f"head {self.name!r}: an interval_width abstention, and only it, names its level")
+        return self
+
+
+class Signature(_Strict):
+    """What a version takes and answers: its named inputs and its heads."""
+
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    heads: tuple[HeadSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Signature":
+        for what, names in (("input", [i.name for i in self.inputs]), ("head", [h.name for h in self.heads])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} names must be unique, got {names}")
+        return self
+
+
+class ManifestV2(_Version):
+    """The contract of one published version in format 2: named inputs of any dtype and shape,
+    and heads with tasks, each with its own calibration and abstention."""
+
+    format_version: Literal[2]
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    heads: tuple[HeadSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ManifestV2":
+        self.signature()
+        return self
+
+    def signature(self) -> Signature:
+        return Signature(inputs=self.inputs, heads=self.heads)
 
 
 def first_nonfinite_row(x: np.ndarray) -> int | None:
@@ -200,8 +334,18 @@ def uniform_weights(n: int) -> list[float]:
     return [1.0 / n] * n
 
 
-def read_manifest(version_dir: Path) -> Manifest:
-    """Parse and validate a version's manifest, checking it names the folder it sits in."""
+def manifest_format(raw: bytes) -> int:
+    """The format a manifest's bytes declare (1 when they declare none, as format 1 may)."""
+    try:
+        declared = json.loads(raw).get("format_version", 1)
+    except (ValueError, AttributeError, RecursionError):
+        return 1  # not a JSON object: the format-1 schema's validation says what is wrong
+    return declared if declared in FORMATS else 1
+
+
+def read_manifest(version_dir: Path) -> Manifest | ManifestV2:
+    """Parse and validate a version's manifest, in the format it declares, checking it names the
+    folder it sits in."""
     path = version_dir / MANIFEST_FILE
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise ManifestError(f"{path} is not a regular file")
@@ -212,7 +356,7 @@ def read_manifest(version_dir: Path) -> Manifest:
     except OSError as exc:
         raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        manifest = Manifest.model_validate_json(raw)
+        manifest = (ManifestV2 if manifest_format(raw) == 2 else Manifest).model_validate_json(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
