@@ -142,16 +142,8 @@ class Abstention(_Strict):
 
 
 class _Version(_Strict):
-    """What every format's manifest has: the version's name and number, its members, where its
-    data came from and what the trainer measured."""
-
-    name: str = Field(pattern=NAME_PATTERN)
-    version: int = Field(ge=1)
-    created: datetime
-    members: tuple[MemberEntry, ...] = Field(min_length=1)
-    metrics: dict[str, float] = Field(default_factory=dict)
-    data: DataInfo | None = None
-    replaces: int | None = None
+    """The rules every format's manifest follows: its members' names, paths and weights. Each
+    format declares its fields itself (`members` among them), in the order its files list them."""
 
     @model_validator(mode="after")
     def _members_consistent(self):
@@ -176,8 +168,15 @@ class Manifest(_Version):
     output. Written last; its presence commits the version."""
 
     format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    created: datetime
     input: InputSpec
     output: OutputSpec
+    members: tuple[MemberEntry, ...] = Field(min_length=1)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    data: DataInfo | None = None
+    replaces: int | None = None
     calibration: Calibration | None = None
     abstention: Abstention | None = None
     # Mean of each uncertainty score on the validation split: the level a drift alert compares with.
@@ -258,6 +257,12 @@ class HeadSpec(_Strict):
     abstention: HeadAbstention | None = None
     uncertainty_reference: dict[str, float] = Field(default_factory=dict)
 
+    @property
+    def columns(self) -> int:
+        """The columns of the head's value: one for binary (the positive label's probability),
+        else one per label."""
+        return 1 if self.task == "binary" else len(self.labels)
+
     @model_validator(mode="after")
     def _fits_its_task(self) -> "HeadSpec":
         k, task = len(self.labels), self.task
@@ -302,8 +307,15 @@ class ManifestV2(_Version):
     and heads with tasks, each with its own calibration and abstention."""
 
     format_version: Literal[2]
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    created: datetime
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
     heads: tuple[HeadSpec, ...] = Field(min_length=1)
+    members: tuple[MemberEntry, ...] = Field(min_length=1)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    data: DataInfo | None = None
+    replaces: int | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ManifestV2":

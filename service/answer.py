@@ -11,48 +11,70 @@ Pure NumPy: no engine, no protocol, no transport.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from contract.manifest import Manifest
+from contract import tasks
+from contract.manifest import HeadSpec, Manifest, ManifestV2
 from contract.scores import SCORES
 
-# The columns of an engine's scores array: contract.scores' three, then 1.0 where the row is
-# above the version's abstention threshold (0.0 everywhere for a version without one).
+# The columns of a format-1 engine's scores array: contract.scores' three, then 1.0 where the
+# row is above the version's abstention threshold (0.0 everywhere for a version without one).
 SCORE_COLUMNS = (*SCORES, "abstain")
 _ABSTAIN = SCORE_COLUMNS.index("abstain")
+
+
+class ScoreColumns(Mapping):
+    """A format-1 engine's scores array (rows, len(SCORE_COLUMNS)) read by score name, one
+    column at a time: nothing is copied for the requests that never ask for the scores."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array[:, SCORES.index(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SCORES)
+
+    def __len__(self) -> int:
+        return len(SCORES)
 
 
 @dataclass(frozen=True, eq=False)
 class Head:
     """One output of the ensemble for a request's rows.
 
-    `combined` is the ensemble's value (rows, k): for classification the pooled, calibrated
-    probabilities; `members` each member's (rows, members, k); `labels` name the k columns;
-    `scores` holds the uncertainty scores (rows, len(SCORE_COLUMNS)) in SCORE_COLUMNS' order,
-    read by name with `score`; `abstains` says whether the version has an abstention rule."""
+    `combined` is the ensemble's value (rows, k): the classes' calibrated probabilities, the
+    labels' probabilities of "yes", or the targets' means; `members` each member's (rows,
+    members, k); `labels` name the k columns; `scores` the task's uncertainty scores by name
+    (contract.tasks: (rows,) for classification, (rows, k) otherwise); `abstained` (rows,) bool
+    where the version has an abstention rule for the head, else None; `variance` (rows, k), the
+    total variance of a regression head."""
 
     name: str
     task: str
     labels: tuple[str, ...]
     combined: np.ndarray
     members: np.ndarray
-    scores: np.ndarray
-    abstains: bool
+    scores: Mapping[str, np.ndarray]
+    abstained: np.ndarray | None = None
+    variance: np.ndarray | None = None
 
     def score(self, name: str) -> np.ndarray:
-        """The uncertainty score `name` (one of contract.scores.SCORES) of every row, contiguous."""
-        return np.ascontiguousarray(self.scores[:, SCORES.index(name)])
+        """The uncertainty score `name` of every row, contiguous."""
+        return np.ascontiguousarray(self.scores[name])
 
     def scores_by_name(self) -> dict[str, np.ndarray]:
-        """{score name: (rows,)} for every score of contract.scores, each contiguous."""
-        return dict(zip(SCORES, np.ascontiguousarray(self.scores[:, :len(SCORES)].T)))
+        """{score name: its values}, each contiguous."""
+        return {name: self.score(name) for name in self.scores}
 
     def abstain(self) -> np.ndarray | None:
-        """Whether each row abstains (rows,) bool; None for a version without an abstention rule."""
-        return self.scores[:, _ABSTAIN] > 0 if self.abstains else None
+        """Whether each row abstains (rows,) bool; None for a head without an abstention rule."""
+        return self.abstained
 
     def top_labels(self) -> list[str]:
         """The most probable label of every row (classification)."""
@@ -66,6 +88,10 @@ class Head:
         """Per row: the share of members whose top label differs from the ensemble's."""
         return disagreement(self.members, self.combined)
 
+    def interval(self, level: float) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) (rows, k) of a regression head's central interval at `level`."""
+        return tasks.interval(tasks.Combined(self.combined, self.variance, dict(self.scores)), level)
+
 
 @dataclass(frozen=True, eq=False)
 class Answer:
@@ -76,6 +102,7 @@ class Answer:
     version: int
     member_names: tuple[str, ...]
     heads: dict[str, Head]
+    format_version: int = 1
 
     @property
     def rows(self) -> int:
@@ -87,14 +114,46 @@ class Answer:
         return next(iter(self.heads.values()))
 
     @classmethod
-    def of(cls, manifest: Manifest, outputs: Sequence[np.ndarray], member_names: tuple[str, ...]) -> "Answer":
-        """The answer in an engine's outputs (combined (rows, k), members (rows, members, k),
-        scores (rows, len(SCORE_COLUMNS))) for the version of `manifest`, whose members are
-        `member_names` (passed in: worked out once per version, not per request)."""
-        combined, members, scores = outputs
-        head = Head("probabilities", "classification", manifest.output.classes, combined, members, scores,
-                    manifest.abstention is not None)
-        return cls(manifest.name, manifest.version, member_names, {head.name: head})
+    def of(cls, manifest: Manifest | ManifestV2, outputs: Sequence[np.ndarray],
+           member_names: tuple[str, ...]) -> "Answer":
+        """The answer in an engine's outputs for the version of `manifest`, whose members are
+        `member_names` (passed in: worked out once per version, not per request).
+
+        Format 1: (combined (rows, k), members (rows, members, k), scores (rows,
+        len(SCORE_COLUMNS))), combined in the engine's graph. Format 2: per head the members'
+        values (rows, members, k) and, for a regression head with a variance, their variances,
+        combined here by the head's task (contract.tasks)."""
+        if manifest.format_version == 1:
+            combined, members, scores = outputs
+            abstained = scores[:, _ABSTAIN] > 0 if manifest.abstention is not None else None
+            head = Head("probabilities", "classification", manifest.output.classes, combined, members,
+                        ScoreColumns(scores), abstained)
+            return cls(manifest.name, manifest.version, member_names, {head.name: head})
+        arrays, heads = list(outputs), {}
+        for spec in manifest.heads:
+            members = arrays.pop(0)
+            variances = arrays.pop(0) if spec.variance else None
+            heads[spec.name] = combined_head(spec, members, variances, manifest.weights)
+        return cls(manifest.name, manifest.version, member_names, heads, 2)
+
+
+def combined_head(spec: HeadSpec, members: np.ndarray, variances: np.ndarray | None,
+                  weights: Sequence[float]) -> Head:
+    """A format-2 head: the members' values combined by the head's task, calibrated as its
+    manifest says, with its abstention rule applied."""
+    calibration = spec.variance_scale if spec.task == "regression" else (spec.temperatures or 1.0)
+    result = tasks.combine(spec.task, members, weights, calibration, variances)
+    abstained = None
+    rule = spec.abstention
+    if rule is not None:
+        if rule.score == "interval_width":
+            lower, upper = tasks.interval(result, rule.level)
+            width = upper - lower
+        else:
+            width = result.scores[rule.score]
+        width = width if width.ndim == 1 else width.max(axis=1)
+        abstained = width > rule.threshold
+    return Head(spec.name, spec.task, spec.labels, result.value, members, result.scores, abstained, result.variance)
 
 
 def disagreement(member_probabilities: np.ndarray, ensemble_probabilities: np.ndarray) -> np.ndarray:

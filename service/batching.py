@@ -35,12 +35,43 @@ from service.errors import DeadlineExceeded, InferenceFailed, NotReady, PayloadT
 log = logging.getLogger(__name__)
 
 
-class Predictor(Protocol):
-    """What the batcher calls: rows in, a tuple of arrays out, every one rows first. The batcher
-    gives each request its own rows of every array and never reads what they mean (an
-    ensemble's `answer` does: service.answer)."""
+Rows = np.ndarray | dict[str, np.ndarray]  # one array, or named arrays of as many rows each
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+class Predictor(Protocol):
+    """What the batcher calls: rows in (one array, or named arrays of as many rows), a tuple of
+    arrays out, every one rows first. The batcher gives each request its own rows of every
+    array and never reads what they mean (an ensemble's `answer` does: service.answer)."""
+
+    def predict(self, x: Rows) -> tuple[np.ndarray, ...]: ...
+
+
+def rows_of(x: Rows) -> int:
+    """How many rows a request's input has."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def shape_key(x: Rows) -> tuple:
+    """What requests must share to be computed in one batch: the shape of a row of every input
+    (a variable-length input's requests batch with those of the same length, so no request's
+    answer depends on another's padding), and for strings nothing more."""
+    if isinstance(x, dict):
+        return tuple((name, a.shape[1:]) for name, a in x.items())
+    return x.shape[1:]
+
+
+def rows_between(x: Rows, start: int, stop: int) -> Rows:
+    """Rows [start, stop) of every input."""
+    return {name: a[start:stop] for name, a in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def joined(parts: list[Rows]) -> Rows:
+    """Requests' inputs of one shape key as one batch (the lone request's own arrays)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], dict):
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return np.concatenate(parts)
 
 
 def split_rows(rows: int, limit: int) -> list[tuple[int, int]]:
@@ -51,16 +82,16 @@ def split_rows(rows: int, limit: int) -> list[tuple[int, int]]:
 
 
 def take_batch(queue: deque, limit: int) -> list:
-    """Pop the head of the queue and every following item for the same predictor while the
-    batch stays within `limit` rows; items for other predictors keep their place."""
+    """Pop the head of the queue and every following item for the same predictor and shape key
+    while the batch stays within `limit` rows; other items keep their place."""
     head = queue.popleft()
-    batch, rows = [head], len(head.x)
+    batch, rows = [head], head.rows
     kept = deque()
     while queue:
         item = queue.popleft()
-        if item.predictor is head.predictor and rows + len(item.x) <= limit:
+        if item.predictor is head.predictor and item.key == head.key and rows + item.rows <= limit:
             batch.append(item)
-            rows += len(item.x)
+            rows += item.rows
         else:
             kept.append(item)
             if rows >= limit:
@@ -74,10 +105,12 @@ def take_batch(queue: deque, limit: int) -> list:
 @dataclass(eq=False)
 class _Item:
     predictor: Predictor
-    x: np.ndarray
+    x: Rows
     future: asyncio.Future
     enqueued: float
     deadline: float | None
+    rows: int = 0
+    key: tuple = ()
 
 
 @dataclass
@@ -166,10 +199,10 @@ class Batcher:
         if self._queued_rows >= self.max_queue_rows:
             raise QueueFull(f"the queue is full ({self._queued_rows} rows, the limit is {self.max_queue_rows})")
 
-    async def submit(self, predictor: Predictor, x: np.ndarray,
+    async def submit(self, predictor: Predictor, x: Rows,
                      deadline: float | None = None) -> tuple[np.ndarray, ...]:
         """The predictor's outputs for the rows x (x's rows of each), computed in some batch."""
-        rows = len(x)
+        rows = rows_of(x)
         if self._closing:
             raise NotReady("the service is shutting down")
         if rows > self.max_queue_rows:  # never servable: retrying cannot help, so not a 429
@@ -178,10 +211,11 @@ class Batcher:
                 f"{self.max_queue_rows} rows a request")
         loop = self._loop
         now = time.monotonic()
+        key = shape_key(x)
         if rows <= self.max_batch_size:  # the common case: one item, one future
-            items = [_Item(predictor, x, loop.create_future(), now, deadline)]
+            items = [_Item(predictor, x, loop.create_future(), now, deadline, rows, key)]
         else:
-            items = [_Item(predictor, x[a:b], loop.create_future(), now, deadline)
+            items = [_Item(predictor, rows_between(x, a, b), loop.create_future(), now, deadline, b - a, key)
                      for a, b in split_rows(rows, self.max_batch_size)]
         with self._cond:
             if self._queued_rows + rows > self.max_queue_rows:
@@ -210,7 +244,7 @@ class Batcher:
                     if not self._queue:  # stopped while waiting
                         continue
                 batch = take_batch(self._queue, self.max_batch_size)
-                self._queued_rows -= sum(len(item.x) for item in batch)
+                self._queued_rows -= sum(item.rows for item in batch)
                 depth = self._queued_rows
                 self._unanswered += 1
             try:
@@ -245,19 +279,20 @@ class Batcher:
             (expired if item.deadline is not None and now > item.deadline else live).append(item)
         if not live:
             return live, expired, None, None
-        x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])
+        x = joined([item.x for item in live])
+        rows = sum(item.rows for item in live)
         started = time.monotonic()
         try:
             outputs = tuple(live[0].predictor.predict(x))
-            wrong = [len(a) for a in outputs if len(a) != len(x)]
+            wrong = [len(a) for a in outputs if len(a) != rows]
             if wrong or not outputs:
                 raise InferenceFailed(f"the ensemble returned {wrong[0] if wrong else 0} rows for a batch "
-                                      f"of {len(x)}")
+                                      f"of {rows}")
         except Exception as exc:  # every waiter gets the error, the batcher keeps serving
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(f"inference failed: {exc}")
-            log.error("batch of %d rows failed: %s", len(x), error)
+            log.error("batch of %d rows failed: %s", rows, error)
             return live, expired, error, None
-        stats = BatchStats(len(x), len(live), [started - item.enqueued for item in live],
+        stats = BatchStats(rows, len(live), [started - item.enqueued for item in live],
                            time.monotonic() - started, live[0].predictor, outputs)
         return live, expired, outputs, stats
 
@@ -278,7 +313,7 @@ class Batcher:
         elif outcome is not None:
             offset = 0
             for item in live:
-                end = offset + len(item.x)
+                end = offset + item.rows
                 if not item.future.done():
                     item.future.set_result(tuple([array[offset:end] for array in outcome]))
                 offset = end

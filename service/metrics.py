@@ -251,18 +251,21 @@ class ServiceMetrics:
             self.observe_answer(answer(stats.outputs))
 
     def observe_answer(self, answer: Answer) -> None:
-        """What only an ensemble has: member disagreement, the predicted classes (drift), the
-        members' mutual information and the rows that abstained."""
-        head, model = answer.head, answer.name
-        self.disagreement.observe_many((model,), head.disagreement())
-        counts = np.bincount(head.combined.argmax(axis=1), minlength=len(head.labels))
-        for i in np.flatnonzero(counts):
-            self._child(self.predicted_class, model, head.labels[i]).inc(int(counts[i]))
-        self.mutual_information.observe_many((model,), head.score("mutual_information"))
-        abstain = head.abstain()
-        abstained = int(np.count_nonzero(abstain)) if abstain is not None else 0
-        if abstained:
-            self._child(self.abstained_rows, model).inc(abstained)
+        """What only an ensemble has, per head: rows that abstained; for a classification head,
+        member disagreement, the predicted classes (drift) and the members' mutual information."""
+        model = answer.name
+        for head in answer.heads.values():
+            abstain = head.abstain()
+            abstained = int(np.count_nonzero(abstain)) if abstain is not None else 0
+            if abstained:
+                self._child(self.abstained_rows, model).inc(abstained)
+            if head.task != "classification":
+                continue
+            self.disagreement.observe_many((model,), head.disagreement())
+            counts = np.bincount(head.combined.argmax(axis=1), minlength=len(head.labels))
+            for i in np.flatnonzero(counts):
+                self._child(self.predicted_class, model, head.labels[i]).inc(int(counts[i]))
+            self.mutual_information.observe_many((model,), head.score("mutual_information"))
 
     def update_process(self) -> None:
         self.resident_memory.set(resident_bytes())

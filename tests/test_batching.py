@@ -64,14 +64,49 @@ def test_split_rows_and_take_batch():
     assert split_rows(2, 8) == [(0, 2)]
 
     class I:
-        def __init__(self, p, n):
-            self.predictor, self.x = p, np.zeros(n)
+        def __init__(self, p, n, key=(1,)):
+            self.predictor, self.x, self.rows, self.key = p, np.zeros((n, *key)), n, key
 
     a, b = object(), object()
-    q = deque([I(a, 3), I(b, 1), I(a, 2), I(a, 4)])
+    q = deque([I(a, 3), I(b, 1), I(a, 1, key=(7,)), I(a, 2), I(a, 4)])
     batch = take_batch(q, limit=5)
-    assert [len(i.x) for i in batch] == [3, 2]  # same predictor, within the limit
-    assert [len(i.x) for i in q] == [1, 4] and q[0].predictor is b  # others keep their order
+    assert [len(i.x) for i in batch] == [3, 2]  # same predictor and shape, within the limit
+    assert [(len(i.x), i.key) for i in q] == [(1, (1,)), (1, (7,)), (4, (1,))]  # others keep their order
+    assert q[0].predictor is b
+
+
+def test_named_inputs_batch_by_the_shape_of_every_input_and_each_request_gets_its_rows():
+    from service.batching import joined, rows_between, rows_of, shape_key
+
+    a = {"tokens": np.array([[1, 2, 3]]), "text": np.array([b"x"], dtype=object)}
+    b = {"tokens": np.array([[4, 5, 6], [7, 8, 9]]), "text": np.array([b"y", b"z"], dtype=object)}
+    c = {"tokens": np.array([[1, 2]]), "text": np.array([b"w"], dtype=object)}
+    assert rows_of(a) == 1 and rows_of(b) == 2 and rows_of(np.zeros((4, 2))) == 4
+    assert shape_key(a) == shape_key(b) != shape_key(c)  # a variable length batches with its own length
+    both = joined([a, b])
+    assert both["tokens"].tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]] and both["text"].tolist() == [b"x", b"y", b"z"]
+    assert joined([a]) is a
+    assert rows_between(both, 1, 3)["text"].tolist() == [b"y", b"z"]
+
+    class Echo:
+        """Answers each batch with its token sums and its size: a request's answer must be its own."""
+
+        def __init__(self):
+            self.batches = []
+
+        def predict(self, x):
+            self.batches.append(rows_of(x))
+            return (x["tokens"].sum(axis=1), np.full(rows_of(x), rows_of(x)))
+
+    async def go():
+        batcher, echo = await started(max_batch_size=8), Echo()
+        answers = await asyncio.gather(*(batcher.submit(echo, x) for x in (a, b, c, a)))
+        await batcher.stop()
+        return answers, echo.batches
+
+    answers, batches = asyncio.run(go())
+    assert [s.tolist() for s, _ in answers] == [[6], [15, 24], [3], [6]]
+    assert sum(batches) == 5 and all(n in (1, 2, 3, 4) for n in batches)
 
 
 def test_lone_request_runs_at_once_and_gets_its_rows():

@@ -84,7 +84,7 @@ def test_labels_and_disagreement():
 
     avg = np.array([[0.6, 0.4], [0.2, 0.8]])
     members = np.array([[[0.9, 0.1], [0.3, 0.7]], [[0.1, 0.9], [0.3, 0.7]]])
-    head = Head("probabilities", "classification", ("cat", "dog"), avg, members, np.zeros((2, 4)), False)
+    head = Head("probabilities", "classification", ("cat", "dog"), avg, members, {})
     assert head.top_labels() == ["cat", "dog"]
     np.testing.assert_allclose(disagreement(members, avg), [0.5, 0.0])
     np.testing.assert_allclose(head.disagreement(), [0.5, 0.0])

@@ -126,14 +126,3 @@ def test_head_spec_and_tensor_spec_alone():
     assert TensorSpec(name="x", dtype="bool").shape == ()
     assert HeadSpec(name="y", task="regression", labels=("a", "b")).variance_scale == 1.0
 
-
-def test_the_engines_refuse_a_format_2_version_saying_why(tmp_path):
-    from service.config import Settings
-    from service.engines.base import LoadError
-    from service.engines.loader import EngineLoader, plan_of
-
-    settings = Settings(repository=tmp_path)
-    loader = EngineLoader(settings, plan_of(settings, 2))
-    with pytest.raises(LoadError, match=r"^shop version 1 is in manifest format 2 \(named inputs, heads with tasks\), "
-                                        r"which these engines do not serve yet"):
-        loader(ManifestV2.model_validate(v2()), tmp_path, lambda: None)

@@ -183,7 +183,7 @@ def test_two_merged_requests_each_get_their_own_rows_of_three_outputs():
 
 
 def test_the_metrics_read_a_batch_through_its_ensembles_answer_and_skip_other_predictors():
-    from service.answer import Answer, Head
+    from service.answer import Answer, Head, ScoreColumns
     from service.metrics import ServiceMetrics
 
     class Answering(Fake):
@@ -193,7 +193,8 @@ def test_the_metrics_read_a_batch_through_its_ensembles_answer_and_skip_other_pr
             return np.hstack([x, 1 - x]), np.stack([np.hstack([x, 1 - x])] * 2, axis=1), np.zeros((len(x), 4))
 
         def answer(self, outputs):
-            head = Head("probabilities", "classification", ("a", "b"), *outputs, abstains=False)
+            combined, members, scores = outputs
+            head = Head("probabilities", "classification", ("a", "b"), combined, members, ScoreColumns(scores))
             return Answer("digits", 1, ("m0", "m1"), {head.name: head})
 
     async def main(fake):
@@ -235,7 +236,7 @@ def test_take_batch_counts_every_row_it_takes():
     from types import SimpleNamespace
 
     p = object()
-    q = deque(SimpleNamespace(predictor=p, x=np.zeros((2, 1))) for _ in range(3))
+    q = deque(SimpleNamespace(predictor=p, x=np.zeros((2, 1)), rows=2, key=(1,)) for _ in range(3))
     assert len(take_batch(q, limit=5)) == 2 and len(q) == 1
 
 
@@ -365,7 +366,7 @@ def test_members_by_name_gives_each_member_its_rows():
     from service.answer import Head
 
     probs = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (rows, members, classes)
-    head = Head("probabilities", "classification", tuple("wxyz"), probs[:, 0], probs, np.zeros((2, 4)), False)
+    head = Head("probabilities", "classification", tuple("wxyz"), probs[:, 0], probs, {})
     by_name = head.members_by_name(["a", "b", "c"])
     assert list(by_name) == ["a", "b", "c"]
     for i, name in enumerate("abc"):
@@ -505,16 +506,18 @@ def ensemble_double(version: int = 1, abstention=None):
 
     from contract.manifest import InputSpec
 
-    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
+    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention,
+                               format_version=1)
     return SimpleNamespace(name="digits", version=version, input_spec=InputSpec(shape=(2,)), classes=("a",),
                            manifest=manifest)
 
 
 def answer_double(combined, members, scores, version: int = 1, classes=("a",), abstains: bool = False):
     """The answer of `ensemble_double`'s version (service.answer) with these arrays."""
-    from service.answer import Answer, Head
+    from service.answer import Answer, Head, ScoreColumns
 
-    head = Head("probabilities", "classification", classes, combined, members, scores, abstains)
+    head = Head("probabilities", "classification", classes, combined, members, ScoreColumns(scores),
+                scores[:, 3] > 0 if abstains else None)
     return Answer("digits", version, ("m0",), {head.name: head})
 
 

@@ -4,7 +4,7 @@ service.protocols.tfs (TensorFlow Serving's Predict, GetModelMetadata and GetMod
 server, no network, no TensorFlow, no Keras: requests are built by hand, the ensemble and its
 answer are light doubles, and every test asserts exact values, messages and fields, so that a
 one-line change to a codec fails one of them (they are written for mutation testing). The last
-section holds two known bugs as strict xfails: they fail until the codec is fixed.
+section holds the two bugs it found, now fixed.
 
 Why tritonclient's classes for the OIP messages: this process also imports tritonclient
 (tests/test_grpc.py), whose `tritonclient.grpc.service_pb2` registers the same `inference.*`
@@ -750,7 +750,7 @@ DECODE = {"DT_FLOAT": "<f4", "DT_DOUBLE": "<f8", "DT_BOOL": "?"}
 PREDICTED = {  # name: (dtype, shape, values)
     "predictions": ("DT_FLOAT", [2, 3], COMBINED),
     "members": ("DT_FLOAT", [2, 2, 3], MEMBERS),
-    "disagreement": ("DT_DOUBLE", [2], np.array([0.5, 0.0])),  # see test_tfs_disagreement_has_the_signature_dtype
+    "disagreement": ("DT_FLOAT", [2], np.array([0.5, 0.0], np.float32)),
     **{name: ("DT_FLOAT", [2], np.array(v, np.float32)) for name, v in EXPECTED_SCORES.items()},
     "abstain": ("DT_BOOL", [2], np.array([True, False])),
 }
@@ -851,23 +851,17 @@ def test_tfs_status_response_refusals():
         tfs.status_response(ENTRIES, model_spec("", version=2))
 
 
-# == Known bugs (reported, not fixed here) =======================================================
+# == Two bugs this file found: a narrower integer type's contents, disagreement's dtype ==========
 
-@pytest.mark.xfail(raises=OverflowError, strict=True,
-                   reason="oip.message_input casts int_contents/uint_contents straight to INT8, INT16, UINT8 "
-                          "or UINT16: a value outside the type raises OverflowError (gRPC INTERNAL) instead "
-                          "of InvalidInput")
 @pytest.mark.parametrize("datatype, field, value", [("INT8", "int_contents", 300), ("UINT8", "uint_contents", 256),
                                                     ("INT16", "int_contents", -40000),
                                                     ("UINT16", "uint_contents", 70000)])
 def test_oip_typed_contents_outside_a_narrower_type_are_refused(datatype, field, value):
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match=rf"^'inputs\[0\]\.contents' holds {value} outside the range of input "
+                                         rf"dtype {datatype.lower()} "):
         oip.message_input(infer_request(datatype, (1, 2), field, [0, value]), SPEC, 4)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="tfs.predict_response sends disagreement as DT_DOUBLE (a NumPy mean of bools); "
-                          "its signature_def says DT_FLOAT")
 def test_tfs_disagreement_has_the_signature_dtype():
     e = ensemble()
     sent = tfs.predict_response(answer(), e, ["disagreement"]).outputs["disagreement"].dtype

@@ -55,13 +55,16 @@ class DataPlane:
     def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int) -> int:
         """The largest `size_of(input spec, max rows)` of the versions loaded (live or previous),
         and never more than max_body_bytes; `none_loaded` while none is."""
-        rows = self.settings.max_rows_per_request
+        rows, cap = self.settings.max_rows_per_request, self.settings.max_body_bytes
         loaded = [e for slot in self.manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
-        return min(max((size_of(e.input_spec, rows) for e in loaded), default=none_loaded),
-                   self.settings.max_body_bytes)
+        # a format-2 version's inputs may be strings or of any length: bounded by the cap alone
+        return min(max((size_of(e.input_spec, rows) if e.manifest.format_version == 1 else cap for e in loaded),
+                       default=none_loaded), cap)
 
     def json_value_limit(self, ensemble: Ensemble) -> int:
         """The most JSON values a valid request to `ensemble` holds (service.dataplane.limits)."""
+        if ensemble.manifest.format_version != 1:  # strings and variable lengths: the cap alone
+            return self.settings.max_json_values
         shape = ensemble.input_spec.shape
         limit = self._value_limits.get(shape)
         if limit is None:

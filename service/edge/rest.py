@@ -4,7 +4,8 @@ codec (service.protocols.predict) and the data plane.
     POST /predict                                       {"instances": [row, ...]} (the default ensemble)
     POST /v1/models/{name}[/versions/{v}]:predict      TensorFlow Serving: `instances` or `inputs`
 
-`?members=true` and `?uncertainty=true` are the codec's options of the same names.
+`?members=true` and `?uncertainty=true` are the codec's options of the same names; `?interval=0.9`
+(any level) adds each regression head's interval.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ async def tfs_predict(call: Call, plane: DataPlane) -> Reply:
 
 
 async def _rows(call: Call, plane: DataPlane, ensemble) -> Reply:
-    x, columnar = rows.decode(call.body, ensemble.input_spec, plane.settings.max_rows_per_request,
-                              plane.json_value_limit(ensemble))
+    members, uncertainty = rows.flag(call.query.get("members")), rows.flag(call.query.get("uncertainty"))
+    max_rows, max_values = plane.settings.max_rows_per_request, plane.json_value_limit(ensemble)
+    if ensemble.manifest.format_version == 1:
+        x, columnar = rows.decode(call.body, ensemble.input_spec, max_rows, max_values)
+        answer = await plane.infer(ensemble, x, call.deadline(plane.settings.request_timeout_ms))
+        return Reply(200, encode(rows.answer_body(answer, columnar, members, uncertainty)))
+    level = rows.level(call.query.get("interval"))
+    x, columnar = rows.decode_named(call.body, ensemble.signature, max_rows, max_values)
     answer = await plane.infer(ensemble, x, call.deadline(plane.settings.request_timeout_ms))
-    return Reply(200, encode(rows.answer_body(answer, columnar, rows.flag(call.query.get("members")),
-                                              rows.flag(call.query.get("uncertainty")))))
+    return Reply(200, encode(rows.named_answer_body(answer, columnar, members, uncertainty, level)))
 
 
 # -- schema -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from service.errors import InferenceFailed
+from service.errors import InferenceFailed, InvalidInput
 from contract.manifest import InputSpec, Manifest, RepositoryError
 from service.answer import SCORE_COLUMNS, Answer
 
@@ -83,6 +83,7 @@ class Ensemble:
 
     def __post_init__(self) -> None:
         self.member_names = tuple(m.name for m in self.manifest.members)
+        self.signature = self.manifest.signature()  # its inputs and heads, in either format
 
     @property
     def name(self) -> str:
@@ -98,17 +99,25 @@ class Ensemble:
 
     @property
     def input_spec(self) -> InputSpec:
+        """The one input of a format-1 version; a format-2 version's request through a codec
+        that reads one input is refused (400), naming the routes that serve it."""
+        if self.manifest.format_version != 1:
+            raise InvalidInput(f"{self.name} version {self.version} takes named inputs (manifest format 2): "
+                               "ask it with POST /predict or TensorFlow Serving's REST predict; the Open "
+                               "Inference Protocol and gRPC serve format-1 versions only in this release")
         return self.manifest.input
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(averaged probabilities (rows, classes), member probabilities (rows, members, classes),
-        scores (rows, len(SCORE_COLUMNS)))."""
-        average, members, scores = self.engine.run(x)
-        if len(average) != len(x) or len(members) != len(x) or len(scores) != len(x):
-            raise InferenceFailed(
-                f"{self.name} version {self.version} returned {len(average)} rows for {len(x)} inputs"
-            )
-        return average, members, scores
+    def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """The engine's outputs for the rows x (one array, or named arrays for a format-2
+        version), each rows first; `answer` names them. Format 1: (averaged probabilities (rows,
+        classes), member probabilities (rows, members, classes), scores (rows, len(SCORE_COLUMNS)))."""
+        outputs = self.engine.run(x)
+        rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        for output in outputs:
+            if len(output) != rows:
+                raise InferenceFailed(f"{self.name} version {self.version} returned {len(output)} rows for "
+                                      f"{rows} inputs")
+        return outputs
 
     def answer(self, outputs: Sequence[np.ndarray]) -> Answer:
         """The typed answer (service.answer) in `predict`'s outputs for some rows."""

@@ -78,10 +78,12 @@ class EngineLoader:
         self.cache = CompileCache(folder) if folder is not None else None
 
     def __call__(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> Ensemble:
-        if manifest.format_version != 1:
-            raise LoadError(f"{manifest.name} version {manifest.version} is in manifest format "
-                            f"{manifest.format_version} (named inputs, heads with tasks), which these engines "
-                            "do not serve yet; publish it in format 1 or serve it with a release that does")
+        if manifest.format_version == 2:  # named inputs, heads with tasks: service.engines.named
+            from service.engines.named import load_named
+            from service.engines.tensorflow import configure_threads
+
+            configure_threads(self.threads.intra_op, self.threads.inter_op)
+            return load_named(manifest, path, self.settings.warmup_batch_sizes, pace)
         compiled = self.compiled(manifest, path, pace)
         settings, threads = self.settings, self.threads
         if settings.engine == "tflite" and compiled.lite is not None:

@@ -361,7 +361,7 @@ class ModelManager:
         self.metrics.model_version.labels(slot.name).set(ensemble.version)
         self.metrics.model_members.labels(slot.name).set(len(ensemble.manifest.members))
         self.metrics.reference_mutual_information.labels(slot.name).set(
-            ensemble.manifest.uncertainty_reference.get("mutual_information", 0.0))
+            ensemble.signature.heads[0].uncertainty_reference.get("mutual_information", 0.0))
         self.metrics.abstained_rows.labels(slot.name)  # at 0 from the start, so rates see the first
         log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, ensemble.engine.kind)
         del dropped

@@ -8,6 +8,8 @@ runs per element.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 import numpy as np
@@ -91,3 +93,38 @@ def to_spec(array: np.ndarray, spec: InputSpec, field: str, row: str = "row") ->
             f"'{field}' holds a non-finite number in {row} {first} "
             f"(NaN, infinity, or beyond the range of {spec.dtype})")
     return np.ascontiguousarray(out)
+
+
+def strings(values: Any, field: str) -> np.ndarray:
+    """Nested JSON lists of strings (each text, or {"b64": "..."} for bytes, as TensorFlow
+    Serving's REST API sends binary strings) as an object array of bytes; anything else, or
+    invalid base64, is a 422 naming the field."""
+    try:
+        array = np.array(values, dtype=object)
+    except ValueError:  # ragged nesting
+        raise InvalidInput(f"'{field}' is ragged: every row must have the same shape") from None
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, value in enumerate(flat.tolist()):
+        if isinstance(value, str):
+            out[i] = value.encode("utf-8")
+        elif isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+            try:
+                out[i] = base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput(f"'{field}' holds invalid base64 in its {i}th value") from None
+        else:
+            raise InvalidInput(f"'{field}' must hold strings (or {{\"b64\": \"...\"}}); found "
+                               f"{type(value).__name__ if not isinstance(value, list) else 'a list where a string belongs'}")
+    return out.reshape(array.shape)
+
+
+def booleans(values: Any, field: str) -> np.ndarray:
+    """Nested JSON lists of true and false as a bool array; anything else is a 422."""
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"'{field}' is ragged or mixes types: it must be nested lists of true/false") from None
+    if array.dtype.kind != "b":
+        raise InvalidInput(f"'{field}' must hold true or false only; found {_describe_kind(array.dtype)}")
+    return array

@@ -25,7 +25,7 @@ import numpy as np
 from contract.manifest import InputSpec
 from service.answer import Answer
 from service.errors import InvalidInput, MalformedRequest, ModelNotFound, PayloadTooLarge
-from service.protocols.arrays import encode, numeric, parse_json_object, to_spec
+from service.protocols.arrays import check_range, encode, numeric, parse_json_object, to_spec
 from contract.scores import SCORES
 
 if TYPE_CHECKING:
@@ -254,7 +254,12 @@ def message_input(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndar
         if len(values) != count:
             raise InvalidInput(f"inputs[0].contents holds {len(values)} values in {CONTENTS[name]}; shape {shape} "
                                f"of {name} needs {count}")
-        array = np.asarray(values, dtype=dtype).reshape(shape)
+        # contents fields are 32 or 64 bits wide: a narrower datatype's values are range-checked
+        array = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else
+                           (np.int64 if dtype.kind == "i" else np.uint64) if dtype.kind in "iu" else dtype)
+        if dtype.kind in "iu" and array.size and array.dtype != dtype:
+            check_range(array, dtype, "inputs[0].contents")
+        array = array.astype(dtype, copy=False).reshape(shape)
     return to_spec(array, spec, "inputs[0]")
 
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from contract.manifest import InputSpec
+from contract.manifest import InputSpec, Signature, TensorSpec
 from service.answer import Answer
 from service.errors import InvalidInput, PayloadTooLarge
-from service.protocols.arrays import numeric, parse_json_object, to_spec
+from service.protocols.arrays import booleans, numeric, parse_json_object, strings, to_spec
 
 _TRUE = {"1", "true", "yes"}
 
@@ -149,3 +149,141 @@ def answer_body(answer: Answer, columnar: bool, members: bool = False, uncertain
         if abstain is not None:
             body["abstain"] = abstain
     return body
+
+
+# -- named inputs and heads (manifest format 2) ----------------------------------------------------
+
+def named_tensor(values: Any, spec: TensorSpec, field: str) -> np.ndarray:
+    """One named input's rows as an array of its dtype and shape (a null dimension any length,
+    the same for every row of the request), or a 4xx naming the input and why."""
+    if spec.dtype == "string":
+        array = strings(values, field)
+    elif spec.dtype == "bool":
+        array = booleans(values, field)
+    else:
+        array = numeric(values, field)
+    want = (len(values), *spec.shape)
+    if array.ndim != len(want) or any(w is not None and g != w for g, w in zip(array.shape, want)):
+        shape = ", ".join("any" if d is None else str(d) for d in spec.shape)
+        raise InvalidInput(f"'{field}': each row of input {spec.name!r} must have shape [{shape}], got "
+                           f"{list(array.shape[1:]) if array.ndim > 1 else 'a single value'}"
+                           + (" (rows of one request must share their length)" if not spec.fixed else ""))
+    if spec.dtype in ("string", "bool"):
+        return array
+    return to_spec(array, spec, field, row="row")
+
+
+def _named_rows(instances: Any, signature: Signature, max_rows: int, field: str) -> dict[str, np.ndarray]:
+    """`instances`: one object per row naming every input (or, for a version of one input, the
+    row's value itself)."""
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInput(f"'{field}' must be a non-empty list of rows")
+    if len(instances) > max_rows:
+        raise PayloadTooLarge(f"'{field}' has {len(instances)} rows; at most {max_rows} are allowed per request")
+    names = [spec.name for spec in signature.inputs]
+    if len(names) == 1 and not (isinstance(instances[0], dict) and set(instances[0]) == {names[0]}):
+        return {names[0]: named_tensor(instances, signature.inputs[0], field)}
+    columns: dict[str, list] = {name: [] for name in names}
+    for i, row in enumerate(instances):
+        if not isinstance(row, dict):
+            raise InvalidInput(f"'{field}'[{i}] must be an object naming the inputs {names}")
+        _check_names(row, names, f"'{field}'[{i}]")
+        for name in names:
+            columns[name].append(row[name])
+    return {spec.name: named_tensor(columns[spec.name], spec, f"{field}[*].{spec.name}") for spec in signature.inputs}
+
+
+def _check_names(given: dict, names: list[str], where: str) -> None:
+    missing = [n for n in names if n not in given]
+    extra = [str(n)[:64] for n in given if n not in names]
+    if missing or extra:
+        said = "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                           f"unknown {extra[:5]}" if extra else "") if part)
+        raise InvalidInput(f"{where} must name exactly the inputs {names}: {said}")
+
+
+def _named_columns(inputs: Any, signature: Signature, max_rows: int) -> dict[str, np.ndarray]:
+    """`inputs`: {input name: its rows} (or, for a version of one input, its rows)."""
+    names = [spec.name for spec in signature.inputs]
+    if not isinstance(inputs, dict):
+        if len(names) != 1:
+            raise InvalidInput(f"'inputs' must be an object naming the inputs {names}")
+        inputs = {names[0]: inputs}
+    _check_names(inputs, names, "'inputs'")
+    arrays = {}
+    for spec in signature.inputs:
+        values = inputs[spec.name]
+        if not isinstance(values, list) or not values:
+            raise InvalidInput(f"'inputs.{spec.name}' must be a non-empty list of rows")
+        if len(values) > max_rows:
+            raise PayloadTooLarge(f"'inputs.{spec.name}' has {len(values)} rows; at most {max_rows} are allowed "
+                                  "per request")
+        arrays[spec.name] = named_tensor(values, spec, f"inputs.{spec.name}")
+    if len({len(a) for a in arrays.values()}) > 1:
+        raise InvalidInput(f"the inputs have different numbers of rows: "
+                           f"{ {name: len(a) for name, a in arrays.items()} }")
+    return arrays
+
+
+def decode_named(body: bytes, signature: Signature, max_rows: int, max_values: int) -> tuple[dict[str, np.ndarray], bool]:
+    """(named inputs, columnar) of a request to a format-2 version: `instances` (rows) or
+    `inputs` (columns), strings as text or {"b64": ...}."""
+    payload = parse_json_object(body, max_values)
+    if "inputs" in payload and "instances" not in payload:
+        return _named_columns(payload["inputs"], signature, max_rows), True
+    if "instances" not in payload:
+        raise InvalidInput("missing field 'instances': send {\"instances\": [{\"input name\": value, ...}, ...]}")
+    return _named_rows(payload["instances"], signature, max_rows, "instances"), False
+
+
+def named_answer_body(answer: Answer, columnar: bool, members: bool = False, uncertainty: bool = False,
+                      interval: float | None = None) -> dict[str, Any]:
+    """A format-2 answer: `predictions` (rows; one object per row keyed by head when there are
+    several, as TensorFlow Serving answers a signature of several outputs) or `outputs`
+    (columnar: {head: rows}); and per head under `heads` its task, its labels and what each row
+    is called (the top class; the binary label; the multi-label labels at 0.5 or more), with
+    `members`, `uncertainty` (its task's scores, and `abstain` under an abstention rule) and,
+    for a regression head, `interval` at the level asked."""
+    heads = answer.heads
+    if columnar:
+        shown: Any = {name: h.combined for name, h in heads.items()} if len(heads) > 1 else answer.head.combined
+    elif len(heads) > 1:
+        values = {name: h.combined.tolist() for name, h in heads.items()}
+        shown = [{name: values[name][i] for name in heads} for i in range(answer.rows)]
+    else:
+        shown = answer.head.combined
+    described = {}
+    for name, head in heads.items():
+        entry: dict[str, Any] = {"task": head.task, "labels": list(head.labels)}
+        if head.task == "classification":
+            entry["predicted"] = head.top_labels()
+        elif head.task == "binary":
+            entry["predicted"] = [head.labels[int(p >= 0.5)] for p in head.combined[:, 0].tolist()]
+        elif head.task == "multilabel":
+            entry["predicted"] = [[label for label, p in zip(head.labels, row) if p >= 0.5]
+                                  for row in head.combined.tolist()]
+        if members:
+            entry["members"] = head.members_by_name(answer.member_names)
+        if uncertainty:
+            entry["uncertainty"] = head.scores_by_name()
+            if head.abstain() is not None:
+                entry["abstain"] = head.abstain()
+        if interval is not None and head.task == "regression":
+            lower, upper = head.interval(interval)
+            entry["interval"] = {"level": interval, "lower": lower, "upper": upper}
+        described[name] = entry
+    return {"outputs" if columnar else "predictions": shown, "heads": described,
+            "model": {"name": answer.name, "version": answer.version}}
+
+
+def level(value: str | None) -> float | None:
+    """The `interval` option: a level strictly between 0 and 1, or None when not asked."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 < number < 1.0:
+        raise InvalidInput(f"interval must be a level between 0 and 1 (e.g. 0.9), got {value[:20]!r}")
+    return number

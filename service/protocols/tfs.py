@@ -207,7 +207,7 @@ def predict_response(answer: Answer, ensemble, names: list[str]):
         elif name == "labels":
             array = np.array(head.top_labels(), dtype=object)
         elif name == "disagreement":
-            array = head.disagreement()
+            array = head.disagreement().astype(np.float32)  # the signature's DT_FLOAT
         else:
             array = oip.output(name, answer)
         reply.outputs[name].CopyFrom(tensor_proto(np.asarray(array)))

@@ -1,0 +1,184 @@
+"""The engine of format-2 versions (named inputs, heads with tasks): every member's
+`serving_default` signature, called on the request's named inputs inside one `tf.function`, its
+outputs stacked per head. The heads' combination rules run after it, in NumPy
+(contract.tasks, through service.answer), so one graph serves every task and every input kind
+(strings and lookups included, which TensorFlow Lite does not convert).
+
+A member's signature must take every input of the manifest by name, with a compatible dtype and
+shape, and give every head by name (a member with one output may give the only head under any
+name); a regression head with a variance gives 2k columns, the k means then the k variances.
+What the engine returns, per head in the manifest's order: the members' values (rows, members,
+k), then for a head with a variance the members' variances (rows, members, k).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from contract.manifest import HeadSpec, ManifestV2, TensorSpec
+from service.engines.base import Ensemble, LoadError, WarmupError, no_pause
+
+_WARMUP_SEED = 20240601
+_VARIABLE_LENGTH = 4  # the length a variable dimension gets in the warm-up batch
+
+
+class SignatureError(LoadError):
+    """A member's serving signature does not take the manifest's inputs or give its heads."""
+
+    category = "signature"
+
+
+def head_widths(head: HeadSpec) -> tuple[int, ...]:
+    """The columns a member may give for the head: its columns (contract.manifest.HeadSpec),
+    twice that for a regression head with a variance, and for a binary head also two softmax
+    columns (the second is the positive label's)."""
+    if head.variance:
+        return (2 * head.columns,)
+    return (1, 2) if head.task == "binary" else (head.columns,)
+
+
+def check_member(member: str, inputs: dict[str, tf.TensorSpec], outputs: dict[str, tf.TensorSpec],
+                 manifest: ManifestV2) -> dict[str, str]:
+    """Raise SignatureError naming the member, input or head and why, unless the signature takes
+    every manifest input and gives every head; returns head name -> the member's output name."""
+    missing = [spec.name for spec in manifest.inputs if spec.name not in inputs]
+    extra = sorted(set(inputs) - {spec.name for spec in manifest.inputs})
+    if missing or extra:
+        raise SignatureError(f"member {member}: its signature takes inputs {sorted(inputs)}; the manifest "
+                             f"names {[s.name for s in manifest.inputs]}")
+    for spec in manifest.inputs:
+        got, want = inputs[spec.name], tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype))
+        if got.dtype != want.dtype:
+            raise SignatureError(f"member {member}: input {spec.name!r} takes {got.dtype.name}, the manifest "
+                                 f"says {spec.dtype}")
+        if not got.shape.is_compatible_with(want.shape):
+            raise SignatureError(f"member {member}: input {spec.name!r} takes shape {got.shape.as_list()[1:]}, "
+                                 f"the manifest says {list(spec.shape)}")
+    names = {}
+    for head in manifest.heads:
+        name = head.name if head.name in outputs else (next(iter(outputs)) if len(outputs) == len(manifest.heads) == 1
+                                                       else None)
+        if name is None:
+            raise SignatureError(f"member {member}: gives no output {head.name!r} (it gives {sorted(outputs)})")
+        shape = outputs[name].shape
+        if shape.rank != 2 or shape[1] not in (None, *head_widths(head)):
+            raise SignatureError(f"member {member}: output {name!r} has shape {shape.as_list()[1:]}; head "
+                                 f"{head.name!r} needs {' or '.join(f'[{w}]' for w in head_widths(head))}")
+        names[head.name] = name
+    return names
+
+
+class NamedEngine:
+    """Named inputs (a dict of arrays) -> per head the members' stacked outputs, by one
+    `tf.function` over every member's signature; traced once per input shape (a variable
+    dimension of a new length traces again: tf.function's relaxed shapes keep that rare)."""
+
+    kind = "tensorflow"
+
+    def __init__(self, fn: Callable, names: tuple[str, ...], owner: object):
+        self._fn, self._names, self._owner = fn, names, owner
+
+    def run(self, x: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        outputs = self._fn({name: tf.constant(x[name]) for name in self._names})
+        return tuple(o.numpy() for o in outputs)
+
+
+def load_named(manifest: ManifestV2, version_dir: Path, warmup_sizes: Sequence[int],
+               pace: Callable[[], None] = no_pause) -> Ensemble:
+    """Load every member's signature, check it, build the stacked function and warm it up."""
+    members, maps = [], []
+    for member in manifest.members:
+        try:
+            loaded = tf.saved_model.load(str(version_dir / member.path))
+            signature = loaded.signatures["serving_default"]
+        except KeyError:
+            raise SignatureError(f"member {member.name}: its SavedModel has no serving_default signature") from None
+        except Exception as exc:  # TF raises many types for unreadable SavedModels
+            raise LoadError(f"member {member.name}: cannot load SavedModel: {exc}") from None
+        maps.append(check_member(member.name, signature.structured_input_signature[1],
+                                 signature.structured_outputs, manifest))
+        members.append((loaded, signature))
+        pace()
+    heads = manifest.heads
+
+    signature = {spec.name: tf.TensorSpec([None, *spec.shape], tf.as_dtype(spec.dtype), name=spec.name)
+                 for spec in manifest.inputs}
+
+    @tf.function(input_signature=[signature])  # every length of a variable dimension: traced once
+    def stacked(inputs):
+        outs = [member_signature(**inputs) for _, member_signature in members]
+        result = []
+        for head in heads:
+            # a binary member with two softmax columns gives the positive label's second
+            values = tf.stack([tf.cast(out[names[head.name]], tf.float32)[:, -head.columns * (2 if head.variance else 1):]
+                               for out, names in zip(outs, maps)], axis=1)
+            if head.variance:
+                result += [values[:, :, :head.columns], values[:, :, head.columns:]]
+            else:
+                result.append(values)
+        return result
+
+    engine = NamedEngine(stacked, tuple(spec.name for spec in manifest.inputs), owner=members)
+    ensemble = Ensemble(manifest, version_dir, engine)
+    pace()
+    return warm_up_named(ensemble, warmup_sizes, pace)
+
+
+def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
+    """A deterministic batch of every input: numbers in [0, 1) (integers 1), False, the string
+    "warm up"; a variable dimension of length _VARIABLE_LENGTH."""
+    rng = np.random.default_rng(_WARMUP_SEED)
+    batch = {}
+    for spec in specs:
+        shape = (rows, *(d if d is not None else _VARIABLE_LENGTH for d in spec.shape))
+        if spec.dtype == "string":
+            batch[spec.name] = np.full(shape, b"warm up", dtype=object)
+        elif spec.dtype == "bool":
+            batch[spec.name] = np.zeros(shape, dtype=bool)
+        elif spec.dtype.startswith(("int", "uint")):
+            batch[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            batch[spec.name] = rng.uniform(0.0, 1.0, size=shape).astype(spec.dtype)
+    return batch
+
+
+def check_head(head: HeadSpec, values: np.ndarray, rows: int, members: int, what: str) -> None:
+    """Raise WarmupError unless the members' values for the head are (rows, members, k), finite,
+    and probabilities where the task says so (classification's rows summing to one)."""
+    k = head.columns
+    if values.shape != (rows, members, k):
+        raise WarmupError(f"{what} of head {head.name!r} have shape {list(values.shape)}, expected "
+                          f"[{rows}, {members}, {k}]")
+    if not np.all(np.isfinite(values)):
+        raise WarmupError(f"{what} of head {head.name!r} are not finite (NaN or infinity)")
+    if head.task != "regression" and (values.min() < -1e-3 or values.max() > 1 + 1e-3):
+        raise WarmupError(f"{what} of {head.task} head {head.name!r} are not probabilities (outside [0, 1]); "
+                          "end it with a softmax or a sigmoid, or declare the head a regression")
+    if head.task == "classification":
+        sums = values.sum(axis=-1)
+        if np.abs(sums - 1).max() > 1e-3:
+            raise WarmupError(f"{what} of classification head {head.name!r} do not sum to 1 (end it with a softmax)")
+
+
+def warm_up_named(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], None] = no_pause) -> Ensemble:
+    """Run each batch size once and check every head's outputs; raises WarmupError otherwise."""
+    manifest = ensemble.manifest
+    for rows in sorted(set(warmup_sizes)):
+        try:
+            outputs = ensemble.engine.run(warmup_inputs(manifest.inputs, rows))
+        except Exception as exc:  # a member that fails on a valid batch is a broken version
+            raise WarmupError(f"warm-up on {rows} rows failed: {exc}") from None
+        outputs = list(outputs)
+        for head in manifest.heads:
+            check_head(head, outputs.pop(0), rows, len(manifest.members), "the members' values")
+            if head.variance:
+                variances = outputs.pop(0)
+                check_head(head, variances, rows, len(manifest.members), "the members' variances")
+                if variances.min() < 0:
+                    raise WarmupError(f"the members' variances of head {head.name!r} are negative")
+        pace()
+    return ensemble

@@ -1,0 +1,234 @@
+"""Format-2 versions served end to end: small Keras members of four shapes (two named inputs with
+two heads; raw text with TextVectorization inside; a Gaussian regression head; integer tokens of
+any length), published with a format-2 manifest, loaded by the service and asked through
+`POST /v1/models/NAME:predict` and `/predict`. Each answer is checked against the members'
+own outputs combined by the head's task (contract.tasks); bad input gets a 4xx naming what."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract import tasks
+from contract.integrity import file_digests
+from tests.test_api import wait_for as wait
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+
+def _multi(seed: int):
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((4, 4, 1), name="image")
+    meta = keras.Input((3,), name="meta")
+    h = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([keras.layers.Flatten()(image), meta]))
+    kind = keras.layers.Dense(3, activation="softmax", name="kind")(h)
+    flag = keras.layers.Dense(1, activation="sigmoid", name="flag")(h)
+    return keras.Model({"image": image, "meta": meta}, {"kind": kind, "flag": flag})
+
+
+def _text(seed: int):
+    keras.utils.set_random_seed(seed)
+    review = keras.Input((), dtype="string", name="review")
+    vectorize = keras.layers.TextVectorization(max_tokens=40, output_sequence_length=6)
+    vectorize.adapt(["a good film", "a bad film", "very good", "very bad indeed"])
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(40, 4)(vectorize(review)))
+    return keras.Model(review, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+def _gaussian(seed: int):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((2,), name="features")
+    h = keras.layers.Dense(6, activation="relu")(x)
+    mean = keras.layers.Dense(1)(h)
+    variance = keras.layers.Dense(1, activation="softplus")(h)
+    return keras.Model(x, keras.layers.Concatenate(name="price")([mean, variance]))
+
+
+def _tokens(seed: int):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(20, 4, mask_zero=True)(tokens))
+    return keras.Model(tokens, keras.layers.Dense(2, activation="softmax")(x))
+
+
+SHAPES = {
+    "multi": (_multi, [{"name": "image", "dtype": "float32", "shape": [4, 4, 1]},
+                       {"name": "meta", "dtype": "float32", "shape": [3]}],
+              [{"name": "kind", "task": "classification", "labels": ["a", "b", "c"], "temperatures": [1.5]},
+               {"name": "flag", "task": "binary", "labels": ["no", "yes"]}]),
+    "text": (_text, [{"name": "review", "dtype": "string"}],
+             [{"name": "positive", "task": "binary", "labels": ["neg", "pos"],
+               "abstention": {"score": "mutual_information", "threshold": -1.0}}]),
+    "gauss": (_gaussian, [{"name": "features", "dtype": "float32", "shape": [2]}],
+              [{"name": "price", "task": "regression", "labels": ["price"], "variance": True,
+                "variance_scale": 2.0}]),
+    "tokens": (_tokens, [{"name": "tokens", "dtype": "int32", "shape": [None]}],
+               [{"name": "label", "task": "classification", "labels": ["x", "y"]}]),
+}
+WEIGHTS = [0.25, 0.75]
+
+
+@pytest.fixture(scope="module")
+def named_repository(tmp_path_factory) -> tuple[Path, dict]:
+    """A repository with one format-2 version of each shape, two members each; and the members
+    (Keras models) to compare with."""
+    root = tmp_path_factory.mktemp("named")
+    models = {}
+    for name, (build, inputs, heads) in SHAPES.items():
+        folder = root / name / "1"
+        entries, built = [], []
+        for i, weight in enumerate(WEIGHTS):
+            model = build(100 + i)
+            model.export(str(folder / "members" / f"m{i}"), verbose=False)
+            built.append(model)
+            entries.append({"name": f"m{i}", "path": f"members/m{i}", "kind": "imported", "weight": weight,
+                            "files": file_digests(folder / "members" / f"m{i}")})
+        manifest = {"format_version": 2, "name": name, "version": 1,
+                    "created": datetime.now(timezone.utc).isoformat(), "inputs": inputs, "heads": heads,
+                    "members": entries}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        models[name] = built
+    # "mismatch": the text members under a manifest naming an input they do not take
+    source = root / "text" / "1"
+    folder = root / "mismatch" / "1"
+    folder.mkdir(parents=True)
+    import shutil
+    shutil.copytree(source / "members", folder / "members")
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest.update(name="mismatch", inputs=[{"name": "comment", "dtype": "string"}])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return root, models
+
+
+@pytest.fixture(scope="module")
+def client(named_repository):
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from service.app import create_app
+    from service.config import Settings
+    from service.metrics import ServiceMetrics
+
+    root, _ = named_repository
+    settings = Settings(repository=root, poll_interval_seconds=0.2, warmup_batch_sizes=(1, 3),
+                        isolated_loading=False, default_model="multi")
+    with TestClient(create_app(settings, ServiceMetrics(CollectorRegistry()))) as c:
+        for name in SHAPES:
+            assert wait(lambda: c.get(f"/v2/models/{name}/ready").status_code == 200 or
+                        c.post(f"/v1/models/{name}:predict", json={"instances": []}).status_code != 503), name
+        yield c
+
+
+def member_outputs(models, inputs) -> list:
+    return [model(inputs, training=False) for model in models]
+
+
+def test_two_named_inputs_and_two_heads_answer_as_their_members_combined(client, named_repository):
+    _, models = named_repository
+    rng = np.random.default_rng(0)
+    image, meta = rng.uniform(size=(3, 4, 4, 1)).astype("float32"), rng.uniform(size=(3, 3)).astype("float32")
+    rows = [{"image": image[i].tolist(), "meta": meta[i].tolist()} for i in range(3)]
+    resp = client.post("/v1/models/multi:predict?uncertainty=true&members=true", json={"instances": rows})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    outs = member_outputs(models["multi"], {"image": image, "meta": meta})
+    kind = tasks.classification(np.stack([np.asarray(o["kind"]) for o in outs], axis=1), WEIGHTS, 1.5)
+    flag = tasks.labels(np.stack([np.asarray(o["flag"]) for o in outs], axis=1), WEIGHTS)
+    assert [set(p) for p in body["predictions"]] == [{"kind", "flag"}] * 3  # one object per row, by head
+    np.testing.assert_allclose([p["kind"] for p in body["predictions"]], kind.value, atol=1e-5)
+    np.testing.assert_allclose([p["flag"] for p in body["predictions"]], flag.value, atol=1e-5)
+    heads = body["heads"]
+    assert heads["kind"]["task"] == "classification" and heads["kind"]["labels"] == ["a", "b", "c"]
+    assert heads["kind"]["predicted"] == [["a", "b", "c"][i] for i in kind.value.argmax(axis=1)]
+    assert heads["flag"]["predicted"] == [["no", "yes"][int(p >= 0.5)] for p in flag.value[:, 0]]
+    np.testing.assert_allclose(heads["kind"]["uncertainty"]["mutual_information"],
+                               kind.scores["mutual_information"], atol=1e-5)
+    np.testing.assert_allclose(heads["flag"]["members"]["m1"], np.asarray(outs[1]["flag"]), atol=1e-5)
+    # the same through /predict (the default ensemble) and columnar
+    assert client.post("/predict", json={"instances": rows}).json()["predictions"] == body["predictions"]
+    columnar = client.post("/v1/models/multi:predict", json={"inputs": {"image": image.tolist(), "meta": meta.tolist()}})
+    np.testing.assert_allclose(columnar.json()["outputs"]["kind"], kind.value, atol=1e-5)
+
+
+def test_raw_text_is_served_and_strings_may_come_as_base64(client, named_repository):
+    import base64
+
+    _, models = named_repository
+    texts = ["a good film", "very bad indeed", "unknown words here"]
+    resp = client.post("/v1/models/text:predict?uncertainty=true",
+                       json={"instances": texts[:2] + [{"b64": base64.b64encode(texts[2].encode()).decode()}]})
+    assert resp.status_code == 200, resp.text
+    outs = member_outputs(models["text"], tf.constant(texts))
+    want = tasks.labels(np.stack([np.asarray(o) for o in outs], axis=1), WEIGHTS)
+    np.testing.assert_allclose(resp.json()["predictions"], want.value, atol=1e-5)
+    head = resp.json()["heads"]["positive"]
+    assert head["abstain"] == [True, True, True]  # its threshold is below any mutual information
+
+
+def test_a_gaussian_regression_head_is_the_members_mixture_with_its_interval(client, named_repository):
+    _, models = named_repository
+    x = np.array([[0.1, 0.2], [1.0, -1.0]], np.float32)
+    resp = client.post("/v1/models/gauss:predict?uncertainty=true&interval=0.9", json={"instances": x.tolist()})
+    assert resp.status_code == 200, resp.text
+    outs = np.stack([np.asarray(m(x, training=False)) for m in models["gauss"]], axis=1)  # (rows, members, 2)
+    want = tasks.regression(outs[:, :, :1], WEIGHTS, 2.0, outs[:, :, 1:])
+    body = resp.json()
+    np.testing.assert_allclose(body["predictions"], want.value, atol=1e-5)
+    head = body["heads"]["price"]
+    np.testing.assert_allclose(head["uncertainty"]["std"], want.scores["std"], atol=1e-5)
+    lower, upper = tasks.interval(want, 0.9)
+    np.testing.assert_allclose(head["interval"]["lower"], lower, atol=1e-4)
+    np.testing.assert_allclose(head["interval"]["upper"], upper, atol=1e-4)
+    assert client.post("/v1/models/gauss:predict?interval=2", json={"instances": x.tolist()}).status_code == 422
+
+
+def test_tokens_of_any_length_batch_by_length_and_answer_each_request_its_own(client, named_repository):
+    _, models = named_repository
+    for tokens in ([[1, 2, 3]], [[4, 5], [6, 7]], [[1, 2, 3, 4, 5, 6, 7]]):
+        resp = client.post("/v1/models/tokens:predict", json={"instances": tokens})
+        assert resp.status_code == 200, resp.text
+        x = np.array(tokens, np.int32)
+        outs = np.stack([np.asarray(m(x, training=False)) for m in models["tokens"]], axis=1)
+        np.testing.assert_allclose(resp.json()["predictions"], tasks.classification(outs, WEIGHTS).value, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, body, status, says", [
+    ("multi", {"instances": [{"image": [[[0.0]] * 4] * 4}]}, 422, "missing ['meta']"),
+    ("multi", {"instances": [{"image": [[[0.0]] * 4] * 4, "meta": [0, 0, 0], "extra": 1}]}, 422, "unknown ['extra']"),
+    ("multi", {"instances": [{"image": [[[0.0]] * 4] * 4, "meta": ["a", "b", "c"]}]}, 422, "must hold numbers only"),
+    ("multi", {"instances": [{"image": [[[0.0]] * 4] * 4, "meta": [0, 0]}]}, 422, "input 'meta' must have shape [3]"),
+    ("text", {"instances": [5]}, 422, "must hold strings"),
+    ("text", {"instances": [{"b64": "!!!"}]}, 422, "invalid base64"),
+    ("tokens", {"instances": [[1, 2], [3]]}, 422, "ragged"),
+    ("tokens", {"instances": [[1.5, 2]]}, 422, "whole numbers"),
+    ("multi", {"inputs": {"image": [[[[0.0]] * 4] * 4], "meta": [[0, 0, 0], [1, 1, 1]]}}, 422, "different numbers of rows"),
+])
+def test_bad_named_input_is_a_4xx_naming_the_input(client, name, body, status, says):
+    resp = client.post(f"/v1/models/{name}:predict", json=body)
+    assert resp.status_code == status, resp.text
+    assert says in resp.json()["error"]
+
+
+def test_protocols_that_read_one_input_refuse_a_format_2_version_naming_the_routes_that_serve_it(client):
+    resp = client.post("/v2/models/multi/infer", json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                                                  "data": [1]}]})
+    assert resp.status_code == 422
+    assert "takes named inputs (manifest format 2): ask it with POST /predict" in resp.json()["error"]
+    assert client.get("/v2/models/multi").status_code == 422
+    assert os.environ.get("ENSEMBLE_NEVER_SET") is None
+
+
+def test_a_version_whose_members_do_not_take_its_inputs_is_refused_naming_member_and_input(client):
+    def versions():
+        return next((m["versions"] for m in client.get("/models").json()["models"] if m["name"] == "mismatch"), [])
+
+    assert wait(lambda: any(v.get("state") == "failed" for v in versions()))
+    entry = next(v for v in versions() if v["version"] == 1)
+    assert entry["state"] == "failed" and entry["category"] == "signature"
+    assert client.post("/v1/models/mismatch:predict", json={"instances": ["x"]}).status_code == 503
