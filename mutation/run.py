@@ -32,21 +32,23 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     # tests/test_answers.py (the real ensemble behind the batcher) is left out: it cost about 10 s
     # a mutant, against well under one for the rest, and the run has to fit in an afternoon.
     "batching": (["service/batching.py"], ["tests/test_batching.py", "tests/test_mutants.py"]),
-    "codecs": (["service/protocols/arrays.py", "service/edge/rest.py", "service/edge/v2.py"],
+    # The protocol codecs (both halves of each: JSON and messages) and the HTTP handlers over them.
+    "codecs": (["service/protocols/arrays.py", "service/protocols/predict.py", "service/protocols/oip.py",
+                "service/protocols/tfs.py", "service/edge/rest.py", "service/edge/v2.py", "service/answer.py"],
                ["tests/test_codec.py", "tests/test_hostile.py", "tests/test_protocols.py",
-                "tests/test_uncertainty_api.py", "tests/test_mutants.py"]),
+                "tests/test_uncertainty_api.py", "tests/test_protocol_messages.py", "tests/test_mutants.py"]),
     "repository": (["contract/*.py"],
                    ["tests/test_repository.py", "tests/test_publish.py", "tests/test_tamper.py",
                     "tests/test_mutants.py"]),
     "lifecycle": (["service/lifecycle/*.py"],
                   ["tests/test_admin.py", "tests/test_pacing.py", "tests/test_damaged_pins.py",
-                   "tests/test_status_snapshot.py", "tests/test_api.py", "tests/test_mutants.py"]),
+                   "tests/test_status_snapshot.py", "tests/test_api.py", "tests/test_mutants.py",
+                   "tests/test_mutants_lifecycle.py"]),
 }
 # Not yet: service/engines/*.py. mutmut wraps every method in a trampoline, and Keras reads a
 # layer's __init__ signature (keras_members.Temperature), so the engines need their Keras classes
-# kept out of mutation before they can run; the gRPC codecs (service/rpc/v2.py, tfs.py) are only
-# exercised by tests that start a server process, which mutmut does not trace to a function
-# (docs/development.md#mutation-testing).
+# kept out of mutation before they can run (docs/development.md#mutation-testing). The gRPC
+# codecs are in service/protocols now, with in-process tests (tests/test_protocol_messages.py).
 
 # Tests in those files that start a server process: mutmut cannot trace what runs in the server
 # to a function, so they would only cost time here.
@@ -138,6 +140,13 @@ def retry(tree: Path, by_file: dict[str, dict], tests: list[str], env: dict[str,
     killed_later = json.loads((tree / "retried.json").read_text()) if (tree / "retried.json").exists() else {}
     for test in tests:
         shutil.copy2(ROOT / test, tree / "mutants" / test)
+    # The tests must pass on the unmutated code of this copy (an older commit's, perhaps): a test
+    # that fails without any mutant would count every survivor as caught.
+    clean = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                           cwd=tree / "mutants", env={**env, "MUTANT_UNDER_TEST": ""}, capture_output=True, text=True)
+    if clean.returncode != 0:
+        raise SystemExit(f"{' '.join(tests)} do not pass on the unmutated copy ({tree}): fix them, or start the "
+                         f"group afresh on HEAD (--fresh)\n{clean.stdout[-2000:]}")
     for path, statuses in by_file.items():
         meta_path = tree / "mutants" / (path + ".meta")
         meta = json.loads(meta_path.read_text())
