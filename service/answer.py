@@ -44,16 +44,17 @@ class ScoreColumns(Mapping):
         return len(SCORES)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)  # not frozen: built for every request, and a frozen init costs more
 class Head:
     """One output of the ensemble for a request's rows.
 
     `combined` is the ensemble's value (rows, k): the classes' calibrated probabilities, the
     labels' probabilities of "yes", or the targets' means; `members` each member's (rows,
     members, k); `labels` name the k columns; `scores` the task's uncertainty scores by name
-    (contract.tasks: (rows,) for classification, (rows, k) otherwise); `abstained` (rows,) bool
-    where the version has an abstention rule for the head, else None; `variance` (rows, k), the
-    total variance of a regression head."""
+    (contract.tasks: (rows,) for classification, (rows, k) otherwise); `abstained` (rows,), where
+    above 0 the row abstains, for a head with an abstention rule, else None (a format-1 engine's
+    abstain column, read only when asked); `variance` (rows, k), the total variance of a
+    regression head."""
 
     name: str
     task: str
@@ -74,7 +75,7 @@ class Head:
 
     def abstain(self) -> np.ndarray | None:
         """Whether each row abstains (rows,) bool; None for a head without an abstention rule."""
-        return self.abstained
+        return self.abstained > 0 if self.abstained is not None else None
 
     def top_labels(self) -> list[str]:
         """The most probable label of every row (classification)."""
@@ -93,7 +94,7 @@ class Head:
         return tasks.interval(tasks.Combined(self.combined, self.variance, dict(self.scores)), level)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Answer:
     """The ensemble's answer for a request's rows: which version answered, its members' names,
     and its heads by name (a format-1 version has one, `probabilities`)."""
@@ -125,9 +126,8 @@ class Answer:
         combined here by the head's task (contract.tasks)."""
         if manifest.format_version == 1:
             combined, members, scores = outputs
-            abstained = scores[:, _ABSTAIN] > 0 if manifest.abstention is not None else None
             head = Head("probabilities", "classification", manifest.output.classes, combined, members,
-                        ScoreColumns(scores), abstained)
+                        ScoreColumns(scores), scores[:, _ABSTAIN] if manifest.abstention is not None else None)
             return cls(manifest.name, manifest.version, member_names, {head.name: head})
         arrays, heads = list(outputs), {}
         for spec in manifest.heads:
