@@ -454,6 +454,37 @@ def test_a_load_finished_after_a_rollback_is_not_made_live_and_says_so(tmp_path,
     assert sample(manager, "ensemble_model_reloads_total", {"model": "digits", "result": "success"}) == 3
 
 
+def test_a_rollback_while_a_pin_loads_wins_and_the_pin_is_refused_saying_why(tmp_path, swaps, caplog):
+    caplog.set_level(logging.WARNING, logger="service.lifecycle.manager")
+    for v in (1, 2, 3):
+        write_version(tmp_path, "digits", v)
+    release = threading.Event()
+    loader = FakeLoader(gate={3: release})
+    manager = make(tmp_path, loader, pins=PinStore(tmp_path / ".state"), policy=2)
+
+    async def main():
+        await manager.poll_once()  # 2 live
+        manager.policy = "latest"
+        await manager.pin("digits", 1)  # 1 live, 2 previous
+        await manager.pin("digits", 2)  # a swap back: 2 live, 1 previous
+        pinning = asyncio.create_task(manager.pin("digits", 3))
+        assert await asyncio.get_running_loop().run_in_executor(None, loader.entered.wait, 10)
+        await manager.rollback("digits")  # 1 live, pinned, while 3 loads
+        release.set()
+        with pytest.raises(Conflict, match=r"^digits version 3 was not pinned: a rollback pinned version 1 "
+                                           r"while it loaded$"):
+            await pinning
+        await manager.stop()
+
+    run(main())
+    assert manager.live("digits").version == 1
+    assert manager.pins.get("digits") == 1  # the fleet's pin is the rollback's
+    assert sample(manager, "ensemble_model_pinned_version", {"model": "digits"}) == 1
+    assert "digits pinned to version 3" not in messages(caplog, "service.lifecycle.manager")
+    assert "digits version 3 loaded but not made live: pinned to version 1 meanwhile" in \
+        messages(caplog, "service.lifecycle.manager")
+
+
 def test_a_version_loading_shows_as_loading_and_a_name_not_yet_refreshed_shows_as_found(tmp_path, swaps):
     write_version(tmp_path, "alpha", 1)
     write_version(tmp_path, "beta", 1)

@@ -290,10 +290,13 @@ class ModelManager:
                     self.swap(slot, slot.previous)
                 else:
                     slot.failures.pop(version, None)  # asked for explicitly: try it again
-                    if not await self._load(slot, versions[version], pinning=True):
+                    if not await self._load(slot, versions[version]):
                         self._record_pin(name, before)
                         raise Conflict(f"{name} version {version} was not pinned: "
                                        f"{slot.failures[version].reason}")
+                    if self.pins.get(name) != version:  # a rollback pinned another while it loaded
+                        raise Conflict(f"{name} version {version} was not pinned: a rollback pinned version "
+                                       f"{self.pins.get(name)} while it loaded")
             self.metrics.model_pinned_version.labels(name).set(version)
         log.warning("%s pinned to version %d", name, version)
         return self.status_of(name, detail=True)
@@ -312,10 +315,10 @@ class ModelManager:
         except PinsNotShared as exc:
             raise Conflict(str(exc)) from None
 
-    async def _load(self, slot: ModelSlot, version: VersionDir, pinning: bool = False) -> bool:
+    async def _load(self, slot: ModelSlot, version: VersionDir) -> bool:
         """Verify and load one version in a worker thread; swap it in on success, unless a pin
-        to another version was set meanwhile (by a rollback; `pinning`: the caller is pinning
-        this very version)."""
+        to another version was set meanwhile (by a rollback: a pin records itself before its
+        load, so only a later pin differs)."""
         stamp = await self._off_loop(version_stamp, version)  # first: a change while it loads is a change
         slot.loading = version.version
         started = time.monotonic()
@@ -331,7 +334,7 @@ class ModelManager:
         self.metrics.reload_duration.labels(slot.name).observe(time.monotonic() - started)
         self.metrics.reloads.labels(slot.name, "success").inc()
         pinned = self.pins.get(slot.name)
-        if not pinning and pinned is not None and pinned != ensemble.version:  # rolled back meanwhile
+        if pinned is not None and pinned != ensemble.version:  # rolled back meanwhile
             log.warning("%s version %d loaded but not made live: pinned to version %d meanwhile",
                         slot.name, ensemble.version, pinned)
             return True
