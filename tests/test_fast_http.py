@@ -71,7 +71,7 @@ class Reply:
 
 
 class Lane:
-    """An application with direct routes (as service.edge.inference.Edge): POSTs under /direct
+    """An application with direct routes (as service.edge.asgi.Edge): POSTs under /direct
     are answered by `direct_reply`, everything else by `answer`."""
 
     def __init__(self, fail: bool = False, budget: int = 10_000):

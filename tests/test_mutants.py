@@ -313,7 +313,7 @@ def test_v2_model_metadata_in_full():
     from contract.manifest import InputSpec
     from contract.scores import SCORES
 
-    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0"), SimpleNamespace(name="m1")],
+    manifest = SimpleNamespace(format_version=1, members=[SimpleNamespace(name="m0"), SimpleNamespace(name="m1")],
                                temperature=1.5, abstention=None)
     ensemble = SimpleNamespace(name="digits", version=3, input_spec=InputSpec(shape=(4,), dtype="uint8"),
                                classes=("a", "b", "c"), manifest=manifest)
@@ -334,7 +334,7 @@ def test_v2_model_metadata_with_an_abstention_threshold():
     from contract.manifest import Abstention, InputSpec
 
     abstention = Abstention(score="entropy", threshold=0.5, target_error=0.05, coverage=0.9)
-    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
+    manifest = SimpleNamespace(format_version=1, members=[SimpleNamespace(name="m0")], temperature=1.0, abstention=abstention)
     ensemble = SimpleNamespace(name="digits", version=1, input_spec=InputSpec(shape=(2,)), classes=("a",),
                                manifest=manifest)
     meta = model_metadata(ensemble)

@@ -485,6 +485,47 @@ def test_a_rollback_while_a_pin_loads_wins_and_the_pin_is_refused_saying_why(tmp
         messages(caplog, "service.lifecycle.manager")
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_unpin_or_a_rollback_during_a_pin_stands_whether_its_load_works_or_fails(tmp_path, swaps, fails):
+    for v in (1, 2, 3):
+        write_version(tmp_path, "digits", v)
+    release = threading.Event()
+    loader = FakeLoader(gate={3: release}, fail={3: [RuntimeError("broken")] if fails else [None]})
+    manager = make(tmp_path, loader, pins=PinStore(tmp_path / ".state"), policy=2)
+
+    async def main(then):
+        await manager.poll_once()  # 2 live
+        manager.policy = "latest"
+        await manager.pin("digits", 1)  # 1 live, 2 previous
+        pinning = asyncio.create_task(manager.pin("digits", 3))
+        assert await asyncio.get_running_loop().run_in_executor(None, loader.entered.wait, 10)
+        said = await then()
+        release.set()
+        with pytest.raises(Conflict, match=rf"^digits version 3 was not pinned: {said} while it loaded$"):
+            await pinning
+        await manager.stop()
+
+    async def rollback():  # back to 2, pinned
+        await manager.rollback("digits")
+        return "a rollback pinned version 2"
+
+    run(main(rollback))
+    assert manager.pins.get("digits") == 2 and manager.live("digits").version == 2  # not restored to 1
+
+    release.clear()
+    loader.entered.clear()
+    loader.fail = {3: [RuntimeError("broken")] if fails else [None]}
+    manager2 = make(tmp_path, loader, pins=PinStore(tmp_path / ".state2"), policy=2)
+    manager = manager2
+
+    async def unpin():
+        manager.pins.set("digits", None)  # what unpin records first, before it polls
+        return "it was unpinned"
+
+    run(main(unpin))
+    assert manager.pins.get("digits") is None  # the unpin stands
+
+
 def test_a_version_loading_shows_as_loading_and_a_name_not_yet_refreshed_shows_as_found(tmp_path, swaps):
     write_version(tmp_path, "alpha", 1)
     write_version(tmp_path, "beta", 1)

@@ -7,7 +7,6 @@ own outputs combined by the head's task (contract.tasks); bad input gets a 4xx n
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -168,7 +167,11 @@ def test_raw_text_is_served_and_strings_may_come_as_base64(client, named_reposit
     want = tasks.labels(np.stack([np.asarray(o) for o in outs], axis=1), WEIGHTS)
     np.testing.assert_allclose(resp.json()["predictions"], want.value, atol=1e-5)
     head = resp.json()["heads"]["positive"]
-    assert head["abstain"] == [True, True, True]  # its threshold is below any mutual information
+    np.testing.assert_allclose(head["uncertainty"]["mutual_information"], want.scores["mutual_information"], atol=1e-5)
+    # its rule (mutual information above -1) holds for every row; a head without a rule has no abstain
+    assert head["abstain"] == [True, True, True]
+    assert "abstain" not in client.post("/v1/models/tokens:predict?uncertainty=true",
+                                        json={"instances": [[1, 2]]}).json()["heads"]["label"]
 
 
 def test_a_gaussian_regression_head_is_the_members_mixture_with_its_interval(client, named_repository):
@@ -188,10 +191,15 @@ def test_a_gaussian_regression_head_is_the_members_mixture_with_its_interval(cli
     assert client.post("/v1/models/gauss:predict?interval=2", json={"instances": x.tolist()}).status_code == 422
 
 
-def test_tokens_of_any_length_batch_by_length_and_answer_each_request_its_own(client, named_repository):
+def test_tokens_of_any_length_sent_at_once_each_get_their_own_answer(client, named_repository):
+    from concurrent.futures import ThreadPoolExecutor
+
     _, models = named_repository
-    for tokens in ([[1, 2, 3]], [[4, 5], [6, 7]], [[1, 2, 3, 4, 5, 6, 7]]):
-        resp = client.post("/v1/models/tokens:predict", json={"instances": tokens})
+    requests = [[[1, 2, 3]], [[4, 5], [6, 7]], [[1, 2, 3, 4, 5, 6, 7]], [[7, 6, 5]], [[3, 3]]] * 4
+    with ThreadPoolExecutor(8) as pool:  # concurrent: lengths meet in the batcher's queue
+        replies = list(pool.map(lambda tokens: client.post("/v1/models/tokens:predict", json={"instances": tokens}),
+                                requests))
+    for tokens, resp in zip(requests, replies):
         assert resp.status_code == 200, resp.text
         x = np.array(tokens, np.int32)
         outs = np.stack([np.asarray(m(x, training=False)) for m in models["tokens"]], axis=1)
@@ -207,6 +215,8 @@ def test_tokens_of_any_length_batch_by_length_and_answer_each_request_its_own(cl
     ("text", {"instances": [{"b64": "!!!"}]}, 422, "invalid base64"),
     ("tokens", {"instances": [[1, 2], [3]]}, 422, "ragged"),
     ("tokens", {"instances": [[1.5, 2]]}, 422, "whole numbers"),
+    ("tokens", {"instances": [[]]}, 422, "has a dimension of length 0"),
+    ("text", {"instances": [["a", "b"], ["c"]]}, 422, "ragged"),
     ("multi", {"inputs": {"image": [[[[0.0]] * 4] * 4], "meta": [[0, 0, 0], [1, 1, 1]]}}, 422, "different numbers of rows"),
 ])
 def test_bad_named_input_is_a_4xx_naming_the_input(client, name, body, status, says):
@@ -220,8 +230,16 @@ def test_protocols_that_read_one_input_refuse_a_format_2_version_naming_the_rout
                                                                   "data": [1]}]})
     assert resp.status_code == 422
     assert "takes named inputs (manifest format 2): ask it with POST /predict" in resp.json()["error"]
-    assert client.get("/v2/models/multi").status_code == 422
-    assert os.environ.get("ENSEMBLE_NEVER_SET") is None
+    meta = client.get("/v2/models/multi").json()  # its metadata lists every input and head
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 4, 4, 1]},
+                              {"name": "meta", "datatype": "FP32", "shape": [-1, 3]}]
+    assert meta["outputs"] == [{"name": "kind", "datatype": "FP32", "shape": [-1, 3]},
+                               {"name": "flag", "datatype": "FP32", "shape": [-1, 1]}]
+    assert meta["parameters"]["heads"] == {"kind": {"task": "classification", "labels": ["a", "b", "c"]},
+                                           "flag": {"task": "binary", "labels": ["no", "yes"]}}
+    tokens = client.get("/v2/models/tokens").json()["inputs"]
+    assert tokens == [{"name": "tokens", "datatype": "INT32", "shape": [-1, -1]}]
+    assert client.get("/v2/models/text").json()["inputs"] == [{"name": "review", "datatype": "BYTES", "shape": [-1]}]
 
 
 def test_a_version_whose_members_do_not_take_its_inputs_is_refused_naming_member_and_input(client):

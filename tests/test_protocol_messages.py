@@ -47,7 +47,7 @@ EXPECTED_SCORES = {"entropy": [0.9, 0.3], "expected_entropy": [0.4, 0.2], "mutua
 
 def ensemble(abstention=None, shape=(2,), dtype="float32"):
     """An ensemble as the codecs read it: name, version, input spec, classes, manifest."""
-    manifest = SimpleNamespace(members=[SimpleNamespace(name="m0"), SimpleNamespace(name="m1")],
+    manifest = SimpleNamespace(format_version=1, members=[SimpleNamespace(name="m0"), SimpleNamespace(name="m1")],
                                temperature=1.5, abstention=abstention)
     return SimpleNamespace(name="digits", version=3, input_spec=InputSpec(shape=shape, dtype=dtype),
                            classes=("a", "b", "c"), manifest=manifest)

@@ -46,6 +46,8 @@ def champion_on(repository: Path, name: str, x: np.ndarray, labels: np.ndarray,
         return None
     vdir = repository / name / str(version)
     manifest = read_manifest(vdir)
+    if manifest.format_version != 1:  # named inputs and heads: not this run's kind of ensemble
+        return None
     if manifest.input.shape != tuple(shape) or manifest.output.classes != tuple(classes):
         return None
     probs = np.stack([predict_saved_model(vdir / m.path, x) for m in manifest.members], axis=1)

@@ -13,6 +13,7 @@ import numpy as np
 
 from contract.manifest import InputSpec
 from service.answer import Answer
+from service.batching import rows_of
 from service.dataplane.limits import json_value_limit
 from service.engines.base import Ensemble
 from service.errors import BytesInFlight, DeadlineExceeded, ModelNotFound, PayloadTooLarge, QueueFull, ServiceError
@@ -49,17 +50,19 @@ class DataPlane:
         """The ensemble's answer for the rows x, computed in some batch; the request leaves the
         queue by `deadline` (monotonic time; None: no deadline) or is refused (504)."""
         outputs = await self.batcher.submit(ensemble, x, deadline)
-        self.metrics.observe_rows(ensemble.name, len(x))
+        self.metrics.observe_rows(ensemble.name, rows_of(x))
         return ensemble.answer(outputs)
 
-    def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int) -> int:
+    def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int,
+                        named: int | None = None) -> int:
         """The largest `size_of(input spec, max rows)` of the versions loaded (live or previous),
-        and never more than max_body_bytes; `none_loaded` while none is."""
+        and never more than max_body_bytes; `none_loaded` while none is. A format-2 version
+        (strings, any lengths) counts as `named`, or not at all when None (a protocol that
+        refuses it)."""
         rows, cap = self.settings.max_rows_per_request, self.settings.max_body_bytes
         loaded = [e for slot in self.manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
-        # a format-2 version's inputs may be strings or of any length: bounded by the cap alone
-        return min(max((size_of(e.input_spec, rows) if e.manifest.format_version == 1 else cap for e in loaded),
-                       default=none_loaded), cap)
+        sizes = [size_of(e.input_spec, rows) if e.manifest.format_version == 1 else named for e in loaded]
+        return min(max((s for s in sizes if s is not None), default=none_loaded), cap)
 
     def json_value_limit(self, ensemble: Ensemble) -> int:
         """The most JSON values a valid request to `ensemble` holds (service.dataplane.limits)."""

@@ -229,7 +229,8 @@ class Edge:
         than max_body_bytes (that alone while none is loaded)."""
         generation = self.plane.manager.generation
         if generation != self._limit[0]:  # a version was swapped: work it out again
-            self._limit = (generation, self.plane.largest_request(largest_body, self.settings.max_body_bytes))
+            cap = self.settings.max_body_bytes  # a format-2 version's strings and lengths: the cap alone
+            self._limit = (generation, self.plane.largest_request(largest_body, cap, named=cap))
         return self._limit[1]
 
     def _take(self, hold: Hold, size: int, limit: int, declared: str | None = None) -> None:

@@ -1,10 +1,12 @@
 """The engine interface, the servable `Ensemble`, and the checks every engine passes.
 
-An `Engine` computes a version: rows in, (averaged probabilities, per-member probabilities,
-uncertainty scores) out; the scores are computed in the engine's own graph (`SCORE_COLUMNS`).
-Two engines serve: TensorFlow Lite (`lite`, the default) and the frozen TensorFlow graph
-(`tensorflow`); a third, the members assembled with Keras (`keras_members`), is what the other
-two are checked against when a version is compiled. An `Ensemble` is a version's manifest and
+An `Engine` computes a version: rows in, a tuple of arrays out, which `Ensemble.answer` names
+(service.answer). For a format-1 version: (averaged probabilities, per-member probabilities,
+uncertainty scores), the scores computed in the engine's own graph (`SCORE_COLUMNS`), on
+TensorFlow Lite (`lite`, the default) or the frozen TensorFlow graph (`tensorflow`); a third,
+the members assembled with Keras (`keras_members`), is what the other two are checked against
+when a version is compiled. A format-2 version (named inputs, heads with tasks) runs on its
+members' signatures (`named`), its heads combined after it. An `Ensemble` is a version's manifest and
 its engine: what the manager holds and the batcher calls. Nothing here imports TensorFlow, so a
 server whose versions all run on TensorFlow Lite never does.
 """
@@ -67,9 +69,9 @@ class Engine(Protocol):
 
     kind: str
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows (n, *input shape) -> (averaged (n, classes), per member (n, members, classes),
-        scores (n, len(SCORE_COLUMNS)))."""
+    def run(self, x: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Rows (n, *input shape), or named inputs of n rows each -> arrays of n rows (format 1:
+        averaged (n, classes), per member (n, members, classes), scores (n, len(SCORE_COLUMNS)))."""
         ...
 
 
@@ -100,7 +102,7 @@ class Ensemble:
     @property
     def input_spec(self) -> InputSpec:
         """The one input of a format-1 version; a format-2 version's request through a codec
-        that reads one input is refused (400), naming the routes that serve it."""
+        that reads one input is refused (422), naming the routes that serve it."""
         if self.manifest.format_version != 1:
             raise InvalidInput(f"{self.name} version {self.version} takes named inputs (manifest format 2): "
                                "ask it with POST /predict or TensorFlow Serving's REST predict; the Open "

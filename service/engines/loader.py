@@ -83,7 +83,8 @@ class EngineLoader:
             from service.engines.tensorflow import configure_threads
 
             configure_threads(self.threads.intra_op, self.threads.inter_op)
-            return load_named(manifest, path, self.settings.warmup_batch_sizes, pace)
+            with verified_copy(manifest, path) as copy:  # what is loaded is what was verified
+                return load_named(manifest, copy, self.settings.warmup_batch_sizes, pace)
         compiled = self.compiled(manifest, path, pace)
         settings, threads = self.settings, self.threads
         if settings.engine == "tflite" and compiled.lite is not None:

@@ -65,17 +65,20 @@ def check_member(member: str, inputs: dict[str, tf.TensorSpec], outputs: dict[st
         if name is None:
             raise SignatureError(f"member {member}: gives no output {head.name!r} (it gives {sorted(outputs)})")
         shape = outputs[name].shape
-        if shape.rank != 2 or shape[1] not in (None, *head_widths(head)):
+        if shape.rank != 2 or shape[1] not in (None, *head_widths(head)):  # None: refused below
             raise SignatureError(f"member {member}: output {name!r} has shape {shape.as_list()[1:]}; head "
                                  f"{head.name!r} needs {' or '.join(f'[{w}]' for w in head_widths(head))}")
+        if shape[1] is None:
+            raise SignatureError(f"member {member}: output {name!r} does not say its width; head {head.name!r} "
+                                 f"needs {' or '.join(f'[{w}]' for w in head_widths(head))}")
         names[head.name] = name
     return names
 
 
 class NamedEngine:
     """Named inputs (a dict of arrays) -> per head the members' stacked outputs, by one
-    `tf.function` over every member's signature; traced once per input shape (a variable
-    dimension of a new length traces again: tf.function's relaxed shapes keep that rare)."""
+    `tf.function` over every member's signature, traced once (its input signature leaves the
+    batch and every variable dimension open)."""
 
     kind = "tensorflow"
 

@@ -290,13 +290,15 @@ class ModelManager:
                     self.swap(slot, slot.previous)
                 else:
                     slot.failures.pop(version, None)  # asked for explicitly: try it again
-                    if not await self._load(slot, versions[version]):
+                    loaded = await self._load(slot, versions[version])
+                    now = self.pins.get(name)
+                    if now != version:  # a rollback or an unpin while it loaded: theirs stands
+                        said = "it was unpinned" if now is None else f"a rollback pinned version {now}"
+                        raise Conflict(f"{name} version {version} was not pinned: {said} while it loaded")
+                    if not loaded:
                         self._record_pin(name, before)
                         raise Conflict(f"{name} version {version} was not pinned: "
                                        f"{slot.failures[version].reason}")
-                    if self.pins.get(name) != version:  # a rollback pinned another while it loaded
-                        raise Conflict(f"{name} version {version} was not pinned: a rollback pinned version "
-                                       f"{self.pins.get(name)} while it loaded")
             self.metrics.model_pinned_version.labels(name).set(version)
         log.warning("%s pinned to version %d", name, version)
         return self.status_of(name, detail=True)

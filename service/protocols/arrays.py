@@ -2,8 +2,8 @@
 one conversion of nested lists, and the cast to the input's dtype, each refusing bad input with
 a clear 4xx; JSON bytes of an answer with its arrays serialised natively.
 
-The checks are vectorised (shape, dtype kind, whole numbers, range, finiteness): no Python loop
-runs per element.
+The numeric checks are vectorised (shape, dtype kind, whole numbers, range, finiteness): no
+Python loop runs per number; strings are converted one by one (text to UTF-8, base64 decoded).
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ def strings(values: Any, field: str) -> np.ndarray:
                 out[i] = base64.b64decode(value["b64"], validate=True)
             except (binascii.Error, ValueError):
                 raise InvalidInput(f"'{field}' holds invalid base64 in its {i}th value") from None
+        elif isinstance(value, list):  # numpy keeps ragged lists whole in an object array
+            raise InvalidInput(f"'{field}' is ragged: every row must have the same shape")
         else:
-            raise InvalidInput(f"'{field}' must hold strings (or {{\"b64\": \"...\"}}); found "
-                               f"{type(value).__name__ if not isinstance(value, list) else 'a list where a string belongs'}")
+            raise InvalidInput(f"'{field}' must hold strings (or {{\"b64\": \"...\"}}); found {type(value).__name__}")
     return out.reshape(array.shape)
 
 

@@ -199,8 +199,28 @@ def output(name: str, answer: Answer) -> np.ndarray:
     return head.score(name)
 
 
+def named_metadata(ensemble) -> dict[str, Any]:
+    """A format-2 version's metadata: every named input (strings as BYTES, a variable dimension
+    as -1) and every head with its task and labels (inference through this protocol comes later)."""
+    names = {**_NAMES, "string": "BYTES"}
+    signature = ensemble.signature
+    return {
+        "name": ensemble.name,
+        "versions": [str(ensemble.version)],
+        "platform": "tensorflow_savedmodel_ensemble",
+        "inputs": [{"name": spec.name, "datatype": names[spec.dtype],
+                    "shape": [-1, *(-1 if d is None else d for d in spec.shape)]} for spec in signature.inputs],
+        "outputs": [{"name": head.name, "datatype": "FP32", "shape": [-1, head.columns]} for head in signature.heads],
+        "parameters": {"heads": {head.name: {"task": head.task, "labels": list(head.labels)}
+                                 for head in signature.heads},
+                       "members": list(ensemble.member_names)},
+    }
+
+
 def model_metadata(ensemble) -> dict[str, Any]:
     """GET /v2/models/{name}: the input, the outputs, the classes and the members."""
+    if ensemble.manifest.format_version != 1:
+        return named_metadata(ensemble)
     spec, classes, members = ensemble.input_spec, ensemble.classes, ensemble.manifest.members
     return {
         "name": ensemble.name,

@@ -8,6 +8,11 @@ or `outputs`, as the request was), the top class of each row, the class labels a
 that answered; the `members` option adds each member's probabilities and their disagreement;
 `uncertainty` adds each row's `uncertainty` (entropy, expected_entropy and mutual_information,
 contract.scores) and, when the version has an abstention threshold, `abstain`.
+
+A format-2 version (named inputs, heads with tasks) takes rows as objects naming its inputs, or
+columns by input name, strings as text or {"b64": ...} (`decode_named`), and answers every head
+(`named_answer_body`: one object per row keyed by head, as TensorFlow Serving answers a
+signature of several outputs, and what each head's task says of its rows).
 """
 
 from __future__ import annotations
@@ -168,6 +173,8 @@ def named_tensor(values: Any, spec: TensorSpec, field: str) -> np.ndarray:
         raise InvalidInput(f"'{field}': each row of input {spec.name!r} must have shape [{shape}], got "
                            f"{list(array.shape[1:]) if array.ndim > 1 else 'a single value'}"
                            + (" (rows of one request must share their length)" if not spec.fixed else ""))
+    if any(d is None and g == 0 for g, d in zip(array.shape[1:], spec.shape)):
+        raise InvalidInput(f"'{field}': input {spec.name!r} has a dimension of length 0; send at least one value")
     if spec.dtype in ("string", "bool"):
         return array
     return to_spec(array, spec, field, row="row")
