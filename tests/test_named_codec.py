@@ -1,0 +1,179 @@
+"""The row codec's half for format-2 versions (service.protocols.predict: decode_named,
+named_tensor, named_answer_body, level) and the string and boolean conversions under it
+(service.protocols.arrays), in process, against hand-made signatures and answers: exact arrays,
+exact refusals, exact answer bodies. No TensorFlow (tests/test_named.py serves real members)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+
+from contract import tasks
+from contract.manifest import HeadSpec, Signature, TensorSpec
+from service.answer import Answer, combined_head
+from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from service.protocols import predict as rows
+from service.protocols.arrays import booleans, strings
+
+SIGNATURE = Signature(
+    inputs=(TensorSpec(name="image", dtype="float32", shape=(2, 2)), TensorSpec(name="note", dtype="string"),
+            TensorSpec(name="flags", dtype="bool", shape=(3,)), TensorSpec(name="tokens", dtype="int32", shape=(None,))),
+    heads=(HeadSpec(name="kind", task="classification", labels=("a", "b")),))
+ONE = Signature(inputs=(TensorSpec(name="review", dtype="string"),),
+                heads=(HeadSpec(name="kind", task="classification", labels=("a", "b")),))
+ROW = {"image": [[1, 2], [3, 4]], "note": "hi", "flags": [True, False, True], "tokens": [5, 6]}
+
+
+def decode(payload, signature=SIGNATURE, max_rows=4, max_values=1000):
+    return rows.decode_named(orjson.dumps(payload), signature, max_rows, max_values)
+
+
+def test_rows_naming_every_input_become_one_array_per_input_of_its_dtype():
+    x, columnar = decode({"instances": [ROW, dict(ROW, note={"b64": base64.b64encode(b"\x00\xff").decode()},
+                                                   tokens=[7, 8])]})
+    assert not columnar and list(x) == ["image", "note", "flags", "tokens"]
+    assert x["image"].dtype == np.float32 and x["image"].tolist() == [[[1, 2], [3, 4]]] * 2
+    assert x["note"].dtype == object and x["note"].tolist() == [b"hi", b"\x00\xff"]
+    assert x["flags"].dtype == bool and x["flags"].tolist() == [[True, False, True]] * 2
+    assert x["tokens"].dtype == np.int32 and x["tokens"].tolist() == [[5, 6], [7, 8]]
+
+
+def test_columns_by_input_name_decode_alike_and_say_columnar():
+    columns = {name: [value] for name, value in ROW.items()}
+    x, columnar = decode({"inputs": columns})
+    assert columnar and x["note"].tolist() == [b"hi"] and x["tokens"].tolist() == [[5, 6]]
+    # `instances` wins when both are sent, as in the row format of format 1
+    x, columnar = decode({"inputs": columns, "instances": [ROW]})
+    assert not columnar
+
+
+def test_a_version_of_one_input_takes_each_rows_value_alone_or_named():
+    x, _ = decode({"instances": ["good", "bad"]}, ONE)
+    assert x["review"].tolist() == [b"good", b"bad"]
+    x, _ = decode({"instances": [{"review": "good"}]}, ONE)
+    assert x["review"].tolist() == [b"good"]
+    x, columnar = decode({"inputs": ["good"]}, ONE)
+    assert columnar and x["review"].tolist() == [b"good"]
+
+
+@pytest.mark.parametrize("payload, error, message", [
+    ({"x": 1}, InvalidInput, "missing field 'instances': send {\"instances\": [{\"input name\": value, ...}, ...]}"),
+    ({"instances": []}, InvalidInput, "'instances' must be a non-empty list of rows"),
+    ({"instances": {"a": 1}}, InvalidInput, "'instances' must be a non-empty list of rows"),
+    ({"instances": [ROW] * 5}, PayloadTooLarge, "'instances' has 5 rows; at most 4 are allowed per request"),
+    ({"instances": [1]}, InvalidInput, "'instances'[0] must be an object naming the inputs ['image', 'note', 'flags', 'tokens']"),
+    ({"instances": [dict(ROW, extra=1)]}, InvalidInput,
+     "'instances'[0] must name exactly the inputs ['image', 'note', 'flags', 'tokens']: unknown ['extra']"),
+    ({"instances": [{k: v for k, v in ROW.items() if k != "note"}]}, InvalidInput,
+     "'instances'[0] must name exactly the inputs ['image', 'note', 'flags', 'tokens']: missing ['note']"),
+    ({"instances": [dict(ROW, image=[[1, 2]])]}, InvalidInput,
+     "'instances[*].image': each row of input 'image' must have shape [2, 2], got [1, 2]"),
+    ({"instances": [dict(ROW, tokens=7)]}, InvalidInput,
+     "'instances[*].tokens': each row of input 'tokens' must have shape [any], got a single value (rows of one "
+     "request must share their length)"),
+    ({"instances": [dict(ROW, flags=[1, 0, 1])]}, InvalidInput,
+     "'instances[*].flags' must hold true or false only; found values of type int64"),
+    ({"instances": [dict(ROW, note=3)]}, InvalidInput,
+     "'instances[*].note' must hold strings (or {\"b64\": \"...\"}); found int"),
+    ({"instances": [dict(ROW, note={"b64": "%%%"})]}, InvalidInput, "'instances[*].note' holds invalid base64 in its 0th value"),
+    ({"instances": [dict(ROW, note={"b64": "aGk=", "x": 1})]}, InvalidInput,
+     "'instances[*].note' must hold strings (or {\"b64\": \"...\"}); found dict"),
+    ({"instances": [dict(ROW, image=[["a", "b"], ["c", "d"]])]}, InvalidInput,
+     "'instances[*].image' must hold numbers only; found strings"),
+    ({"instances": [dict(ROW, tokens=[1.5, 2])]}, InvalidInput,
+     "'instances[*].tokens' must hold whole numbers for input dtype int32"),
+    ({"inputs": [1]}, InvalidInput, "'inputs' must be an object naming the inputs ['image', 'note', 'flags', 'tokens']"),
+    ({"inputs": {"image": [], "note": [], "flags": [], "tokens": []}}, InvalidInput,
+     "'inputs.image' must be a non-empty list of rows"),
+    ({"inputs": {name: [value] * 5 for name, value in ROW.items()}}, PayloadTooLarge,
+     "'inputs.image' has 5 rows; at most 4 are allowed per request"),
+    ({"inputs": {**{name: [value] for name, value in ROW.items()}, "note": ["a", "b"]}}, InvalidInput,
+     "the inputs have different numbers of rows: {'image': 1, 'note': 2, 'flags': 1, 'tokens': 1}"),
+    ({"inputs": {"image": [ROW["image"]]}}, InvalidInput,
+     "'inputs' must name exactly the inputs ['image', 'note', 'flags', 'tokens']: missing ['note', 'flags', 'tokens']"),
+])
+def test_bad_named_input_is_refused_naming_the_input_and_why(payload, error, message):
+    with pytest.raises(error) as raised:
+        decode(payload)
+    assert str(raised.value) == message
+
+
+def test_a_body_that_is_not_a_json_object_or_holds_too_many_values_is_refused_before_it_is_read():
+    with pytest.raises(MalformedRequest):
+        rows.decode_named(b"[1]", SIGNATURE, 4, 1000)
+    with pytest.raises(PayloadTooLarge):
+        rows.decode_named(orjson.dumps({"instances": [ROW]}), SIGNATURE, 4, 3)
+
+
+def test_strings_and_booleans_alone():
+    assert strings([["a", {"b64": "aGk="}]], "f").tolist() == [[b"a", b"hi"]]
+    assert strings([], "f").shape == (0,)
+    assert booleans([[True], [False]], "f").tolist() == [[True], [False]]
+    with pytest.raises(InvalidInput, match=r"^'f' must hold true or false only; found strings$"):
+        booleans(["yes"], "f")
+
+
+def head_answer(spec: HeadSpec, members: np.ndarray, variances=None) -> Answer:
+    head = combined_head(spec, members, variances, [0.5, 0.5])
+    return Answer("shop", 4, ("m0", "m1"), {spec.name: head}, 2)
+
+
+def test_an_answer_of_several_heads_is_one_object_per_row_by_head_with_each_heads_terms():
+    kind = combined_head(HeadSpec(name="kind", task="classification", labels=("a", "b")),
+                         np.array([[[0.9, 0.1], [0.7, 0.3]], [[0.2, 0.8], [0.4, 0.6]]]), None, [0.5, 0.5])
+    tags = combined_head(HeadSpec(name="tags", task="multilabel", labels=("x", "y")),
+                         np.array([[[0.9, 0.2], [0.7, 0.4]], [[0.1, 0.6], [0.3, 0.8]]]), None, [0.5, 0.5])
+    spam = combined_head(HeadSpec(name="spam", task="binary", labels=("ham", "spam"),
+                                  abstention={"score": "mutual_information", "threshold": 0.01}),
+                         np.array([[[0.9], [0.9]], [[0.2], [0.9]]]), None, [0.5, 0.5])
+    answer = Answer("shop", 4, ("m0", "m1"), {"kind": kind, "tags": tags, "spam": spam}, 2)
+    body = orjson.loads(orjson.dumps(rows.named_answer_body(answer, False, members=True, uncertainty=True),
+                                     option=orjson.OPT_SERIALIZE_NUMPY))
+    assert body["model"] == {"name": "shop", "version": 4}
+    assert [set(p) for p in body["predictions"]] == [{"kind", "tags", "spam"}] * 2
+    np.testing.assert_allclose([p["kind"] for p in body["predictions"]], [[0.8, 0.2], [0.3, 0.7]])
+    np.testing.assert_allclose([p["spam"] for p in body["predictions"]], [[0.9], [0.55]])
+    heads = body["heads"]
+    assert heads["kind"]["predicted"] == ["a", "b"] and heads["kind"]["labels"] == ["a", "b"]
+    assert heads["tags"]["predicted"] == [["x"], ["y"]] and heads["tags"]["task"] == "multilabel"
+    assert heads["spam"]["predicted"] == ["spam", "spam"]
+    assert heads["spam"]["abstain"] == [False, True]  # the members disagree on row 1 only
+    assert "abstain" not in heads["kind"]
+    np.testing.assert_allclose(heads["kind"]["members"]["m1"], [[0.7, 0.3], [0.4, 0.6]])
+    assert set(heads["spam"]["uncertainty"]) == {"entropy", "expected_entropy", "mutual_information"}
+    assert "interval" not in heads["kind"]
+    columnar = rows.named_answer_body(answer, True)
+    assert set(columnar) == {"outputs", "heads", "model"} and list(columnar["outputs"]) == ["kind", "tags", "spam"]
+    plain = rows.named_answer_body(answer, False)
+    assert "members" not in plain["heads"]["kind"] and "uncertainty" not in plain["heads"]["kind"]
+
+
+def test_one_head_is_its_value_alone_and_a_regression_head_gives_its_interval():
+    spec = HeadSpec(name="price", task="regression", labels=("price",), variance=True)
+    means, variances = np.array([[[1.0], [3.0]]]), np.array([[[0.5], [1.5]]])
+    answer = head_answer(spec, means, variances)
+    body = rows.named_answer_body(answer, False, interval=0.9)
+    np.testing.assert_allclose(body["predictions"], [[2.0]])
+    lower, upper = tasks.interval(tasks.regression(means, [0.5, 0.5], 1.0, variances), 0.9)
+    assert body["heads"]["price"]["interval"]["level"] == 0.9
+    np.testing.assert_allclose(body["heads"]["price"]["interval"]["lower"], lower)
+    np.testing.assert_allclose(body["heads"]["price"]["interval"]["upper"], upper)
+    assert "predicted" not in body["heads"]["price"]
+    np.testing.assert_allclose(rows.named_answer_body(answer, True)["outputs"], [[2.0]])
+
+
+def test_a_regression_head_abstains_on_its_interval_width():
+    spec = HeadSpec(name="price", task="regression", labels=("price",),
+                    abstention={"score": "interval_width", "threshold": 3.0, "level": 0.9})
+    answer = head_answer(spec, np.array([[[1.0], [1.2]], [[0.0], [4.0]]]))
+    assert answer.head.abstain().tolist() == [False, True]  # widths 0.33 and 6.58
+
+
+def test_the_interval_level_is_a_number_between_0_and_1():
+    assert rows.level(None) is None and rows.level("0.9") == 0.9
+    for bad in ("0", "1", "x", "-0.5", "nan"):
+        with pytest.raises(InvalidInput, match=r"^interval must be a level between 0 and 1 \(e\.g\. 0\.9\), got "):
+            rows.level(bad)
