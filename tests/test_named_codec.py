@@ -177,3 +177,76 @@ def test_the_interval_level_is_a_number_between_0_and_1():
     for bad in ("0", "1", "x", "-0.5", "nan"):
         with pytest.raises(InvalidInput, match=r"^interval must be a level between 0 and 1 \(e\.g\. 0\.9\), got "):
             rows.level(bad)
+
+
+def named_manifest():
+    """A format-2 manifest of two members: a classification head, then a regression head with a
+    variance (its outputs: values, then variances)."""
+    from datetime import datetime, timezone
+
+    from contract.manifest import ManifestV2
+
+    members = [{"name": f"m{i}", "path": f"members/m{i}", "kind": "imported", "weight": w,
+                "files": {"saved_model.pb": "a" * 64}} for i, w in enumerate((0.25, 0.75))]
+    return ManifestV2.model_validate({
+        "format_version": 2, "name": "shop", "version": 7, "created": datetime.now(timezone.utc),
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1]}],
+        "heads": [{"name": "kind", "task": "classification", "labels": ["a", "b"], "temperatures": [2.0]},
+                  {"name": "price", "task": "regression", "labels": ["p"], "variance": True, "variance_scale": 3.0}],
+        "members": members})
+
+
+def test_a_format_2_answer_takes_each_heads_arrays_in_order_and_combines_them_by_task():
+    manifest = named_manifest()
+    kind = np.array([[[0.9, 0.1], [0.3, 0.7]]])
+    means, variances = np.array([[[1.0], [5.0]]]), np.array([[[2.0], [4.0]]])
+    answer = Answer.of(manifest, (kind, means, variances), ("m0", "m1"))
+    assert (answer.name, answer.version, answer.member_names, answer.format_version) == ("shop", 7, ("m0", "m1"), 2)
+    assert list(answer.heads) == ["kind", "price"] and answer.rows == 1
+    want = tasks.classification(kind, [0.25, 0.75], 2.0)
+    np.testing.assert_allclose(answer.heads["kind"].combined, want.value)
+    assert answer.heads["kind"].task == "classification" and answer.heads["kind"].labels == ("a", "b")
+    price = answer.heads["price"]
+    want = tasks.regression(means, [0.25, 0.75], 3.0, variances)
+    np.testing.assert_allclose(price.combined, want.value)
+    np.testing.assert_allclose(price.variance, want.variance)
+    np.testing.assert_allclose(price.members, means)
+    assert price.abstain() is None
+
+
+def test_the_row_handler_serves_a_format_2_version_through_the_named_codec():
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.edge.rest import _rows
+
+    manifest = named_manifest()
+    seen = {}
+
+    async def infer(ensemble, x, deadline):
+        seen["x"], seen["deadline"] = x, deadline
+        n = len(x["x"])
+        return Answer.of(manifest, (np.tile([[[0.9, 0.1], [0.3, 0.7]]], (n, 1, 1)), np.ones((n, 2, 1)),
+                                    np.ones((n, 2, 1))), ("m0", "m1"))
+
+    ensemble = SimpleNamespace(manifest=manifest, signature=manifest.signature())
+    plane = SimpleNamespace(settings=SimpleNamespace(max_rows_per_request=4, request_timeout_ms=5),
+                            json_value_limit=lambda e: 100, infer=infer)
+    call = SimpleNamespace(body=orjson.dumps({"instances": [[0.5], [0.25]]}),
+                           query={"members": "true", "uncertainty": "1", "interval": "0.5"},
+                           deadline=lambda default_ms: 9.0 if default_ms == 5 else None)
+    reply = asyncio.run(_rows(call, plane, ensemble))
+    assert reply.status == 200 and seen["deadline"] == 9.0
+    assert seen["x"]["x"].tolist() == [[0.5], [0.25]]
+    body = orjson.loads(reply.body)
+    assert [set(p) for p in body["predictions"]] == [{"kind", "price"}] * 2
+    heads = body["heads"]
+    assert set(heads["kind"]) == {"task", "labels", "predicted", "members", "uncertainty"}
+    assert heads["price"]["interval"]["level"] == 0.5 and "members" in heads["price"]
+    call.body = orjson.dumps({"inputs": {"x": [[0.5]]}})
+    call.query = {}
+    body = orjson.loads(asyncio.run(_rows(call, plane, ensemble)).body)
+    assert set(body) == {"outputs", "heads", "model"} and set(body["heads"]["kind"]) == {"task", "labels", "predicted"}
+    call.query = {"interval": "2"}
+    with pytest.raises(InvalidInput, match=r"^interval must be a level"):
+        asyncio.run(_rows(call, plane, ensemble))
