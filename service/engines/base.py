@@ -20,6 +20,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from service.batching import rows_of
 from service.errors import InferenceFailed, InvalidInput
 from contract.manifest import InputSpec, Manifest, RepositoryError
 from service.answer import SCORE_COLUMNS, Answer
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # A probability row must sum to one within this (float32 softmax and averaging round a little).
 ROW_SUM_TOLERANCE = 1e-3
-_WARMUP_SEED = 20240601
+WARMUP_SEED = 20240601  # every engine's warm-up batches (named's too)
 
 
 class LoadError(RepositoryError):
@@ -59,7 +60,7 @@ def check_probabilities(probs: np.ndarray, rows: int, classes: int, what: str) -
 
 def warmup_batch(spec: InputSpec, rows: int) -> np.ndarray:
     """A deterministic batch of the input spec's shape and dtype, for smoke tests and tracing."""
-    rng = np.random.default_rng(_WARMUP_SEED)
+    rng = np.random.default_rng(WARMUP_SEED)
     return rng.uniform(0.0, 1.0, size=(rows, *spec.shape)).astype(spec.dtype)
 
 
@@ -114,7 +115,7 @@ class Ensemble:
         version), each rows first; `answer` names them. Format 1: (averaged probabilities (rows,
         classes), member probabilities (rows, members, classes), scores (rows, len(SCORE_COLUMNS)))."""
         outputs = self.engine.run(x)
-        rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        rows = rows_of(x)
         for output in outputs:
             if len(output) != rows:
                 raise InferenceFailed(f"{self.name} version {self.version} returned {len(output)} rows for "

@@ -20,9 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from contract.manifest import HeadSpec, ManifestV2, TensorSpec
-from service.engines.base import Ensemble, LoadError, WarmupError, no_pause
+from service.engines.base import WARMUP_SEED, Ensemble, LoadError, WarmupError, no_pause
 
-_WARMUP_SEED = 20240601
 _VARIABLE_LENGTH = 4  # the length a variable dimension gets in the warm-up batch
 
 
@@ -134,7 +133,7 @@ def load_named(manifest: ManifestV2, version_dir: Path, warmup_sizes: Sequence[i
 def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
     """A deterministic batch of every input: numbers in [0, 1) (integers 1), False, the string
     "warm up"; a variable dimension of length _VARIABLE_LENGTH."""
-    rng = np.random.default_rng(_WARMUP_SEED)
+    rng = np.random.default_rng(WARMUP_SEED)
     batch = {}
     for spec in specs:
         shape = (rows, *(d if d is not None else _VARIABLE_LENGTH for d in spec.shape))

@@ -69,6 +69,14 @@ def check_range(array: np.ndarray, target: np.dtype, field: str) -> None:
                            f"[{info.min}, {info.max}]")
 
 
+def narrowed(array: np.ndarray, target: np.dtype, field: str) -> np.ndarray:
+    """A message field's values, read at the field's own (wider) type, as `target`: an integer
+    outside the target's range is a 422 (the cast would wrap it)."""
+    if target.kind in "iu" and array.size and array.dtype != target:
+        check_range(array, target, field)
+    return array.astype(target, copy=False)
+
+
 def _describe_kind(dtype: np.dtype) -> str:
     return {"b": "true/false", "U": "strings", "S": "strings", "O": "null or mixed values"}.get(
         dtype.kind, f"values of type {dtype}"

@@ -25,7 +25,7 @@ import numpy as np
 from contract.manifest import InputSpec
 from service.answer import Answer
 from service.errors import InvalidInput, MalformedRequest, ModelNotFound, PayloadTooLarge
-from service.protocols.arrays import check_range, encode, numeric, parse_json_object, to_spec
+from service.protocols.arrays import encode, narrowed, numeric, parse_json_object, to_spec
 from contract.scores import SCORES
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
             "FP64": "fp64_contents"}
+# The type each contents field's values arrive in, before the check against the tensor's datatype.
+_WIDE = {"bool_contents": "bool", "int_contents": "int64", "int64_contents": "int64", "uint_contents": "uint64",
+         "uint64_contents": "uint64", "fp32_contents": "float32", "fp64_contents": "float64"}
 # The input datatypes a message may use: the JSON body's that have a contents field.
 _TYPED = {name: numpy for name, numpy in DATATYPES.items() if name in CONTENTS}
 
@@ -275,11 +278,7 @@ def message_input(request: pb.ModelInferRequest, spec, max_rows: int) -> np.ndar
             raise InvalidInput(f"inputs[0].contents holds {len(values)} values in {CONTENTS[name]}; shape {shape} "
                                f"of {name} needs {count}")
         # contents fields are 32 or 64 bits wide: a narrower datatype's values are range-checked
-        array = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else
-                           (np.int64 if dtype.kind == "i" else np.uint64) if dtype.kind in "iu" else dtype)
-        if dtype.kind in "iu" and array.size and array.dtype != dtype:
-            check_range(array, dtype, "inputs[0].contents")
-        array = array.astype(dtype, copy=False).reshape(shape)
+        array = narrowed(np.asarray(values, dtype=_WIDE[CONTENTS[name]]), dtype, "inputs[0].contents").reshape(shape)
     return to_spec(array, spec, "inputs[0]")
 
 

@@ -21,7 +21,7 @@ from service.answer import Answer
 from service.errors import InvalidInput, ModelNotFound
 from service.protocols import oip
 from service.protocols import tfs_messages as m
-from service.protocols.arrays import check_range, to_spec
+from service.protocols.arrays import check_range, narrowed, to_spec
 
 SIGNATURE = "serving_default"
 INPUT = "instances"
@@ -122,9 +122,7 @@ def message_input(request, spec, max_rows: int) -> np.ndarray:
         if field == "half_val":  # float16 bit patterns in int32s
             check_range(array, np.dtype(np.uint16), f"{where}.{field}")
             array = array.astype(np.uint16).view(np.float16)
-        elif array.dtype.kind in "iu" and array.size and array.dtype != np.dtype(numpy_type):
-            check_range(array, np.dtype(numpy_type), f"{where}.{field}")  # int_val of a narrower type
-        array = array.astype(numpy_type, copy=False)
+        array = narrowed(array, np.dtype(numpy_type), f"{where}.{field}")  # int_val of a narrower type
         array = np.broadcast_to(array, shape) if len(values) == 1 else array.reshape(shape)
     return to_spec(array, spec, where)
 
