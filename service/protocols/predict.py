@@ -183,10 +183,7 @@ def named_tensor(values: Any, spec: TensorSpec, field: str) -> np.ndarray:
 def _named_rows(instances: Any, signature: Signature, max_rows: int, field: str) -> dict[str, np.ndarray]:
     """`instances`: one object per row naming every input (or, for a version of one input, the
     row's value itself)."""
-    if not isinstance(instances, list) or not instances:
-        raise InvalidInput(f"'{field}' must be a non-empty list of rows")
-    if len(instances) > max_rows:
-        raise PayloadTooLarge(f"'{field}' has {len(instances)} rows; at most {max_rows} are allowed per request")
+    _check_rows(instances, field, max_rows)
     names = [spec.name for spec in signature.inputs]
     if len(names) == 1 and not (isinstance(instances[0], dict) and set(instances[0]) == {names[0]}):
         return {names[0]: named_tensor(instances, signature.inputs[0], field)}
@@ -198,6 +195,14 @@ def _named_rows(instances: Any, signature: Signature, max_rows: int, field: str)
         for name in names:
             columns[name].append(row[name])
     return {spec.name: named_tensor(columns[spec.name], spec, f"{field}[*].{spec.name}") for spec in signature.inputs}
+
+
+def _check_rows(values: Any, field: str, max_rows: int) -> None:
+    """A 4xx unless `field` is a list of 1 to max_rows rows."""
+    if not isinstance(values, list) or not values:
+        raise InvalidInput(f"'{field}' must be a non-empty list of rows")
+    if len(values) > max_rows:
+        raise PayloadTooLarge(f"'{field}' has {len(values)} rows; at most {max_rows} are allowed per request")
 
 
 def _check_names(given: dict, names: list[str], where: str) -> None:
@@ -220,11 +225,7 @@ def _named_columns(inputs: Any, signature: Signature, max_rows: int) -> dict[str
     arrays = {}
     for spec in signature.inputs:
         values = inputs[spec.name]
-        if not isinstance(values, list) or not values:
-            raise InvalidInput(f"'inputs.{spec.name}' must be a non-empty list of rows")
-        if len(values) > max_rows:
-            raise PayloadTooLarge(f"'inputs.{spec.name}' has {len(values)} rows; at most {max_rows} are allowed "
-                                  "per request")
+        _check_rows(values, f"inputs.{spec.name}", max_rows)
         arrays[spec.name] = named_tensor(values, spec, f"inputs.{spec.name}")
     if len({len(a) for a in arrays.values()}) > 1:
         raise InvalidInput(f"the inputs have different numbers of rows: "
