@@ -95,7 +95,7 @@ class Lane:
         self.held.append(size)
         return None if size <= self.budget else Reply(429, b"busy")
 
-    async def direct_reply(self, route, path, headers, query_string, body):
+    async def direct_reply(self, route, path, headers, query_string, body, hold):
         self.calls.append((route, path, headers, query_string, body))
         await asyncio.sleep(0)  # as a batched request would: the answer comes later
         if self.fail:

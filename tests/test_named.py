@@ -225,21 +225,163 @@ def test_bad_named_input_is_a_4xx_naming_the_input(client, name, body, status, s
     assert says in resp.json()["error"]
 
 
-def test_protocols_that_read_one_input_refuse_a_format_2_version_naming_the_routes_that_serve_it(client):
-    resp = client.post("/v2/models/multi/infer", json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
-                                                                  "data": [1]}]})
-    assert resp.status_code == 422
-    assert "takes named inputs (manifest format 2): ask it with POST /predict" in resp.json()["error"]
-    meta = client.get("/v2/models/multi").json()  # its metadata lists every input and head
-    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 4, 4, 1]},
-                              {"name": "meta", "datatype": "FP32", "shape": [-1, 3]}]
-    assert meta["outputs"] == [{"name": "kind", "datatype": "FP32", "shape": [-1, 3]},
-                               {"name": "flag", "datatype": "FP32", "shape": [-1, 1]}]
-    assert meta["parameters"]["heads"] == {"kind": {"task": "classification", "labels": ["a", "b", "c"]},
-                                           "flag": {"task": "binary", "labels": ["no", "yes"]}}
-    tokens = client.get("/v2/models/tokens").json()["inputs"]
-    assert tokens == [{"name": "tokens", "datatype": "INT32", "shape": [-1, -1]}]
-    assert client.get("/v2/models/text").json()["inputs"] == [{"name": "review", "datatype": "BYTES", "shape": [-1]}]
+def oip_tensor(name: str, array: np.ndarray, datatype: str) -> dict:
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": array.reshape(-1).tolist()}
+
+
+def bytes_elements(values: list[bytes]) -> bytes:
+    """The Open Inference Protocol's BYTES serialisation: a 4-byte little-endian length, then the bytes."""
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+
+
+def test_the_open_inference_protocol_serves_named_inputs_and_every_heads_outputs(client, named_repository):
+    _, models = named_repository
+    rng = np.random.default_rng(1)
+    image, meta = rng.uniform(size=(2, 4, 4, 1)).astype("float32"), rng.uniform(size=(2, 3)).astype("float32")
+    outs = member_outputs(models["multi"], {"image": image, "meta": meta})
+    kind = tasks.classification(np.stack([np.asarray(o["kind"]) for o in outs], axis=1), WEIGHTS, 1.5)
+    flag = tasks.labels(np.stack([np.asarray(o["flag"]) for o in outs], axis=1), WEIGHTS)
+    # the inputs in any order, one of them an integer datatype (cast to the input's float32)
+    body = {"id": "r7", "inputs": [oip_tensor("meta", meta, "FP32"), oip_tensor("image", image, "FP64")]}
+    resp = client.post("/v2/models/multi/infer", json=body)
+    assert resp.status_code == 200, resp.text
+    got = {o["name"]: o for o in resp.json()["outputs"]}
+    assert resp.json()["id"] == "r7" and list(got) == ["kind", "flag"]  # every head's value by default
+    assert got["kind"]["shape"] == [2, 3] and got["kind"]["datatype"] == "FP32"
+    np.testing.assert_allclose(np.reshape(got["kind"]["data"], (2, 3)), kind.value, atol=1e-5)
+    np.testing.assert_allclose(np.reshape(got["flag"]["data"], (2, 1)), flag.value, atol=1e-5)
+    wanted = ["kind.members", "kind.label", "kind.mutual_information", "flag.entropy", "flag.label"]
+    resp = client.post("/v2/models/multi/infer", json={**body, "outputs": [{"name": n} for n in wanted]})
+    got = {o["name"]: o for o in resp.json()["outputs"]}
+    assert list(got) == wanted
+    assert got["kind.members"]["shape"] == [2, 2, 3]
+    np.testing.assert_allclose(np.reshape(got["kind.members"]["data"], (2, 2, 3))[:, 1], outs[1]["kind"], atol=1e-5)
+    assert got["kind.label"] == {"name": "kind.label", "shape": [2], "datatype": "BYTES",
+                                 "data": [["a", "b", "c"][i] for i in kind.value.argmax(axis=1)]}
+    np.testing.assert_allclose(got["kind.mutual_information"]["data"], kind.scores["mutual_information"], atol=1e-5)
+    assert got["flag.entropy"]["shape"] == [2, 1]
+    assert got["flag.label"]["data"] == [["no", "yes"][int(p >= 0.5)] for p in flag.value[:, 0]]
+    # metadata lists every input, every output tensor and each head's task
+    meta_reply = client.get("/v2/models/multi").json()
+    assert meta_reply["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 4, 4, 1]},
+                                    {"name": "meta", "datatype": "FP32", "shape": [-1, 3]}]
+    listed = {o["name"]: o for o in meta_reply["outputs"]}
+    assert listed["kind"] == {"name": "kind", "datatype": "FP32", "shape": [-1, 3]}
+    assert listed["kind.members"]["shape"] == [-1, 2, 3] and listed["flag.label"]["datatype"] == "BYTES"
+    assert meta_reply["parameters"]["heads"] == {"kind": {"task": "classification", "labels": ["a", "b", "c"]},
+                                                 "flag": {"task": "binary", "labels": ["no", "yes"]}}
+    assert client.get("/v2/models/tokens").json()["inputs"] == [{"name": "tokens", "datatype": "INT32",
+                                                                 "shape": [-1, -1]}]
+
+
+def test_binary_bytes_tensors_in_and_out(client, named_repository):
+    _, models = named_repository
+    texts = [b"a good film", b"very bad indeed", "caf\u00e9 bad".encode()]
+    blob = bytes_elements(texts)
+    header = json.dumps({"inputs": [{"name": "review", "shape": [3], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "positive", "parameters": {"binary_data": True}},
+                                     {"name": "positive.label", "parameters": {"binary_data": True}},
+                                     {"name": "positive.abstain"}]}).encode()
+    resp = client.post("/v2/models/text/infer", content=header + blob,
+                       headers={"Inference-Header-Content-Length": str(len(header))})
+    assert resp.status_code == 200, resp.text
+    length = int(resp.headers["inference-header-content-length"])
+    head, raw = json.loads(resp.content[:length]), resp.content[length:]
+    outs = member_outputs(models["text"], tf.constant(texts))
+    want = tasks.labels(np.stack([np.asarray(o) for o in outs], axis=1), WEIGHTS)
+    positive, label, abstain = head["outputs"]
+    np.testing.assert_allclose(np.frombuffer(raw[:12], "<f4").reshape(3, 1), want.value, atol=1e-5)
+    assert label["datatype"] == "BYTES" and label["parameters"]["binary_data_size"] == len(raw) - 12
+    labels = [["neg", "pos"][int(p >= 0.5)].encode() for p in want.value[:, 0]]
+    assert raw[12:] == bytes_elements(labels)
+    assert abstain == {"name": "positive.abstain", "shape": [3], "datatype": "BOOL", "data": [True, True, True]}
+    # the same strings as JSON data
+    resp = client.post("/v2/models/text/infer", json={"inputs": [
+        {"name": "review", "shape": [3], "datatype": "BYTES", "data": [t.decode() for t in texts]}]})
+    np.testing.assert_allclose(resp.json()["outputs"][0]["data"], want.value[:, 0], atol=1e-5)
+
+
+def test_a_regression_heads_interval_at_the_level_asked(client, named_repository):
+    _, models = named_repository
+    x = np.array([[0.1, 0.2], [1.0, -1.0]], np.float32)
+    outs = np.stack([np.asarray(m(x, training=False)) for m in models["gauss"]], axis=1)
+    want = tasks.regression(outs[:, :, :1], WEIGHTS, 2.0, outs[:, :, 1:])
+    names = ["price", "price.lower", "price.upper", "price.variance", "price.epistemic_std"]
+    resp = client.post("/v2/models/gauss/infer", json={"inputs": [oip_tensor("features", x, "FP32")],
+                                                       "parameters": {"interval": 0.8},
+                                                       "outputs": [{"name": n} for n in names]})
+    assert resp.status_code == 200, resp.text
+    got = {o["name"]: np.reshape(o["data"], o["shape"]) for o in resp.json()["outputs"]}
+    lower, upper = tasks.interval(want, 0.8)
+    np.testing.assert_allclose(got["price"], want.value, atol=1e-5)
+    np.testing.assert_allclose(got["price.lower"], lower, atol=1e-4)
+    np.testing.assert_allclose(got["price.upper"], upper, atol=1e-4)
+    np.testing.assert_allclose(got["price.variance"], want.variance, rtol=1e-4)
+    np.testing.assert_allclose(got["price.epistemic_std"], want.scores["epistemic_std"], atol=1e-5)
+    default = client.post("/v2/models/gauss/infer", json={"inputs": [oip_tensor("features", x, "FP32")],
+                                                          "outputs": [{"name": "price.lower"}]}).json()
+    np.testing.assert_allclose(np.reshape(default["outputs"][0]["data"], (2, 1)), tasks.interval(want, 0.9)[0],
+                               atol=1e-4)
+
+
+def test_tokens_of_any_length_through_the_open_inference_protocol(client, named_repository):
+    _, models = named_repository
+    x = np.array([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]], np.int32)
+    resp = client.post("/v2/models/tokens/infer", json={"inputs": [oip_tensor("tokens", x, "INT64")]})
+    assert resp.status_code == 200, resp.text
+    outs = np.stack([np.asarray(m(x, training=False)) for m in models["tokens"]], axis=1)
+    np.testing.assert_allclose(np.reshape(resp.json()["outputs"][0]["data"], (2, 2)),
+                               tasks.classification(outs, WEIGHTS).value, atol=1e-5)
+
+
+_IMAGE = np.zeros((1, 4, 4, 1), np.float32)
+_META = np.zeros((1, 3), np.float32)
+
+
+@pytest.mark.parametrize("name, body, says", [
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "FP32")]}, "missing inputs ['meta']"),
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "FP32"), oip_tensor("meta", _META, "FP32"),
+                          oip_tensor("x", _META, "FP32")]}, "inputs[2] names input 'x'; this model's inputs are"),
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "FP32"), oip_tensor("image", _IMAGE, "FP32")]},
+     "input 'image' is given twice"),
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "FP32"), oip_tensor("meta", _META[:, :2], "FP32")]},
+     "input 'meta' must have shape [rows, 3], got [1, 2]"),
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "FP32"), oip_tensor("meta", np.zeros((2, 3)), "FP32")]},
+     "different numbers of rows"),
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "BYTES"), oip_tensor("meta", _META, "FP32")]},
+     "input 'image' (float32) takes FP32"),
+    ("text", {"inputs": [{"name": "review", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+     "input 'review' (string) takes BYTES"),
+    ("text", {"inputs": [{"name": "review", "shape": [1], "datatype": "BYTES", "data": [1.0]}]}, "must hold strings"),
+    ("text", {"inputs": [{"name": "review", "shape": [2], "datatype": "BYTES", "data": ["a"]}]},
+     "holds 1 values; shape [2] needs 2"),
+    ("tokens", {"inputs": [{"name": "tokens", "shape": [1, 0], "datatype": "INT32", "data": []}]},
+     "has a dimension of length 0"),
+    ("multi", {"inputs": [oip_tensor("image", _IMAGE, "FP32"), oip_tensor("meta", _META, "FP32")],
+               "outputs": [{"name": "kind.variance"}]}, "unknown output 'kind.variance'"),
+    ("gauss", {"inputs": [oip_tensor("features", np.zeros((1, 2)), "FP32")], "parameters": {"interval": 1.5}},
+     "parameters.interval must be a level between 0 and 1"),
+])
+def test_bad_named_tensors_are_a_422_naming_the_input(client, name, body, says):
+    resp = client.post(f"/v2/models/{name}/infer", json=body)
+    assert resp.status_code == 422, resp.text
+    assert says in resp.json()["error"]
+
+
+@pytest.mark.parametrize("blob, size, says", [
+    (b"\x05\x00\x00\x00abc", 7, "BYTES element 0 declares 5 bytes; 3 are left"),
+    (b"\x01\x00\x00\x00ab", 6, "has 1 bytes after its 1 BYTES elements"),
+    (b"\x01\x00", 2, "1 BYTES elements need at least 4"),
+    (b"\x01\x00\x00\x00a", 9, "declares binary_data_size 9; the binary part has 5 bytes left"),
+])
+def test_malformed_binary_bytes_are_a_422(client, blob, size, says):
+    header = json.dumps({"inputs": [{"name": "review", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    resp = client.post("/v2/models/text/infer", content=header + blob,
+                       headers={"Inference-Header-Content-Length": str(len(header))})
+    assert resp.status_code == 422, resp.text
+    assert says in resp.json()["error"]
 
 
 def test_a_version_whose_members_do_not_take_its_inputs_is_refused_naming_member_and_input(client):

@@ -14,7 +14,7 @@ import numpy as np
 from contract.manifest import InputSpec
 from service.answer import Answer
 from service.batching import rows_of
-from service.dataplane.limits import json_value_limit
+from service.dataplane.limits import Hold, decoded_bytes, json_value_limit
 from service.engines.base import Ensemble
 from service.errors import BytesInFlight, DeadlineExceeded, ModelNotFound, PayloadTooLarge, QueueFull, ServiceError
 from service.runtime import Runtime
@@ -46,23 +46,31 @@ class DataPlane:
         """Refuse at once (429, 503) when nothing more can be queued: before a body is parsed."""
         self.batcher.check_admission()
 
-    async def infer(self, ensemble: Ensemble, x: np.ndarray, deadline: float | None) -> Answer:
-        """The ensemble's answer for the rows x, computed in some batch; the request leaves the
-        queue by `deadline` (monotonic time; None: no deadline) or is refused (504)."""
+    async def infer(self, ensemble: Ensemble, x: np.ndarray | dict[str, np.ndarray], deadline: float | None,
+                    hold: Hold | None = None) -> Answer:
+        """The ensemble's answer for the rows x (one array, or a format-2 version's named
+        arrays), computed in some batch; the request leaves the queue by `deadline` (monotonic
+        time; None: no deadline) or is refused (504). `hold`, the bytes in flight its body holds,
+        grows first by what its decoded strings hold (429 past the budget), and is released by
+        the transport with the body's."""
+        if hold is not None:
+            extra = decoded_bytes(x)
+            if extra:
+                total = hold.small + hold.large + extra
+                if not self.inflight.grow(hold, total):
+                    raise BytesInFlight(self.inflight.refusal(hold, total))
         outputs = await self.batcher.submit(ensemble, x, deadline)
         self.metrics.observe_rows(ensemble.name, rows_of(x))
         return ensemble.answer(outputs)
 
-    def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int,
-                        named: int | None = None) -> int:
+    def largest_request(self, size_of: Callable[[InputSpec, int], int], none_loaded: int) -> int:
         """The largest `size_of(input spec, max rows)` of the versions loaded (live or previous),
         and never more than max_body_bytes; `none_loaded` while none is. A format-2 version
-        (strings, any lengths) counts as `named`, or not at all when None (a protocol that
-        refuses it)."""
+        (strings and variable lengths have no largest) counts as max_body_bytes."""
         rows, cap = self.settings.max_rows_per_request, self.settings.max_body_bytes
         loaded = [e for slot in self.manager.slots.values() for e in (slot.live, slot.previous) if e is not None]
-        sizes = [size_of(e.input_spec, rows) if e.manifest.format_version == 1 else named for e in loaded]
-        return min(max((s for s in sizes if s is not None), default=none_loaded), cap)
+        sizes = [size_of(e.input_spec, rows) if e.manifest.format_version == 1 else cap for e in loaded]
+        return min(max(sizes, default=none_loaded), cap)
 
     def json_value_limit(self, ensemble: Ensemble) -> int:
         """The most JSON values a valid request to `ensemble` holds (service.dataplane.limits)."""

@@ -70,6 +70,25 @@ def json_value_limit(spec: InputSpec, max_rows: int, cap: int) -> int:
     return min(cap, max_rows * values_per_row(spec.shape) + ENVELOPE_VALUES)
 
 
+# What an object array of strings holds per value besides the string's bytes: a pointer and a
+# bytes object's header (CPython's `sys.getsizeof(b"")` is 33).
+STRING_OVERHEAD = 8 + 33
+
+
+def decoded_bytes(x) -> int:
+    """The memory a request's decoded strings hold (an object array per string input of a
+    format-2 version), which can be many times the body they came in: a value of one byte in
+    the body becomes an object of 41. Numbers are 0 here: their arrays are no larger than a few
+    times their body, and the body itself is held while the request is answered."""
+    if not isinstance(x, dict):
+        return 0
+    held = 0
+    for array in x.values():
+        if array.dtype == object:
+            held += array.size * STRING_OVERHEAD + sum(map(len, array.reshape(-1).tolist()))
+    return held
+
+
 def json_values(body: bytes) -> int:
     """An upper bound of the values parsing `body` as JSON creates: a value is followed by a
     comma or closes its container, and each container is one value itself. Brackets inside

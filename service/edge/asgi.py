@@ -37,12 +37,15 @@ _MAX_LENGTH_DIGITS = 18  # a Content-Length longer than this is more than any li
 
 @dataclass
 class Call:
-    """What a handler sees of a request: path parameters, query, lower-case headers, body."""
+    """What a handler sees of a request: path parameters, query, lower-case headers, body, and
+    the bytes in flight its body holds (which the data plane grows by what its decoded strings
+    hold)."""
 
     params: dict[str, str]
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    hold: Hold | None = None
 
     def deadline(self, default_ms: float) -> float | None:
         """When the request must have left the queue: its X-Request-Timeout-Ms, else the default."""
@@ -147,7 +150,8 @@ class Edge:
             except ServiceError as exc:
                 reply = self._refusal(exc, scope["path"])
             else:
-                reply = await self._answer(scope["path"], handler, params, headers, scope["query_string"], body)
+                reply = await self._answer(scope["path"], handler, params, headers, scope["query_string"], body,
+                                           hold)
             finally:
                 body = None
                 self.inflight.release_hold(hold)
@@ -200,9 +204,11 @@ class Edge:
         self.inflight.release_hold(hold)
 
     async def direct_reply(self, route: tuple[str, str, dict[str, str]], path: str,
-                           raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes) -> Reply:
-        """The reply to a POST whose whole body has arrived (within the size limit); never raises."""
-        return await self._answer(path, route[1], route[2], decode_headers(raw_headers), query_string, body)
+                           raw_headers: list[tuple[bytes, bytes]], query_string: bytes, body: bytes,
+                           hold: Hold) -> Reply:
+        """The reply to a POST whose whole body has arrived (within the size limit) and is held
+        by `hold`; never raises."""
+        return await self._answer(path, route[1], route[2], decode_headers(raw_headers), query_string, body, hold)
 
     def direct_done(self, route: tuple[str, str, dict[str, str]], status: int, started: float) -> None:
         self.count(route[0], status, started)
@@ -210,11 +216,11 @@ class Edge:
     # -- shared by both paths -------------------------------------------------------------------
 
     async def _answer(self, path: str, handler: str, params: dict, headers: dict[str, str],
-                      query_string: bytes, body: bytes) -> Reply:
+                      query_string: bytes, body: bytes, hold: Hold) -> Reply:
         try:
             self.plane.check_admission()
             query = dict(parse_qsl(query_string.decode("latin-1"))) if query_string else {}
-            return await _HANDLERS[handler](Call(params, query, headers, body), self.plane)
+            return await _HANDLERS[handler](Call(params, query, headers, body, hold), self.plane)
         except ServiceError as exc:
             return self._refusal(exc, path)
         except Exception as exc:  # a bug must cost one 500, never the connection or the batcher
@@ -229,8 +235,7 @@ class Edge:
         than max_body_bytes (that alone while none is loaded)."""
         generation = self.plane.manager.generation
         if generation != self._limit[0]:  # a version was swapped: work it out again
-            cap = self.settings.max_body_bytes  # a format-2 version's strings and lengths: the cap alone
-            self._limit = (generation, self.plane.largest_request(largest_body, cap, named=cap))
+            self._limit = (generation, self.plane.largest_request(largest_body, self.settings.max_body_bytes))
         return self._limit[1]
 
     def _take(self, hold: Hold, size: int, limit: int, declared: str | None = None) -> None:

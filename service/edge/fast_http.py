@@ -192,7 +192,7 @@ if HttpToolsProtocol is not None and hasattr(HttpToolsProtocol, "_start_asgi_tas
                 else:
                     body, cycle.body = bytes(cycle.body), bytearray()  # one copy of the body, not two
                     reply = lane.hold_body(hold, scope["path"], len(body)) or await lane.direct_reply(
-                        route, scope["path"], scope["headers"], scope["query_string"], body)
+                        route, scope["path"], scope["headers"], scope["query_string"], body, hold)
                     del body
                 if cycle.flow.write_paused and not cycle.disconnected:
                     await cycle.flow.drain()
@@ -289,7 +289,7 @@ class _Probe:
     def hold_body(self, hold, path, size):
         return None
 
-    async def direct_reply(self, route, path, headers, query_string, body):
+    async def direct_reply(self, route, path, headers, query_string, body, hold):
         return self.Reply()
 
     def direct_done(self, route, status, started):

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from service.edge.replies import Reply, as_response, json_reply
-from service.protocols import oip
+from service.protocols import named, oip
 from service.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -26,13 +26,20 @@ if TYPE_CHECKING:
 async def v2_infer(call: Call, plane: DataPlane) -> Reply:
     """Infer with the named ensemble (its live or a loaded version), JSON or binary."""
     ensemble = plane.ensemble(call.params["name"], call.params.get("version"))
-    payload, x, wanted, binary_outputs = oip.decode(
-        call.body, call.headers.get("inference-header-content-length"), ensemble.input_spec,
-        plane.settings.max_rows_per_request, plane.json_value_limit(ensemble))
-    answer = await plane.infer(ensemble, x, call.deadline(plane.settings.request_timeout_ms))
-    tensors = {n: oip.output(n, answer) for n in wanted}
-    content, header_length = oip.encode_outputs(answer.name, answer.version, payload.get("id"), tensors,
-                                                binary_outputs)
+    header = call.headers.get("inference-header-content-length")
+    max_rows, max_values = plane.settings.max_rows_per_request, plane.json_value_limit(ensemble)
+    deadline = call.deadline(plane.settings.request_timeout_ms)
+    if ensemble.manifest.format_version == 1:
+        payload, x, wanted, binary_outputs = oip.decode(call.body, header, ensemble.input_spec, max_rows, max_values)
+        request_id = payload.get("id")
+        answer = await plane.infer(ensemble, x, deadline)
+        tensors = {n: oip.output(n, answer) for n in wanted}
+    else:
+        request_id, x, heads, binary_outputs, level = oip.decode_named(call.body, header, ensemble.signature,
+                                                                       max_rows, max_values)
+        answer = await plane.infer(ensemble, x, deadline, call.hold)
+        tensors = {n: named.output(answer, n, head, level) for n, head in heads}
+    content, header_length = oip.encode_outputs(answer.name, answer.version, request_id, tensors, binary_outputs)
     if header_length is None:
         return Reply(200, content)
     return Reply(200, content, b"application/octet-stream",

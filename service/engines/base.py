@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from service.batching import rows_of
-from service.errors import InferenceFailed, InvalidInput
+from service.errors import InferenceFailed
 from contract.manifest import InputSpec, Manifest, RepositoryError
 from service.answer import SCORE_COLUMNS, Answer
 
@@ -102,12 +102,10 @@ class Ensemble:
 
     @property
     def input_spec(self) -> InputSpec:
-        """The one input of a format-1 version; a format-2 version's request through a codec
-        that reads one input is refused (422), naming the routes that serve it."""
+        """The one input of a format-1 version (a format-2 version's inputs are in `signature`)."""
         if self.manifest.format_version != 1:
-            raise InvalidInput(f"{self.name} version {self.version} takes named inputs (manifest format 2): "
-                               "ask it with POST /predict or TensorFlow Serving's REST predict; the Open "
-                               "Inference Protocol and gRPC serve format-1 versions only in this release")
+            raise TypeError(f"{self.name} version {self.version} takes named inputs (manifest format 2): "
+                            "read its signature, not input_spec")
         return self.manifest.input
 
     def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:

@@ -4,22 +4,26 @@ with the messages of service.protocols.tfs_messages (no TensorFlow imported). It
 is the row format (service.protocols.predict). It knows nothing of gRPC: service.rpc.tfs
 carries it.
 
-An ensemble has one signature, `serving_default`: its input is `instances` (the manifest's
-shape and dtype), its outputs the REST answer as tensors: `predictions` (the averaged
-probabilities), `labels` (the top class of each row), `members` (rows x members x classes),
-`disagreement`, the uncertainty scores (contract.scores) and, when the version has an
-abstention threshold, `abstain`. A Predict without `output_filter` gets all of them, as
-TensorFlow Serving answers with every output of the signature.
+An ensemble has one signature, `serving_default`. A format-1 version's input is `instances`
+(the manifest's shape and dtype), its outputs the REST answer as tensors: `predictions` (the
+averaged probabilities), `labels` (the top class of each row), `members` (rows x members x
+classes), `disagreement`, the uncertainty scores (contract.scores) and, when the version has an
+abstention threshold, `abstain`. A format-2 version's inputs are its named inputs (DT_STRING
+for a string, DT_BOOL, any numeric type for a number), its outputs those of
+service.protocols.named (a regression head's interval at its default level). A Predict without
+`output_filter` gets every output, as TensorFlow Serving answers with every output of the
+signature.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from contract.manifest import Signature
 from contract.scores import SCORES
 from service.answer import Answer
 from service.errors import InvalidInput, ModelNotFound
-from service.protocols import oip
+from service.protocols import named, oip
 from service.protocols import tfs_messages as m
 from service.protocols.arrays import check_range, narrowed, to_spec
 
@@ -39,8 +43,10 @@ _TYPES = {
 _WIDE = {"float_val": "float32", "double_val": "float64", "half_val": "int64", "int_val": "int64",
          "int64_val": "int64", "uint32_val": "uint64", "uint64_val": "uint64", "bool_val": "bool"}
 _NUMPY = {name: numpy for name, (numpy, _) in _TYPES.items()}
+_NUMERIC = {name: numpy for name, numpy in _NUMPY.items() if name != "DT_BOOL"}
 _DATATYPE_OF = {numpy: m.DataType.values_by_name[name].number for name, (numpy, _) in _TYPES.items()}
 _DT_STRING = m.DataType.values_by_name["DT_STRING"].number
+_DATATYPE_OF["string"] = _DT_STRING
 _STATE = m.ModelVersionStatus.State
 _CODE = m.POOL.FindEnumTypeByName("tensorflow.error.Code")
 
@@ -99,37 +105,80 @@ def message_input(request, spec, max_rows: int) -> np.ndarray:
         raise InvalidInput(f"inputs must hold exactly one tensor, {INPUT!r} (the signature's input); got {names}")
     tensor = request.inputs[INPUT]
     where = f"inputs[{INPUT!r}]"
+    type_name = _type_name(tensor, _TYPES, where)
+    shape = _shape(tensor, where)
+    dtype, count = oip.check_input(shape, type_name, spec, max_rows, _NUMPY, where)
+    return to_spec(_values(tensor, type_name, shape, count, where), spec, where)
+
+
+def message_named(request, signature: Signature, max_rows: int) -> dict[str, np.ndarray]:
+    """A format-2 version's named inputs in a PredictRequest's `inputs`: DT_STRING (`string_val`)
+    for a string input, DT_BOOL for a bool one, any numeric type for a number (cast to the
+    input's dtype)."""
+    given: dict[str, np.ndarray] = {}
+    for key, tensor in request.inputs.items():
+        where = f"inputs[{key[:64]!r}]"
+        spec = named.input_spec(signature, key, "inputs", given)
+        allowed = {"string": ("DT_STRING",), "bool": ("DT_BOOL",)}.get(spec.dtype, tuple(_NUMERIC))
+        type_name = _type_name(tensor, (*_TYPES, "DT_STRING"), where)
+        if type_name not in allowed:
+            raise InvalidInput(f"{where}.dtype {type_name}: input {spec.name!r} ({spec.dtype}) takes "
+                               f"{', '.join(allowed)}")
+        shape = _shape(tensor, where)
+        count = named.check_shape(shape, spec, max_rows, where)
+        given[spec.name] = named.cast(_values(tensor, type_name, shape, count, where), spec, where)
+    return named.check_complete(given, signature)
+
+
+def _type_name(tensor, allowed, where: str) -> str:
     type_name = m.DataType.values_by_number[tensor.dtype].name if tensor.dtype in m.DataType.values_by_number \
         else str(tensor.dtype)
-    if type_name not in _TYPES:
-        raise InvalidInput(f"{where}.dtype {type_name} is not one of {', '.join(_TYPES)}")
+    if type_name not in allowed:
+        raise InvalidInput(f"{where}.dtype {type_name} is not one of {', '.join(allowed)}")
+    return type_name
+
+
+def _shape(tensor, where: str) -> list[int]:
     if tensor.tensor_shape.unknown_rank:
         raise InvalidInput(f"{where}.tensor_shape has an unknown rank; send the tensor's shape")
-    shape = [d.size for d in tensor.tensor_shape.dim]
-    dtype, count = oip.check_input(shape, type_name, spec, max_rows, _NUMPY, where)
+    return [d.size for d in tensor.tensor_shape.dim]
+
+
+def _values(tensor, type_name: str, shape: list[int], count: int, where: str) -> np.ndarray:
+    """A TensorProto's values in `shape` (checked: `count` values): from tensor_content, or its
+    dtype's typed field, where one value fills the shape, as in TensorFlow."""
+    if type_name == "DT_STRING":
+        values = tensor.string_val
+        if len(values) not in (1, count):
+            raise InvalidInput(f"{where}.string_val holds {len(values)} values; shape {shape[:10]} needs {count} "
+                               "(or one, which fills it)")
+        array = np.empty(count, dtype=object)
+        array[:] = list(values) * (count if len(values) == 1 else 1)
+        return array.reshape(shape)
     numpy_type, field = _TYPES[type_name]
+    dtype = np.dtype(numpy_type).newbyteorder("<")
     if tensor.tensor_content:
         if len(tensor.tensor_content) != count * dtype.itemsize:
             raise InvalidInput(f"{where}.tensor_content has {len(tensor.tensor_content)} bytes; shape {shape} of "
                                f"{type_name} needs {count * dtype.itemsize}")
-        array = np.frombuffer(tensor.tensor_content, dtype=dtype).reshape(shape)
-    else:
-        values = getattr(tensor, field)
-        if len(values) not in (1, count):
-            raise InvalidInput(f"{where}.{field} holds {len(values)} values; shape {shape} needs {count} "
-                               "(or one, which fills it)")
-        array = np.asarray(values, dtype=_WIDE[field])
-        if field == "half_val":  # float16 bit patterns in int32s
-            check_range(array, np.dtype(np.uint16), f"{where}.{field}")
-            array = array.astype(np.uint16).view(np.float16)
-        array = narrowed(array, np.dtype(numpy_type), f"{where}.{field}")  # int_val of a narrower type
-        array = np.broadcast_to(array, shape) if len(values) == 1 else array.reshape(shape)
-    return to_spec(array, spec, where)
+        if type_name == "DT_BOOL":  # one byte each; any but 0 is true, as in TensorFlow
+            return (np.frombuffer(tensor.tensor_content, dtype=np.uint8) != 0).reshape(shape)
+        return np.frombuffer(tensor.tensor_content, dtype=dtype).reshape(shape)
+    values = getattr(tensor, field)
+    if len(values) not in (1, count):
+        raise InvalidInput(f"{where}.{field} holds {len(values)} values; shape {shape} needs {count} "
+                           "(or one, which fills it)")
+    array = np.asarray(values, dtype=_WIDE[field])
+    if field == "half_val":  # float16 bit patterns in int32s
+        check_range(array, np.dtype(np.uint16), f"{where}.{field}")
+        array = array.astype(np.uint16).view(np.float16)
+    array = narrowed(array, np.dtype(numpy_type), f"{where}.{field}")  # int_val of a narrower type
+    return np.broadcast_to(array, shape) if len(values) == 1 else array.reshape(shape)
 
 
 def wanted(request, ensemble) -> list[str]:
     """The outputs a request asks for (`output_filter`), each once; every output when none."""
-    available = outputs_of(ensemble)
+    available = outputs_of(ensemble) if ensemble.manifest.format_version == 1 else named.outputs_of(ensemble.signature)
     if not request.output_filter:
         return list(available)
     for name in request.output_filter:
@@ -148,7 +197,7 @@ def tensor_proto(array: np.ndarray):
         proto.tensor_shape.dim.add(size=d)
     if array.dtype.kind in "UO":
         proto.dtype = _DT_STRING
-        proto.string_val.extend(str(v).encode() for v in array.reshape(-1).tolist())
+        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1).tolist())
     else:
         proto.dtype = _DATATYPE_OF[array.dtype.name]
         proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
@@ -169,12 +218,21 @@ def model_spec(ensemble, signature: str = SIGNATURE):
 
 
 def signature_def(ensemble):
-    """The ensemble's `serving_default` SignatureDef."""
-    shape = (-1, *ensemble.input_spec.shape)
+    """The ensemble's `serving_default` SignatureDef (a variable dimension as -1)."""
     signature = m.SignatureDef(method_name=PREDICT_METHOD)
-    signature.inputs[INPUT].CopyFrom(tensor_info(INPUT, _DATATYPE_OF[ensemble.input_spec.dtype], shape))
-    for name, (datatype, out_shape) in outputs_of(ensemble).items():
-        signature.outputs[name].CopyFrom(tensor_info(name, datatype, out_shape))
+    if ensemble.manifest.format_version == 1:
+        inputs = {INPUT: (_DATATYPE_OF[ensemble.input_spec.dtype], (-1, *ensemble.input_spec.shape))}
+        outputs = outputs_of(ensemble)
+    else:
+        members = len(ensemble.member_names)
+        inputs = {spec.name: (_DATATYPE_OF[spec.dtype], (-1, *(-1 if d is None else d for d in spec.shape)))
+                  for spec in ensemble.signature.inputs}
+        outputs = {name: (_DATATYPE_OF[dtype], named.shape_of(shape, members))
+                   for name, (dtype, shape, _) in named.outputs_of(ensemble.signature).items()}
+    for name, (datatype, shape) in inputs.items():
+        signature.inputs[name].CopyFrom(tensor_info(name, datatype, shape))
+    for name, (datatype, shape) in outputs.items():
+        signature.outputs[name].CopyFrom(tensor_info(name, datatype, shape))
     return signature
 
 
@@ -209,6 +267,15 @@ def predict_response(answer: Answer, ensemble, names: list[str]):
         else:
             array = oip.output(name, answer)
         reply.outputs[name].CopyFrom(tensor_proto(np.asarray(array)))
+    return reply
+
+
+def named_response(answer: Answer, ensemble, names: list[str]):
+    """The PredictResponse of a format-2 answer: the outputs `names` (`wanted`) as TensorProtos."""
+    catalogue = named.outputs_of(ensemble.signature)
+    reply = m.PredictResponse(model_spec=model_spec(ensemble))
+    for name in names:
+        reply.outputs[name].CopyFrom(tensor_proto(named.output(answer, name, catalogue[name][2])))
     return reply
 
 

@@ -38,7 +38,8 @@ def rpc(route: str, infers: bool = False):
     """Decorate a servicer's method (self with a `plane`, the data plane): errors to statuses, counted and
     timed as `route`. Every call holds its message's bytes against the bytes in flight shared
     with HTTP (429: RESOURCE_EXHAUSTED) while it is answered; with `infers`, it first passes the
-    batcher's admission.
+    batcher's admission, and the method is handed the call's Hold too (the data plane grows it
+    by what the request's decoded strings hold).
 
     A refusal is sent after the handler's frames are gone: `context.abort` raises, and an
     exception raised while the request is still referenced from a frame keeps that frame, and
@@ -58,6 +59,7 @@ def rpc(route: str, infers: bool = False):
                     raise BytesInFlight(plane.inflight.refusal(hold, size))
                 if infers:
                     plane.check_admission()
+                    return await method(self, request, context, hold)
                 return await method(self, request, context)
             except ServiceError as exc:
                 status = exc.status

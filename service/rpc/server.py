@@ -77,8 +77,9 @@ SERVICES = (*PROTOCOLS, HEALTH, reflection.SERVICE_NAME)
 
 def message_limit(plane: DataPlane) -> int:
     """The largest message the gRPC server receives: the largest valid request of the versions
-    loaded (service.dataplane.limits.largest_message), never more than max_body_bytes; with none
-    loaded, only the envelope (inference is refused then anyway)."""
+    loaded (service.dataplane.limits.largest_message; max_body_bytes for a format-2 version,
+    whose strings and variable lengths have no largest), never more than max_body_bytes; with
+    none loaded, only the envelope (inference is refused then anyway)."""
     return plane.largest_request(largest_message, ENVELOPE_BYTES)
 
 

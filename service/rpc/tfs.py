@@ -20,12 +20,17 @@ class PredictionService:
         self.plane = plane
 
     @rpc(f"/{m.PREDICTION_SERVICE}/Predict", infers=True)
-    async def Predict(self, request, context):
-        ensemble = self.plane.ensemble(*tfs.model_of(request.model_spec))
-        x = tfs.message_input(request, ensemble.input_spec, self.plane.settings.max_rows_per_request)
+    async def Predict(self, request, context, hold):
+        plane = self.plane
+        ensemble = plane.ensemble(*tfs.model_of(request.model_spec))
+        max_rows, when = plane.settings.max_rows_per_request, deadline(context, plane.settings.request_timeout_ms)
+        if ensemble.manifest.format_version == 1:
+            x = tfs.message_input(request, ensemble.input_spec, max_rows)
+            names = tfs.wanted(request, ensemble)
+            return tfs.predict_response(await plane.infer(ensemble, x, when), ensemble, names)
+        x = tfs.message_named(request, ensemble.signature, max_rows)
         names = tfs.wanted(request, ensemble)
-        answer = await self.plane.infer(ensemble, x, deadline(context, self.plane.settings.request_timeout_ms))
-        return tfs.predict_response(answer, ensemble, names)
+        return tfs.named_response(await plane.infer(ensemble, x, when, hold), ensemble, names)
 
     @rpc(f"/{m.PREDICTION_SERVICE}/GetModelMetadata")
     async def GetModelMetadata(self, request, context):

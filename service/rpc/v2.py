@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from service.dataplane.inference import DataPlane
 from service.errors import ServiceError
-from service.protocols import oip
+from service.protocols import named, oip
 from service.rpc.calls import add, deadline, rpc
 
 pb = oip.messages()
@@ -46,12 +46,20 @@ class InferenceService:
         return oip.metadata_response(self.plane.ensemble(request.name, oip.version_of(request.version)))
 
     @rpc(f"/{SERVICE_NAME}/ModelInfer", infers=True)
-    async def ModelInfer(self, request, context):
-        ensemble = self.plane.ensemble(request.model_name, oip.version_of(request.model_version))
-        x = oip.message_input(request, ensemble.input_spec, self.plane.settings.max_rows_per_request)
-        outputs = oip.message_outputs(request)
-        answer = await self.plane.infer(ensemble, x, deadline(context, self.plane.settings.request_timeout_ms))
-        return oip.infer_response(answer, request.id, outputs)
+    async def ModelInfer(self, request, context, hold):
+        plane = self.plane
+        ensemble = plane.ensemble(request.model_name, oip.version_of(request.model_version))
+        max_rows, when = plane.settings.max_rows_per_request, deadline(context, plane.settings.request_timeout_ms)
+        if ensemble.manifest.format_version == 1:
+            x = oip.message_input(request, ensemble.input_spec, max_rows)
+            outputs = oip.message_outputs(request)
+            return oip.infer_response(await plane.infer(ensemble, x, when), request.id, outputs)
+        signature = ensemble.signature
+        x = oip.message_named(request, signature, max_rows)
+        outputs = oip.message_outputs(request, named.outputs_of(signature), tuple(h.name for h in signature.heads))
+        level = oip.message_level(request)
+        answer = await plane.infer(ensemble, x, when, hold)
+        return oip.named_response(answer, request.id, outputs, signature, level)
 
 
 def add_to(server, plane: DataPlane) -> None:
