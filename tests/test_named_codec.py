@@ -223,8 +223,8 @@ def test_the_row_handler_serves_a_format_2_version_through_the_named_codec():
     manifest = named_manifest()
     seen = {}
 
-    async def infer(ensemble, x, deadline):
-        seen["x"], seen["deadline"] = x, deadline
+    async def infer(ensemble, x, deadline, hold):
+        seen["x"], seen["deadline"], seen["hold"] = x, deadline, hold
         n = len(x["x"])
         return Answer.of(manifest, (np.tile([[[0.9, 0.1], [0.3, 0.7]]], (n, 1, 1)), np.ones((n, 2, 1)),
                                     np.ones((n, 2, 1))), ("m0", "m1"))
@@ -234,9 +234,9 @@ def test_the_row_handler_serves_a_format_2_version_through_the_named_codec():
                             json_value_limit=lambda e: 100, infer=infer)
     call = SimpleNamespace(body=orjson.dumps({"instances": [[0.5], [0.25]]}),
                            query={"members": "true", "uncertainty": "1", "interval": "0.5"},
-                           deadline=lambda default_ms: 9.0 if default_ms == 5 else None)
+                           deadline=lambda default_ms: 9.0 if default_ms == 5 else None, hold="the call's hold")
     reply = asyncio.run(_rows(call, plane, ensemble))
-    assert reply.status == 200 and seen["deadline"] == 9.0
+    assert reply.status == 200 and seen["deadline"] == 9.0 and seen["hold"] == "the call's hold"
     assert seen["x"]["x"].tolist() == [[0.5], [0.25]]
     body = orjson.loads(reply.body)
     assert [set(p) for p in body["predictions"]] == [{"kind", "price"}] * 2

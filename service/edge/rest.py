@@ -39,7 +39,7 @@ async def _rows(call: Call, plane: DataPlane, ensemble) -> Reply:
         return Reply(200, encode(rows.answer_body(answer, columnar, members, uncertainty)))
     level = rows.level(call.query.get("interval"))
     x, columnar = rows.decode_named(call.body, ensemble.signature, max_rows, max_values)
-    answer = await plane.infer(ensemble, x, call.deadline(plane.settings.request_timeout_ms))
+    answer = await plane.infer(ensemble, x, call.deadline(plane.settings.request_timeout_ms), call.hold)
     return Reply(200, encode(rows.named_answer_body(answer, columnar, members, uncertainty, level)))
 
 
