@@ -1,7 +1,7 @@
 """`ensemble-train`: train and publish an ensemble; `import` foreign members; `schedule` retraining.
 
     ensemble-train [train] [--data digits] [--name digits] [--repository models] [...]
-    ensemble-train import --name NAME --repository models PATH...
+    ensemble-train import --name NAME --repository models [--task ...] [--labels ...] PATH...
     ensemble-train schedule (--cron EXPR | --every 6h) [train flags...]
 
 Exit codes: 0 published (or nothing to do), 1 failed (nothing published), 2 usage error,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -179,19 +180,71 @@ def train_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+_HEAD_VALUE = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.\-]{0,63})=(.*)", re.DOTALL)
+
+
+def _head_values(values: list[str], flag: str) -> dict[str | None, str]:
+    """`HEAD=VALUE` (or one VALUE for the only head) from each use of a per-head flag."""
+    by_head: dict[str | None, str] = {}
+    for value in values:
+        match = _HEAD_VALUE.fullmatch(value)
+        head, value = (match.group(1), match.group(2)) if match else (None, value)
+        if head in by_head:
+            raise argparse.ArgumentTypeError(f"{flag} gives {'head ' + repr(head) if head else 'the only head'} twice")
+        by_head[head] = value
+    return by_head
+
+
+def parse_tasks(values: list[str]) -> dict[str | None, str]:
+    """`--task TASK` (the only head) or `--task HEAD=TASK,HEAD=TASK` (repeatable) -> {head: task}."""
+    from contract.manifest import TASKS
+
+    tasks = _head_values([item.strip() for value in values for item in value.split(",") if item.strip()], "--task")
+    for head, task in tasks.items():
+        if task not in TASKS:
+            raise argparse.ArgumentTypeError(f"--task {head + '=' if head else ''}{task}: {task!r} is not a task; "
+                                             f"the tasks are {', '.join(TASKS)}")
+    return tasks
+
+
+def parse_labels(values: list[str]) -> dict[str | None, list[str]]:
+    """`--labels a,b,c` (the only head) or `--labels HEAD=a,b,c` (repeatable) -> {head: labels}."""
+    return {head: [label.strip() for label in text.split(",")]
+            for head, text in _head_values(values, "--labels").items()}
+
+
 def import_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="ensemble-train import",
         description="Publish existing members (SavedModel folders or .keras files) as a new version. "
-        "The input spec is read from their signatures; outputs must be probability rows.")
+        "Inputs and outputs are read from the members (named inputs, several heads, strings, variable "
+        "lengths); each head's task from its final activation where it says so, else from --task. One "
+        "fixed numeric input and one softmax head publish manifest format 1, anything else format 2.")
     p.add_argument("--name", required=True, help="ensemble name in the repository")
     p.add_argument("--repository", type=Path, default=Path("models"), help="Default: models")
-    p.add_argument("--classes", help="comma-separated class labels in output order. Default: 0,1,...")
+    p.add_argument("--task", action="append", default=[], metavar="[HEAD=]TASK",
+                   help="a head's task where the model does not say it: classification, binary, multilabel or "
+                        "regression; TASK alone for the only head, or HEAD=TASK[,HEAD=TASK]")
+    p.add_argument("--labels", action="append", default=[], metavar="[HEAD=]A,B,...",
+                   help="a head's labels in column order (repeat for several heads: --labels HEAD=a,b). "
+                        "Default: 0,1,... (a regression head: its name)")
+    p.add_argument("--classes", help="the only head's labels (as --labels A,B,...)")
+    p.add_argument("--variance", action="append", default=[], metavar="HEAD[,HEAD]",
+                   help="regression heads that give 2k columns: k means, then k variances (a Gaussian head)")
     p.add_argument("paths", nargs="+", type=Path, help="SavedModel folders or .keras files")
     args = p.parse_args(argv)
     if not is_valid_name(args.name):
         _error(f"--name {args.name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-'")
         return EXIT_USAGE
+    try:
+        tasks, labels = parse_tasks(args.task), parse_labels(args.labels)
+    except argparse.ArgumentTypeError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if args.classes and labels:
+        _error("give the labels with --labels or --classes, not both")
+        return EXIT_USAGE
+    variances = {head.strip() for value in args.variance for head in value.split(",") if head.strip()}
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.importer import import_members
     from training.publish import PublishError
@@ -199,7 +252,7 @@ def import_main(argv: list[str]) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     try:
         import_members(args.repository, args.name, args.paths, classes,
-                       report=lambda line: print(line, flush=True))
+                       report=lambda line: print(line, flush=True), tasks=tasks, labels=labels, variances=variances)
     except PublishError as exc:
         _error(str(exc))
         print("ensemble-train: nothing was published", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Atomic publishing of a version into the model repository.
+"""Atomic publishing of a version into the model repository, in either manifest format
+(`publish_version`: format 1; `publish_named_version`: format 2, named inputs and heads).
 
 A version is assembled under a hidden staging folder beside the versions, the manifest is
 written last and everything is fsynced, then the folder is renamed to the next free number.
@@ -15,12 +16,14 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from contract.files import sync_folder
 from contract.held_folders import held_folder, remove_abandoned
 from contract.integrity import file_digests
 from contract.layout import MANIFEST_FILE, MEMBERS_DIR, is_valid_name, next_version, scan_model
-from contract.manifest import Abstention, Calibration, DataInfo, InputSpec, Manifest, MemberEntry, OutputSpec
+from contract.manifest import (Abstention, Calibration, DataInfo, HeadSpec, InputSpec, Manifest, ManifestV2,
+                               MemberEntry, OutputSpec, TensorSpec)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,46 @@ def publish_version(
     """Copy members (and attachments: report files beside the manifest) into a new version
     folder of `root/name` atomically, and return its manifest (with the calibration, the
     abstention threshold and the validation level of the uncertainty scores, when given)."""
+
+    def manifest(version: int, replaces: int | None, entries: tuple[MemberEntry, ...]) -> Manifest:
+        return Manifest(name=name, version=version, created=datetime.now(timezone.utc), input=input_spec,
+                        output=output_spec, members=entries, metrics=metrics, data=data, replaces=replaces,
+                        calibration=calibration, abstention=abstention,
+                        uncertainty_reference=uncertainty_reference or {})
+
+    return _publish(root, name, members, attachments, manifest)
+
+
+def publish_named_version(
+    root: Path,
+    name: str,
+    members: list[MemberArtifact],
+    inputs: tuple[TensorSpec, ...],
+    heads: tuple[HeadSpec, ...],
+    metrics: dict[str, float],
+    data: DataInfo | None = None,
+    attachments: dict[str, bytes] | None = None,
+) -> ManifestV2:
+    """As publish_version, in manifest format 2: named inputs and heads with tasks; every
+    member's `serving_default` signature takes each input and gives each head by its name."""
+
+    def manifest(version: int, replaces: int | None, entries: tuple[MemberEntry, ...]) -> ManifestV2:
+        return ManifestV2(format_version=2, name=name, version=version, created=datetime.now(timezone.utc),
+                          inputs=inputs, heads=heads, members=entries, metrics=metrics, data=data,
+                          replaces=replaces)
+
+    return _publish(root, name, members, attachments, manifest)
+
+
+def _publish(
+    root: Path,
+    name: str,
+    members: list[MemberArtifact],
+    attachments: dict[str, bytes] | None,
+    manifest_for: Callable[[int, int | None, tuple[MemberEntry, ...]], Manifest | ManifestV2],
+) -> Manifest | ManifestV2:
+    """Stage members and attachments, write `manifest_for(version, replaces, entries)` last and
+    rename the staging folder to the next free version number: the steps of every format."""
     if not is_valid_name(name):
         raise PublishError(
             f"ensemble name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
@@ -138,20 +181,7 @@ def publish_version(
             # read at each try, just before the rename: another writer may have published meanwhile
             replaces = latest_committed(root, name)
             version = next_version(v.version for v in scan_model(root, name))
-            manifest = Manifest(
-                name=name,
-                version=version,
-                created=datetime.now(timezone.utc),
-                input=input_spec,
-                output=output_spec,
-                members=tuple(entries),
-                metrics=metrics,
-                data=data,
-                replaces=replaces,
-                calibration=calibration,
-                abstention=abstention,
-                uncertainty_reference=uncertainty_reference or {},
-            )
+            manifest = manifest_for(version, replaces, tuple(entries))
             # The manifest is written last: it is the commit marker.
             (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
             _fsync_tree(staging)
