@@ -35,14 +35,18 @@ import orjson
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-import service.protocols.gen as gen
 from contract import tasks
 from contract.manifest import HeadSpec, Signature, TensorSpec
 from service.answer import Answer, Head, combined_head
 from service.dataplane.inference import DataPlane
 from service.dataplane.limits import STRING_OVERHEAD, Hold, InflightBytes, decoded_bytes
-from service.errors import BytesInFlight, InvalidInput, MalformedRequest, PayloadTooLarge
-from service.protocols import named, oip, tfs
+from service.errors import (
+    BytesInFlight,
+    InvalidInput,
+    MalformedRequest,
+    PayloadTooLarge,
+)
+from service.protocols import gen, named, oip, tfs
 from service.protocols import tfs_messages as m
 
 # -- doubles ------------------------------------------------------------------------------------
@@ -553,15 +557,14 @@ def _without(name):
 
 
 B64 = {"b64": base64.b64encode(b"x").decode()}
+MISSING_INPUTS = ("missing field 'inputs': send [{\"name\", \"shape\", \"datatype\", \"data\"}, ...], one per input "
+                  f"of {INPUT_NAMES}")
 
 
 @pytest.mark.parametrize("inputs, error, message", [
-    (None, InvalidInput, "missing field 'inputs': send [{\"name\", \"shape\", \"datatype\", \"data\"}, ...], one per "
-                         f"input of {INPUT_NAMES}"),
-    ([], InvalidInput, "missing field 'inputs': send [{\"name\", \"shape\", \"datatype\", \"data\"}, ...], one per "
-                       f"input of {INPUT_NAMES}"),
-    ({"image": 1}, InvalidInput, "missing field 'inputs': send [{\"name\", \"shape\", \"datatype\", \"data\"}, ...], "
-                                 f"one per input of {INPUT_NAMES}"),
+    (None, InvalidInput, MISSING_INPUTS),
+    ([], InvalidInput, MISSING_INPUTS),
+    ({"image": 1}, InvalidInput, MISSING_INPUTS),
     ([TOKENS, 3], InvalidInput, "inputs[1] must be an object with a name, shape, datatype and data"),
     ([TOKENS, tensor("pixels", [2, 2], "FP32", [0] * 4)], InvalidInput,
      f"inputs[1] names input 'pixels'; this model's inputs are {INPUT_NAMES}"),
@@ -578,8 +581,8 @@ B64 = {"b64": base64.b64encode(b"x").decode()}
      "inputs[0].shape must be a list of non-negative integers"),
     ([{"name": "image", "datatype": "FP32", "data": [0] * 4}], InvalidInput,
      "inputs[0].shape must be a list of non-negative integers"),
-    ([tensor("image", [2, 3], "FP32", [0] * 6)], InvalidInput, "inputs[0]: input 'image' must have shape [rows, 2], "
-                                                               "got [2, 3]"),
+    ([tensor("image", [2, 3], "FP32", [0] * 6)], InvalidInput,
+     "inputs[0]: input 'image' must have shape [rows, 2], got [2, 3]"),
     ([tensor("tokens", [2, 0], "INT32", [])], InvalidInput,
      "inputs[0]: input 'tokens' has a dimension of length 0; send at least one value"),
     ([tensor("image", [0, 2], "FP32", [])], InvalidInput, "inputs[0] has 0 rows: send at least one"),
@@ -614,8 +617,8 @@ B64 = {"b64": base64.b64encode(b"x").decode()}
     ([tensor("note", [1], "BYTES", [{"b64": "%%"}])], InvalidInput, "'inputs[0].data' holds invalid base64 in its 0th value"),
     ([tensor("note", [1], "BYTES", [dict(B64, x=1)])], InvalidInput,
      "'inputs[0].data' must hold strings (or {\"b64\": \"...\"}); found dict"),
-    ([tensor("tokens", [1, 2], "FP32", [1.5, 2])], InvalidInput, "'inputs[0]' must hold whole numbers for input dtype "
-                                                                 "int32"),
+    ([tensor("tokens", [1, 2], "FP32", [1.5, 2])], InvalidInput,
+     "'inputs[0]' must hold whole numbers for input dtype int32"),
     ([tensor("image", [1, 2], "FP64", [1e300, 2])], InvalidInput,
      "'inputs[0]' holds a non-finite number in row 0 (NaN, infinity, or beyond the range of float32)"),
     ([TOKENS, tensor("image", [1, 2], "FP32", [1, 2]), NOTE, FLAGS], InvalidInput,
@@ -1127,8 +1130,8 @@ def test_tfs_any_numeric_type_is_cast_to_the_input(dtype, field, values, content
      "inputs['note']: input 'note' must have shape [rows], got [2, 1]"),
     ([("tokens", "DT_INT32", (1, -1), "int_val", [1], None)], InvalidInput,
      "inputs['tokens']: input 'tokens' has a dimension of length 0; send at least one value"),
-    ([("note", "DT_STRING", (0,), "string_val", [b"a"], None)], InvalidInput, "inputs['note'] has 0 rows: send at "
-                                                                              "least one"),
+    ([("note", "DT_STRING", (0,), "string_val", [b"a"], None)], InvalidInput,
+     "inputs['note'] has 0 rows: send at least one"),
     ([("note", "DT_STRING", (5,), "string_val", [b"a"], None)], PayloadTooLarge,
      "inputs['note'] has 5 rows; at most 4 are allowed per request"),
     ([("note", "DT_STRING", (3,), "string_val", [b"a", b"b"], None)], InvalidInput,
