@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from contract.tasks import EPISTEMIC
 from service.answer import Answer
 
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
@@ -37,6 +38,11 @@ DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Mutual information between the prediction and the member (nats): 0 when members agree, at most
 # log(members) (1.6 for five); fine steps at the low end, where in-distribution rows sit.
 MUTUAL_INFORMATION_BUCKETS = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+# A head's epistemic score per row: nats for classes and labels (at most log(members)), the
+# target's own units for regression (the spread of the members' means): log steps wide enough
+# for both.
+HEAD_UNCERTAINTY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0,
+                            300.0, 1000.0)
 FAILURE_REASONS = ("uncommitted", "manifest", "checksum", "signature", "warmup", "load", "invalid")
 REJECT_REASONS = ("queue_full", "bytes_in_flight", "deadline", "too_large")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -186,6 +192,24 @@ class ServiceMetrics:
             "threshold", ["model"], registry=r)
         self.predicted_class = Counter(
             "ensemble_predicted_class", "Rows by the ensemble's top class", ["model", "class"], registry=r)
+        # Per head, for every task (a format-1 version's one head is `probabilities`).
+        self.head_uncertainty = BatchHistogram(
+            "ensemble_head_uncertainty", "Per predicted row and head: its task's epistemic score "
+            "(contract.tasks.EPISTEMIC): the members' mutual information in nats for classes and labels "
+            "(the largest of a head's labels), the spread of their means (epistemic_std, in the "
+            "target's units) for regression", ["model", "head", "score"], buckets=HEAD_UNCERTAINTY_BUCKETS,
+            registry=r)
+        self.reference_head_uncertainty = Gauge(
+            "ensemble_reference_head_uncertainty", "The live version's mean of a head's epistemic "
+            "score on its validation split (the level the drift alert compares with; 0: not recorded)",
+            ["model", "head", "score"], registry=r, multiprocess_mode="livemax")
+        self.head_predicted = Counter(
+            "ensemble_head_predicted", "Rows by what a head predicts: a classification head's top "
+            "class, a binary head's label at probability 0.5, each label of a multi-label head at 0.5 "
+            "or more (a row may count for several)", ["model", "head", "label"], registry=r)
+        self.head_abstained_rows = Counter(
+            "ensemble_head_abstained_rows", "Rows a head abstains on (its abstention rule)",
+            ["model", "head"], registry=r)
         self.ready = Gauge(
             "ensemble_ready", "1 when the service can answer predictions (GET /readyz is 200)",
             registry=r, multiprocess_mode="livemin")
@@ -251,21 +275,35 @@ class ServiceMetrics:
             self.observe_answer(answer(stats.outputs))
 
     def observe_answer(self, answer: Answer) -> None:
-        """What only an ensemble has, per head: rows that abstained; for a classification head,
-        member disagreement, the predicted classes (drift) and the members' mutual information."""
+        """What only an ensemble has, per head: rows that abstained, its task's epistemic score,
+        what it predicts (drift); for a classification head also member disagreement, and the
+        model-level series of the predicted classes and mutual information."""
         model = answer.name
         for head in answer.heads.values():
             abstain = head.abstain()
             abstained = int(np.count_nonzero(abstain)) if abstain is not None else 0
             if abstained:
                 self._child(self.abstained_rows, model).inc(abstained)
-            if head.task != "classification":
+                self._child(self.head_abstained_rows, model, head.name).inc(abstained)
+            score = EPISTEMIC[head.task]
+            values = head.score(score)
+            self.head_uncertainty.observe_many((model, head.name, score),
+                                               values if values.ndim == 1 else values.max(axis=1))
+            if head.task == "classification":
+                counts = np.bincount(head.combined.argmax(axis=1), minlength=len(head.labels))
+                for i in np.flatnonzero(counts):
+                    self._child(self.predicted_class, model, head.labels[i]).inc(int(counts[i]))
+                self.disagreement.observe_many((model,), head.disagreement())
+                self.mutual_information.observe_many((model,), head.score("mutual_information"))
+            elif head.task == "binary":
+                yes = int(np.count_nonzero(head.combined[:, 0] >= 0.5))
+                counts = np.array([len(head.combined) - yes, yes])
+            elif head.task == "multilabel":
+                counts = np.count_nonzero(head.combined >= 0.5, axis=0)
+            else:
                 continue
-            self.disagreement.observe_many((model,), head.disagreement())
-            counts = np.bincount(head.combined.argmax(axis=1), minlength=len(head.labels))
             for i in np.flatnonzero(counts):
-                self._child(self.predicted_class, model, head.labels[i]).inc(int(counts[i]))
-            self.mutual_information.observe_many((model,), head.score("mutual_information"))
+                self._child(self.head_predicted, model, head.name, head.labels[i]).inc(int(counts[i]))
 
     def update_process(self) -> None:
         self.resident_memory.set(resident_bytes())

@@ -392,3 +392,41 @@ def test_a_version_whose_members_do_not_take_its_inputs_is_refused_naming_member
     entry = next(v for v in versions() if v["version"] == 1)
     assert entry["state"] == "failed" and entry["category"] == "signature"
     assert client.post("/v1/models/mismatch:predict", json={"instances": ["x"]}).status_code == 503
+
+
+def _metric(text: str, name: str, absent: float | None = 0.0, **labels) -> float | None:
+    """The value of one series in an exposition, its labels in any order (`absent` when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return absent
+
+
+def test_metrics_per_head_count_what_each_task_predicts_its_uncertainty_and_abstentions(client, named_repository):
+    _, models = named_repository
+    before = client.get("/metrics").text
+    texts = ["a good film", "very bad indeed", "good good good", "bad"]
+    client.post("/v1/models/text:predict", json={"instances": texts})
+    x = np.array([[0.1, 0.2], [1.0, -1.0]], np.float32)
+    client.post("/v1/models/gauss:predict", json={"instances": x.tolist()})
+    after = client.get("/metrics").text
+
+    def delta(name, **labels):
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    outs = member_outputs(models["text"], tf.constant(texts))
+    want = tasks.labels(np.stack([np.asarray(o) for o in outs], axis=1), WEIGHTS)
+    yes = int(np.count_nonzero(want.value[:, 0] >= 0.5))
+    assert delta("ensemble_head_predicted_total", model="text", head="positive", label="pos") == yes
+    assert delta("ensemble_head_predicted_total", model="text", head="positive", label="neg") == 4 - yes
+    assert delta("ensemble_head_abstained_rows_total", model="text", head="positive") == 4  # its rule: always
+    assert delta("ensemble_head_uncertainty_count", model="text", head="positive", score="mutual_information") == 4
+    assert delta("ensemble_head_uncertainty_sum", model="text", head="positive",
+                 score="mutual_information") == pytest.approx(float(want.scores["mutual_information"].sum()), abs=1e-6)
+    assert delta("ensemble_head_uncertainty_count", model="gauss", head="price", score="epistemic_std") == 2
+    # the reference each drift alert compares with, per head (none recorded here: 0)
+    assert _metric(after, "ensemble_reference_head_uncertainty", model="gauss", head="price",
+                   score="epistemic_std", absent=None) == 0.0

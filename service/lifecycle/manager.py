@@ -42,6 +42,7 @@ from service.metrics import ServiceMetrics
 from contract.integrity import verify_checksums
 from contract.layout import VersionDir, choose_version, scan_model
 from contract.manifest import Manifest, failure_of, read_manifest
+from contract.tasks import EPISTEMIC
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,11 @@ class ModelManager:
         self.metrics.reference_mutual_information.labels(slot.name).set(
             ensemble.signature.heads[0].uncertainty_reference.get("mutual_information", 0.0))
         self.metrics.abstained_rows.labels(slot.name)  # at 0 from the start, so rates see the first
+        for head in ensemble.signature.heads:
+            score = EPISTEMIC[head.task]
+            self.metrics.reference_head_uncertainty.labels(slot.name, head.name, score).set(
+                head.uncertainty_reference.get(score, 0.0))
+            self.metrics.head_abstained_rows.labels(slot.name, head.name)
         log.info("%s version %d is live (engine: %s)", slot.name, ensemble.version, ensemble.engine.kind)
         del dropped
         release_garbage(first=self._first_swap)
