@@ -959,7 +959,9 @@ def test_message_level_absent_is_the_default():
 
 @pytest.mark.parametrize("field, value, shown", [("int64_param", 1, "1"), ("int64_param", 0, "0"),
                                                  ("bool_param", True, "True"), ("bool_param", False, "False"),
-                                                 ("string_param", "0.8", "0.8"), ("string_param", "", "")])
+                                                 ("string_param", "1.5", "1.5"), ("string_param", "", ""),
+                                                 ("string_param", "x" * 30, "x" * 20), ("uint64_param", 1, "1"),
+                                                 ("double_param", 1.0, "1.0"), ("double_param", 0.0, "0.0")])
 def test_message_level_of_another_type_is_refused(field, value, shown):
     request = infer_request()
     setattr(request.parameters["interval"], field, value)
@@ -967,11 +969,11 @@ def test_message_level_of_another_type_is_refused(field, value, shown):
         oip.message_level(request)
 
 
-def test_the_services_infer_parameter_has_no_double():
-    """What the service's own messages hold: KServe's InferParameter has double_param = 4 and
-    uint64_param = 5; the service's has neither (see the xfail tests at the end)."""
+def test_the_services_infer_parameter_has_kserves_fields():
+    """The service's InferParameter holds KServe's and Triton's five kinds (a float is a double)."""
     fields = [(f.name, f.number) for f in v2().InferParameter.DESCRIPTOR.fields]
-    assert fields == [("bool_param", 1), ("int64_param", 2), ("string_param", 3)]
+    assert fields == [("bool_param", 1), ("int64_param", 2), ("string_param", 3), ("double_param", 4),
+                      ("uint64_param", 5)]
 
 
 def _contents(tensor) -> list[tuple[str, list]]:
@@ -1320,7 +1322,7 @@ def test_infer_without_a_hold_or_strings_holds_nothing_more():
     assert [s[1] for s in submitted][1:] == [numbers, array] and rows == [("shop", 2), ("shop", 2), ("shop", 4)]
 
 
-# == Bugs found ===================================================================================
+# == A level over gRPC ===========================================================================
 
 def _double_parameter(value: float) -> bytes:
     """An InferParameter holding double_param = `value` on the wire (field 4, 64 bits), as a
@@ -1328,23 +1330,17 @@ def _double_parameter(value: float) -> bytes:
     return b"\x21" + struct.pack("<d", value)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "oip.message_level reads double_param, which the service's own InferParameter "
-    "(service/protocols/gen/grpc_predict_v2.proto) lacks: a KServe client's double interval (field 4) "
-    "arrives as an unknown field and getattr(parameter, 'double_param') raises AttributeError (a 500 / "
-    "INTERNAL), so no level can be asked over gRPC (ints and strings are refused)"))
 def test_message_level_of_a_double_interval_as_kserve_clients_send_it():
     request = infer_request()
     request.parameters["interval"].MergeFromString(_double_parameter(0.8))
     assert oip.message_level(request) == 0.8
+    request.parameters["interval"].string_param = "0.25"  # or as text
+    assert oip.message_level(request) == 0.25
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "oip.message_level: an `interval` parameter with no value set falls back to getattr(parameter, "
-    "'double_param'), a field the service's InferParameter does not have: AttributeError (a 500 / INTERNAL) "
-    "instead of a 422"))
 def test_message_level_of_an_empty_interval_parameter_is_refused():
     request = infer_request()
     request.parameters["interval"].SetInParent()
-    with pytest.raises(InvalidInput, match=r"^parameters\['interval'\] must be a level between 0 and 1 "):
+    with pytest.raises(InvalidInput, match=r"^parameters\['interval'\] holds no value; send a level between 0 and 1 "
+                                           r"\(e\.g\. 0\.9\)$"):
         oip.message_level(request)

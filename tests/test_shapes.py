@@ -117,13 +117,13 @@ SHAPES = {
 _DATATYPES = {"float32": "FP32", "int32": "INT32", "object": "BYTES"}
 
 
-def _combined(head: dict, members: list[np.ndarray]) -> np.ndarray:
+def _combined(head: dict, members: list[np.ndarray]) -> tasks.Combined:
     stacked = np.stack(members, axis=1)
     if head["task"] == "classification":
-        return tasks.classification(stacked, WEIGHTS).value
+        return tasks.classification(stacked, WEIGHTS)
     if head["task"] in ("binary", "multilabel"):
-        return tasks.labels(stacked, WEIGHTS).value
-    return tasks.regression(stacked, WEIGHTS).value
+        return tasks.labels(stacked, WEIGHTS)
+    return tasks.regression(stacked, WEIGHTS)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,8 @@ def shapes(tmp_path_factory):
         manifest = {"format_version": 2, "name": name, "version": 1, "created": datetime.now(timezone.utc).isoformat(),
                     "inputs": inputs, "heads": heads, "members": entries}
         (folder / "manifest.json").write_text(json.dumps(manifest))
-        expected[name] = (x, {h["name"]: _combined(h, [np.asarray(o[h["name"]]) for o in outs]) for h in heads})
+        combined = {h["name"]: _combined(h, [np.asarray(o[h["name"]]) for o in outs]) for h in heads}
+        expected[name] = (x, {head: c.value for head, c in combined.items()}, combined)
     return root, expected
 
 
@@ -183,7 +184,7 @@ def _json_value(array):
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_tensorflow_serving_rest_rows_and_columns(served, shapes, name):
-    x, expected = shapes[1][name]
+    x, expected, _ = shapes[1][name]
     heads = list(expected)
     rows = [{k: _json_value(v[i]) for k, v in x.items()} for i in range(ROWS)]
     body = httpx.post(f"{served.base}/v1/models/{name}:predict", json={"instances": rows}, timeout=30)
@@ -201,7 +202,7 @@ def test_tensorflow_serving_rest_rows_and_columns(served, shapes, name):
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_open_inference_protocol_over_http_with_tritonclient(served, shapes, name, binary):
-    x, expected = shapes[1][name]
+    x, expected, _ = shapes[1][name]
     client = triton_http.InferenceServerClient(served.base.removeprefix("http://"))
     inputs = []
     for key, array in x.items():
@@ -218,7 +219,7 @@ def test_open_inference_protocol_over_http_with_tritonclient(served, shapes, nam
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_open_inference_protocol_over_grpc_with_tritonclient(served, shapes, name):
-    x, expected = shapes[1][name]
+    x, expected, _ = shapes[1][name]
     client = triton_grpc.InferenceServerClient(served.grpc)
     inputs = []
     for key, array in x.items():
@@ -233,7 +234,7 @@ def test_open_inference_protocol_over_grpc_with_tritonclient(served, shapes, nam
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_tensorflow_serving_grpc_predict(served, shapes, name):
-    x, expected = shapes[1][name]
+    x, expected, _ = shapes[1][name]
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
     for key, array in x.items():
@@ -245,7 +246,7 @@ def test_tensorflow_serving_grpc_predict(served, shapes, name):
 
 
 def test_slash_predict_answers_the_default_ensemble(served, shapes):
-    x, expected = shapes[1]["two_heads"]
+    x, expected, _ = shapes[1]["two_heads"]
     reply = httpx.post(f"{served.base}/predict", json={"instances": x["features"].tolist()}, timeout=30).json()
     _check("two_heads", {h: [p[h] for p in reply["predictions"]] for h in expected}, expected, "/predict")
 
@@ -264,3 +265,16 @@ def test_named_inputs_to_a_grpc_server_refused_with_the_input_named(served):
         prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "missing inputs ['city']" in error.value.details()
+
+
+def test_a_regression_interval_at_the_level_a_kserve_client_asks_over_grpc_and_http(served, shapes):
+    x, _, combined = shapes[1]["regression"]
+    lower, upper = tasks.interval(combined["output_0"], 0.8)
+    for module, address in ((triton_grpc, served.grpc), (triton_http, served.base.removeprefix("http://"))):
+        tensor = module.InferInput("features", list(x["features"].shape), "FP32")
+        tensor.set_data_from_numpy(x["features"])
+        outputs = [module.InferRequestedOutput(n) for n in ("output_0.lower", "output_0.upper")]
+        result = module.InferenceServerClient(address).infer("regression", [tensor], outputs=outputs,
+                                                             parameters={"interval": 0.8})
+        np.testing.assert_allclose(result.as_numpy("output_0.lower"), lower, atol=1e-4, err_msg=module.__name__)
+        np.testing.assert_allclose(result.as_numpy("output_0.upper"), upper, atol=1e-4, err_msg=module.__name__)

@@ -464,11 +464,20 @@ def message_named(request: pb.ModelInferRequest, signature: Signature, max_rows:
 
 
 def message_level(request: pb.ModelInferRequest) -> float:
-    """The level of a regression head's interval: the request's `interval` parameter, else the default."""
+    """The level of a regression head's interval: the request's `interval` parameter (a double,
+    as KServe's and Triton's clients send a float, or its text), else the default."""
     if "interval" not in request.parameters:
         return named.DEFAULT_LEVEL
     parameter = request.parameters["interval"]
-    value = getattr(parameter, parameter.WhichOneof("parameter_choice") or "double_param")
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind is None:
+        raise InvalidInput("parameters['interval'] holds no value; send a level between 0 and 1 (e.g. 0.9)")
+    value = getattr(parameter, kind)
+    if kind == "string_param":
+        try:
+            value = float(value)
+        except ValueError:
+            value = value[:20]
     return named.level_of(value, "parameters['interval']")
 
 
