@@ -373,10 +373,10 @@ def test_check_shape_shows_ten_dimensions():
 
 @pytest.mark.parametrize("shape", [[1, 0], [2, -1], [1, -5]])
 def test_check_shape_refuses_a_variable_dimension_of_no_length(shape):
-    with refused(InvalidInput, "w: input 'tokens' has a dimension of length 0; send at least one value"):
+    with refused(InvalidInput, f"w: input 'tokens' has a dimension of length {shape[1]}; send at least one value"):
         named.check_shape(shape, INPUTS[3], MAX_ROWS, "w")
     grid = TensorSpec(name="grid", dtype="uint8", shape=(2, None))
-    with refused(InvalidInput, "w: input 'grid' has a dimension of length 0; send at least one value"):
+    with refused(InvalidInput, f"w: input 'grid' has a dimension of length {shape[1]}; send at least one value"):
         named.check_shape([1, 2, *shape[1:]], grid, MAX_ROWS, "w")
 
 

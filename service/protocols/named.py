@@ -128,8 +128,10 @@ def check_shape(shape: list[int], spec: TensorSpec, max_rows: int, where: str) -
             or any(d is not None and g != d for g, d in zip(shape[1:], spec.shape))):
         raise InvalidInput(f"{where}: input {spec.name!r} must have shape [rows{', ' if want else ''}{want}], "
                            f"got {shape[:10]}")
-    if any(d is None and g < 1 for g, d in zip(shape[1:], spec.shape)):
-        raise InvalidInput(f"{where}: input {spec.name!r} has a dimension of length 0; send at least one value")
+    short = [g for g, d in zip(shape[1:], spec.shape) if d is None and g < 1]
+    if short:
+        raise InvalidInput(f"{where}: input {spec.name!r} has a dimension of length {short[0]}; send at least "
+                           "one value")
     check_rows(shape[0], max_rows, where)
     return math.prod(shape)
 
