@@ -199,9 +199,10 @@ def _read_saved_model(source: Path) -> ForeignMember:
     says = "comes from a SavedModel, whose signature does not say its activation"
     if "serving_default" in getattr(loaded, "signatures", {}):
         signature = loaded.signatures["serving_default"]
-        specs = list(signature.structured_input_signature[1].items())
+        # a signature's dicts have no stable order: by name, so that every import lists them alike
+        specs = sorted(signature.structured_input_signature[1].items())
         outputs = [Port(name, name, _AUTOMATIC_OUTPUT.fullmatch(name) is not None, says=says, reads_values=True)
-                   for name in signature.structured_outputs]
+                   for name in sorted(signature.structured_outputs)]
 
         def call(feeds: dict) -> dict:
             return signature(**feeds)
@@ -353,7 +354,7 @@ def check_agreement(members: list[ForeignMember]) -> None:
 
 
 def _describe(spec: TensorSpec) -> str:
-    return f"{spec.dtype} {['None' if d is None else d for d in spec.shape]}"
+    return f"{spec.dtype} [{', '.join('None' if d is None else str(d) for d in spec.shape)}]"
 
 
 def _for_heads(given: Mapping[str | None, object], heads: list[str], flag: str) -> dict[str, object]:
