@@ -226,9 +226,9 @@ def _read_saved_model(source: Path) -> ForeignMember:
         inputs.append(Port(name, key, automatic, _spec(source, name, spec.dtype.name, spec.shape.as_list()[1:])))
     member = ForeignMember(source, inputs, outputs or [], call, loaded)
     if outputs is None:
-        produced = call({p.key: tf.constant(v) for p, v in zip(inputs, smoke_rows([p.spec for p in inputs]).values())})
+        produced = _call_on_smoke_rows(member)
         member.outputs = [Port(f"output_{k}" if isinstance(k, int) else k, k, isinstance(k, int), says=says,
-                               reads_values=True) for k in produced]
+                               reads_values=True) for k in sorted(produced, key=str)]
     return member
 
 
@@ -262,17 +262,23 @@ def smoke_rows(specs: list[TensorSpec], rows: int = _SMOKE_ROWS) -> dict[str, np
     return batch
 
 
-def run_smoke(member: ForeignMember) -> None:
-    """Run the member on the smoke rows; keep each output as (rows, k), refusing one that is not
-    one finite row per input row."""
+def _call_on_smoke_rows(member: ForeignMember) -> dict:
+    """The member's outputs (by output key) on the smoke rows; refuses a member that fails."""
     import tensorflow as tf
 
     batch = smoke_rows([p.spec for p in member.inputs])
     try:
-        produced = member.call({p.key: tf.constant(batch[p.spec.name]) for p in member.inputs})
+        return member.call({p.key: tf.constant(batch[p.spec.name]) for p in member.inputs})
     except Exception as exc:  # a member that fails on valid rows cannot be served
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise MemberImportError(f"{member.source}: fails on {_SMOKE_ROWS} generated rows of its inputs: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                                f"{type(exc).__name__}: {first_line}") from None
+
+
+def run_smoke(member: ForeignMember) -> None:
+    """Run the member on the smoke rows; keep each output as (rows, k), refusing one that is not
+    one finite row per input row."""
+    produced = _call_on_smoke_rows(member)
     for port in member.outputs:
         values = np.asarray(produced[port.key])
         if values.ndim == 1:
