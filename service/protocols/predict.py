@@ -187,14 +187,14 @@ def _named_rows(instances: Any, signature: Signature, max_rows: int, field: str)
     names = [spec.name for spec in signature.inputs]
     if len(names) == 1 and not (isinstance(instances[0], dict) and set(instances[0]) == {names[0]}):
         return {names[0]: named_tensor(instances, signature.inputs[0], field)}
-    columns: dict[str, list] = {name: [] for name in names}
-    for i, row in enumerate(instances):
-        if not isinstance(row, dict):
-            raise InvalidInput(f"'{field}'[{i}] must be an object naming the inputs {names}")
-        _check_names(row, names, f"'{field}'[{i}]")
-        for name in names:
-            columns[name].append(row[name])
-    return {spec.name: named_tensor(columns[spec.name], spec, f"{field}[*].{spec.name}") for spec in signature.inputs}
+    wanted = set(names)
+    for i, row in enumerate(instances):  # one set comparison a row; the message only for a bad one
+        if not isinstance(row, dict) or row.keys() != wanted:
+            if not isinstance(row, dict):
+                raise InvalidInput(f"'{field}'[{i}] must be an object naming the inputs {names}")
+            _check_names(row, names, f"'{field}'[{i}]")
+    return {spec.name: named_tensor([row[spec.name] for row in instances], spec, f"{field}[*].{spec.name}")
+            for spec in signature.inputs}
 
 
 def _check_rows(values: Any, field: str, max_rows: int) -> None:
