@@ -1,9 +1,10 @@
 """What an ensemble answers for a request's rows, typed: per head, the combined value, each
 member's value, the uncertainty scores by name and where the rows abstain.
 
-An engine computes a version as a tuple of arrays, rows first, in an order of its own; the
-batcher moves those arrays without knowing what they mean; `Answer.of` is the one place that
-names them. Everything after it (the protocol codecs, the metrics) reads an `Answer`, so a new
+An engine computes a version as a tuple of arrays, rows first, in an order of its own (a
+format-2 version's are combined per head by `combine`, once per batch, on the inference
+thread); the batcher moves those arrays without knowing what they mean; `Answer.of` is the one
+place that names them. Everything after it (the protocol codecs, the metrics) reads an `Answer`, so a new
 output or a new task is added here and in the codecs that show it, not in every layer.
 
 Pure NumPy: no engine, no protocol, no transport.
@@ -18,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from contract import tasks
-from contract.manifest import HeadSpec, Manifest, ManifestV2
+from contract.manifest import TASK_SCORES, HeadSpec, Manifest, ManifestV2
 from contract.scores import SCORES
 
 # The columns of a format-1 engine's scores array: contract.scores' three, then 1.0 where the
@@ -117,24 +118,46 @@ class Answer:
     @classmethod
     def of(cls, manifest: Manifest | ManifestV2, outputs: Sequence[np.ndarray],
            member_names: tuple[str, ...]) -> "Answer":
-        """The answer in an engine's outputs for the version of `manifest`, whose members are
-        `member_names` (passed in: worked out once per version, not per request).
+        """The answer in a batch's outputs (or some rows of them) for the version of `manifest`,
+        whose members are `member_names` (passed in: worked out once per version, not per request).
 
         Format 1: (combined (rows, k), members (rows, members, k), scores (rows,
-        len(SCORE_COLUMNS))), combined in the engine's graph. Format 2: per head the members'
-        values (rows, members, k) and, for a regression head with a variance, their variances,
-        combined here by the head's task (contract.tasks)."""
+        len(SCORE_COLUMNS))), combined in the engine's graph. Format 2: `combine`'s arrays."""
         if manifest.format_version == 1:
             combined, members, scores = outputs
             head = Head("probabilities", "classification", manifest.output.classes, combined, members,
                         ScoreColumns(scores), scores[:, _ABSTAIN] if manifest.abstention is not None else None)
             return cls(manifest.name, manifest.version, member_names, {head.name: head})
-        arrays, heads = list(outputs), {}
+        arrays, heads = iter(outputs), {}
         for spec in manifest.heads:
-            members = arrays.pop(0)
-            variances = arrays.pop(0) if spec.variance else None
-            heads[spec.name] = combined_head(spec, members, variances, manifest.weights)
+            value, members = next(arrays), next(arrays)
+            variance = next(arrays) if spec.task == "regression" else None
+            scores = {score: next(arrays) for score in TASK_SCORES[spec.task]}
+            abstained = next(arrays) if spec.abstention is not None else None
+            heads[spec.name] = Head(spec.name, spec.task, spec.labels, value, members, scores, abstained, variance)
         return cls(manifest.name, manifest.version, member_names, heads, 2)
+
+
+def combine(manifest: ManifestV2, outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """A format-2 engine's outputs for a batch (per head in the manifest's order: the members'
+    values (rows, members, k), then a Gaussian head's variances) combined per head by its task
+    (`combined_head`), as the arrays `Answer.of` reads, every one rows first. Per head: its
+    value, the members' values, a regression head's variance, its task's scores (in
+    contract.manifest.TASK_SCORES's order), and for a head with an abstention rule where it
+    abstains. Run once per batch (the batcher then hands each request its rows of each), so a
+    request's answer costs no arithmetic."""
+    arrays, out = list(outputs), []
+    for spec in manifest.heads:
+        members = arrays.pop(0)
+        variances = arrays.pop(0) if spec.variance else None
+        head = combined_head(spec, members, variances, manifest.weights)
+        out += [head.combined, head.members]
+        if spec.task == "regression":
+            out.append(head.variance)
+        out += [head.scores[score] for score in TASK_SCORES[spec.task]]
+        if spec.abstention is not None:
+            out.append(head.abstained)
+    return tuple(out)
 
 
 def combined_head(spec: HeadSpec, members: np.ndarray, variances: np.ndarray | None,

@@ -13,7 +13,7 @@ import pytest
 
 from contract import tasks
 from contract.manifest import HeadSpec, Signature, TensorSpec
-from service.answer import Answer, combined_head
+from service.answer import Answer, combine, combined_head
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from service.protocols import predict as rows
 from service.protocols.arrays import booleans, strings
@@ -200,7 +200,7 @@ def test_a_format_2_answer_takes_each_heads_arrays_in_order_and_combines_them_by
     manifest = named_manifest()
     kind = np.array([[[0.9, 0.1], [0.3, 0.7]]])
     means, variances = np.array([[[1.0], [5.0]]]), np.array([[[2.0], [4.0]]])
-    answer = Answer.of(manifest, (kind, means, variances), ("m0", "m1"))
+    answer = Answer.of(manifest, combine(manifest, (kind, means, variances)), ("m0", "m1"))
     assert (answer.name, answer.version, answer.member_names, answer.format_version) == ("shop", 7, ("m0", "m1"), 2)
     assert list(answer.heads) == ["kind", "price"] and answer.rows == 1
     want = tasks.classification(kind, [0.25, 0.75], 2.0)
@@ -226,8 +226,8 @@ def test_the_row_handler_serves_a_format_2_version_through_the_named_codec():
     async def infer(ensemble, x, deadline, hold):
         seen["x"], seen["deadline"], seen["hold"] = x, deadline, hold
         n = len(x["x"])
-        return Answer.of(manifest, (np.tile([[[0.9, 0.1], [0.3, 0.7]]], (n, 1, 1)), np.ones((n, 2, 1)),
-                                    np.ones((n, 2, 1))), ("m0", "m1"))
+        return Answer.of(manifest, combine(manifest, (np.tile([[[0.9, 0.1], [0.3, 0.7]]], (n, 1, 1)),
+                                                      np.ones((n, 2, 1)), np.ones((n, 2, 1)))), ("m0", "m1"))
 
     ensemble = SimpleNamespace(manifest=manifest, signature=manifest.signature())
     plane = SimpleNamespace(settings=SimpleNamespace(max_rows_per_request=4, request_timeout_ms=5),
@@ -250,3 +250,30 @@ def test_the_row_handler_serves_a_format_2_version_through_the_named_codec():
     call.query = {"interval": "2"}
     with pytest.raises(InvalidInput, match=r"^interval must be a level"):
         asyncio.run(_rows(call, plane, ensemble))
+
+
+def test_a_batch_is_combined_once_and_each_requests_rows_of_it_are_its_own_answer():
+    """service.answer.combine runs on a whole batch; a request's answer reads its rows of each
+    array, and equals the answer of its rows combined alone (no row depends on another)."""
+    manifest = named_manifest().model_copy(update={"heads": (
+        HeadSpec(name="kind", task="classification", labels=("a", "b"), temperatures=(2.0,),
+                 abstention={"score": "mutual_information", "threshold": 0.01}),
+        HeadSpec(name="price", task="regression", labels=("p",), variance=True, variance_scale=3.0))})
+    rng = np.random.default_rng(3)
+    kind = rng.dirichlet([1.0, 1.0], size=(4, 2))
+    means, variances = rng.normal(size=(4, 2, 1)), rng.uniform(0.1, 1.0, size=(4, 2, 1))
+    batch = combine(manifest, (kind, means, variances))
+    # per head: value, members, (variance), the task's three scores, (abstained)
+    assert [a.shape for a in batch] == [(4, 2), (4, 2, 2), (4,), (4,), (4,), (4,),
+                                        (4, 1), (4, 2, 1), (4, 1), (4, 1), (4, 1), (4, 1)]
+    part = Answer.of(manifest, tuple(a[1:3] for a in batch), ("m0", "m1"))
+    alone = Answer.of(manifest, combine(manifest, (kind[1:3], means[1:3], variances[1:3])), ("m0", "m1"))
+    for name in ("kind", "price"):
+        got, want = part.heads[name], alone.heads[name]
+        np.testing.assert_array_equal(got.combined, want.combined)
+        np.testing.assert_array_equal(got.members, want.members)
+        for score in want.scores:
+            np.testing.assert_array_equal(got.score(score), want.score(score))
+    np.testing.assert_array_equal(part.heads["kind"].abstain(), alone.heads["kind"].abstain())
+    np.testing.assert_array_equal(part.heads["price"].variance, alone.heads["price"].variance)
+    assert part.heads["price"].abstain() is None

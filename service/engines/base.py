@@ -23,7 +23,7 @@ import numpy as np
 from service.batching import rows_of
 from service.errors import InferenceFailed
 from contract.manifest import InputSpec, Manifest, RepositoryError
-from service.answer import SCORE_COLUMNS, Answer
+from service.answer import SCORE_COLUMNS, Answer, combine
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,18 @@ class Ensemble:
         return self.manifest.input
 
     def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        """The engine's outputs for the rows x (one array, or named arrays for a format-2
-        version), each rows first; `answer` names them. Format 1: (averaged probabilities (rows,
-        classes), member probabilities (rows, members, classes), scores (rows, len(SCORE_COLUMNS)))."""
+        """The outputs for the rows x (one array, or named arrays for a format-2 version), each
+        rows first; `answer` names them. Format 1: the engine's (averaged probabilities (rows,
+        classes), member probabilities (rows, members, classes), scores (rows,
+        len(SCORE_COLUMNS))). Format 2: the engine's outputs combined per head by its task
+        (service.answer.combine), here on the batcher's inference thread, once per batch."""
         outputs = self.engine.run(x)
         rows = rows_of(x)
         for output in outputs:
             if len(output) != rows:
                 raise InferenceFailed(f"{self.name} version {self.version} returned {len(output)} rows for "
                                       f"{rows} inputs")
-        return outputs
+        return outputs if self.manifest.format_version == 1 else combine(self.manifest, outputs)
 
     def answer(self, outputs: Sequence[np.ndarray]) -> Answer:
         """The typed answer (service.answer) in `predict`'s outputs for some rows."""
