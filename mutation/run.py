@@ -34,10 +34,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "batching": (["service/batching.py"], ["tests/test_batching.py", "tests/test_mutants.py"]),
     # The protocol codecs (both halves of each: JSON and messages) and the HTTP handlers over them.
     "codecs": (["service/protocols/arrays.py", "service/protocols/predict.py", "service/protocols/oip.py",
-                "service/protocols/tfs.py", "service/edge/rest.py", "service/edge/v2.py", "service/answer.py"],
+                "service/protocols/tfs.py", "service/protocols/named.py", "service/edge/rest.py",
+                "service/edge/v2.py", "service/answer.py"],
                ["tests/test_codec.py", "tests/test_hostile.py", "tests/test_protocols.py",
                 "tests/test_uncertainty_api.py", "tests/test_protocol_messages.py", "tests/test_named_codec.py",
-                "tests/test_mutants.py"]),
+                "tests/test_named_messages.py", "tests/test_mutants.py", "tests/test_mutants_codecs.py"]),
     "repository": (["contract/*.py"],
                    ["tests/test_repository.py", "tests/test_publish.py", "tests/test_tamper.py",
                     "tests/test_mutants.py"]),
