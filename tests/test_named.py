@@ -430,3 +430,32 @@ def test_metrics_per_head_count_what_each_task_predicts_its_uncertainty_and_abst
     # the reference each drift alert compares with, per head (none recorded here: 0)
     assert _metric(after, "ensemble_reference_head_uncertainty", model="gauss", head="price",
                    score="epistemic_std", absent=None) == 0.0
+
+
+def test_a_version_of_numbers_runs_on_tensorflow_lite_and_one_of_strings_on_tensorflow(client):
+    """The `tflite` engine (the default) serves a format-2 version whose members convert and
+    answer the same (numbers, TensorFlow Lite's own ops); text's TextVectorization does not
+    convert, so that version runs on TensorFlow. GET /models says which."""
+    engines = {m["name"]: next(v["engine"] for v in m["versions"] if v["state"] == "live")
+               for m in client.get("/models").json()["models"] if m["live"] is not None}
+    assert engines == {"multi": "tflite", "gauss": "tflite", "tokens": "tflite", "text": "tensorflow"}
+
+
+
+
+def test_the_loader_says_which_engine_serves_a_version_and_why(named_repository, caplog):
+    import logging
+
+    from contract.manifest import read_manifest
+    from service.engines.named import load_named
+
+    root, _ = named_repository
+    with caplog.at_level(logging.INFO, logger="service.engines.named"):
+        text = load_named(read_manifest(root / "text" / "1"), root / "text" / "1", (1,), engine="tflite")
+        multi = load_named(read_manifest(root / "multi" / "1"), root / "multi" / "1", (1,), engine="tflite")
+        plain = load_named(read_manifest(root / "multi" / "1"), root / "multi" / "1", (1,), engine="tensorflow")
+    assert (text.engine.kind, multi.engine.kind, plain.engine.kind) == ("tensorflow", "tflite", "tensorflow")
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("text version 1 runs on TensorFlow: cannot convert the ensemble to TensorFlow Lite: "
+                            "TensorFlow Lite has no kernels for ") and "StringSplitV2" in m for m in said), said
+    assert "multi version 1 runs on TensorFlow Lite: it converts and answers as its members do" in said

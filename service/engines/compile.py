@@ -64,18 +64,28 @@ def compile_version(manifest: Manifest, version_dir: Path, pace: Callable[[], No
     return CompiledVersion(graph, convert_checked(original, frozen))
 
 
-def to_lite(fn) -> bytes:
-    """The TensorFlow Lite flatbuffer of a concrete function x -> (average, members, scores), with
-    TensorFlow Lite's own ops only; LoadError if it does not convert."""
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn])
+def to_lite(fn, owner: object = None) -> bytes:
+    """The TensorFlow Lite flatbuffer of a concrete function (a frozen one, or one whose
+    variables `owner` tracks), with TensorFlow Lite's own ops only; LoadError saying why if it
+    does not convert (the TensorFlow ops it lacks, when that is the reason)."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], owner)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecated conversion path of bare concrete functions
             return converter.convert()
     except Exception as exc:  # the converter raises many types (ConverterError, ValueError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"cannot convert the ensemble to TensorFlow Lite: {first}") from None
+        raise LoadError(f"cannot convert the ensemble to TensorFlow Lite: {conversion_failure(exc)}") from None
+
+
+def conversion_failure(exc: Exception) -> str:
+    """The reason in a converter's error: the TensorFlow ops TensorFlow Lite lacks (string ops,
+    lookup tables), else its first line."""
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.startswith("TF Select ops:"):
+            return f"TensorFlow Lite has no kernels for {line.partition(':')[2].strip()[:300]}"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def convert_checked(original: Ensemble, frozen: Ensemble) -> bytes | None:

@@ -10,7 +10,11 @@ graph does not convert (an op TensorFlow Lite lacks) runs on TensorFlow.
 The interpreter is LiteRT's (`ai_edge_litert`, TensorFlow Lite's runtime packaged on its own):
 this module does not import TensorFlow, so neither does a server whose versions all run here.
 
-An interpreter is not thread-safe, so `LiteEngine` keeps a pool: each call borrows one, and
+A format-2 version (named inputs, heads) whose members convert runs here too, on
+`NamedLiteEngine`: its members' outputs stacked per head, as service.engines.named's function
+returns them.
+
+An interpreter is not thread-safe, so each engine keeps a pool: each call borrows one, and
 the pool holds as many as calls have ever run at once (the inference threads). A batch of a new
 size resizes the borrowed interpreter's input. The interpreter releases the GIL while it
 computes.
@@ -131,3 +135,64 @@ class _Slot:
         self.interpreter, self.source = interpreter, source
         self.average, self.members, self.scores = average, members, scores
         self.shape = shape
+
+
+class NamedLiteEngine:
+    """A format-2 version's converted members: named inputs (a dict of arrays) -> per head the
+    members' stacked outputs, in the order of service.engines.named's function (the
+    converter names them Identity, Identity_1, ...); a pool of interpreters as `LiteEngine`.
+    A variable dimension's length may change from call to call: the borrowed interpreter is
+    resized to each call's shapes."""
+
+    kind = "tflite"
+
+    def __init__(self, model: bytes, names: Sequence[str], outputs: int, threads: int = 1, pool: int = 1):
+        self.model, self.names, self.outputs, self.threads = model, tuple(names), outputs, threads
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, pool)):  # the first fails here, at load, if the model is unusable
+            self._idle.put(self._new())
+
+    def _new(self) -> "_NamedSlot":
+        try:
+            interpreter = Interpreter(model_content=self.model, num_threads=self.threads)
+        except (ValueError, RuntimeError) as exc:
+            raise LoadError(f"TensorFlow Lite cannot load the converted ensemble: {exc}") from None
+        inputs = {d["name"]: d for d in interpreter.get_input_details()}
+        outputs = sorted(interpreter.get_output_details(), key=lambda o: output_number(o["name"]))
+        if set(inputs) != set(self.names) or len(outputs) != self.outputs:
+            raise LoadError(f"the converted ensemble takes {sorted(inputs)} and gives {len(outputs)} outputs; "
+                            f"expected {sorted(self.names)} and {self.outputs}")
+        interpreter.allocate_tensors()
+        return _NamedSlot(interpreter, [(name, inputs[name]["index"], inputs[name]["dtype"]) for name in self.names],
+                          [o["index"] for o in outputs])
+
+    def run(self, x: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        try:
+            slot = self._idle.get_nowait()
+        except queue.Empty:  # more calls at once than ever before
+            slot = self._new()
+        try:
+            interpreter = slot.interpreter
+            shapes = tuple(x[name].shape for name in self.names)
+            if shapes != slot.shapes:
+                for (_, index, _), shape in zip(slot.inputs, shapes):
+                    interpreter.resize_tensor_input(index, shape, strict=False)
+                interpreter.allocate_tensors()
+                slot.shapes = shapes
+            for name, index, dtype in slot.inputs:
+                interpreter.set_tensor(index, np.ascontiguousarray(x[name], dtype=dtype))
+            interpreter.invoke()
+            return tuple(interpreter.get_tensor(index) for index in slot.outputs)
+        finally:
+            self._idle.put(slot)
+
+
+class _NamedSlot:
+    """One interpreter of a NamedLiteEngine's pool: its inputs (name, index, dtype), its output
+    indices in order, and the input shapes it is allocated for."""
+
+    __slots__ = ("interpreter", "inputs", "outputs", "shapes")
+
+    def __init__(self, interpreter, inputs: list[tuple[str, int, np.dtype]], outputs: list[int]):
+        self.interpreter, self.inputs, self.outputs = interpreter, inputs, outputs
+        self.shapes: tuple = ()

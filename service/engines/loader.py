@@ -84,7 +84,8 @@ class EngineLoader:
 
             configure_threads(self.threads.intra_op, self.threads.inter_op)
             with verified_copy(manifest, path) as copy:  # what is loaded is what was verified
-                return load_named(manifest, copy, self.settings.warmup_batch_sizes, pace)
+                return load_named(manifest, copy, self.settings.warmup_batch_sizes, pace, self.settings.engine,
+                                  threads=self.threads.intra_op, pool=self.threads.inference_threads)
         compiled = self.compiled(manifest, path, pace)
         settings, threads = self.settings, self.threads
         if settings.engine == "tflite" and compiled.lite is not None:

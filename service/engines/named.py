@@ -1,8 +1,11 @@
 """The engine of format-2 versions (named inputs, heads with tasks): every member's
 `serving_default` signature, called on the request's named inputs inside one `tf.function`, its
 outputs stacked per head. The heads' combination rules run after it, in NumPy
-(contract.tasks, through service.answer), so one graph serves every task and every input kind
-(strings and lookups included, which TensorFlow Lite does not convert).
+(contract.tasks, through service.answer), so one graph serves every task and every input kind.
+With the `tflite` engine setting, that function is converted to TensorFlow Lite too and serves
+instead when it converts (numbers in, TensorFlow Lite's own ops) and answers what the members
+answer; strings and lookup tables (TextVectorization, StringLookup) do not convert, and such a
+version runs on TensorFlow. The log says which engine serves and why.
 
 A member's signature must take every input of the manifest by name, with a compatible dtype and
 shape, and give every head by name (a member with one output may give the only head under any
@@ -13,6 +16,7 @@ k), then for a head with a variance the members' variances (rows, members, k).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +26,12 @@ import tensorflow as tf
 from contract.manifest import HeadSpec, ManifestV2, TensorSpec
 from service.engines.base import WARMUP_SEED, Ensemble, LoadError, WarmupError, no_pause
 
+log = logging.getLogger(__name__)
+
 _VARIABLE_LENGTH = 4  # the length a variable dimension gets in the warm-up batch
+# TensorFlow Lite's outputs and TensorFlow's must agree to this (float32; fused kernels reorder sums).
+FAITHFUL_ATOL = 1e-5
+FAITHFUL_ROWS = 32
 
 
 class SignatureError(LoadError):
@@ -92,8 +101,11 @@ class NamedEngine:
 
 
 def load_named(manifest: ManifestV2, version_dir: Path, warmup_sizes: Sequence[int],
-               pace: Callable[[], None] = no_pause) -> Ensemble:
-    """Load every member's signature, check it, build the stacked function and warm it up."""
+               pace: Callable[[], None] = no_pause, engine: str = "tensorflow", threads: int = 1,
+               pool: int = 1) -> Ensemble:
+    """Load every member's signature, check it, build the stacked function and warm it up; with
+    `engine` "tflite", serve it on TensorFlow Lite instead (`threads` per interpreter, `pool`
+    interpreters) when it converts and answers the same."""
     members, maps = [], []
     for member in manifest.members:
         try:
@@ -126,10 +138,39 @@ def load_named(manifest: ManifestV2, version_dir: Path, warmup_sizes: Sequence[i
                 result.append(values)
         return result
 
-    engine = NamedEngine(stacked.get_concrete_function(), tuple(spec.name for spec in manifest.inputs), owner=members)
-    ensemble = Ensemble(manifest, version_dir, engine)
+    function = stacked.get_concrete_function()
+    names = tuple(spec.name for spec in manifest.inputs)
+    ensemble = warm_up_named(Ensemble(manifest, version_dir, NamedEngine(function, names, owner=members)),
+                             warmup_sizes, pace)
+    if engine != "tflite":
+        return ensemble
+    try:
+        lite = converted(ensemble, function, members, threads, pool)
+    except LoadError as exc:  # WarmupError included
+        log.info("%s version %d runs on TensorFlow: %s", manifest.name, manifest.version, exc)
+        return ensemble
     pace()
-    return warm_up_named(ensemble, warmup_sizes, pace)
+    log.info("%s version %d runs on TensorFlow Lite: it converts and answers as its members do",
+             manifest.name, manifest.version)
+    return warm_up_named(lite, warmup_sizes, pace)
+
+
+def converted(ensemble: Ensemble, function, owner: object, threads: int, pool: int) -> Ensemble:
+    """The version on TensorFlow Lite: its stacked function converted, and checked to answer
+    what it answers on TensorFlow (every output, FAITHFUL_ROWS rows); LoadError saying why not."""
+    from service.engines.compile import to_lite
+    from service.engines.lite import NamedLiteEngine
+
+    manifest = ensemble.manifest
+    x = warmup_inputs(manifest.inputs, FAITHFUL_ROWS)
+    want = ensemble.engine.run(x)
+    names = tuple(spec.name for spec in manifest.inputs)
+    lite = Ensemble(manifest, ensemble.path, NamedLiteEngine(to_lite(function, owner), names, len(want), threads, pool))
+    for i, (a, b) in enumerate(zip(want, lite.engine.run(x))):
+        worst = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
+        if not worst <= FAITHFUL_ATOL:
+            raise LoadError(f"its TensorFlow Lite model's output {i} differs from the members' by {worst:.2g}")
+    return lite
 
 
 def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
