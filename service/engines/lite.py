@@ -60,10 +60,7 @@ class LiteEngine:
             self._idle.put(self._new())
 
     def _new(self) -> "_Slot":
-        try:
-            interpreter = Interpreter(model_content=self.model, num_threads=self.threads)
-        except (ValueError, RuntimeError) as exc:
-            raise LoadError(f"TensorFlow Lite cannot load the converted ensemble: {exc}") from None
+        interpreter = interpreter_of(self.model, self.threads)
         inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
         ordered = order_outputs(outputs)
         if len(inputs) != 1 or ordered is None:
@@ -90,6 +87,14 @@ class LiteEngine:
                     interpreter.get_tensor(slot.scores))
         finally:
             self._idle.put(slot)
+
+
+def interpreter_of(model: bytes, threads: int) -> Interpreter:
+    """A new interpreter of the model; LoadError if TensorFlow Lite cannot load it."""
+    try:
+        return Interpreter(model_content=model, num_threads=threads)
+    except (ValueError, RuntimeError) as exc:
+        raise LoadError(f"TensorFlow Lite cannot load the converted ensemble: {exc}") from None
 
 
 def output_number(name: str) -> int:
@@ -153,10 +158,7 @@ class NamedLiteEngine:
             self._idle.put(self._new())
 
     def _new(self) -> "_NamedSlot":
-        try:
-            interpreter = Interpreter(model_content=self.model, num_threads=self.threads)
-        except (ValueError, RuntimeError) as exc:
-            raise LoadError(f"TensorFlow Lite cannot load the converted ensemble: {exc}") from None
+        interpreter = interpreter_of(self.model, self.threads)
         inputs = {d["name"]: d for d in interpreter.get_input_details()}
         outputs = sorted(interpreter.get_output_details(), key=lambda o: output_number(o["name"]))
         if set(inputs) != set(self.names) or len(outputs) != self.outputs:
