@@ -46,11 +46,23 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                   ["tests/test_admin.py", "tests/test_pacing.py", "tests/test_damaged_pins.py",
                    "tests/test_status_snapshot.py", "tests/test_api.py", "tests/test_mutants.py",
                    "tests/test_mutants_lifecycle.py"]),
+    # The engines, on tiny Keras members built once per module (tests/test_mutants_engines.py),
+    # and the few existing engine tests that load nothing: the others compile the trained digits
+    # ensemble or a format-2 app per mutant (seconds each), or compile in a child process, which
+    # mutmut does not trace. The keras_members layers' __init__ are kept out of mutation
+    # (`# pragma: no mutate block`): Keras reads their signature, which the trampoline hides.
+    # child.py's own side (`main` and its helpers) runs in the compile child in service; the
+    # tests call it in process.
+    "engines": (["service/engines/*.py"],
+                ["tests/test_mutants_engines.py",
+                 "tests/test_ensemble.py::test_check_signature_wants_one_input_of_the_right_dtype",
+                 "tests/test_ensemble.py::test_check_probabilities_refuses_what_is_not_a_distribution",
+                 "tests/test_ensemble.py::test_member_with_other_input_shape_is_refused",
+                 "tests/test_ensemble.py::test_missing_member_folder_is_a_load_error",
+                 "tests/test_lite.py::test_outputs_are_told_apart_by_shape_and_by_name_when_shapes_tie",
+                 "tests/test_frozen.py::test_frozen_graph_file_must_be_one"]),
 }
-# Not yet: service/engines/*.py. mutmut wraps every method in a trampoline, and Keras reads a
-# layer's __init__ signature (keras_members.Temperature), so the engines need their Keras classes
-# kept out of mutation before they can run (docs/development.md#mutation-testing). The gRPC
-# codecs are in service/protocols now, with in-process tests (tests/test_protocol_messages.py).
+# The gRPC codecs are in service/protocols now, with in-process tests (tests/test_protocol_messages.py).
 
 # Tests in those files that start a server process: mutmut cannot trace what runs in the server
 # to a function, so they would only cost time here.
@@ -75,8 +87,9 @@ def setup_cfg(group: str) -> str:
         return "\n" + "\n".join(f"    {v}" for v in values)
 
     only, tests = GROUPS[group]
-    selection = [t for t in tests if (ROOT / t).exists()] + [f"--deselect={d}" for d in DESELECT
-                                                             if d.split("::")[0] in tests]
+    # a test file, or one test of it (file::name)
+    selection = [t for t in tests if (ROOT / t.split("::")[0]).exists()] + [
+        f"--deselect={d}" for d in DESELECT if d.split("::")[0] in tests]
     return ("[mutmut]\n"
             f"source_paths ={lines(['service', 'contract'])}\n"
             f"only_mutate ={lines(only)}\n"
