@@ -443,19 +443,41 @@ def test_a_version_of_numbers_runs_on_tensorflow_lite_and_one_of_strings_on_tens
 
 
 
-def test_the_loader_says_which_engine_serves_a_version_and_why(named_repository, caplog):
+def test_the_loader_says_which_engine_serves_a_version_and_why(named_repository, caplog, tmp_path):
+    """Compiling a format-2 version (service.engines.named.compile_named, in the compile child
+    when loading is isolated) keeps a TensorFlow Lite model when the members convert and answer
+    the same, else says why not; the loader then serves the model without restoring a
+    SavedModel, or loads the members on TensorFlow, and logs which and why."""
     import logging
 
     from contract.manifest import read_manifest
-    from service.engines.named import load_named
+    from service.config import Settings
+    from service.engines.compiled import NamedCompiled, compiled_from_bytes
+    from service.engines.loader import EngineLoader, ThreadPlan
+    from service.engines.named import compile_named
 
     root, _ = named_repository
-    with caplog.at_level(logging.INFO, logger="service.engines.named"):
-        text = load_named(read_manifest(root / "text" / "1"), root / "text" / "1", (1,), engine="tflite")
-        multi = load_named(read_manifest(root / "multi" / "1"), root / "multi" / "1", (1,), engine="tflite")
-        plain = load_named(read_manifest(root / "multi" / "1"), root / "multi" / "1", (1,), engine="tensorflow")
-    assert (text.engine.kind, multi.engine.kind, plain.engine.kind) == ("tensorflow", "tflite", "tensorflow")
+    text, multi = (read_manifest(root / name / "1") for name in ("text", "multi"))
+    compiled = compile_named(text, root / "text" / "1")
+    assert compiled.lite is None and compiled.reason.startswith(
+        "cannot convert the ensemble to TensorFlow Lite: TensorFlow Lite has no kernels for ")
+    assert "StringSplitV2" in compiled.reason
+    assert compiled_from_bytes(compiled.to_bytes(), "x") == compiled  # the cache's and the child's file
+    converted = compile_named(multi, root / "multi" / "1")
+    assert converted.reason == "" and converted.lite.startswith(b"\x1c\x00\x00\x00TFL3")
+    assert compiled_from_bytes(converted.to_bytes(), "x") == NamedCompiled(converted.lite)
+
+    def loader(engine):
+        return EngineLoader(Settings(repository=root, isolated_loading=False, engine=engine,
+                                     compile_cache_dir=tmp_path / engine, warmup_batch_sizes=(1,)),
+                            ThreadPlan(1, 1, 1))
+
+    with caplog.at_level(logging.INFO, logger="service.engines.loader"):
+        kinds = (loader("tflite")(text, root / "text" / "1", lambda: None).engine.kind,
+                 loader("tflite")(multi, root / "multi" / "1", lambda: None).engine.kind,
+                 loader("tensorflow")(multi, root / "multi" / "1", lambda: None).engine.kind)
+    assert kinds == ("tensorflow", "tflite", "tensorflow")
     said = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("text version 1 runs on TensorFlow: cannot convert the ensemble to TensorFlow Lite: "
-                            "TensorFlow Lite has no kernels for ") and "StringSplitV2" in m for m in said), said
+    assert f"text version 1 runs on TensorFlow: {compiled.reason}" in said
     assert "multi version 1 runs on TensorFlow Lite: it converts and answers as its members do" in said
+    assert "multi version 1 runs on TensorFlow: the engine setting is tensorflow" in said

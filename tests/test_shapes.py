@@ -25,7 +25,8 @@ import pytest
 
 from contract import tasks
 from contract.integrity import file_digests
-from tests.server import grpc_server
+from tests.conftest import free_port
+from tests.server import ServerProcess
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
@@ -157,9 +158,13 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(shapes, tmp_path_factory):
     root, _ = shapes
-    server = grpc_server(root, env={"ENSEMBLE_DEFAULT_MODEL": "two_heads"})
+    # Nine versions, each compiled in its own child process: the loader at full speed, and time for all.
+    port = free_port()
+    server = ServerProcess(root, env={"ENSEMBLE_DEFAULT_MODEL": "two_heads", "ENSEMBLE_LOADER_DUTY_CYCLE": "1"},
+                           args=["--grpc-port", str(port)]).start(timeout=400)
+    server.grpc = f"127.0.0.1:{port}"
     for name in SHAPES:  # every version live before the tests ask
-        server.wait_live(1, name)
+        server.wait_live(1, name, timeout=400)
     try:
         yield server
     finally:

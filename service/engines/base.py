@@ -22,7 +22,7 @@ import numpy as np
 
 from service.batching import rows_of
 from service.errors import InferenceFailed
-from contract.manifest import InputSpec, Manifest, RepositoryError
+from contract.manifest import HeadSpec, InputSpec, Manifest, RepositoryError, TensorSpec
 from service.answer import SCORE_COLUMNS, Answer, combine
 
 log = logging.getLogger(__name__)
@@ -158,3 +158,63 @@ def warm_up(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], 
               n_members, sorted(set(warmup_sizes)))
     return ensemble
 
+
+# -- format 2: named inputs, heads with tasks ---------------------------------------------------
+
+_VARIABLE_LENGTH = 4  # the length a variable dimension gets in the warm-up batch
+
+
+def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
+    """A deterministic batch of every input: numbers in [0, 1) (integers 1), False, the string
+    "warm up"; a variable dimension of length _VARIABLE_LENGTH."""
+    rng = np.random.default_rng(WARMUP_SEED)
+    batch = {}
+    for spec in specs:
+        shape = (rows, *(d if d is not None else _VARIABLE_LENGTH for d in spec.shape))
+        if spec.dtype == "string":
+            batch[spec.name] = np.full(shape, b"warm up", dtype=object)
+        elif spec.dtype == "bool":
+            batch[spec.name] = np.zeros(shape, dtype=bool)
+        elif spec.dtype.startswith(("int", "uint")):
+            batch[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            batch[spec.name] = rng.uniform(0.0, 1.0, size=shape).astype(spec.dtype)
+    return batch
+
+
+def check_head(head: HeadSpec, values: np.ndarray, rows: int, members: int, what: str) -> None:
+    """Raise WarmupError unless the members' values for the head are (rows, members, k), finite,
+    and probabilities where the task says so (classification's rows summing to one)."""
+    k = head.columns
+    if values.shape != (rows, members, k):
+        raise WarmupError(f"{what} of head {head.name!r} have shape {list(values.shape)}, expected "
+                          f"[{rows}, {members}, {k}]")
+    if not np.all(np.isfinite(values)):
+        raise WarmupError(f"{what} of head {head.name!r} are not finite (NaN or infinity)")
+    if head.task != "regression" and (values.min() < -1e-3 or values.max() > 1 + 1e-3):
+        raise WarmupError(f"{what} of {head.task} head {head.name!r} are not probabilities (outside [0, 1]); "
+                          "end it with a softmax or a sigmoid, or declare the head a regression")
+    if head.task == "classification":
+        sums = values.sum(axis=-1)
+        if np.abs(sums - 1).max() > 1e-3:
+            raise WarmupError(f"{what} of classification head {head.name!r} do not sum to 1 (end it with a softmax)")
+
+
+def warm_up_named(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], None] = no_pause) -> Ensemble:
+    """Run each batch size once and check every head's outputs; raises WarmupError otherwise."""
+    manifest = ensemble.manifest
+    for rows in sorted(set(warmup_sizes)):
+        try:
+            outputs = ensemble.engine.run(warmup_inputs(manifest.inputs, rows))
+        except Exception as exc:  # a member that fails on a valid batch is a broken version
+            raise WarmupError(f"warm-up on {rows} rows failed: {exc}") from None
+        outputs = list(outputs)
+        for head in manifest.heads:
+            check_head(head, outputs.pop(0), rows, len(manifest.members), "the members' values")
+            if head.variance:
+                variances = outputs.pop(0)
+                check_head(head, variances, rows, len(manifest.members), "the members' variances")
+                if variances.min() < 0:
+                    raise WarmupError(f"the members' variances of head {head.name!r} are negative")
+        pace()
+    return ensemble

@@ -3,7 +3,8 @@
 Restoring SavedModels is Python and C++ that holds the GIL for long stretches; done in the
 server's own interpreter it stalls the event loop for tens of milliseconds at a time while a new
 version loads. The child (`python -m service.engines.child`) loads, checks, freezes and converts
-the version (`compile.compile_version`) and writes the result to a file; the server only reads
+the version (`compile.compile_version`; a format-2 version's `named.compile_named`) and writes the
+result to a file; the server only reads
 it. A child that crashes, hangs or runs out of memory costs a failed version, not the server.
 The child runs at a lower priority, on one TensorFlow thread, and dies with the server.
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from service.engines.base import LoadError
-from service.engines.compiled import CompiledVersion
+from service.engines.compiled import CompiledVersion, NamedCompiled, read_compiled
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class CompileFailed(LoadError):
 
 
 def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10,
-                     since_stops: int | None = None) -> CompiledVersion:
+                     since_stops: int | None = None) -> CompiledVersion | NamedCompiled:
     """The version's CompiledVersion, compiled by a child process; raises CompileFailed with the
     child's reason and category, or with why the child did not finish. With `since_stops`
     (`stops()` when the load began), a server that has begun stopping since starts no child."""
@@ -102,7 +103,7 @@ def compile_in_child(version_dir: Path, timeout: float, niceness: int = 10,
                  version_dir, time.monotonic() - started, result.get("peak_rss_mb", float("nan")))
         if not result["ok"]:
             raise CompileFailed(result["reason"], result["category"])
-        return CompiledVersion.read(out)
+        return read_compiled(out)
 
 
 def stops() -> int:
@@ -165,7 +166,13 @@ def main(argv: list[str]) -> int:
     from contract.manifest import failure_of, read_manifest
 
     try:
-        compiled = compile_version(read_manifest(version_dir), version_dir)
+        manifest = read_manifest(version_dir)
+        if manifest.format_version == 1:
+            compiled = compile_version(manifest, version_dir)
+        else:
+            from service.engines.named import compile_named
+
+            compiled = compile_named(manifest, version_dir)
     except Exception as exc:  # every refusal goes back to the server with its category
         reason, category = failure_of(exc)
         _answer(out, {"ok": False, "category": category, "reason": reason})

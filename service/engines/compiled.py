@@ -49,6 +49,48 @@ class FrozenGraph:
     outputs: tuple[str, str, str]
 
 
+_NAMED_MAGIC = b"ensemble-named/1\n"
+
+
+@dataclass(frozen=True)
+class NamedCompiled:
+    """What compiling a format-2 version yields (service.engines.named.compile_named): the
+    version loaded, checked and warmed once, and its members' function as a TensorFlow Lite
+    model when it converted and answered the same (`lite`); else None, and `reason`, why it
+    runs on TensorFlow."""
+
+    lite: bytes | None
+    reason: str = ""
+
+    def to_bytes(self) -> bytes:
+        return _NAMED_MAGIC + json.dumps({"reason": self.reason}).encode() + b"\n" + (self.lite or b"")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: object) -> "NamedCompiled":
+        if not data.startswith(_NAMED_MAGIC):
+            raise LoadError(f"{where} is not a compiled format-2 version")
+        header, _, rest = data[len(_NAMED_MAGIC):].partition(b"\n")
+        try:
+            reason = json.loads(header)["reason"]
+        except (ValueError, KeyError, TypeError):
+            raise LoadError(f"{where} has a damaged header") from None
+        return cls(rest or None, str(reason))
+
+    def write(self, path: Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+
+def compiled_from_bytes(data: bytes, where: object) -> "CompiledVersion | NamedCompiled":
+    """A compilation's bytes as the kind they say they are (a format-2 version's, or a frozen graph's)."""
+    if data.startswith(_NAMED_MAGIC):
+        return NamedCompiled.from_bytes(data, where)
+    return CompiledVersion.from_bytes(data, where)
+
+
+def read_compiled(path: Path) -> "CompiledVersion | NamedCompiled":
+    return compiled_from_bytes(Path(path).read_bytes(), path)
+
+
 @dataclass(frozen=True)
 class CompiledVersion:
     """What compiling a version yields: its frozen graph, and the same ensemble as a TensorFlow
@@ -174,7 +216,7 @@ class CompileCache:
                         "version (its digest does not match); compiling the version again", path)
             return None
         try:
-            return CompiledVersion.from_bytes(data, path)
+            return compiled_from_bytes(data, path)
         except (ValueError, KeyError, LoadError) as exc:  # damaged: compile again
             log.warning("ignoring unreadable compiled graph %s: %s", path, exc)
             return None

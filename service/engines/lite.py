@@ -30,7 +30,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from service.answer import SCORE_COLUMNS
-from service.engines.base import Ensemble, LoadError, no_pause, warm_up
+from service.engines.base import Ensemble, LoadError, no_pause, warm_up, warm_up_named
 from contract.manifest import Manifest
 
 
@@ -140,6 +140,17 @@ class _Slot:
         self.interpreter, self.source = interpreter, source
         self.average, self.members, self.scores = average, members, scores
         self.shape = shape
+
+
+def load_named_lite(manifest: Manifest, version_dir: Path, model: bytes, warmup_sizes: Sequence[int],
+                    pace: Callable[[], None] = no_pause, threads: int = 1, pool: int = 1) -> Ensemble:
+    """A format-2 version's TensorFlow Lite model (service.engines.named.compile_named) as a
+    servable ensemble, warmed and checked per head; LoadError (or WarmupError) if it is not usable."""
+    names = tuple(spec.name for spec in manifest.inputs)
+    outputs = sum(2 if head.variance else 1 for head in manifest.heads)
+    engine = NamedLiteEngine(model, names, outputs, threads, pool)
+    pace()
+    return warm_up_named(Ensemble(manifest, version_dir, engine), warmup_sizes, pace)
 
 
 class NamedLiteEngine:

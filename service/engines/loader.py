@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 from service.config import Settings
 from service.engines.base import Ensemble, LoadError
 from service.engines.child import compile_in_child, stops
-from service.engines.compiled import CompileCache, CompiledVersion
+from service.engines.compiled import CompileCache, CompiledVersion, NamedCompiled
 from contract.held_folders import held_folder, remove_abandoned
 from contract.integrity import verify_checksums
 from contract.manifest import Manifest
@@ -79,13 +79,7 @@ class EngineLoader:
 
     def __call__(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> Ensemble:
         if manifest.format_version == 2:  # named inputs, heads with tasks: service.engines.named
-            from service.engines.named import load_named
-            from service.engines.tensorflow import configure_threads
-
-            configure_threads(self.threads.intra_op, self.threads.inter_op)
-            with verified_copy(manifest, path) as copy:  # what is loaded is what was verified
-                return load_named(manifest, copy, self.settings.warmup_batch_sizes, pace, self.settings.engine,
-                                  threads=self.threads.intra_op, pool=self.threads.inference_threads)
+            return self.named(manifest, path, pace)
         compiled = self.compiled(manifest, path, pace)
         settings, threads = self.settings, self.threads
         if settings.engine == "tflite" and compiled.lite is not None:
@@ -102,7 +96,36 @@ class EngineLoader:
         configure_threads(threads.intra_op, threads.inter_op)
         return import_frozen(manifest, path, compiled.frozen, settings.warmup_batch_sizes, pace)
 
-    def compiled(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> CompiledVersion:
+    def named(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> Ensemble:
+        """A format-2 version: compiled as a format-1 version is (in the child, or from the
+        cache), then on TensorFlow Lite when it converted (no SavedModel restored here), else
+        its members loaded here on TensorFlow from a verified private copy."""
+        compiled = self.compiled(manifest, path, pace)
+        settings, threads = self.settings, self.threads
+        if settings.engine == "tflite" and compiled.lite is not None:
+            from service.engines.lite import load_named_lite
+
+            try:
+                ensemble = load_named_lite(manifest, path, compiled.lite, settings.warmup_batch_sizes, pace,
+                                           threads=threads.intra_op, pool=threads.inference_threads)
+            except LoadError as exc:
+                log.warning("%s version %d runs on TensorFlow: its TensorFlow Lite model failed: %s",
+                            manifest.name, manifest.version, exc)
+            else:
+                log.info("%s version %d runs on TensorFlow Lite: it converts and answers as its members do",
+                         manifest.name, manifest.version)
+                return ensemble
+        else:
+            log.info("%s version %d runs on TensorFlow: %s", manifest.name, manifest.version,
+                     compiled.reason or f"the engine setting is {settings.engine}")
+        from service.engines.named import load_named
+        from service.engines.tensorflow import configure_threads
+
+        configure_threads(threads.intra_op, threads.inter_op)
+        with verified_copy(manifest, path) as copy:  # what is loaded is what was verified
+            return load_named(manifest, copy, settings.warmup_batch_sizes, pace)
+
+    def compiled(self, manifest: Manifest, path: Path, pace: Callable[[], None]) -> CompiledVersion | NamedCompiled:
         """The version's compilation: from the cache, or compiled now from a verified private copy
         of `path` (and cached). Workers share the cache: one compiles a new version, the others
         wait and read it."""
@@ -117,6 +140,10 @@ class EngineLoader:
                 from service.engines.tensorflow import configure_threads
 
                 configure_threads(self.threads.intra_op, self.threads.inter_op)
+                if manifest.format_version == 2:
+                    from service.engines.named import compile_named
+
+                    return compile_named(manifest, copy, pace)
                 return compiling.compile_version(manifest, copy, pace)
 
         if self.cache is None:

@@ -2,10 +2,12 @@
 `serving_default` signature, called on the request's named inputs inside one `tf.function`, its
 outputs stacked per head. The heads' combination rules run after it, in NumPy
 (contract.tasks, through service.answer), so one graph serves every task and every input kind.
-With the `tflite` engine setting, that function is converted to TensorFlow Lite too and serves
-instead when it converts (numbers in, TensorFlow Lite's own ops) and answers what the members
-answer; strings and lookup tables (TextVectorization, StringLookup) do not convert, and such a
-version runs on TensorFlow. The log says which engine serves and why.
+Compiling a version (`compile_named`, in the compile child like a format-1 version's) loads,
+checks and warms it, and converts that function to TensorFlow Lite, kept when it converts
+(numbers in, TensorFlow Lite's own ops) and answers what the members answer: the server then
+runs it there (service.engines.lite) without restoring a SavedModel. Strings and lookup tables
+(TextVectorization, StringLookup) do not convert: such a version is loaded here in the server
+(`load_named`), after the child has shown it loads. The log says which engine serves and why.
 
 A member's signature must take every input of the manifest by name, with a compatible dtype and
 shape, and give every head by name (a member with one output may give the only head under any
@@ -23,12 +25,12 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from contract.manifest import HeadSpec, ManifestV2, TensorSpec
-from service.engines.base import WARMUP_SEED, Ensemble, LoadError, WarmupError, no_pause
+from contract.manifest import HeadSpec, ManifestV2
+from service.engines.base import Ensemble, LoadError, no_pause, warm_up_named, warmup_inputs
+from service.engines.compiled import NamedCompiled
 
 log = logging.getLogger(__name__)
 
-_VARIABLE_LENGTH = 4  # the length a variable dimension gets in the warm-up batch
 # TensorFlow Lite's outputs and TensorFlow's must agree to this (float32; fused kernels reorder sums).
 FAITHFUL_ATOL = 1e-5
 FAITHFUL_ROWS = 32
@@ -92,20 +94,18 @@ class NamedEngine:
 
     kind = "tensorflow"
 
-    def __init__(self, fn: Callable, names: tuple[str, ...], owner: object):
-        self._fn, self._names, self._owner = fn, names, owner
+    def __init__(self, function: Callable, names: tuple[str, ...], owner: object):
+        self.function, self._names, self.owner = function, names, owner  # owner: keeps the members alive
 
     def run(self, x: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        outputs = self._fn({name: tf.constant(x[name]) for name in self._names})
+        outputs = self.function({name: tf.constant(x[name]) for name in self._names})
         return tuple(o.numpy() for o in outputs)
 
 
 def load_named(manifest: ManifestV2, version_dir: Path, warmup_sizes: Sequence[int],
-               pace: Callable[[], None] = no_pause, engine: str = "tensorflow", threads: int = 1,
-               pool: int = 1) -> Ensemble:
-    """Load every member's signature, check it, build the stacked function and warm it up; with
-    `engine` "tflite", serve it on TensorFlow Lite instead (`threads` per interpreter, `pool`
-    interpreters) when it converts and answers the same."""
+               pace: Callable[[], None] = no_pause) -> Ensemble:
+    """Load every member's signature, check it, build the stacked function and warm it up: the
+    version on TensorFlow."""
     members, maps = [], []
     for member in manifest.members:
         try:
@@ -140,22 +140,24 @@ def load_named(manifest: ManifestV2, version_dir: Path, warmup_sizes: Sequence[i
 
     function = stacked.get_concrete_function()
     names = tuple(spec.name for spec in manifest.inputs)
-    ensemble = warm_up_named(Ensemble(manifest, version_dir, NamedEngine(function, names, owner=members)),
-                             warmup_sizes, pace)
-    if engine != "tflite":
-        return ensemble
+    return warm_up_named(Ensemble(manifest, version_dir, NamedEngine(function, names, owner=members)),
+                         warmup_sizes, pace)
+
+
+def compile_named(manifest: ManifestV2, version_dir: Path, pace: Callable[[], None] = no_pause) -> NamedCompiled:
+    """A format-2 version loaded, checked and warmed on TensorFlow (LoadError, with its category,
+    if it cannot be), then converted to TensorFlow Lite: the model when it converts and answers
+    the same, else why not. Run in the compile child, as a format-1 version's compilation is."""
+    ensemble = load_named(manifest, version_dir, (1, FAITHFUL_ROWS), pace)
+    engine = ensemble.engine
     try:
-        lite = converted(ensemble, function, members, threads, pool)
+        lite = converted(ensemble, engine.function, engine.owner)
     except LoadError as exc:  # WarmupError included
-        log.info("%s version %d runs on TensorFlow: %s", manifest.name, manifest.version, exc)
-        return ensemble
-    pace()
-    log.info("%s version %d runs on TensorFlow Lite: it converts and answers as its members do",
-             manifest.name, manifest.version)
-    return warm_up_named(lite, warmup_sizes, pace)
+        return NamedCompiled(None, str(exc))
+    return NamedCompiled(lite.engine.model)
 
 
-def converted(ensemble: Ensemble, function, owner: object, threads: int, pool: int) -> Ensemble:
+def converted(ensemble: Ensemble, function, owner: object, threads: int = 1, pool: int = 1) -> Ensemble:
     """The version on TensorFlow Lite: its stacked function converted, and checked to answer
     what it answers on TensorFlow (every output, FAITHFUL_ROWS rows); LoadError saying why not."""
     from service.engines.compile import to_lite
@@ -173,57 +175,3 @@ def converted(ensemble: Ensemble, function, owner: object, threads: int, pool: i
     return lite
 
 
-def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
-    """A deterministic batch of every input: numbers in [0, 1) (integers 1), False, the string
-    "warm up"; a variable dimension of length _VARIABLE_LENGTH."""
-    rng = np.random.default_rng(WARMUP_SEED)
-    batch = {}
-    for spec in specs:
-        shape = (rows, *(d if d is not None else _VARIABLE_LENGTH for d in spec.shape))
-        if spec.dtype == "string":
-            batch[spec.name] = np.full(shape, b"warm up", dtype=object)
-        elif spec.dtype == "bool":
-            batch[spec.name] = np.zeros(shape, dtype=bool)
-        elif spec.dtype.startswith(("int", "uint")):
-            batch[spec.name] = np.ones(shape, dtype=spec.dtype)
-        else:
-            batch[spec.name] = rng.uniform(0.0, 1.0, size=shape).astype(spec.dtype)
-    return batch
-
-
-def check_head(head: HeadSpec, values: np.ndarray, rows: int, members: int, what: str) -> None:
-    """Raise WarmupError unless the members' values for the head are (rows, members, k), finite,
-    and probabilities where the task says so (classification's rows summing to one)."""
-    k = head.columns
-    if values.shape != (rows, members, k):
-        raise WarmupError(f"{what} of head {head.name!r} have shape {list(values.shape)}, expected "
-                          f"[{rows}, {members}, {k}]")
-    if not np.all(np.isfinite(values)):
-        raise WarmupError(f"{what} of head {head.name!r} are not finite (NaN or infinity)")
-    if head.task != "regression" and (values.min() < -1e-3 or values.max() > 1 + 1e-3):
-        raise WarmupError(f"{what} of {head.task} head {head.name!r} are not probabilities (outside [0, 1]); "
-                          "end it with a softmax or a sigmoid, or declare the head a regression")
-    if head.task == "classification":
-        sums = values.sum(axis=-1)
-        if np.abs(sums - 1).max() > 1e-3:
-            raise WarmupError(f"{what} of classification head {head.name!r} do not sum to 1 (end it with a softmax)")
-
-
-def warm_up_named(ensemble: Ensemble, warmup_sizes: Sequence[int], pace: Callable[[], None] = no_pause) -> Ensemble:
-    """Run each batch size once and check every head's outputs; raises WarmupError otherwise."""
-    manifest = ensemble.manifest
-    for rows in sorted(set(warmup_sizes)):
-        try:
-            outputs = ensemble.engine.run(warmup_inputs(manifest.inputs, rows))
-        except Exception as exc:  # a member that fails on a valid batch is a broken version
-            raise WarmupError(f"warm-up on {rows} rows failed: {exc}") from None
-        outputs = list(outputs)
-        for head in manifest.heads:
-            check_head(head, outputs.pop(0), rows, len(manifest.members), "the members' values")
-            if head.variance:
-                variances = outputs.pop(0)
-                check_head(head, variances, rows, len(manifest.members), "the members' variances")
-                if variances.min() < 0:
-                    raise WarmupError(f"the members' variances of head {head.name!r} are negative")
-        pace()
-    return ensemble
