@@ -117,6 +117,32 @@ def regression(means: np.ndarray, weights: Sequence[float], variance_scale: floa
     return Combined(mean.astype(means.dtype), variance, scores)
 
 
+def predicted_columns(task: str, value: np.ndarray) -> np.ndarray | None:
+    """What a head predicts for each row, as a (rows, labels) 0/1 array: the top class
+    (classification), the negative or the positive label at probability 0.5 (binary: two
+    columns from its one), every label at 0.5 or more (multi-label); None for regression, which
+    predicts numbers."""
+    if task == "classification":
+        return np.eye(value.shape[1], dtype=np.int64)[value.argmax(axis=1)]
+    if task == "binary":
+        yes = (value[:, 0] >= 0.5).astype(np.int64)
+        return np.stack([1 - yes, yes], axis=1)
+    if task == "multilabel":
+        return (value >= 0.5).astype(np.int64)
+    return None
+
+
+def predicted_labels(task: str, labels: Sequence[str], value: np.ndarray) -> list | None:
+    """Each row's prediction by name: a label (classification, binary), the list of labels
+    (multi-label); None for regression."""
+    chosen = predicted_columns(task, value)
+    if chosen is None:
+        return None
+    if task == "multilabel":
+        return [[label for label, on in zip(labels, row) if on] for row in chosen.tolist()]
+    return [labels[i] for i in chosen.argmax(axis=1).tolist()]
+
+
 def z_of(level: float) -> float:
     """The normal quantile of a central interval at `level` (0.9 -> 1.645)."""
     if not 0.0 < level < 1.0:

@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from contract.tasks import EPISTEMIC
+from contract.tasks import EPISTEMIC, predicted_columns
 from service.answer import Answer
 
 # Sub-millisecond to seconds: batched inference of small models lives at the low end.
@@ -289,19 +289,15 @@ class ServiceMetrics:
             values = head.score(score)
             self.head_uncertainty.observe_many((model, head.name, score),
                                                values if values.ndim == 1 else values.max(axis=1))
+            chosen = predicted_columns(head.task, head.combined)
+            if chosen is None:  # regression: numbers, no labels
+                continue
+            counts = chosen.sum(axis=0)
             if head.task == "classification":
-                counts = np.bincount(head.combined.argmax(axis=1), minlength=len(head.labels))
                 for i in np.flatnonzero(counts):
                     self._child(self.predicted_class, model, head.labels[i]).inc(int(counts[i]))
                 self.disagreement.observe_many((model,), head.disagreement())
                 self.mutual_information.observe_many((model,), head.score("mutual_information"))
-            elif head.task == "binary":
-                yes = int(np.count_nonzero(head.combined[:, 0] >= 0.5))
-                counts = np.array([len(head.combined) - yes, yes])
-            elif head.task == "multilabel":
-                counts = np.count_nonzero(head.combined >= 0.5, axis=0)
-            else:
-                continue
             for i in np.flatnonzero(counts):
                 self._child(self.head_predicted, model, head.name, head.labels[i]).inc(int(counts[i]))
 

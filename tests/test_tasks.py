@@ -95,3 +95,20 @@ def test_an_unknown_task_is_named():
     with pytest.raises(ValueError, match=r"^unknown task 'ranking'; the tasks are classification, binary, "
                                          r"multilabel, regression$"):
         tasks.combine("ranking", np.zeros((1, 1, 1)), [1.0])
+
+
+def test_what_each_task_predicts_per_row():
+    """The one rule every codec and the metrics read (contract.tasks.predicted_*): the top
+    class, a binary head's label at 0.5 (exactly 0.5 is the positive one), every multi-label
+    label at 0.5 or more, and nothing for regression."""
+    value = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    assert tasks.predicted_columns("classification", value).tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert tasks.predicted_labels("classification", ("a", "b", "c"), value) == ["b", "a"]
+    binary = np.array([[0.5], [0.49], [0.9]])
+    assert tasks.predicted_columns("binary", binary).tolist() == [[0, 1], [1, 0], [0, 1]]
+    assert tasks.predicted_labels("binary", ("no", "yes"), binary) == ["yes", "no", "yes"]
+    assert tasks.predicted_columns("multilabel", value).tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert tasks.predicted_labels("multilabel", ("x", "y", "z"), np.array([[0.5, 0.7, 0.1], [0.0, 0.2, 0.4]])) == \
+        [["x", "y"], []]
+    assert tasks.predicted_columns("regression", value) is None
+    assert tasks.predicted_labels("regression", ("p",), value) is None

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from contract import tasks
 from contract.manifest import TASK_SCORES, Signature, TensorSpec
 from service.answer import Answer, Head
 from service.errors import InvalidInput, PayloadTooLarge
@@ -76,11 +77,9 @@ def _part(head: Head, part: str, level: float) -> np.ndarray:
         return head.combined
     if part == "members":
         return head.members
-    if part == "label":
-        if head.task == "binary":
-            return np.array([head.labels[int(p >= 0.5)].encode() for p in head.combined[:, 0].tolist()],
-                            dtype=object)
-        return np.array([label.encode() for label in head.top_labels()], dtype=object)
+    if part == "label":  # classification and binary heads only (outputs_of)
+        return np.array([label.encode() for label in tasks.predicted_labels(head.task, head.labels, head.combined)],
+                        dtype=object)
     if part == "abstain":
         return head.abstain()
     if part == "variance":

@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from contract.manifest import InputSpec, Signature, TensorSpec
+from contract import tasks
 from service.answer import Answer
 from service.errors import InvalidInput, PayloadTooLarge
 from service.protocols.arrays import booleans, numeric, parse_json_object, strings, to_spec
@@ -263,13 +264,9 @@ def named_answer_body(answer: Answer, columnar: bool, members: bool = False, unc
     described = {}
     for name, head in heads.items():
         entry: dict[str, Any] = {"task": head.task, "labels": list(head.labels)}
-        if head.task == "classification":
-            entry["predicted"] = head.top_labels()
-        elif head.task == "binary":
-            entry["predicted"] = [head.labels[int(p >= 0.5)] for p in head.combined[:, 0].tolist()]
-        elif head.task == "multilabel":
-            entry["predicted"] = [[label for label, p in zip(head.labels, row) if p >= 0.5]
-                                  for row in head.combined.tolist()]
+        predicted = tasks.predicted_labels(head.task, head.labels, head.combined)
+        if predicted is not None:
+            entry["predicted"] = predicted
         if members:
             entry["members"] = head.members_by_name(answer.member_names)
         if uncertainty:
