@@ -7,7 +7,8 @@ checks and warms it, and converts that function to TensorFlow Lite, kept when it
 (numbers in, TensorFlow Lite's own ops) and answers what the members answer: the server then
 runs it there (service.engines.lite) without restoring a SavedModel. Strings and lookup tables
 (TextVectorization, StringLookup) do not convert: such a version is loaded here in the server
-(`load_named`), after the child has shown it loads. The log says which engine serves and why.
+(`load_named`), after the child has shown it loads. The loader (service.engines.loader) logs which
+engine serves and why.
 
 A member's signature must take every input of the manifest by name, with a compatible dtype and
 shape, and give every head by name (a member with one output may give the only head under any
@@ -18,7 +19,6 @@ k), then for a head with a variance the members' variances (rows, members, k).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,8 +28,6 @@ import tensorflow as tf
 from contract.manifest import HeadSpec, ManifestV2
 from service.engines.base import Ensemble, LoadError, no_pause, warm_up_named, warmup_inputs
 from service.engines.compiled import NamedCompiled
-
-log = logging.getLogger(__name__)
 
 # TensorFlow Lite's outputs and TensorFlow's must agree to this (float32; fused kernels reorder sums).
 FAITHFUL_ATOL = 1e-5
