@@ -78,7 +78,8 @@ def raw_rates(version_dir: Path, seconds: float) -> dict[int, float]:
     """Rows per second of the version's engine, called in-process on one thread, by batch size."""
     sys.path.insert(0, str(ROOT))
     from contract.manifest import read_manifest
-    from service.engines.named import load_named, warmup_inputs
+    from service.engines.base import warmup_inputs
+    from service.engines.named import load_named
 
     manifest = read_manifest(version_dir)
     ensemble = load_named(manifest, version_dir, (1, 32, 256))
