@@ -153,7 +153,7 @@ def retry(tree: Path, by_file: dict[str, dict], tests: list[str], env: dict[str,
     mutants' tree): recorded as
     killed (exit code 1 in mutmut's meta file) when they fail with it; listed in retried.json."""
     killed_later = json.loads((tree / "retried.json").read_text()) if (tree / "retried.json").exists() else {}
-    for test in tests:
+    for test in {t.split("::")[0] for t in tests}:  # a test file, or some tests of it (file::name)
         shutil.copy2(ROOT / test, tree / "mutants" / test)
     # The tests must pass on the unmutated code of this copy (an older commit's, perhaps): a test
     # that fails without any mutant would count every survivor as caught.
@@ -189,8 +189,9 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="start from a new copy of HEAD, forgetting results")
     parser.add_argument("--show-survivors", action="store_true", help="print the diff of every survivor")
     parser.add_argument("--retry", nargs="+", metavar="TEST",
-                        help="after a group's run: its survivors against these test files (new tests for "
-                             "them); each one they fail on is recorded as killed, and listed in retried.json")
+                        help="after a group's run: its survivors against these test files or tests "
+                             "(file::name; new tests for them); each one they fail on is recorded as killed, "
+                             "and listed in retried.json")
     args = parser.parse_args()
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:

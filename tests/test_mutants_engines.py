@@ -1127,21 +1127,45 @@ def test_the_loader_compiles_a_version_once_with_its_cache(tiny, tiny_compiled, 
     stopper.join()
 
 
-def test_the_loader_loads_a_format_2_version_from_a_verified_copy(named, monkeypatch, private_tmp, thread_calls):
+def test_the_loader_loads_a_format_2_version_from_its_compilation(named, monkeypatch, private_tmp, thread_calls,
+                                                                  caplog):
     import service.engines.named as named_module
+    from service.engines.compiled import NamedCompiled
 
-    asked = []
+    compiled = named_module.compile_named(named.manifest, named.vdir)
+    assert compiled.lite[4:8] == b"TFL3" and compiled.reason == ""
+    compiles, loads = [], []
+    monkeypatch.setattr(named_module, "compile_named",
+                        lambda manifest, copy, pace: compiles.append((copy.parts[-2:], pace)) or compiled)
+    settings = Settings(isolated_loading=False, warmup_batch_sizes=(1, 3))
+    calls, pace = counter()
+    caplog.set_level(logging.INFO, logger="service.engines.loader")
+    ensemble = EngineLoader(settings, ThreadPlan(2, 3, 4))(named.manifest, named.vdir, pace)
+    assert ensemble.engine.kind == "tflite" and ensemble.path == named.vdir
+    assert (ensemble.engine.threads, ensemble.engine._idle.qsize()) == (3, 2)
+    assert compiles == [(("named", "1"), pace)] and thread_calls == [(3, 4)]
+    assert len(calls) == 1 + 1 + 2  # before compiling, the interpreters, each warm-up size
+    assert caplog.records[-1].getMessage() == ("named version 1 runs on TensorFlow Lite: it converts and answers "
+                                               "as its members do")
 
-    def load_named(manifest, copy, sizes, pace, engine, threads, pool):
-        asked.append((manifest, copy.parts[-2:], (copy / "manifest.json").exists(), sizes, pace, engine, threads,
-                      pool))
+    def load_named(manifest, copy, sizes, pace):
+        loads.append((manifest, copy.parts[-2:], (copy / "manifest.json").exists(), sizes, pace))
         return "loaded"
 
     monkeypatch.setattr(named_module, "load_named", load_named)
-    settings = Settings(engine="tensorflow", warmup_batch_sizes=(1, 3), isolated_loading=True)
-    assert EngineLoader(settings, ThreadPlan(2, 3, 4))(named.manifest, named.vdir, no_pause) == "loaded"
-    assert asked == [(named.manifest, ("named", "1"), True, (1, 3), no_pause, "tensorflow", 3, 2)]
-    assert thread_calls == [(3, 4)]
+    for engine, lite, says in [("tensorflow", compiled, "the engine setting is tensorflow"),
+                               ("tflite", NamedCompiled(None, "no kernels for StringSplitV2"),
+                                "no kernels for StringSplitV2")]:
+        monkeypatch.setattr(named_module, "compile_named", lambda manifest, copy, pace, lite=lite: lite)
+        chosen = settings.model_copy(update={"engine": engine})
+        assert EngineLoader(chosen, ThreadPlan(2, 3, 4))(named.manifest, named.vdir, no_pause) == "loaded"
+        assert loads[-1] == (named.manifest, ("named", "1"), True, (1, 3), no_pause)
+        assert caplog.records[-1].getMessage() == f"named version 1 runs on TensorFlow: {says}"
+    monkeypatch.setattr(named_module, "compile_named", lambda manifest, copy, pace: NamedCompiled(b"\x00" * 64))
+    assert EngineLoader(settings, ThreadPlan(1, 1, 1))(named.manifest, named.vdir, no_pause) == "loaded"
+    assert caplog.records[-1].getMessage().startswith(
+        "named version 1 runs on TensorFlow: its TensorFlow Lite model failed: TensorFlow Lite cannot load the "
+        "converted ensemble: ")
 
 
 def test_verified_copy_removes_abandoned_copies_and_refuses_changed_files(tiny, private_tmp, tmp_path):
@@ -1457,17 +1481,19 @@ def test_the_named_engine_stacks_each_head_of_each_member(named, caplog):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_a_named_version_of_numbers_runs_on_tensorflow_lite(named, caplog):
-    from service.engines.named import load_named
+def test_a_named_version_of_numbers_compiles_to_tensorflow_lite(named):
+    from service.engines.lite import load_named_lite
+    from service.engines.named import compile_named
 
     calls, pace = counter()
-    with caplog.at_level(logging.INFO, logger="service.engines.named"):
-        ensemble = load_named(named.manifest, named.vdir, (2, 1), pace, engine="tflite", threads=2, pool=3)
-    assert caplog.records[-1].getMessage() == ("named version 1 runs on TensorFlow Lite: it converts and answers as "
-                                               "its members do")
+    compiled = compile_named(named.manifest, named.vdir, pace)
+    assert len(calls) == 2 + 2  # each member, each warm-up size (1 and the faithful batch)
+    assert compiled.lite[4:8] == b"TFL3" and compiled.reason == ""
+    calls.clear()
+    ensemble = load_named_lite(named.manifest, named.vdir, compiled.lite, (2, 1), pace, threads=2, pool=3)
+    assert ensemble.path == named.vdir and len(calls) == 1 + 2
     engine = ensemble.engine
     assert engine.kind == "tflite" and isinstance(engine, NamedLiteEngine)
-    assert len(calls) == 2 + 2 + 1 + 2
     assert (engine.names, engine.outputs, engine.threads, engine._idle.qsize()) == (("x", "tokens"), 4, 2, 3)
     for rows, length in ((3, 4), (3, 7), (1, 7), (3, 4)):  # resized to each call's lengths
         inputs = named_inputs(rows, length)
@@ -1491,20 +1517,17 @@ def test_a_named_version_of_numbers_runs_on_tensorflow_lite(named, caplog):
         NamedLiteEngine(b"\x00" * 64, ("x",), 1)
 
 
-def test_a_named_model_that_disagrees_runs_on_tensorflow(named, monkeypatch, caplog):
-    from service.engines.named import load_named
+def test_a_named_model_that_disagrees_runs_on_tensorflow(named, monkeypatch):
+    from service.engines.named import compile_named
 
     real = NamedLiteEngine.run
     monkeypatch.setattr(NamedLiteEngine, "run", lambda self, x: tuple(a + 0.5 for a in real(self, x)))
-    with caplog.at_level(logging.INFO, logger="service.engines.named"):
-        assert load_named(named.manifest, named.vdir, (1,), engine="tflite").engine.kind == "tensorflow"
-    assert caplog.records[-1].getMessage() == ("named version 1 runs on TensorFlow: its TensorFlow Lite model's "
-                                               "output 0 differs from the members' by 0.5")
+    compiled = compile_named(named.manifest, named.vdir)
+    assert compiled.lite is None
+    assert compiled.reason == "its TensorFlow Lite model's output 0 differs from the members' by 0.5"
     monkeypatch.setattr(NamedLiteEngine, "run", lambda self, x: (*real(self, x)[:3], real(self, x)[3][:, :0]))
-    with caplog.at_level(logging.INFO, logger="service.engines.named"):
-        assert load_named(named.manifest, named.vdir, (1,), engine="tflite").engine.kind == "tensorflow"
-    assert caplog.records[-1].getMessage() == ("named version 1 runs on TensorFlow: its TensorFlow Lite model's "
-                                               "output 3 differs from the members' by inf")
+    assert compile_named(named.manifest, named.vdir).reason == ("its TensorFlow Lite model's output 3 differs from "
+                                                                "the members' by inf")
 
 
 def test_named_members_that_do_not_load_or_do_not_fit(named, tmp_path):
@@ -1608,7 +1631,7 @@ def test_check_member_says_what_does_not_fit(inputs, outputs, heads, message):
 
 
 def test_warmup_inputs_of_every_kind():
-    from service.engines.named import warmup_inputs
+    from service.engines.base import warmup_inputs
 
     specs = [TensorSpec(name="f", dtype="float64", shape=(2, None)), TensorSpec(name="s", dtype="string"),
              TensorSpec(name="b", dtype="bool", shape=(3,)), TensorSpec(name="i", dtype="int64", shape=(None,)),
@@ -1646,7 +1669,7 @@ def test_warmup_inputs_of_every_kind():
     (KIND, np.full((2, 2, 3), 0.3329), "v of classification head 'kind' do not sum to 1 (end it with a softmax)"),
 ])
 def test_check_head(head, values, message):
-    from service.engines.named import check_head
+    from service.engines.base import check_head
 
     if message is None:
         check_head(head, values, 2, 2, "v")
@@ -1657,7 +1680,7 @@ def test_check_head(head, values, message):
 
 
 def test_warm_up_named_checks_every_head_and_paces():
-    from service.engines.named import warm_up_named
+    from service.engines.base import warm_up_named
 
     manifest = v2([X_SPEC], [KIND, PRICE], members=2)
 
@@ -1702,4 +1725,365 @@ def test_named_engine_calls_its_function_with_named_tensors():
     engine = NamedEngine(fn, ("a", "b"), owner=owner)
     got = engine.run({"b": np.array([[1, 2]], np.int32), "a": np.array([[0.5]], np.float32), "c": np.zeros(1)})
     assert isinstance(got, tuple) and got[0].tolist() == [[1.0]] and got[1].tolist() == [[1, 2]]
-    assert list(seen[0]) == ["a", "b"] and engine._owner is owner and engine.kind == "tensorflow"
+    assert list(seen[0]) == ["a", "b"] and engine.owner is owner and engine.kind == "tensorflow"
+
+
+# -- for the survivors of the first run (mutation/run.py engines) ----------------------------------------
+
+def test_the_child_s_peak_memory_is_its_kibibytes_in_mebibytes_and_its_answer_lands_whole(tmp_path, monkeypatch):
+    import resource
+
+    replaced = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: replaced.append((Path(a), Path(b))) or real(a, b))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_module._answer(tmp_path / "graph.bin", {"ok": True})
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = json.loads((tmp_path / "graph.bin.result.json").read_text())["peak_rss_mb"]
+    assert (peak * 1024).is_integer() and before <= peak * 1024 <= after
+    assert replaced == [(tmp_path / "graph.bin.result.json.tmp", tmp_path / "graph.bin.result.json")]
+
+
+def test_conversion_failure_reads_the_ops_after_the_first_colon():
+    from service.engines.compile import conversion_failure
+
+    assert conversion_failure(ValueError("TF Select ops: A, B (flex: see docs)")) == \
+        "TensorFlow Lite has no kernels for A, B (flex: see docs)"
+
+
+@pytest.mark.parametrize("settings, cores, plan", [((3, 0, 0, 1), 4, (3, 1, 3)), ((0, 0, 0, 2), 5, (1, 2, 1)),
+                                                   ((2, 0, 0, 1), 5, (2, 2, 2))])
+def test_thread_plan_counts_whole_threads(settings, cores, plan):
+    got = thread_plan(*settings, cores)
+    assert got == plan and all(type(n) is int for n in got)
+
+
+def test_the_loader_keeps_the_version_s_path_and_paces_the_compile(tiny, tiny_compiled, monkeypatch, private_tmp,
+                                                                   thread_calls):
+    from dataclasses import replace
+
+    import service.engines.compile as compile_module
+
+    def compile_version(manifest, copy, pace):
+        pace()
+        return replace(tiny_compiled, lite=None)
+
+    monkeypatch.setattr(compile_module, "compile_version", compile_version)
+    calls, pace = counter()
+    settings = Settings(isolated_loading=False, warmup_batch_sizes=(1,))
+    ensemble = EngineLoader(settings, ThreadPlan(1, 1, 1))(tiny.manifest, tiny.vdir, pace)
+    assert ensemble.engine.kind == "tensorflow" and ensemble.path == tiny.vdir
+    assert len(calls) == 1 + 1 + 1 + 1  # before compiling, the compile's own, import_frozen's, one warm-up size
+
+
+def test_named_lite_engine_defaults_threads_and_casts(named, monkeypatch):
+    from service.engines.lite import load_named_lite
+    from service.engines.named import compile_named
+
+    lite = load_named_lite(named.manifest, named.vdir, compile_named(named.manifest, named.vdir).lite, (1,))
+    assert lite.path == named.vdir and lite.engine.kind == "tflite"
+    made = []
+    real = lite_module.Interpreter
+
+    def recording(**kwargs):
+        made.append(kwargs["num_threads"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(lite_module, "Interpreter", recording)
+    engine = NamedLiteEngine(lite.engine.model, ("x", "tokens"), 4)
+    assert engine._idle.qsize() == 1 and made == [1]
+    NamedLiteEngine(lite.engine.model, ("x", "tokens"), 4, threads=3, pool=2)
+    assert made == [1, 3, 3]
+    inputs = named_inputs(3, 5)
+    wide = {"x": inputs["x"].astype(np.float64), "tokens": inputs["tokens"].astype(np.int64)}
+    for a, b in zip(engine.run(wide), named_expected(named, inputs), strict=True):  # cast to the model's dtypes
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_named_conversion_keeps_its_owner_and_agrees_to_the_tolerance(named, monkeypatch, caplog):
+    from service.engines.named import FAITHFUL_ROWS, converted, load_named
+
+    ensemble = load_named(named.manifest, named.vdir, (1,))
+    engine = ensemble.engine
+    function, owner = engine.function, engine.owner
+    with caplog.at_level(logging.WARNING):
+        converted(ensemble, function, owner, 1, 1)
+    assert not [r for r in caplog.records if "trackable_obj" in r.getMessage()]  # the owner's variables, not the
+    # deprecated conversion path of a bare concrete function
+    zeros = [np.zeros((FAITHFUL_ROWS, 2, k)) for k in (3, 1, 1, 1)]
+    fake = Ensemble(named.manifest, named.vdir, FakeEngine(lambda x: tuple(zeros)))
+    monkeypatch.setattr(NamedLiteEngine, "run", lambda self, x: tuple(z + 1e-5 for z in zeros))
+    assert converted(fake, function, owner, 1, 1).path == named.vdir  # exactly the tolerance apart: agrees
+
+
+def test_compile_version_warms_on_one_row_and_the_faithful_batch(tiny, monkeypatch):
+    import service.engines.compile as compile_module
+
+    sizes = []
+    for name in ("load_members", "load_lite"):
+        real = getattr(compile_module, name)
+
+        def recording(*args, real=real, **kwargs):
+            sizes.append(tuple(args[3] if real.__name__ == "load_lite" else args[2]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(compile_module, name, recording)
+    compile_module.compile_version(tiny.manifest, tiny.vdir)
+    assert sizes == [(1, 32), (1, 32)]
+
+
+def test_eviction_skips_an_entry_gone_meanwhile_and_goes_on(tmp_path, monkeypatch):
+    cache = CompileCache(tmp_path / "cache", keep=5)
+    for version in range(1, 5):
+        cache.put(cache_manifest(version), FAKE)
+        os.utime(cache.path_of(cache_manifest(version)), (1_000_000 + version, 1_000_000 + version))
+    real = Path.stat
+    seen = []
+
+    def stat_once_gone(self, *args, **kwargs):
+        if self.suffix == ".graph" and not seen:  # the first entry looked at: evicted by another worker
+            seen.append(self)
+            raise FileNotFoundError(str(self))
+        return real(self, *args, **kwargs)
+
+    cache.keep = 2
+    monkeypatch.setattr(Path, "stat", stat_once_gone)
+    cache._evict()
+    monkeypatch.setattr(Path, "stat", real)
+    left = set((tmp_path / "cache").glob("*.graph"))
+    assert seen[0] in left and len(left) == 3  # the two newest of the others, and the one not seen
+
+
+def test_eviction_of_an_entry_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    cache = CompileCache(tmp_path / "cache", keep=5)
+    for version in range(1, 4):
+        cache.put(cache_manifest(version), FAKE)
+        os.utime(cache.path_of(cache_manifest(version)), (1_000_000 + version, 1_000_000 + version))
+    oldest = cache.path_of(cache_manifest(1))
+    real = Path.stat
+
+    def stat_then_gone(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        if self == oldest:  # another worker evicts it between our stat and our unlink
+            os.unlink(self)
+        return result
+
+    cache.keep = 2
+    monkeypatch.setattr(Path, "stat", stat_then_gone)
+    cache._evict()
+    monkeypatch.setattr(Path, "stat", real)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.graph")) == sorted(
+        cache.path_of(cache_manifest(v)).name for v in (2, 3))
+
+
+def test_a_cached_version_is_read_without_waiting_for_the_lock(tmp_path):
+    manifest = cache_manifest()
+    CompileCache(tmp_path / "cache").put(manifest, FAKE)
+    with HeldElsewhere(tmp_path / "cache", manifest):
+        started = time.monotonic()
+        assert CompileCache(tmp_path / "cache").get_or_compile(manifest, lambda: 1 / 0, 5) == FAKE
+        assert time.monotonic() - started < 2
+
+
+def test_a_version_compiled_elsewhere_while_waiting_is_read_not_compiled(tmp_path):
+    manifest = cache_manifest()
+    calls = []
+    with HeldElsewhere(tmp_path / "cache", manifest) as elsewhere:
+        def finish():
+            CompileCache(tmp_path / "cache").put(manifest, FAKE)
+            elsewhere.release.set()
+
+        timer = threading.Timer(0.3, finish)
+        timer.start()
+        assert CompileCache(tmp_path / "cache").get_or_compile(manifest, lambda: calls.append(1) or FAKE, 10) == FAKE
+        timer.join()
+    assert calls == []
+
+
+def test_compile_in_child_gives_the_child_no_stdin(fake_python, tmp_path):
+    fake_python('if read line; then echo "read: $line" >&2; exit 9; fi\nexit 4')
+    read, write = os.pipe()
+    os.write(write, b"the server's input\n")
+    os.close(write)
+    saved = os.dup(0)
+    os.dup2(read, 0)
+    try:
+        with pytest.raises(CompileFailed) as caught:
+            compile_in_child(tmp_path, 5)
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(read)
+    assert str(caught.value) == "the loading process exited with status 4 without an answer"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("printf 'bad \\377 byte' >&2\nexit 3", "the loading process exited with status 3 without an answer: bad \ufffd byte"),
+    ("exit 0", "the loading process exited with status 0 without an answer"),
+])
+def test_compile_in_child_reports_any_exit_without_an_answer(fake_python, tmp_path, body, message):
+    fake_python(body)
+    with pytest.raises(CompileFailed) as caught:
+        compile_in_child(tmp_path, 5)
+    assert str(caught.value) == message
+
+
+def test_compile_in_child_logs_its_time_and_an_unknown_peak(fake_python, tmp_path, caplog):
+    FAKE.write(tmp_path / "compiled.bin")
+    fake_python(f'cp {tmp_path / "compiled.bin"} "$4"\nprintf \'{{"ok": true}}\' > "$4.result.json"')
+    caplog.set_level(logging.INFO, logger="service.engines.child")
+    assert compile_in_child(tmp_path, 5) == FAKE
+    message = caplog.records[-1].getMessage()
+    assert message.endswith(" s (its peak resident memory: nan MB)")
+    seconds = float(message.split(" compiled by a child process in ")[1].split(" s ")[0])
+    assert 0.0 <= seconds < 5.0
+
+
+def test_the_cache_says_why_a_folder_or_entry_cannot_be_read(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="service.engines.compiled")
+    (tmp_path / "file").write_text("x")
+    assert CompileCache(tmp_path / "file" / "below").key() is None
+    assert caplog.records[-1].getMessage() == (f"compile cache {tmp_path / 'file' / 'below'} not usable: [Errno 20] "
+                                               f"Not a directory: '{tmp_path / 'file' / 'below'}'")
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    (folder / ".key").mkdir()
+    assert CompileCache(folder).key() is None
+    assert caplog.records[-1].getMessage() == (f"compile cache {folder} not used: [Errno 22] not a regular file: "
+                                               f"'{folder / '.key'}'")
+    cache = CompileCache(tmp_path / "other")
+    cache.path_of(cache_manifest()).mkdir(parents=True)
+    assert cache.get(cache_manifest()) is None
+    path = cache.path_of(cache_manifest())
+    assert caplog.records[-1].getMessage() == (f"ignoring unreadable compiled graph {path}: [Errno 22] not a "
+                                               f"regular file: '{path}'")
+
+
+def test_the_cache_folder_is_made_with_its_parents_and_its_key_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-temporary-folder"))  # the key is made in place
+    cache = CompileCache(tmp_path / "state" / "deep" / "compiled")
+    assert cache.key() is not None and len(cache.key()) == 32
+    assert stat.S_IMODE((tmp_path / "state" / "deep" / "compiled").stat().st_mode) == 0o700
+
+
+def test_an_entry_of_the_signature_alone_is_unreadable_not_foreign(tmp_path, caplog):
+    cache = CompileCache(tmp_path / "cache")
+    manifest = cache_manifest()
+    name = hashlib.sha256(manifest.model_dump_json().encode())
+    name.update(tensorflow_version().encode())
+    path = cache.path_of(manifest)
+    path.write_bytes(hmac.new(cache.key(), name.hexdigest().encode(), hashlib.sha256).digest())  # 32 bytes, no data
+    caplog.set_level(logging.WARNING, logger="service.engines.compiled")
+    assert cache.get(manifest) is None
+    assert caplog.records[-1].getMessage() == f"ignoring unreadable compiled graph {path}: {path} is not a frozen ensemble graph"
+
+
+def test_load_lite_defaults_to_one_interpreter_of_one_thread(tiny, tiny_compiled):
+    engine = load_lite(tiny.manifest, tiny.vdir, tiny_compiled.lite, (1,)).engine
+    assert engine.threads == 1 and engine._idle.qsize() == 1
+
+
+def test_load_named_defaults_and_keeps_its_members(named, caplog):
+    import gc
+
+    from service.engines.lite import load_named_lite
+    from service.engines.named import compile_named, load_named
+
+    with caplog.at_level(logging.WARNING):
+        lite = load_named_lite(named.manifest, named.vdir, compile_named(named.manifest, named.vdir).lite, (1,))
+    assert not [r for r in caplog.records if "trackable_obj" in r.getMessage()]
+    assert (lite.engine.threads, lite.engine._idle.qsize()) == (1, 1)
+    ensemble = load_named(named.manifest, named.vdir, (1,))
+    engine = ensemble.engine
+    assert ensemble.path == named.vdir and engine.kind == "tensorflow"
+    function = engine.function
+    (signature,) = function.structured_input_signature[0]
+    assert signature["x"].shape.as_list() == [None, 2] and signature["tokens"].shape.as_list() == [None, None]
+    owner = engine.owner
+    assert [type(loaded).__name__ for loaded, _ in owner] != [] and len(owner) == 2
+    del function, owner
+    gc.collect()
+    inputs = named_inputs(2, 3)
+    for a, b in zip(engine.run(inputs), named_expected(named, inputs), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_freeze_without_the_folding_function_says_so(monkeypatch):
+    import service.engines.tensorflow as tensorflow_module
+
+    monkeypatch.setattr(tensorflow_module, "convert_variables_to_constants_v2", None)
+    with pytest.raises(LoadError) as caught:
+        tensorflow_module.freeze(object())
+    assert str(caught.value) == "this TensorFlow cannot freeze a graph (no convert_variables_to_constants_v2)"
+
+
+def test_check_probabilities_refuses_a_negative_value_in_a_row_summing_to_one():
+    with pytest.raises(WarmupError, match=r"^x returned values outside \[0, 1\]: not probabilities$"):
+        check_probabilities(np.array([[0.6, 0.6, -0.2], [1.0, 0.0, 0.0]]), 2, 3, "x")
+
+
+def test_members_of_integer_inputs_are_assembled_at_their_dtype(tmp_path):
+    """(float64 inputs do not load: the members' TFSMLayer casts a float input to float32 first, and
+    their float64 signature then refuses it; mutation/run.py's docs report it.)"""
+    from training.members import export_member
+
+    from service.engines.keras_members import load_members
+
+    keras.utils.set_random_seed(30)
+    x = keras.Input((3,), dtype="int32")
+    model = keras.Model(x, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Flatten()(keras.layers.Embedding(10, 2)(x))))
+    export_member(model, tmp_path / "exported" / "m0")
+    manifest = write_v1(tmp_path / "ints" / "1", {"m0": tmp_path / "exported" / "m0"}, (1.0,), dtype="int32",
+                        name="ints")
+    ensemble = load_members(manifest, tmp_path / "ints" / "1", (1,))
+    assert ensemble.path == tmp_path / "ints" / "1"
+    rows = np.random.default_rng(3).integers(0, 10, size=(4, 3)).astype(np.int32)
+    np.testing.assert_allclose(ensemble.predict(rows)[0], np.asarray(model(rows)), atol=1e-5)
+
+
+def test_order_outputs_wants_exactly_one_rank_3_and_two_rank_2_outputs():
+    assert order_outputs(details(([1, 3], "Identity"), ([1, 4], "Identity_2"), ([5], "Identity_1"))) is None
+    assert order_outputs(details(([1, 2, 3], "Identity_1"), ([1, 3], "Identity"), ([1, 4, 1, 1], "Identity_2"))) \
+        is None
+
+
+def test_the_tensorflow_engine_calls_a_concrete_function_flat(tiny, tiny_compiled):
+    from service.engines.tensorflow import import_frozen
+
+    engine = import_frozen(tiny.manifest, tiny.vdir, tiny_compiled.frozen, ()).engine
+    assert engine._call is not engine.fn  # the flat entry point, not the public call
+
+
+# -- a format-2 version's compilation (839c022: compiled in the child, as format 1's) --------------------
+
+def test_named_compiled_bytes_exactly(tmp_path):
+    from service.engines.compiled import NamedCompiled, compiled_from_bytes, read_compiled
+
+    with_model, without = NamedCompiled(b"lite-bytes"), NamedCompiled(None, "no kernels")
+    assert with_model.to_bytes() == b'ensemble-named/1\n{"reason": ""}\nlite-bytes'
+    assert without.to_bytes() == b'ensemble-named/1\n{"reason": "no kernels"}\n'
+    for compiled in (with_model, without, FAKE):
+        assert compiled_from_bytes(compiled.to_bytes(), "x") == compiled
+    without.write(tmp_path / "named.bin")
+    assert read_compiled(tmp_path / "named.bin") == without
+    for data in (b"ensemble-named/1\nnot json\n", b"ensemble-named/1\n{}\n", b"ensemble-named/1\n[1]\n"):
+        with pytest.raises(LoadError, match="^x has a damaged header$"):
+            compiled_from_bytes(data, "x")
+    with pytest.raises(LoadError, match="^x is not a compiled format-2 version$"):
+        NamedCompiled.from_bytes(FAKE.to_bytes(), "x")
+    cache = CompileCache(tmp_path / "cache")
+    cache.put(cache_manifest(), with_model)
+    assert cache.get(cache_manifest()) == with_model
+
+
+def test_the_child_s_main_compiles_a_format_2_version(named, tmp_path, monkeypatch, thread_calls):
+    from service.engines.compiled import NamedCompiled, read_compiled
+
+    monkeypatch.setattr(child_module, "_die_with_parent", lambda parent: None)
+    monkeypatch.setattr(child_module, "_yield_the_cpu", lambda niceness: None)
+    out = tmp_path / "named.bin"
+    assert child_module.main([str(named.vdir), str(out), "1", "0"]) == 0
+    compiled = read_compiled(out)
+    assert isinstance(compiled, NamedCompiled) and compiled.lite[4:8] == b"TFL3" and compiled.reason == ""
+    assert json.loads((tmp_path / "named.bin.result.json").read_text())["ok"] is True
