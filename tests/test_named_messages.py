@@ -300,18 +300,6 @@ def test_an_output_of_a_head_built_by_hand_is_contiguous():
     assert entropy.dtype == np.float32 and entropy.tolist() == [1.0, 2.0, 3.0]
 
 
-def test_wanted_outputs_each_once_in_order():
-    assert named.wanted(["kind.label", "kind", "kind.label", "price.upper"], CATALOGUE) == \
-        ["kind.label", "kind", "price.upper"]
-    assert named.wanted([], CATALOGUE) == []
-    shown = ", ".join(list(CATALOGUE)[:24])
-    with refused(InvalidInput, f"unknown output 'kind.std'; this model's outputs are {shown}"):
-        named.wanted(["kind", "kind.std"], CATALOGUE)
-    with refused(InvalidInput, f"unknown output {'o' * 100!r}; this model's outputs are {shown}"):
-        named.wanted(["o" * 130], CATALOGUE)
-    assert len(CATALOGUE) > 24 and "price.upper" not in shown
-
-
 # == service.protocols.named: the checks of an input =============================================
 
 @pytest.mark.parametrize("value, level", [(0.5, 0.5), (0.9, 0.9), (1e-9, 1e-9), (0.999999, 0.999999)])

@@ -22,7 +22,7 @@ Pure NumPy on the contract's types: no protocol's wire format, no transport.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -88,15 +88,6 @@ def _part(head: Head, part: str, level: float) -> np.ndarray:
         lower, upper = head.interval(level)
         return (lower if part == "lower" else upper).astype(np.float32, copy=False)
     return head.score(part).astype(np.float32, copy=False)
-
-
-def wanted(names: Sequence[str], catalogue: Mapping[str, Any]) -> list[str]:
-    """The outputs `names`, each once, after checking each is in the catalogue (`outputs_of`)."""
-    for name in names:
-        if name not in catalogue:
-            shown = ", ".join(list(catalogue)[:24])
-            raise InvalidInput(f"unknown output {name[:100]!r}; this model's outputs are {shown}")
-    return list(dict.fromkeys(names))
 
 
 def level_of(value: object, where: str) -> float:
