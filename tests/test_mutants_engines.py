@@ -2023,8 +2023,6 @@ def test_check_probabilities_refuses_a_negative_value_in_a_row_summing_to_one():
 
 
 def test_members_of_integer_inputs_are_assembled_at_their_dtype(tmp_path):
-    """(float64 inputs do not load: the members' TFSMLayer casts a float input to float32 first, and
-    their float64 signature then refuses it; mutation/run.py's docs report it.)"""
     from training.members import export_member
 
     from service.engines.keras_members import load_members
@@ -2040,6 +2038,29 @@ def test_members_of_integer_inputs_are_assembled_at_their_dtype(tmp_path):
     assert ensemble.path == tmp_path / "ints" / "1"
     rows = np.random.default_rng(3).integers(0, 10, size=(4, 3)).astype(np.int32)
     np.testing.assert_allclose(ensemble.predict(rows)[0], np.asarray(model(rows)), atol=1e-5)
+
+
+def test_members_of_float64_inputs_are_assembled_and_compiled_at_their_dtype(tmp_path):
+    """A TFSMLayer casts a float input to its own dtype (float32 by default) before calling the
+    member, whose float64 signature then refused it: a format-1 version of float64 inputs failed
+    with category `load` (found by the engines group's mutation run)."""
+    from training.members import export_member
+
+    from service.engines.compile import compile_version
+    from service.engines.keras_members import load_members
+
+    keras.utils.set_random_seed(31)
+    x = keras.Input((3,), dtype="float64")
+    model = keras.Model(x, keras.layers.Dense(3, activation="softmax", dtype="float64")(x))
+    export_member(model, tmp_path / "exported" / "m0")
+    vdir = tmp_path / "doubles" / "1"
+    manifest = write_v1(vdir, {"m0": tmp_path / "exported" / "m0"}, (1.0,), dtype="float64", name="doubles")
+    rows = np.random.default_rng(4).normal(size=(4, 3))  # float64, and values float32 would round
+    expected = np.asarray(model(rows))
+    ensemble = load_members(manifest, vdir, (1,))
+    np.testing.assert_allclose(ensemble.predict(rows)[0], expected, atol=1e-5)
+    compiled = compile_version(manifest, vdir)
+    assert compiled.frozen
 
 
 def test_order_outputs_wants_exactly_one_rank_3_and_two_rank_2_outputs():

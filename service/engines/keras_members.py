@@ -112,8 +112,11 @@ def assemble(manifest: Manifest, version_dir: Path, pace: Callable[[], None] = n
     outputs = []
     for member in manifest.members:
         try:
+            # A layer casts a float input to its own dtype (float32 by default), which a member of
+            # float64 inputs refuses: the layer takes the input's dtype when it is a float.
             layer = keras.layers.TFSMLayer(str(version_dir / member.path), call_endpoint="serve",
-                                           name=f"member_{member.name}".replace("-", "_"))
+                                           name=f"member_{member.name}".replace("-", "_"),
+                                           dtype=spec.dtype if spec.dtype.startswith("float") else None)
         except Exception as exc:  # TF raises many types for unreadable SavedModels
             raise LoadError(f"member {member.name}: cannot load SavedModel: {exc}") from None
         check_signature(member.name, layer.call_endpoint_fn.input_signature, spec)
