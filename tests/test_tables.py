@@ -289,11 +289,16 @@ def test_rows_without_a_label_are_dropped_with_a_note(tmp_path):
         f"{few}: 9 rows have a value in label 'y'; at least 10 are needed to train, validate and test")
 
 
-def test_many_numbers_as_classes_get_a_note(tmp_path):
-    table = read_table(small(tmp_path, rows=40, a=[1.0], y=list(range(12))), "y", None)
-    assert table.task == "classification" and len(table.labels) == 12
-    assert table.notes == ("'y' holds 12 distinct numbers: trained as 12 classes; --task regression to "
-                           "predict the number",)
+def test_many_numbers_without_a_task_are_refused_until_the_task_is_said(tmp_path):
+    path = small(tmp_path, rows=40, a=[1.0], y=list(range(12)))
+    assert refusal(read_table, path, "y", None) == (
+        f"{path}: label 'y' holds 12 distinct numbers; say what to predict: --task regression for the "
+        "number, --task classification for 12 classes")
+    table = read_table(path, "y", "classification")
+    assert table.task == "classification" and len(table.labels) == 12 and table.notes == ()
+    assert read_table(path, "y", "regression").task == "regression"
+    ten = read_table(small(tmp_path, "ten.csv", rows=40, a=[1.0], y=list(range(10))), "y", None)
+    assert ten.task == "classification" and len(ten.labels) == 10
 
 
 # Refusals

@@ -539,8 +539,10 @@ def _target(file: _File, cells: dict[str, _Cells], labels: tuple[str, ...], task
         index = index if order == classes else 1 - index
         return "binary", index, order, notes
     if task is None and not cells[name].words[keep].any() and len(classes) > MAX_CATEGORY_CODES:
-        notes.append(f"{name!r} holds {len(classes)} distinct numbers: trained as {len(classes)} "
-                     "classes; --task regression to predict the number")
+        # A softmax over hundreds of measured values is rarely what was meant: ask.
+        raise DataError(f"{file.path}: label {name!r} holds {len(classes)} distinct numbers; say what to "
+                        "predict: --task regression for the number, --task classification for "
+                        f"{len(classes)} classes")
     return "classification", index, classes, notes
 
 
