@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from contract.layout import MANIFEST_FILE, MEMBERS_DIR, NAME_PATTERN
 
@@ -209,15 +210,19 @@ TASK_SCORES = {"classification": ("entropy", "expected_entropy", "mutual_informa
                "regression": ("std", "epistemic_std", "aleatoric_std")}
 VALUE_DTYPES = ("float32", "float64", "int32", "int64", "uint8", "bool", "string")
 TENSOR_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
+NULLABLE_DTYPES = ("float32", "float64", "string")  # the dtypes that have a missing value: NaN, ""
 
 
 class TensorSpec(_Strict):
     """One named input: its dtype and its shape after the batch dimension, a dimension of None
-    taking any length (text's tokens); () is one value per row (a string, a number)."""
+    taking any length (text's tokens); () is one value per row (a string, a number). `nullable`:
+    the members take a missing value in this input (NaN in a float input, the empty string in a
+    string input), which a request may send as null; without it a missing value is refused."""
 
     name: str = Field(pattern=TENSOR_NAME)
     dtype: Literal["float32", "float64", "int32", "int64", "uint8", "bool", "string"]
     shape: tuple[int | None, ...] = ()
+    nullable: bool = False
 
     @field_validator("shape")
     @classmethod
@@ -225,6 +230,22 @@ class TensorSpec(_Strict):
         if any(d is not None and d <= 0 for d in shape):
             raise ValueError(f"every dimension must be a positive integer or null (any length), got {list(shape)}")
         return shape
+
+    @model_validator(mode="after")
+    def _nullable_has_a_missing_value(self) -> "TensorSpec":
+        if self.nullable and self.dtype not in NULLABLE_DTYPES:
+            raise ValueError(f"input {self.name!r} ({self.dtype}) cannot be nullable: only a float input (missing: "
+                             "NaN) or a string input (missing: the empty string) can")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _nullable_only_when_true(self, serialize):
+        # A manifest written without the field reads, digests and is written again byte for byte
+        # as before it existed (the compile cache's key is a digest of the serialised manifest).
+        data = serialize(self)
+        if not self.nullable:
+            data.pop("nullable", None)
+        return data
 
     @property
     def fixed(self) -> bool:

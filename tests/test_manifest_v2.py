@@ -126,3 +126,42 @@ def test_head_spec_and_tensor_spec_alone():
     assert TensorSpec(name="x", dtype="bool").shape == ()
     assert HeadSpec(name="y", task="regression", labels=("a", "b")).variance_scale == 1.0
 
+
+
+# -- nullable inputs: the members take a missing value ------------------------------------------
+
+def test_a_float_or_string_input_may_be_nullable_and_an_input_is_not_by_default(tmp_path):
+    m = read_manifest(write(tmp_path, v2(inputs=[{"name": "bmi", "dtype": "float32", "nullable": True},
+                                                 {"name": "weight", "dtype": "float64", "nullable": True},
+                                                 {"name": "sex", "dtype": "string", "nullable": True},
+                                                 {"name": "age", "dtype": "float32"}])))
+    assert [(i.name, i.nullable) for i in m.inputs] == [("bmi", True), ("weight", True), ("sex", True),
+                                                        ("age", False)]
+    assert read_manifest(write(tmp_path / "old", v2())).inputs[0].nullable is False
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool"])
+def test_an_input_of_another_dtype_cannot_be_nullable_and_the_manifest_names_it(tmp_path, dtype):
+    inputs = [{"name": "image", "dtype": "float32", "nullable": True}, {"name": "count", "dtype": dtype, "nullable": True}]
+    with pytest.raises(ManifestError, match="does not follow the schema") as raised:
+        read_manifest(write(tmp_path, v2(inputs=inputs)))
+    assert (f"inputs.1: Value error, input 'count' ({dtype}) cannot be nullable: only a float input (missing: NaN) "
+            "or a string input (missing: the empty string) can") in str(raised.value)
+    TensorSpec(name="count", dtype=dtype, nullable=False)  # saying it is not is fine
+
+
+def test_a_manifest_without_nullable_inputs_serialises_as_before_the_field_existed(tmp_path):
+    """The writer's bytes and the compile cache's digest (both model_dump_json) of a manifest
+    without a nullable input do not change; a nullable input says so."""
+    m = read_manifest(write(tmp_path, v2()))
+    written = json.loads(m.model_dump_json())
+    assert written["inputs"] == [{"name": "image", "dtype": "float32", "shape": [8, 8, 1]},
+                                 {"name": "tokens", "dtype": "int32", "shape": [None]},
+                                 {"name": "review", "dtype": "string", "shape": []}]
+    assert "nullable" not in m.model_dump_json() and "nullable" not in str(m.model_dump())
+    assert TensorSpec(name="x", dtype="float32", nullable=False).model_dump_json() == \
+        '{"name":"x","dtype":"float32","shape":[]}'
+    spec = TensorSpec(name="bmi", dtype="float32", nullable=True)
+    assert spec.model_dump() == {"name": "bmi", "dtype": "float32", "shape": (), "nullable": True}
+    again = ManifestV2.model_validate_json(m.model_copy(update={"inputs": (spec,)}).model_dump_json())
+    assert again.inputs == (spec,)

@@ -16,7 +16,7 @@ from contract.manifest import HeadSpec, Signature, TensorSpec
 from service.answer import Answer, combine, combined_head
 from service.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from service.protocols import predict as rows
-from service.protocols.arrays import booleans, strings
+from service.protocols.arrays import booleans, numeric, strings
 
 SIGNATURE = Signature(
     inputs=(TensorSpec(name="image", dtype="float32", shape=(2, 2)), TensorSpec(name="note", dtype="string"),
@@ -277,3 +277,94 @@ def test_a_batch_is_combined_once_and_each_requests_rows_of_it_are_its_own_answe
     np.testing.assert_array_equal(part.heads["kind"].abstain(), alone.heads["kind"].abstain())
     np.testing.assert_array_equal(part.heads["price"].variance, alone.heads["price"].variance)
     assert part.heads["price"].abstain() is None
+
+
+# -- nullable inputs: a null is the missing value of an input that takes one --------------------
+
+NULLABLE = Signature(
+    inputs=(TensorSpec(name="age", dtype="float32"), TensorSpec(name="sex", dtype="string", nullable=True),
+            TensorSpec(name="bmi", dtype="float32", nullable=True),
+            TensorSpec(name="labs", dtype="float64", shape=(2,), nullable=True),
+            TensorSpec(name="visits", dtype="int32"), TensorSpec(name="smoker", dtype="bool")),
+    heads=(HeadSpec(name="risk", task="binary", labels=("low", "high")),))
+CSV_ROW = {"age": 41, "sex": "female", "bmi": 22.5, "labs": [1.0, 2.0], "visits": 3, "smoker": False}
+
+
+def test_a_null_in_a_nullable_input_is_nan_in_a_float_and_the_empty_string_in_a_string():
+    x, columnar = decode({"instances": [dict(CSV_ROW, bmi=None), dict(CSV_ROW, sex=None, labs=[None, 4.0]),
+                                        dict(CSV_ROW, labs=[None, None])]}, NULLABLE)
+    assert not columnar
+    assert x["bmi"].dtype == np.float32 and np.isnan(x["bmi"][0]) and x["bmi"][1:].tolist() == [22.5, 22.5]
+    assert x["sex"].dtype == object and x["sex"].tolist() == [b"female", b"", b"female"]
+    assert x["labs"].dtype == np.float64 and x["labs"].shape == (3, 2)
+    assert np.isnan(x["labs"]).tolist() == [[False, False], [True, False], [True, True]]
+    assert x["labs"][:2, 1].tolist() == [2.0, 4.0]
+    assert x["age"].tolist() == [41.0] * 3 and x["visits"].tolist() == [3] * 3  # the others as ever
+
+
+def test_a_null_in_a_nullable_column_is_its_missing_value_too():
+    columns = {name: [value, value] for name, value in CSV_ROW.items()}
+    x, columnar = decode({"inputs": dict(columns, bmi=[None, 30], sex=["male", None], labs=[[1, None], [2, 3]])},
+                         NULLABLE)
+    assert columnar
+    assert np.isnan(x["bmi"]).tolist() == [True, False] and x["bmi"][1] == 30.0 and x["bmi"].dtype == np.float32
+    assert x["sex"].tolist() == [b"male", b""]
+    assert np.isnan(x["labs"]).tolist() == [[False, True], [False, False]]
+    x, _ = decode({"inputs": dict(columns, bmi=[None, None])}, NULLABLE)
+    assert np.isnan(x["bmi"]).all() and x["bmi"].shape == (2,)
+
+
+def test_a_version_of_one_nullable_input_takes_a_bare_null_row():
+    one = Signature(inputs=(TensorSpec(name="bmi", dtype="float32", nullable=True),), heads=NULLABLE.heads)
+    x, _ = decode({"instances": [None, 20.5]}, one)
+    assert np.isnan(x["bmi"][0]) and x["bmi"][1] == 20.5
+
+
+NO_MISSING = "(a missing value); input {!r} does not take missing values"
+
+
+@pytest.mark.parametrize("row, message", [
+    (dict(CSV_ROW, age=None), "'instances[*].age' holds null " + NO_MISSING.format("age")),
+    (dict(CSV_ROW, visits=None), "'instances[*].visits' holds null " + NO_MISSING.format("visits")),
+    (dict(CSV_ROW, smoker=None), "'instances[*].smoker' holds null " + NO_MISSING.format("smoker")),
+    (dict(CSV_ROW, bmi=1e39), "'instances[*].bmi' holds infinity in row 1 (or a number beyond the range of float32); "
+                              "input 'bmi' takes NaN as its missing value, not infinity"),
+    (dict(CSV_ROW, bmi="22.5"), "'instances[*].bmi' must hold numbers only; found strings"),
+    (dict(CSV_ROW, labs=[None, True]), "'instances[*].labs' must hold numbers only; found null or mixed values"),
+    (dict(CSV_ROW, labs=None), "'instances[*].labs' is ragged or mixes types: it must be nested lists of numbers"),
+    (dict(CSV_ROW, sex=3), "'instances[*].sex' must hold strings (or {\"b64\": \"...\"}); found int"),
+])
+def test_a_null_where_no_missing_value_is_taken_or_infinity_anywhere_is_refused(row, message):
+    with pytest.raises(InvalidInput) as raised:
+        decode({"instances": [CSV_ROW, row]}, NULLABLE)
+    assert str(raised.value) == message
+
+
+def test_a_null_in_a_string_input_that_is_not_nullable_is_refused_saying_so():
+    with pytest.raises(InvalidInput) as raised:
+        decode({"inputs": {"review": ["good", None]}}, ONE)
+    assert str(raised.value) == "'inputs.review' holds null (a missing value); input 'review' does not take missing values"
+
+
+def test_strings_numbers_and_booleans_alone_with_and_without_a_spec():
+    nullable, plain = TensorSpec(name="s", dtype="string", nullable=True), TensorSpec(name="s", dtype="string")
+    assert strings([["a", None]], "f", nullable).tolist() == [[b"a", b""]]
+    with pytest.raises(InvalidInput, match=r"^'f' must hold strings \(or \{\"b64\": \"...\"\}\); found NoneType$"):
+        strings(["a", None], "f")  # no spec: format 1's codecs, which have no string input
+    with pytest.raises(InvalidInput, match=r"^'f' holds null \(a missing value\); input 's' does not take missing values$"):
+        strings(["a", None], "f", plain)
+    with pytest.raises(InvalidInput, match=r"^'f' must hold numbers only; found null or mixed values$"):
+        numeric([1.0, None], "f")
+    bmi = TensorSpec(name="bmi", dtype="float64", nullable=True)
+    got = numeric([[1, None]], "f", spec=bmi)
+    assert got.dtype == np.float64 and got.shape == (1, 2) and got[0, 0] == 1.0 and np.isnan(got[0, 1])
+    assert numeric([1, 2], "f", spec=bmi).dtype == np.int64  # no null: numpy's own conversion, untouched
+    with pytest.raises(InvalidInput, match=r"^'f' holds an integer beyond the range of float64$"):
+        numeric([None, 10**400], "f", spec=bmi)
+    with pytest.raises(InvalidInput, match=r"^'f' must hold numbers only; found null or mixed values$"):
+        numeric([2**70], "f", spec=bmi)  # a number numpy keeps as an object, with no null: as before
+    flag = TensorSpec(name="flag", dtype="bool")
+    with pytest.raises(InvalidInput, match=r"^'f' holds null \(a missing value\); input 'flag' does not take "):
+        booleans([True, None], "f", flag)
+    with pytest.raises(InvalidInput, match=r"^'f' must hold true or false only; found null or mixed values$"):
+        booleans([True, None], "f")

@@ -1332,3 +1332,140 @@ def test_message_level_of_an_empty_interval_parameter_is_refused():
     with pytest.raises(InvalidInput, match=r"^parameters\['interval'\] holds no value; send a level between 0 and 1 "
                                            r"\(e\.g\. 0\.9\)$"):
         oip.message_level(request)
+
+
+# == Nullable inputs: a missing value in every tensor protocol ===================================
+
+# `bmi` takes NaN and `sex` the empty string as a missing value; `age` takes neither.
+MISSING = Signature(inputs=(TensorSpec(name="bmi", dtype="float32", shape=(2,), nullable=True),
+                            TensorSpec(name="sex", dtype="string", nullable=True), TensorSpec(name="age", dtype="float32")),
+                    heads=(KIND,))
+NAN, INF = float("nan"), float("inf")
+AGE_NAN = "'{}' holds NaN (a missing value) in row 1; input 'age' does not take missing values"
+BMI_INF = ("'{}' holds infinity in row 1 (or a number beyond the range of float32); input 'bmi' takes NaN as its "
+           "missing value, not infinity")
+
+
+def missing_at(array: np.ndarray) -> list:
+    return np.isnan(array).tolist()
+
+
+def test_cast_takes_nan_in_a_nullable_float_input_only():
+    bmi = named.cast(np.array([[NAN, 1.0], [2.0, NAN]]), MISSING.inputs[0], "w")
+    assert bmi.dtype == np.float32 and missing_at(bmi) == [[True, False], [False, True]] and bmi[0, 1] == 1.0
+    with refused(InvalidInput, AGE_NAN.format("w")):
+        named.cast(np.array([1.0, NAN]), MISSING.inputs[2], "w")
+    with refused(InvalidInput, BMI_INF.format("w")):
+        named.cast(np.array([[NAN, 1.0], [-INF, NAN]]), MISSING.inputs[0], "w")
+    with refused(InvalidInput, BMI_INF.format("w")):
+        named.cast(np.array([[NAN, 1.0], [1e300, 0.0]]), MISSING.inputs[0], "w")  # beyond float32 is infinity
+    with refused(InvalidInput, "'w' holds a non-finite number in row 1 (NaN, infinity, or beyond the range of float32)"):
+        named.cast(np.array([1.0, INF]), MISSING.inputs[2], "w")  # infinity where no missing value is taken: as ever
+    sex = np.array([b"", b"m"], dtype=object)
+    assert named.cast(sex, MISSING.inputs[1], "w") is sex
+
+
+def test_oip_json_nulls_are_the_missing_values_of_nullable_inputs():
+    _, x, _, _, _ = decode({"inputs": [tensor("bmi", [2, 2], "FP32", [None, 1.5, 2, None]),
+                                       tensor("sex", [2], "BYTES", ["f", None]), tensor("age", [2], "FP64", [40, 41])]},
+                           signature=MISSING)
+    assert x["bmi"].dtype == np.float32 and missing_at(x["bmi"]) == [[True, False], [False, True]]
+    assert x["bmi"][0, 1] == 1.5 and x["sex"].tolist() == [b"f", b""] and x["age"].tolist() == [40.0, 41.0]
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([tensor("bmi", [2, 2], "FP32", [0] * 4), tensor("sex", [2], "BYTES", ["f", "m"]),
+      tensor("age", [2], "FP32", [40, None])],
+     "'inputs[2].data' holds null (a missing value); input 'age' does not take missing values"),
+    ([tensor("bmi", [2, 2], "FP64", [None, 1, 2, 1e300]), tensor("sex", [2], "BYTES", ["f", "m"]),
+      tensor("age", [2], "FP32", [40, 41])], BMI_INF.format("inputs[0]")),
+    ([tensor("bmi", [2, 2], "FP32", [None, True, 1, 2]), tensor("sex", [2], "BYTES", ["f", "m"]),
+      tensor("age", [2], "FP32", [40, 41])], "'inputs[0].data' must hold numbers only; found null or mixed values"),
+    ([tensor("bmi", [2, 2], "INT32", [None, 1, 2, 3]), tensor("sex", [2], "BYTES", ["f", "m"]),
+      tensor("age", [2], "FP32", [40, 41])], None),  # an integer datatype sent to a float input: a null is NaN
+])
+def test_oip_json_refuses_a_null_where_no_missing_value_is_taken_and_infinity(inputs, message):
+    if message is None:
+        _, x, _, _, _ = decode({"inputs": inputs}, signature=MISSING)
+        assert missing_at(x["bmi"]) == [[True, False], [False, False]]
+        return
+    with refused(InvalidInput, message):
+        decode({"inputs": inputs}, signature=MISSING)
+    plain = Signature(inputs=(TensorSpec(name="note", dtype="string"),), heads=(KIND,))
+    with refused(InvalidInput, "'inputs[0].data' holds null (a missing value); input 'note' does not take missing values"):
+        decode({"inputs": [tensor("note", [2], "BYTES", ["a", None])]}, signature=plain)
+
+
+def _raw_missing(bmi, age, sex=b"\1\0\0\0f\0\0\0\0"):
+    """A binary body of MISSING's three inputs: bmi and age as FP32 values, sex as BYTES."""
+    raws = (np.array(bmi, "<f4").tobytes(), sex, np.array(age, "<f4").tobytes())
+    tensors = [tensor(name, shape, datatype, size=len(raw))
+               for (name, shape, datatype), raw in zip((("bmi", [2, 2], "FP32"), ("sex", [2], "BYTES"),
+                                                        ("age", [2], "FP32")), raws)]
+    return {"inputs": tensors}, b"".join(raws)
+
+
+def test_oip_binary_nan_is_taken_by_a_nullable_float_input_only():
+    _, x, _, _, _ = decode(*_raw_missing([NAN, 1, 2, NAN], [40, 41]), signature=MISSING)
+    assert missing_at(x["bmi"]) == [[True, False], [False, True]] and x["sex"].tolist() == [b"f", b""]
+    with refused(InvalidInput, AGE_NAN.format("inputs[2]")):
+        decode(*_raw_missing([NAN, 1, 2, NAN], [40, NAN]), signature=MISSING)
+    with refused(InvalidInput, BMI_INF.format("inputs[0]")):
+        decode(*_raw_missing([NAN, 1, INF, NAN], [40, 41]), signature=MISSING)
+
+
+def test_oip_messages_take_nan_in_a_nullable_float_input_and_an_empty_bytes_element():
+    typed = [("bmi", "FP32", (2, 2), "fp32_contents", [NAN, 1, 2, NAN]), ("sex", "BYTES", (2,), "bytes_contents", [b"", b"m"]),
+             ("age", "FP64", (2,), "fp64_contents", [40, 41])]
+    x = oip.message_named(infer_request(*typed), MISSING, MAX_ROWS)
+    assert missing_at(x["bmi"]) == [[True, False], [False, True]] and x["sex"].tolist() == [b"", b"m"]
+    raw = [np.array([NAN, 1, 2, 3], "<f4").tobytes(), b"\0\0\0\0\1\0\0\0m", np.array([40, 41], "<f4").tobytes()]
+    request = infer_request(*((name, datatype, shape, None, ()) for name, datatype, shape, _, _ in typed[:2]),
+                            ("age", "FP32", (2,), None, ()), raw=raw)
+    x = oip.message_named(request, MISSING, MAX_ROWS)
+    assert missing_at(x["bmi"]) == [[True, False], [False, False]] and x["sex"].tolist() == [b"", b"m"]
+    with refused(InvalidInput, AGE_NAN.format("inputs[2]")):
+        oip.message_named(infer_request(*typed[:2], ("age", "FP32", (2,), "fp32_contents", [40, NAN])), MISSING, MAX_ROWS)
+    with refused(InvalidInput, BMI_INF.format("inputs[0]")):
+        oip.message_named(infer_request(("bmi", "FP32", (2, 2), "fp32_contents", [NAN, 1, INF, 0]), *typed[1:]),
+                          MISSING, MAX_ROWS)
+
+
+def test_tfs_predict_takes_nan_in_a_nullable_float_input_and_an_empty_string():
+    sex = ("sex", "DT_STRING", (2,), "string_val", [b"", b"m"], None)
+    age = ("age", "DT_FLOAT", (2,), "float_val", [40, 41], None)
+    content = np.array([NAN, 1, 2, NAN], "<f4").tobytes()
+    x = tfs.message_named(predict_request(("bmi", "DT_FLOAT", (2, 2), None, (), content), sex, age), MISSING, MAX_ROWS)
+    assert x["bmi"].dtype == np.float32 and missing_at(x["bmi"]) == [[True, False], [False, True]]
+    assert x["sex"].tolist() == [b"", b"m"]
+    x = tfs.message_named(predict_request(("bmi", "DT_DOUBLE", (2, 2), "double_val", [NAN], None), sex, age),
+                          MISSING, MAX_ROWS)
+    assert missing_at(x["bmi"]) == [[True, True], [True, True]]  # one value fills the shape
+    with refused(InvalidInput, AGE_NAN.format("inputs['age']")):
+        tfs.message_named(predict_request(("bmi", "DT_FLOAT", (2, 2), None, (), content), sex,
+                                          ("age", "DT_FLOAT", (2,), "float_val", [40, NAN], None)), MISSING, MAX_ROWS)
+    with refused(InvalidInput, BMI_INF.format("inputs['bmi']")):
+        tfs.message_named(predict_request(("bmi", "DT_FLOAT", (2, 2), "float_val", [NAN, 1, INF, 2], None), sex, age),
+                          MISSING, MAX_ROWS)
+
+
+def test_nullable_inputs_in_the_metadata_where_the_format_has_room():
+    meta = oip.named_metadata(named_ensemble(MISSING))
+    assert meta["parameters"]["nullable"] == ["bmi", "sex"]  # among the service's own parameters
+    assert meta["inputs"] == [{"name": "bmi", "datatype": "FP32", "shape": [-1, 2]},
+                              {"name": "sex", "datatype": "BYTES", "shape": [-1]},
+                              {"name": "age", "datatype": "FP32", "shape": [-1]}]  # the protocol's tensor: as ever
+    assert "nullable" not in oip.named_metadata(named_ensemble())["parameters"]  # none nullable: as before
+    assert _infos(tfs.signature_def(named_ensemble(MISSING)).inputs) == {
+        "bmi": ("bmi:0", "DT_FLOAT", [-1, 2]), "sex": ("sex:0", "DT_STRING", [-1]), "age": ("age:0", "DT_FLOAT", [-1])}
+
+
+def test_nullable_inputs_are_not_in_the_grpc_metadata_which_has_no_field_for_them(pb):
+    reply = oip.metadata_response(named_ensemble(MISSING))
+    assert [(t.name, t.datatype, list(t.shape)) for t in reply.inputs] == [
+        ("bmi", "FP32", [-1, 2]), ("sex", "BYTES", [-1]), ("age", "FP32", [-1])]
+    assert "nullable" not in str(reply)
+
+
+def test_a_missing_string_counts_in_the_bytes_in_flight_as_any_string():
+    assert decoded_bytes({"sex": np.array([b"", b"", b"m"], dtype=object), "bmi": np.full((3, 2), np.nan)}) == 3 * 41 + 1

@@ -136,7 +136,8 @@ def check_rows(rows: int, max_rows: int, where: str) -> None:
 
 def cast(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
     """A tensor's values as the input's dtype: strings and booleans as they are (their datatype
-    was checked), numbers cast and checked as every numeric input is (arrays.to_spec)."""
+    was checked; an empty string is a nullable input's missing value), numbers cast and checked
+    as every numeric input is (arrays.to_spec: NaN only in a nullable input)."""
     if spec.dtype in ("string", "bool"):
         return array
     return to_spec(array, spec, where)

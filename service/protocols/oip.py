@@ -239,11 +239,13 @@ def _datatype_for(spec: TensorSpec, given: object, numeric_types: dict[str, str]
 
 
 def _json_data(data: Any, spec: TensorSpec, where: str) -> np.ndarray:
+    """A tensor's JSON `data`, flat; a null is a nullable input's missing value (NaN, or the
+    empty string), and refused in any other."""
     if spec.dtype == "string":
-        return strings(data, where).reshape(-1)
+        return strings(data, where, spec).reshape(-1)
     if spec.dtype == "bool":
-        return booleans(data, where).reshape(-1)
-    return numeric(data, where).reshape(-1)
+        return booleans(data, where, spec).reshape(-1)
+    return numeric(data, where, spec=spec).reshape(-1)
 
 
 def raw_tensor(raw: bytes, datatype_name: str, count: int, where: str) -> np.ndarray:
@@ -336,8 +338,11 @@ def output(name: str, answer: Answer) -> np.ndarray:
 
 def named_metadata(ensemble) -> dict[str, Any]:
     """A format-2 version's metadata: every named input (strings as BYTES, a variable dimension
-    as -1), every output tensor (service.protocols.named), and each head's task and labels."""
+    as -1), every output tensor (service.protocols.named), each head's task and labels, and the
+    inputs that take a missing value (`nullable`, when any does: the protocol's tensor metadata
+    has no field for it, so it is among the model's parameters, beside the heads)."""
     signature, members = ensemble.signature, len(ensemble.member_names)
+    nullable = [spec.name for spec in signature.inputs if spec.nullable]
     return {
         "name": ensemble.name,
         "versions": [str(ensemble.version)],
@@ -348,7 +353,8 @@ def named_metadata(ensemble) -> dict[str, Any]:
                     for name, (dtype, shape, _) in named.outputs_of(signature).items()],
         "parameters": {"heads": {head.name: {"task": head.task, "labels": list(head.labels)}
                                  for head in signature.heads},
-                       "members": list(ensemble.member_names)},
+                       "members": list(ensemble.member_names),
+                       **({"nullable": nullable} if nullable else {})},
     }
 
 

@@ -161,13 +161,14 @@ def answer_body(answer: Answer, columnar: bool, members: bool = False, uncertain
 
 def named_tensor(values: Any, spec: TensorSpec, field: str) -> np.ndarray:
     """One named input's rows as an array of its dtype and shape (a null dimension any length,
-    the same for every row of the request), or a 4xx naming the input and why."""
+    the same for every row of the request), or a 4xx naming the input and why; a null is a
+    nullable input's missing value (NaN, or the empty string), and refused in any other."""
     if spec.dtype == "string":
-        array = strings(values, field)
+        array = strings(values, field, spec)
     elif spec.dtype == "bool":
-        array = booleans(values, field)
+        array = booleans(values, field, spec)
     else:
-        array = numeric(values, field)
+        array = numeric(values, field, spec=spec)
     want = (len(values), *spec.shape)
     if array.ndim != len(want) or any(w is not None and g != w for g, w in zip(array.shape, want)):
         shape = ", ".join("any" if d is None else str(d) for d in spec.shape)
