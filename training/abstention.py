@@ -78,3 +78,19 @@ def apply_threshold(scores: np.ndarray, correct: np.ndarray, chosen: Threshold) 
     coverage = float(answered.mean()) if len(answered) else 0.0
     risk = float((~correct[answered]).mean()) if answered.any() else 0.0
     return coverage, risk
+
+
+def fit_rms_threshold(scores: np.ndarray, losses: np.ndarray, target: float) -> tuple[float, float, float]:
+    """(threshold, coverage, risk) for a loss rather than a right-or-wrong: the largest threshold
+    whose answered rows (score at most it) have a root mean loss at most `target`; (-1, 0, 0)
+    when not even the most certain rows do (a regression head's interval width and squared error)."""
+    order = np.argsort(scores, kind="stable")
+    s, cumulative = np.asarray(scores)[order], np.cumsum(np.asarray(losses)[order])
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold answers every row of a tie, or none
+    answered = np.arange(1, len(s) + 1)[last]
+    risk = np.sqrt(cumulative[last] / answered)
+    ok = np.flatnonzero(risk <= target + 1e-12)
+    if len(ok) == 0:
+        return -1.0, 0.0, 0.0
+    i = ok[-1]
+    return float(s[last][i]), float(answered[i] / len(s)), float(risk[i])

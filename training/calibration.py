@@ -15,6 +15,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 from contract.scores import LOG_FLOOR
+from training.task_metrics import gaussian_nll
 
 # The search range of T: far beyond any temperature a sane ensemble needs either way.
 T_MIN, T_MAX = 0.05, 20.0
@@ -22,6 +23,11 @@ T_MIN, T_MAX = 0.05, 20.0
 # Without it, a validation split the pool gets entirely right is fitted best by T -> 0, an
 # ensemble certain of everything; with it, such a split moves T only as far as its rows justify.
 LOG_T_PRIOR_SD = 0.5
+# A regression head's variance scale (contract.tasks.regression): its search range, and a weak
+# normal prior on log s, wider than T's (s within about 0.14-7.4 beforehand): a means-only
+# head's spread of means can be far from its error's variance.
+S_MIN, S_MAX = 1e-3, 1e3
+LOG_S_PRIOR_SD = 1.0
 
 
 def tempered_losses(probs: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
@@ -44,4 +50,42 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     result = minimize_scalar(loss,
                              bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded",
                              options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def _prior(rows: int, sd: float) -> float:
+    """A weak normal prior's share of a mean loss, per squared log unit."""
+    return 1.0 / (2 * sd ** 2 * max(rows, 1))
+
+
+def fit_label_temperatures(p: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Per label, the temperature in [T_MIN, T_MAX] minimising the mean Bernoulli NLL of
+    sigmoid(logit(p) / T) (contract.tasks.calibrate_labels) under fit_temperature's weak prior."""
+    if len(p) == 0:
+        return (1.0,) * p.shape[1]
+    clipped = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)  # as contract.tasks clips
+    signed = (np.log(clipped) - np.log1p(-clipped)) * (2 * y - 1)  # the logit toward what happened
+    penalty = _prior(len(p), LOG_T_PRIOR_SD)
+    out = []
+    for j in range(p.shape[1]):
+        def loss(log_t: float, z: np.ndarray = signed[:, j]) -> float:
+            return float(np.mean(np.logaddexp(0.0, -z / np.exp(log_t)))) + penalty * log_t ** 2
+        result = minimize_scalar(loss, bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded",
+                                 options={"xatol": 1e-4})
+        out.append(float(np.exp(result.x)))
+    return tuple(out)
+
+
+def fit_variance_scale(mean: np.ndarray, variance: np.ndarray, target: np.ndarray, floor: np.ndarray) -> float:
+    """The scale s in [S_MIN, S_MAX] minimising the mean (over rows) Gaussian NLL of N(mean,
+    s × variance), summed over targets, under a weak normal prior on log s (LOG_S_PRIOR_SD)."""
+    if len(mean) == 0:
+        return 1.0
+    penalty = _prior(len(mean), LOG_S_PRIOR_SD)
+
+    def loss(log_s: float) -> float:
+        nll = gaussian_nll(mean, np.exp(log_s) * variance, target, floor).sum(axis=1)
+        return float(nll.mean()) + penalty * log_s ** 2
+
+    result = minimize_scalar(loss, bounds=(np.log(S_MIN), np.log(S_MAX)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))

@@ -101,11 +101,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     }
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
+def format_table(rows: dict[str, dict[str, float]], metrics: Sequence[str] = METRICS) -> str:
     """A plain-text table: one row per member and the ensemble, one column per metric."""
-    metrics = METRICS
     width = max(len("member"), *(len(k) for k in rows))
-    lines = [f"{'member':<{width}}  " + "  ".join(f"{m:>8}" for m in metrics)]
+    columns = [max(8, len(m)) for m in metrics]  # a name longer than a figure widens its column
+    lines = [f"{'member':<{width}}  " + "  ".join(f"{m:>{c}}" for m, c in zip(metrics, columns))]
     for name, values in rows.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{values[m]:>8.4f}" for m in metrics))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{values[m]:>{c}.4f}" for m, c in zip(metrics, columns)))
     return "\n".join(lines)
