@@ -16,7 +16,7 @@ from service.answer import combined_head
 from training.assess import Probabilities, assess
 from training.calibration import fit_label_temperatures, fit_variance_scale
 from training.abstention import fit_rms_threshold
-from training.head_assess import ABSTAIN_LEVEL, assess_head, member_outputs
+from training.head_assess import ABSTAIN_LEVEL, assess_head, measure_answer, member_outputs
 from training.task_metrics import HeadDifference, Judged, head_metrics, interval_width, label_calibration_error
 
 ROWS = 500
@@ -274,6 +274,9 @@ def test_the_served_answer_is_contract_combine_and_the_servers_head(task, raw, y
     assert spec.abstention is not None  # each case answers some rows
     server = combined_head(spec, means, variances, found.weights)
     np.testing.assert_array_equal(server.combined, found.served.value)
+    # a published version measured for the gate: its served answer, the same figures
+    served = tasks.Combined(server.combined, server.variance, dict(server.scores))
+    assert measure_answer(task, served, y[ROWS:], found.floor) == pytest.approx(found.ensemble, nan_ok=True)
     if task == "regression":
         score = interval_width(found.served, spec.abstention.level)
     else:

@@ -383,7 +383,8 @@ class HeadAssessment:
     calibration: what the server answers for those rows; `pooled` the same uncalibrated.
     `threshold` is None when no target error was given; a threshold of coverage 0 is reported
     but not published. `degenerate`: share of validation values whose uncalibrated variance is
-    at the NLL floor (regression; 0 otherwise)."""
+    at the NLL floor (regression; 0 otherwise); `floor` that floor (k,) (regression; else None),
+    to measure another version's answer the same way (`measure_answer`)."""
 
     task: str
     names: list[str]
@@ -402,6 +403,7 @@ class HeadAssessment:
     error_auroc: dict[str, float]
     validation_scores: dict[str, float]
     degenerate: float = 0.0
+    floor: np.ndarray | None = None
 
     @property
     def kept(self) -> list[str]:
@@ -505,6 +507,17 @@ class HeadAssessment:
         return lines
 
 
+def measure_answer(task: str, answer: tasks.Combined, target: np.ndarray,
+                   floor: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric (training.task_metrics) of a served answer on these rows' raw targets: a
+    published version's, for the gate, measured as the assessment measures its own. `floor`: the
+    regression NLL's variance floor (default: from these targets, `variance_floor`)."""
+    y = head_target(task, target, answer.value.shape[1])
+    floor = variance_floor(task, y) if floor is None else floor
+    variance = None if answer.variance is None else np.asarray(answer.variance, np.float64)
+    return head_metrics(task, Judged(np.asarray(answer.value, np.float64), variance, y, floor))
+
+
 def _check(task: str, names: list[str], val: MemberOutputs, test: MemberOutputs, min_members: int,
            target_error: float | None, chosen: tuple[Sequence[str], Sequence[float]] | None) -> None:
     """Refuse arguments that cannot describe one head's members, saying what to change."""
@@ -550,6 +563,7 @@ def assess_head(task: str, names: Sequence[str], val: np.ndarray, test: np.ndarr
         return Judged(np.asarray(answer_value, np.float64), as_float, y_test, floor)
 
     members = {n: judged(*test_out.member(i)) for i, n in enumerate(names)}
+    ensemble = judged(served_test.value, served_test.variance)
     selected = pick_member(task, names, val_out, y_val, floor)
     spread = target_spread(task, y_val)
     threshold = fit_abstention(task, served_val, y_val, target_error, spread) if target_error is not None else None
@@ -561,14 +575,15 @@ def assess_head(task: str, names: Sequence[str], val: np.ndarray, test: np.ndarr
     return HeadAssessment(
         task=task, names=names, variance=variance, calibrated=calibrate, selection=selection,
         member_metrics={n: head_metrics(task, j) for n, j in members.items()},
-        uncalibrated=head_metrics(task, judged(pooled_test.value, pooled_test.variance)),
-        ensemble=head_metrics(task, judged(served_test.value, served_test.variance)),
+        uncalibrated=measure_answer(task, pooled_test, test_target, floor),
+        ensemble=head_metrics(task, ensemble),
         served=served_test, pooled=pooled_test, selected=selected,
-        versus_selected=compare_head(task, judged(served_test.value, served_test.variance), members[selected], seed),
+        versus_selected=compare_head(task, ensemble, members[selected], seed),
         threshold=threshold,
         test_abstention=(abstention_outcome(task, served_test, y_test, threshold, spread)
                          if threshold is not None else None),
         error_auroc={s: auroc(v, wrong) for s, v in test_scores.items()},
         validation_scores={s: float(v.mean()) for s, v in row_scores(task, served_val).items()},
         degenerate=degenerate,
+        floor=floor,
     )
