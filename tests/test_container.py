@@ -37,9 +37,10 @@ from tests.deploy_checks import (
 
 TOOLS = ROOT.parent / "shared" / "tools"
 IMAGE = "ensemble-serving:test"
-# A training of seconds: one random-search trial of one epoch, one member of two epochs.
+# A training of seconds: one random-search trial of one epoch, one member of two epochs (allowed
+# below --min-members).
 TINY_TRAINING = ["--tuner", "random", "--max-trials", "1", "--max-epochs", "1", "--members", "seed:1",
-                 "--epochs", "2", "--patience", "1"]
+                 "--allow-fewer", "--epochs", "2", "--patience", "1"]
 
 
 # -- static checks (fast suite) -------------------------------------------------------------

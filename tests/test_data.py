@@ -104,34 +104,6 @@ def test_normalization_stats_per_channel_and_constant_features():
     np.testing.assert_allclose(var, [1.0, 2.0])  # constant feature: variance 1, not 0
 
 
-def write_csv(path, header, rows):
-    path.write_text("\n".join([",".join(header), *(",".join(map(str, r)) for r in rows)]) + "\n")
-
-
-def test_csv_with_a_named_label_column(tmp_path):
-    x, y = blobs(n=30, d=3)
-    write_csv(tmp_path / "d.csv", ["a", "species", "b", "c"],
-              [[r[0], ["x", "y", "z"][l], r[1], r[2]] for r, l in zip(x, y)])
-    data = open_source(str(tmp_path / "d.csv"), DataOptions(label_column="species")).load()
-    assert data.x.shape == (30, 3) and data.classes == ("x", "y", "z")
-    np.testing.assert_allclose(data.x[:, 1], x[:, 1], rtol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "header, rows, message",
-    [
-        (["a", "b"], [[1, 0]], "no column 'label' .columns: a, b.; name the label column"),
-        (["a", "label"], [[1, 0], [2]], "line 3: 1 fields, the header has 2"),
-        (["a", "label"], [["oops", 0]], "line 2: column 'a' is not a number"),
-        (["label"], [[0]], "no feature columns"),
-    ],
-)
-def test_bad_csv_files_are_refused_with_line_and_column(tmp_path, header, rows, message):
-    write_csv(tmp_path / "d.csv", header, rows)
-    with pytest.raises(DataError, match=message):
-        open_source(str(tmp_path / "d.csv")).load()
-
-
 def test_image_folders_load_in_a_stable_order_with_raw_pixels(tmp_path):
     from PIL import Image
 

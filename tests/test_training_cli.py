@@ -116,7 +116,7 @@ def test_gate_refuses_a_worse_challenger_and_no_gate_publishes(tmp_path, capsys)
     assert run(strong, tmp_path, capsys)[0] == EXIT_OK
     # One epoch of one member cannot match forty epochs by NLL on the same test rows (same seed).
     weak = [*common, "--tuner", "random", "--max-trials", "1", "--max-epochs", "1", "--epochs", "1",
-            "--members", "seed:1", "--gate-metric", "nll"]
+            "--members", "seed:1", "--allow-fewer", "--gate-metric", "nll"]
     code, out = run(weak, tmp_path, capsys)
     assert code == EXIT_REFUSED, out.err
     assert "challenger is refused: nll" in out.err and "version 1's" in out.err and "nothing was published" in out.err
@@ -136,9 +136,11 @@ def test_fitted_weights_are_stored_and_csv_data_trains(tmp_path, capsys):
     code, out = run(["--data", str(tmp_path / "d.csv"), "--label-column", "kind", "--name", "csv", *FAST,
                      "--members", "tuned:1,seed:1", "--weights", "fitted"], tmp_path, capsys)
     assert code == EXIT_OK, out.err
-    manifest = read_manifest(tmp_path / "models" / "csv" / "1")
-    assert manifest.output.classes == ("k0", "k1", "k2") and manifest.input.shape == (3,)
-    assert "[weights] fitted on the validation split" in out.out
+    manifest = read_manifest(tmp_path / "models" / "csv" / "1")  # a table: named columns, format 2
+    assert [(s.name, s.dtype) for s in manifest.inputs] == [("f1", "float32"), ("f2", "float32"), ("f3", "float32")]
+    assert [(h.name, h.task, h.labels) for h in manifest.heads] == [("kind", "classification", ("k0", "k1", "k2"))]
+    report = json.loads((tmp_path / "models" / "csv" / "1" / "report.json").read_text())
+    assert report["weighting"] == "fitted" and report["heads"]["kind"]["selection"]["weights"] == list(manifest.weights)
     assert sum(manifest.weights) == pytest.approx(1.0)
 
 

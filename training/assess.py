@@ -92,9 +92,11 @@ def _scores(probs: np.ndarray, selection: Selection) -> tuple[np.ndarray, np.nda
 
 
 def assess(names: list[str], probs: Probabilities, val_labels: np.ndarray, test_labels: np.ndarray,
-           weighting: Weighting, calibrate: bool, target_error: float, seed: int) -> Assessment:
-    """The ensemble of these members, chosen on validation and judged on test (module docstring)."""
-    chosen = select(names, probs.val, val_labels, weighting, calibrate, seed)
+           weighting: Weighting, calibrate: bool, target_error: float, seed: int,
+           min_members: int = 1) -> Assessment:
+    """The ensemble of these members, chosen on validation and judged on test (module docstring);
+    pruning keeps at least `min_members`."""
+    chosen = select(names, probs.val, val_labels, weighting, calibrate, seed, min_members)
     raw, ensemble, test_scores = _scores(probs.test, chosen)
     selected = select_member(names, probs.val, val_labels)
 

@@ -39,9 +39,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits",
                       help="'digits' (built in, no download), an .npz file (arrays x, y, optional classes), "
-                           "a .csv file with a header, or a folder with one sub-folder of images per class. "
+                           "a table (.csv/.tsv/.txt with a header, or .parquet: named columns of numbers, "
+                           "categories and empty cells), or a folder with one sub-folder of images per class. "
                            "Default: digits")
-    data.add_argument("--label-column", default="label", help="CSV: the label column's name. Default: label")
+    data.add_argument("--label-column", default="label",
+                      help="tables: the label column's name, or several separated by commas (multi-label, "
+                           "several regression targets). Default: label")
+    data.add_argument("--task", default=None, choices=["classification", "binary", "multilabel", "regression"],
+                      help="tables: what to predict. Default: classification, binary for a label column of "
+                           "two values, multilabel for several 0/1 label columns")
+    data.add_argument("--delimiter", default=None, help="CSV: the field separator. Default: sniffed")
+    data.add_argument("--categorical", default="", help="tables: comma-separated columns that are categories")
+    data.add_argument("--numeric", default="", help="tables: comma-separated columns that must be numbers")
+    data.add_argument("--ignore-columns", default="", help="tables: comma-separated columns to leave out (ids)")
     data.add_argument("--image-size", type=_image_size, default=(32, 32),
                       help="image folders: resize to HEIGHTxWIDTH. Default: 32x32")
     data.add_argument("--color-mode", default="rgb", choices=["rgb", "grayscale", "rgba"],
@@ -55,8 +65,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     tune = p.add_argument_group("search")
     tune.add_argument("--tuner", default="hyperband", choices=["hyperband", "random", "bayesian"],
                       help="Default: hyperband")
-    tune.add_argument("--objective", default="val_accuracy", choices=["val_accuracy", "val_loss"],
-                      help="Default: val_accuracy")
+    tune.add_argument("--objective", default=None, choices=["val_accuracy", "val_loss"],
+                      help="Default: val_accuracy for classification, val_loss (the task's NLL) otherwise")
     tune.add_argument("--max-epochs", type=int, default=9,
                       help="Hyperband: the largest per-trial budget; random/bayesian: epochs per trial. Default: 9")
     tune.add_argument("--factor", type=int, default=3, help="Hyperband reduction factor. Default: 3")
@@ -75,6 +85,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     members.add_argument("--swa-epochs", type=int, default=30, help="swa members: epochs. Default: 30")
     members.add_argument("--swa-start-fraction", type=float, default=0.6,
                          help="swa members: average the weights from this share of the epochs on. Default: 0.6")
+    members.add_argument("--min-members", type=int, default=2,
+                         help="pruning keeps at least this many members, and a run left with fewer "
+                              "publishes nothing unless --allow-fewer. Default: 2")
+    members.add_argument("--allow-fewer", action="store_true",
+                         help="publish even when fewer than --min-members members were trained")
     members.add_argument("--weights", default="pruned", choices=["pruned", "fitted", "uniform"],
                          help="which members the ensemble keeps and how it weighs them, decided on the "
                               "validation split: pruned leaves out members the bootstrap shows make it worse "
@@ -83,17 +98,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     members.add_argument("--calibration", default="temperature", choices=["temperature", "none"],
                          help="one temperature fitted on the validation split after averaging (pool, then "
                               "calibrate), served by every engine. Default: temperature")
-    members.add_argument("--target-error", type=float, default=0.02,
+    members.add_argument("--target-error", type=float, default=None,
                          help="the abstention threshold keeps the error rate of the answered validation rows "
-                              "at most this. Default: 0.02")
+                              "at most this (regression: their RMSE as a share of the target's standard "
+                              "deviation). Default: 0.02 for classification and binary, 0.05 for multilabel "
+                              "(a row is wrong when any label is), 0.5 for regression")
     data.add_argument("--ood-holdout", default="",
                       help="comma-separated class labels to leave out of training; the report says how well "
                            "each uncertainty score tells their rows from unseen rows of the other classes")
 
     gate = p.add_argument_group("publish gate")
-    gate.add_argument("--gate-metric", default="accuracy", choices=["accuracy", "nll", "brier", "ece"],
-                      help="compare the new ensemble with the newest published one by this metric. "
-                           "Default: accuracy")
+    gate.add_argument("--gate-metric", default=None,
+                      help="compare the new ensemble with the newest published one by this metric: accuracy, "
+                           "nll, brier or ece; for tables also the task's own (e.g. rmse, mae, micro_f1). "
+                           "Default: accuracy for classification, nll otherwise")
     gate.add_argument("--gate-tolerance", type=float, default=0.0,
                       help="how much worse the challenger may be and still publish. Default: 0")
     gate.add_argument("--no-gate", action="store_true", help="publish whatever the comparison says")
@@ -113,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(p)
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of column names."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
 def _error(message: str) -> None:
@@ -145,10 +168,15 @@ def train_main(argv: list[str]) -> int:
             name=args.name,
             repository=args.repository,
             work_dir=args.work_dir,
-            data_options=DataOptions(args.label_column, args.image_size, args.color_mode),
+            data_options=DataOptions(args.label_column, args.image_size, args.color_mode, args.task,
+                                     args.delimiter, _names(args.categorical), _names(args.numeric),
+                                     _names(args.ignore_columns)),
             budget=SearchBudget(tuner=args.tuner, max_epochs=args.max_epochs, factor=args.factor,
-                                max_trials=args.max_trials, objective=args.objective,
+                                max_trials=args.max_trials, objective=args.objective or "val_accuracy",
                                 batch_size=args.batch_size),
+            objective_given=args.objective is not None,
+            min_members=args.min_members,
+            allow_fewer=args.allow_fewer,
             members=parse_member_mix(args.members),
             member_options=MemberOptions(epochs=args.epochs, patience=args.patience,
                                          batch_size=args.batch_size,
@@ -160,7 +188,7 @@ def train_main(argv: list[str]) -> int:
             target_error=args.target_error,
             ood_holdout=tuple(c.strip() for c in args.ood_holdout.split(",") if c.strip()),
             gate=not args.no_gate,
-            gate_metric=args.gate_metric,
+            gate_metric=args.gate_metric or "",
             gate_tolerance=args.gate_tolerance,
             seed=args.seed,
             verbose=1 if args.verbose else 0,

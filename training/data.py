@@ -41,6 +41,24 @@ class Splits:
     test: Dataset
 
 
+@dataclass(frozen=True)
+class Examples:
+    """What Keras fits on: the inputs (one array, or named columns) and the targets as the
+    model's loss takes them."""
+
+    x: np.ndarray | dict[str, np.ndarray]
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitSplits:
+    """The training and validation examples of a table, as the search and the members fit them
+    (`Splits` serves arrays the same way)."""
+
+    train: Examples
+    val: Examples
+
+
 class DataSource(Protocol):
     """Anything that can produce a Dataset."""
 
@@ -101,64 +119,34 @@ class NpzSource:
         return validate(Dataset(x.astype("float32"), labels.astype("int64"), classes, str(self.path)))
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+
+
 @dataclass(frozen=True)
 class DataOptions:
-    """Source-specific options: the CSV label column, the size and colour of folder images."""
+    """Source-specific options: a table's label column(s), task and column kinds; the size and
+    colour of folder images."""
 
     label_column: str = "label"
     image_size: tuple[int, int] = (32, 32)
     color_mode: str = "rgb"
+    task: str | None = None  # None: inferred from the labels (training.tables)
+    delimiter: str | None = None  # None: sniffed
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        """`--label-column` names one column, or several separated by commas (multi-label,
+        several regression targets)."""
+        return tuple(c.strip() for c in self.label_column.split(",") if c.strip())
 
 
-class CsvSource:
-    """A CSV file with a header: one named label column, every other column a numeric feature."""
-
-    def __init__(self, path: Path, label_column: str):
-        self.path = Path(path)
-        self.label_column = label_column
-
-    def load(self) -> Dataset:
-        import csv
-
-        try:
-            with open(self.path, newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                rows = [row for row in reader if row]
-        except FileNotFoundError:
-            raise DataError(f"data file {self.path} does not exist") from None
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{self.path} is not a readable CSV file: {exc}") from None
-        if not header:
-            raise DataError(f"{self.path} is empty; it needs a header row naming the columns")
-        if self.label_column not in header:
-            raise DataError(f"{self.path} has no column {self.label_column!r} (columns: {', '.join(header)}); "
-                            "name the label column with --label-column")
-        label_at = header.index(self.label_column)
-        features = [i for i in range(len(header)) if i != label_at]
-        if not features:
-            raise DataError(f"{self.path} has no feature columns besides {self.label_column!r}")
-        x = np.empty((len(rows), len(features)), dtype="float32")
-        labels = []
-        for line, row in enumerate(rows, start=2):
-            if len(row) != len(header):
-                raise DataError(f"{self.path}, line {line}: {len(row)} fields, the header has {len(header)}")
-            try:
-                x[line - 2] = [float(row[i]) for i in features]
-            except ValueError:
-                bad = next(header[i] for i in features if not _is_number(row[i]))
-                raise DataError(f"{self.path}, line {line}: column {bad!r} is not a number") from None
-            labels.append(row[label_at])
-        values, y = np.unique(np.array(labels), return_inverse=True)
-        return validate(Dataset(x, y.astype("int64"), tuple(str(v) for v in values), str(self.path)))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def is_table(spec: str) -> bool:
+    """Whether a `--data` argument names a table file (CSV or Parquet): trained with named
+    columns, in manifest format 2."""
+    return spec.lower().endswith(TABLE_SUFFIXES)
 
 
 class ImageFolderSource:
@@ -192,19 +180,20 @@ class ImageFolderSource:
 
 
 def open_source(spec: str, options: DataOptions | None = None) -> DataSource:
-    """Resolve a `--data` argument: `digits`, an `.npz` or `.csv` file, or a folder of images."""
+    """Resolve a `--data` argument of arrays: `digits`, an `.npz` file, or a folder of images
+    (tables have their own reader, `training.tables`)."""
     options = options or DataOptions()
     if spec == "digits":
         return DigitsSource()
     if spec.endswith(".npz"):
         return NpzSource(Path(spec))
-    if spec.endswith(".csv"):
-        return CsvSource(Path(spec), options.label_column)
+    if is_table(spec):
+        raise DataError(f"{spec} is a table: its named columns train through training.table_pipeline")
     if Path(spec).is_dir():
         return ImageFolderSource(Path(spec), options.image_size, options.color_mode)
     raise DataError(
-        f"unknown data source {spec!r}: use 'digits', a path ending in .npz or .csv, "
-        "or a folder with one sub-folder of images per class"
+        f"unknown data source {spec!r}: use 'digits', a path ending in .npz, a table (.csv, .tsv, .txt, "
+        ".parquet), or a folder with one sub-folder of images per class"
     )
 
 

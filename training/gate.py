@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,9 +29,15 @@ class GateDecision:
     reason: str
 
 
-def judge(metric: str, challenger: float, champion: float, tolerance: float) -> bool:
+def classification_direction(metric: str) -> bool:
+    """Whether more is better for a classification metric (accuracy: yes; nll, brier, ece: no)."""
+    return HIGHER_IS_BETTER[metric]
+
+
+def judge(metric: str, challenger: float, champion: float, tolerance: float,
+          higher_is_better: Callable[[str], bool] = classification_direction) -> bool:
     """Not worse than the champion by more than `tolerance`, in the metric's own direction."""
-    if HIGHER_IS_BETTER[metric]:
+    if higher_is_better(metric):
         return challenger >= champion - tolerance
     return challenger <= champion + tolerance
 
@@ -54,18 +61,21 @@ def champion_on(repository: Path, name: str, x: np.ndarray, labels: np.ndarray,
     return manifest, classification_metrics(served(probs, manifest.weights, manifest.temperature), labels)
 
 
-def shown_worse(difference: Difference, tolerance: float) -> bool:
+def shown_worse(difference: Difference, tolerance: float,
+                higher_is_better: Callable[[str], bool] = classification_direction) -> bool:
     """Whether the whole 95% interval of ensemble minus member is worse than `tolerance`."""
-    if HIGHER_IS_BETTER[difference.metric]:
+    if higher_is_better(difference.metric):
         return difference.high < -tolerance
     return difference.low > tolerance
 
 
 def decide(challenger: dict, champion: tuple[Manifest, dict] | None, metric: str,
-           tolerance: float, versus_member: Difference | None = None, member: str = "") -> GateDecision:
-    """The gate's verdict and a sentence a person can read."""
+           tolerance: float, versus_member: Difference | None = None, member: str = "",
+           higher_is_better: Callable[[str], bool] = classification_direction) -> GateDecision:
+    """The gate's verdict and a sentence a person can read (`higher_is_better`: the direction of
+    each metric of the head's task)."""
     ours = challenger[metric]
-    if versus_member is not None and shown_worse(versus_member, tolerance):
+    if versus_member is not None and shown_worse(versus_member, tolerance, higher_is_better):
         return GateDecision(False, metric, tolerance, ours, None, None,
                             f"challenger is refused: worse than {member}, the member chosen on validation, "
                             f"on the test rows: {versus_member.sentence()}")
@@ -73,7 +83,7 @@ def decide(challenger: dict, champion: tuple[Manifest, dict] | None, metric: str
         return GateDecision(True, metric, tolerance, ours, None, None,
                             "no comparable published version: the first one passes")
     manifest, theirs = champion
-    passed = judge(metric, ours, theirs[metric], tolerance)
+    passed = judge(metric, ours, theirs[metric], tolerance, higher_is_better)
     verb = "passes" if passed else "is refused"
     return GateDecision(passed, metric, tolerance, ours, theirs[metric], manifest.version,
                         f"challenger {verb}: {metric} {ours:.4f} vs version {manifest.version}'s "

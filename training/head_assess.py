@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -74,9 +74,9 @@ from training.calibration import (
     fit_variance_scale,
     tempered_losses,
 )
-from training.compare import RESAMPLES, Difference, bootstrap_means, select_member
+from training.compare import RESAMPLES, Difference, select_member
 from training.evaluate import format_table
-from training.selection import Removal
+from training.selection import Removal, Weighting, prune_by
 from training.task_metrics import (
     HEADLINE,
     Judged,
@@ -91,7 +91,6 @@ from training.task_metrics import (
 )
 from training.weighting import fit_weights, floor_and_normalise
 
-Weighting = Literal["pruned", "fitted", "uniform"]
 ABSTAIN_LEVEL = 0.9  # the central interval whose width a regression head abstains on
 NLL_VARIANCE_FLOOR = 1e-6  # of the target's validation variance: a std of 0.1% of the target's
 
@@ -222,29 +221,6 @@ def calibrated_losses(task: str, outputs: MemberOutputs, target: np.ndarray, wei
     return row_nll(task, outputs.combine(task, weights, served_calibration(task, calibration)), target, floor)
 
 
-def _removal(name: str, change: np.ndarray, seed: int, resamples: int) -> Removal | None:
-    """The evidence for leaving a member out, or None when its interval does not lie below zero."""
-    low, high = np.percentile(bootstrap_means(change, resamples, seed), [2.5, 97.5])
-    return Removal(name, float(change.mean()), float(low), float(high)) if high < 0 else None
-
-
-def prune(names: Sequence[str], losses: Callable[[list[int]], np.ndarray], min_members: int = 2,
-          seed: int = 0, resamples: int = RESAMPLES) -> tuple[list[int], list[Removal]]:
-    """(members kept, removals): training.selection.prune's rule on any per-row loss of a set of
-    members (equal weights), never leaving fewer than `min_members`."""
-    kept, removed = list(range(len(names))), []
-    while len(kept) > max(min_members, 1):
-        current = losses(kept)
-        found = [r for m in kept
-                 if (r := _removal(names[m], losses([k for k in kept if k != m]) - current, seed, resamples))]
-        if not found:
-            break
-        best = min(found, key=lambda r: r.change)  # ties: the first, as training.selection
-        removed.append(best)
-        kept.remove(list(names).index(best.member))
-    return kept, removed
-
-
 def _convex_weights(members: int, loss: Callable[[np.ndarray], float]) -> list[float]:
     """The weights on the simplex minimising `loss` (softmax parameters, as training.weighting)."""
     if members == 1:
@@ -287,7 +263,7 @@ def select_head(task: str, names: Sequence[str], outputs: MemberOutputs, target:
         def losses(members: list[int]) -> np.ndarray:
             return calibrated_losses(task, outputs.of(members), target, uniform_weights(len(members)), calibrate, floor)
 
-        kept, removed = prune(names, losses, min_members, seed, resamples)
+        kept, removed = prune_by(names, losses, min_members, seed, resamples)
         weights = uniform_weights(len(kept))
     elif weighting == "fitted":
         weights = fitted_weights(task, outputs, target, floor)

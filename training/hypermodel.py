@@ -1,8 +1,10 @@
-"""The search space: a Keras Tuner HyperModel that fits its architecture to the input.
+"""The search spaces: Keras Tuner HyperModels that fit their architecture to the data.
 
-Images (height, width, channels) get a small convolutional network, anything else a dense one.
-Every model starts with a Normalization layer holding the training split's statistics, so the
-exported SavedModel takes raw values and clients never need to know the scaling.
+Arrays (format 1): images (height, width, channels) get a small convolutional network, anything
+else a dense one; every model starts with a Normalization layer holding the training split's
+statistics, so the exported SavedModel takes raw values and clients never need to know the
+scaling. Tables (format 2): one input per named column, preprocessed inside the model
+(`training.features`), a dense body, and the head of the table's task (`training.heads`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import keras
 import keras_tuner as kt
 import numpy as np
+
+from training.features import ColumnStats, column_inputs, encode
+from training.heads import Head
 
 
 # Part of the tuner's project name: a changed search space must not resume an old search.
@@ -48,12 +53,12 @@ class EnsembleHyperModel(kt.HyperModel):
             x = self._dense_body(hp, x)
         outputs = keras.layers.Dense(self.num_classes, activation="softmax", name="probabilities")(x)
         model = keras.Model(inputs, outputs)
-        model.compile(
-            optimizer=keras.optimizers.Adam(hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+        self.compile(model, keras.optimizers.Adam(learning_rate(hp)))
         return model
+
+    def compile(self, model: keras.Model, optimizer) -> None:
+        """Compile a model of this space with `optimizer` (snapshot members swap in a schedule)."""
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     def _conv_body(self, hp: kt.HyperParameters, x):
         # Shifts of up to an eighth of the image, active in training only: cheap extra data.
@@ -75,9 +80,42 @@ class EnsembleHyperModel(kt.HyperModel):
     def _dense_body(self, hp: kt.HyperParameters, x):
         if len(self.input_shape) > 1:
             x = keras.layers.Flatten()(x)
-        units = hp.Choice("units", [32, 64, 128, 256])
-        dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
-        for _ in range(hp.Int("dense_layers", 1, 3)):
-            x = keras.layers.Dense(units, activation="relu")(x)
-            x = keras.layers.Dropout(dropout)(x)
-        return x
+        return dense_body(hp, x)
+
+
+def learning_rate(hp: kt.HyperParameters) -> float:
+    """Adam's learning rate, searched on a log scale."""
+    return hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")
+
+
+def dense_body(hp: kt.HyperParameters, x):
+    """One to three ReLU layers of the same width, each followed by dropout."""
+    units = hp.Choice("units", [32, 64, 128, 256])
+    dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
+    for _ in range(hp.Int("dense_layers", 1, 3)):
+        x = keras.layers.Dense(units, activation="relu")(x)
+        x = keras.layers.Dropout(dropout)(x)
+    return x
+
+
+class TableHyperModel(kt.HyperModel):
+    """A member for a table: one input per column (`training.features`), a dense body, and the
+    head of the table's task (`training.heads`)."""
+
+    def __init__(self, columns: list[ColumnStats], head: Head):
+        super().__init__(name="ensemble_member")
+        if not columns:
+            raise ValueError("a table member needs at least one feature column")
+        self.columns = list(columns)
+        self.head = head
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        inputs = column_inputs(self.columns)
+        x = dense_body(hp, encode(inputs, self.columns))
+        model = keras.Model(inputs, self.head.output(x))
+        self.compile(model, keras.optimizers.Adam(learning_rate(hp)))
+        return model
+
+    def compile(self, model: keras.Model, optimizer) -> None:
+        """Compile a model of this space with `optimizer` (snapshot members swap in a schedule)."""
+        model.compile(optimizer=optimizer, loss=self.head.loss(), metrics=self.head.metrics())

@@ -23,8 +23,9 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from training.data import Splits
-from training.hypermodel import EnsembleHyperModel
+from contract.manifest import TensorSpec
+from training.data import FitSplits, Splits
+from training.hypermodel import EnsembleHyperModel, TableHyperModel
 from training.swa import StochasticWeightAveraging, recompute_batch_norm
 
 # Keras Tuner bookkeeping values (Hyperband's epochs, bracket, round...) are not architecture.
@@ -175,13 +176,15 @@ class MemberTrainer:
 
     def __init__(
         self,
-        hypermodel: EnsembleHyperModel,
-        splits: Splits,
+        hypermodel: EnsembleHyperModel | TableHyperModel,
+        splits: Splits | FitSplits,
         options: MemberOptions,
         export_root: Path,
         backup_root: Path,
         report: Callable[[str], None] = print,
+        export: Callable[[keras.Model, Path], None] | None = None,
     ):
+        self.export = export or export_member
         self.hypermodel = hypermodel
         self.splits = splits
         self.options = options
@@ -216,7 +219,7 @@ class MemberTrainer:
         return history.history
 
     def _export(self, run: RunPlan, name: str, model: keras.Model, extra: dict) -> TrainedMember:
-        export_member(model, self.export_root / name)
+        self.export(model, self.export_root / name)
         return TrainedMember(name, run.kind, self.export_root / name,
                              {**run.hyperparameters, "seed": run.seed, **extra})
 
@@ -229,8 +232,7 @@ class MemberTrainer:
                                                  patience=max(1, patience // 3), min_lr=1e-5)
         history = self._fit(model, self.options.epochs, backup, [stop, calm])
         epochs = len(history.get("loss", []))
-        self.report(f"[member] {run.names[0]} ({run.kind}): {epochs} epochs, "
-                    f"best val_accuracy={max(history.get('val_accuracy', [float('nan')])):.4f}")
+        self.report(f"[member] {run.names[0]} ({run.kind}): {epochs} epochs, {best_of(history)}")
         return [self._export(run, run.names[0], model, {"epochs_trained": epochs})]
 
     def _snapshot(self, run: RunPlan, model: keras.Model, backup: Path) -> list[TrainedMember]:
@@ -241,7 +243,7 @@ class MemberTrainer:
         schedule = keras.optimizers.schedules.CosineDecayRestarts(
             initial_learning_rate=peak, first_decay_steps=o.snapshot_epochs_per_cycle * steps,
             t_mul=1.0, m_mul=1.0, alpha=0.0)
-        model.compile(optimizer=keras.optimizers.Adam(schedule), loss=model.loss, metrics=["accuracy"])
+        self.hypermodel.compile(model, keras.optimizers.Adam(schedule))
         backup.mkdir(parents=True, exist_ok=True)
         paths = [backup / f"{name}.weights.h5" for name in run.names]
         ends = snapshot_cycle_ends(cycles, o.snapshot_epochs_per_cycle)
@@ -268,6 +270,13 @@ class MemberTrainer:
                                                          "swa_averaged": swa.count})]
 
 
+def best_of(history: dict) -> str:
+    """The best validation figure of a fit: accuracy where Keras measured it, else the loss."""
+    if history.get("val_accuracy"):
+        return f"best val_accuracy={max(history['val_accuracy']):.4f}"
+    return f"best val_loss={min(history.get('val_loss', [float('nan')])):.4f}"
+
+
 def export_member(model: keras.Model, export_dir: Path) -> None:
     """Write a SavedModel whose `serve` endpoint (and `serving_default`) runs in inference mode.
 
@@ -290,4 +299,28 @@ def predict_saved_model(export_dir: Path, x: np.ndarray, batch_size: int = 512) 
 
     loaded = tf.saved_model.load(str(export_dir))
     parts = [np.asarray(loaded.serve(tf.constant(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts, axis=0)
+
+
+def export_named_member(model: keras.Model, export_dir: Path, inputs: Sequence[TensorSpec], head: str) -> None:
+    """Write a format-2 SavedModel: its `serve` endpoint (and `serving_default`) takes every named
+    input and gives the one head by its manifest name, in inference mode (as `export_member`)."""
+    import tensorflow as tf
+
+    specs = {s.name: tf.TensorSpec([None, *s.shape], tf.as_dtype(s.dtype), name=s.name) for s in inputs}
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda named: {head: model(named, training=False)}, input_signature=[specs])
+    archive.write_out(str(export_dir), verbose=False)
+
+
+def predict_named_saved_model(export_dir: Path, columns: dict[str, np.ndarray], head: str,
+                              batch_size: int = 512) -> np.ndarray:
+    """A format-2 member's head output from the exported SavedModel itself: what is served."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(export_dir))
+    rows = len(next(iter(columns.values())))
+    parts = [np.asarray(loaded.serve({k: tf.constant(v[i : i + batch_size]) for k, v in columns.items()})[head])
+             for i in range(0, rows, batch_size)]
     return np.concatenate(parts, axis=0)

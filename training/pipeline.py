@@ -8,15 +8,16 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 
 from contract.manifest import Abstention, Calibration, DataInfo, InputSpec, Manifest, OutputSpec
 from training.assess import Assessment, Probabilities, assess
-from training.data import DataOptions, Splits, fingerprint, hold_out, normalization_stats, open_source, split
+from training.data import DataOptions, Splits, fingerprint, hold_out, is_table, normalization_stats, open_source, split
 from training.evaluate import METRICS, format_table
 from training.gate import GateDecision, champion_on, decide
 from training.members import STRATEGIES, MemberOptions, RunPlan
@@ -42,11 +43,14 @@ class TrainConfig:
     member_options: MemberOptions = field(default_factory=MemberOptions)
     weighting: Weighting = "pruned"
     calibration: Literal["temperature", "none"] = "temperature"
-    target_error: float = 0.02
+    target_error: float | None = None  # None: the task's default (0.02 for classification)
     ood_holdout: tuple[str, ...] = ()
     gate: bool = True
-    gate_metric: str = "accuracy"
+    gate_metric: str = ""  # "": accuracy for classification, nll for the other tasks
     gate_tolerance: float = 0.0
+    objective_given: bool = False  # False: the search ranks by the task's own objective
+    min_members: int = 2
+    allow_fewer: bool = False
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -59,10 +63,16 @@ class TrainConfig:
             raise ValueError(f"--weights must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.calibration not in ("temperature", "none"):
             raise ValueError(f"--calibration must be 'temperature' or 'none', got {self.calibration!r}")
-        if not 0 < self.target_error < 1:
+        if self.target_error is not None and not 0 < self.target_error < 1:
             raise ValueError(f"--target-error must be between 0 and 1, got {self.target_error}")
-        if self.gate_metric not in METRICS:
+        if self.gate_metric and not is_table(self.data) and self.gate_metric not in METRICS:
             raise ValueError(f"--gate-metric must be one of {', '.join(METRICS)}, got {self.gate_metric!r}")
+        if self.min_members < 1:
+            raise ValueError(f"--min-members must be at least 1, got {self.min_members}")
+        planned = sum(self.members.values())
+        if planned < self.min_members and not self.allow_fewer:
+            raise ValueError(f"--members asks for {planned} member(s), fewer than --min-members {self.min_members}: "
+                             "an ensemble of one is no ensemble; ask for more, or pass --allow-fewer")
         if self.gate_tolerance < 0:
             raise ValueError(f"--gate-tolerance must be >= 0, got {self.gate_tolerance}")
 
@@ -132,6 +142,55 @@ def run_key(run: RunPlan) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
+@contextmanager
+def member_exports(config: TrainConfig) -> Iterator[Path]:
+    """A fresh folder under the work dir for the members' SavedModels until they are published
+    (`publish_version` copies them), removed at the end whatever happens."""
+    work = config.resolved_work_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    exports = Path(tempfile.mkdtemp(prefix="members-", dir=work))
+    try:
+        yield exports
+    finally:
+        shutil.rmtree(exports, ignore_errors=True)
+
+
+def published(config: TrainConfig, manifest, started: float) -> str:
+    """The line that closes a run that published."""
+    return (f"[publish] {config.name} version {manifest.version} with {len(manifest.members)} members "
+            f"in {config.repository / config.name / str(manifest.version)} ({time.monotonic() - started:.0f} s in all)")
+
+
+def search_and_train(config: TrainConfig, hypermodel, splits, budget: SearchBudget, project: str,
+                     exports: Path, started: float, report: Callable[[str], None],
+                     export: Callable | None = None) -> tuple[list, dict] | None:
+    """Run (or resume) the search, then train every member of the plan into `exports`: (the
+    trained members, the search's record for the report); None in a distributed-tuning worker,
+    which only runs trials."""
+    import keras
+
+    from training.members import MemberTrainer, config_values, plan_runs
+    from training.tune import search
+
+    work = config.resolved_work_dir()
+    report(f"[tune] {budget.describe()}")
+    keras.utils.set_random_seed(config.seed)
+    ranked = search(hypermodel, splits, budget, work / "tuning", project, config.seed, report, config.verbose)
+    if is_distributed_worker():
+        report("[tune] worker: the chief has closed the search; this worker is done")
+        return None
+    search_seconds = time.monotonic() - started
+    report(f"[tune] search done after {search_seconds:.0f} s; {len(ranked)} trials")
+    runs = plan_runs([config_values(hp) for hp in ranked], config.members, config.seed)
+    trainer = MemberTrainer(hypermodel, splits, config.member_options, exports, work / "backup" / project,
+                            report, export)
+    trained = []
+    for i, run in enumerate(runs, 1):
+        report(f"[member] run {i}/{len(runs)}: {run.kind} -> {', '.join(run.names)}; {run.hyperparameters}")
+        trained.extend(trainer.train_run(run, run_key(run)))
+    return trained, {**asdict(budget), "trials": len(ranked), "seconds": round(search_seconds, 1)}
+
+
 def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -> TrainResult | None:
     """Run the whole pipeline. Returns None in a distributed-tuning worker (it only runs trials).
     Raises, publishing nothing, on failure, and at once (TrainingBusy) while another run of the
@@ -144,12 +203,13 @@ def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -
 
 
 def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | None:
-    # Heavy imports here so `--help` and argument errors are instant.
-    import keras
+    if is_table(config.data):
+        from training.table_pipeline import train_table
 
+        return train_table(config, report)
+    # Heavy imports here so `--help` and argument errors are instant.
     from training.hypermodel import SEARCH_SPACE_VERSION, EnsembleHyperModel
-    from training.members import MemberTrainer, config_values, plan_runs, predict_saved_model
-    from training.tune import search
+    from training.members import predict_saved_model
 
     started = time.monotonic()
     data = open_source(config.data, config.data_options).load()
@@ -166,30 +226,13 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
     mean, variance = normalization_stats(splits.train.x)
     hypermodel = EnsembleHyperModel(data.input_shape, len(data.classes), mean, variance)
     digest = fingerprint(data)
-    work = config.resolved_work_dir()
-    work.mkdir(parents=True, exist_ok=True)
     project = f"{config.name}-{digest[:12]}-s{SEARCH_SPACE_VERSION}"
 
-    report(f"[tune] {config.budget.describe()}")
-    keras.utils.set_random_seed(config.seed)
-    ranked = search(hypermodel, splits, config.budget, work / "tuning", project, config.seed, report,
-                    config.verbose)
-    if is_distributed_worker():
-        report("[tune] worker: the chief has closed the search; this worker is done")
-        return None
-    search_seconds = time.monotonic() - started
-    report(f"[tune] search done after {search_seconds:.0f} s; {len(ranked)} trials")
-    runs = plan_runs([config_values(hp) for hp in ranked], config.members, config.seed)
-
-    exports = Path(tempfile.mkdtemp(prefix="members-", dir=work))
-    try:
-        trainer = MemberTrainer(hypermodel, splits, config.member_options, exports,
-                                work / "backup" / project, report)
-        trained = []
-        for i, run in enumerate(runs, 1):
-            report(f"[member] run {i}/{len(runs)}: {run.kind} -> {', '.join(run.names)}; "
-                   f"{run.hyperparameters}")
-            trained.extend(trainer.train_run(run, run_key(run)))
+    with member_exports(config) as exports:
+        searched = search_and_train(config, hypermodel, splits, config.budget, project, exports, started, report)
+        if searched is None:
+            return None
+        trained, search_record = searched
 
         names = [t.name for t in trained]
         probs = Probabilities(
@@ -198,21 +241,23 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
             ood=(np.stack([predict_saved_model(t.export_dir, ood_x) for t in trained])
                  if ood_x is not None else None))
         found = assess(names, probs, splits.val.y, splits.test.y, config.weighting,
-                       config.calibration == "temperature", config.target_error, config.seed)
+                       config.calibration == "temperature", config.target_error or 0.02, config.seed,
+                       min_members=config.min_members)
         for line in describe(found, {t.name: t.kind for t in trained}, len(splits.test.y), config.weighting):
             report(line)
         ens = found.ensemble
         best = best_member(found.member_metrics)
         top = found.member_metrics[best]
 
+        metric = config.gate_metric or "accuracy"
         if config.gate:
             champion = champion_on(config.repository, config.name, splits.test.x, splits.test.y,
                                    data.input_shape, data.classes)
-            decision = decide(ens, champion, config.gate_metric, config.gate_tolerance,
-                              found.versus_selected[config.gate_metric], found.selected)
+            decision = decide(ens, champion, metric, config.gate_tolerance, found.versus_selected[metric],
+                              found.selected)
         else:
-            decision = GateDecision(True, config.gate_metric, config.gate_tolerance,
-                                    ens[config.gate_metric], None, None, "gate disabled (--no-gate)")
+            decision = GateDecision(True, metric, config.gate_tolerance, ens[metric], None, None,
+                                    "gate disabled (--no-gate)")
         report(f"[gate] {decision.reason}")
 
         kept = [t for t in trained if t.name in found.kept]
@@ -222,7 +267,7 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
                      "rows": {"train": len(splits.train.y), "validation": len(splits.val.y),
                               "test": len(splits.test.y)},
                      **({"ood_holdout": list(config.ood_holdout)} if config.ood_holdout else {})},
-            "search": {**asdict(config.budget), "trials": len(ranked), "seconds": round(search_seconds, 1)},
+            "search": search_record,
             "members": {n: {"kind": t.kind, "kept": n in found.kept, "weight": found.weight_of(n),
                             "metrics": found.member_metrics[n], "hyperparameters": t.hyperparameters}
                         for n, t in zip(names, trained)},
@@ -259,9 +304,5 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
                         if found.threshold.coverage > 0 else None),  # unreachable: see describe()
             uncertainty_reference=found.validation_scores,
         )
-    finally:
-        shutil.rmtree(exports, ignore_errors=True)
-    report(f"[publish] {config.name} version {manifest.version} with {len(manifest.members)} members "
-           f"in {config.repository / config.name / str(manifest.version)} "
-           f"({time.monotonic() - started:.0f} s in all)")
+    report(published(config, manifest, started))
     return TrainResult(manifest, decision, found, run_report)

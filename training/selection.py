@@ -20,7 +20,7 @@ when calibration is on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
@@ -61,33 +61,44 @@ def _calibrated_losses(val_probs: np.ndarray, labels: np.ndarray, members: list[
     return tempered_losses(mixed, labels, t)
 
 
-def prune(names: list[str], val_probs: np.ndarray, labels: np.ndarray, calibrate: bool = True,
-          seed: int = 0, resamples: int = RESAMPLES) -> tuple[list[int], list[Removal]]:
-    """(indices of the members kept, the removals with their evidence); see the module docstring."""
-    kept = list(range(len(names)))
+def _removal(name: str, change: np.ndarray, seed: int, resamples: int) -> Removal | None:
+    """The evidence for leaving a member out, or None when its interval does not lie below zero."""
+    low, high = np.percentile(bootstrap_means(change, resamples, seed), [2.5, 97.5])
+    return Removal(name, float(change.mean()), float(low), float(high)) if high < 0 else None
+
+
+def prune_by(names: Sequence[str], losses: Callable[[list[int]], np.ndarray], min_members: int = 1,
+             seed: int = 0, resamples: int = RESAMPLES) -> tuple[list[int], list[Removal]]:
+    """(indices of the members kept, the removals with their evidence) under the module
+    docstring's rule, for any per-row validation loss of a set of members (`losses(kept)`),
+    never leaving fewer than `min_members`."""
+    kept: list[int] = list(range(len(names)))
     removed: list[Removal] = []
-    while len(kept) > 1:
-        current = _calibrated_losses(val_probs, labels, kept, uniform_weights(len(kept)), calibrate)
-        best: Removal | None = None
-        for m in kept:
-            rest = [k for k in kept if k != m]
-            change = _calibrated_losses(val_probs, labels, rest, uniform_weights(len(rest)), calibrate) - current
-            low, high = np.percentile(bootstrap_means(change, resamples, seed), [2.5, 97.5])
-            if high < 0 and (best is None or change.mean() < best.change):
-                best = Removal(names[m], float(change.mean()), float(low), float(high))
-        if best is None:
+    while len(kept) > max(min_members, 1):
+        current = losses(kept)
+        found = [r for m in kept
+                 if (r := _removal(names[m], losses([k for k in kept if k != m]) - current, seed, resamples))]
+        if not found:
             break
+        best = min(found, key=lambda r: r.change)  # ties: the first found
         removed.append(best)
-        kept.remove(names.index(best.member))
+        kept.remove(list(names).index(best.member))
     return kept, removed
 
 
+def prune(names: list[str], val_probs: np.ndarray, labels: np.ndarray, calibrate: bool = True,
+          seed: int = 0, resamples: int = RESAMPLES, min_members: int = 1) -> tuple[list[int], list[Removal]]:
+    """`prune_by` on the calibrated ensemble's validation NLL of softmax members' probabilities."""
+    return prune_by(names, lambda kept: _calibrated_losses(val_probs, labels, kept, uniform_weights(len(kept)),
+                                                           calibrate), min_members, seed, resamples)
+
+
 def select(names: list[str], val_probs: np.ndarray, labels: np.ndarray, weighting: Weighting,
-           calibrate: bool = True, seed: int = 0) -> Selection:
+           calibrate: bool = True, seed: int = 0, min_members: int = 1) -> Selection:
     """Members kept, their weights and the temperature, from the members' validation
     probabilities (members, rows, classes)."""
     if weighting == "pruned":
-        kept, removed = prune(names, val_probs, labels, calibrate, seed)
+        kept, removed = prune(names, val_probs, labels, calibrate, seed, min_members=min_members)
         weights = uniform_weights(len(kept))
     elif weighting == "fitted":
         kept, removed = list(range(len(names))), []

@@ -18,8 +18,8 @@ from typing import Callable
 import keras
 import keras_tuner as kt
 
-from training.data import Splits
-from training.hypermodel import EnsembleHyperModel
+from training.data import FitSplits, Splits
+from training.hypermodel import EnsembleHyperModel, TableHyperModel
 
 TUNERS = ("hyperband", "random", "bayesian")
 OBJECTIVES = ("val_accuracy", "val_loss")
@@ -99,8 +99,8 @@ class _TrialProgress(keras.callbacks.Callback):
 
 
 def search(
-    hypermodel: EnsembleHyperModel,
-    splits: Splits,
+    hypermodel: EnsembleHyperModel | TableHyperModel,
+    splits: Splits | FitSplits,
     budget: SearchBudget,
     directory: Path,
     project: str,

@@ -1,0 +1,158 @@
+"""Tables end to end: a CSV as a user brings it (named mixed-type columns, words in a category
+column, empty cells, an id column to leave out), trained through `ensemble-train` for each task,
+published in format 2 with one input per column, served by a real `ensemble-serve`, and asked
+with rows exactly as the CSV holds them (`null` where a cell is empty). Each answer must be the
+members' combination (contract.tasks, with the published calibration) computed here on the
+published members themselves.
+
+The budgets are tiny: these tests check the plumbing (columns in, the task's head out, the same
+numbers on both sides), not the quality, which `docs/training.md` measures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from contract import tasks
+from contract.manifest import read_manifest
+from tests.server import ServerProcess
+from training.cli import EXIT_OK, EXIT_USAGE, main
+
+FAST = ["--tuner", "random", "--max-trials", "1", "--max-epochs", "2", "--members", "tuned:1,seed:1",
+        "--epochs", "4", "--patience", "2", "--no-gate"]
+ROWS = 160
+
+
+def write_csv(path, header, rows, delimiter=","):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def patients(tmp_path):
+    """A `;`-separated table: an id, a number with empty cells, a category of words with empty
+    cells, an integer code, and three targets (a number, a yes/no, two labels of 0/1)."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(ROWS):
+        age = int(rng.integers(20, 80))
+        sex = ["female", "male"][i % 2]
+        bmi = float(np.round(rng.normal(26, 4), 1))
+        stage = i % 3
+        risk = 0.05 * age + 2.0 * (sex == "female") + 0.3 * bmi + stage + rng.normal(0, 1)
+        rows.append([f"p{i:04d}", age, "" if i % 11 == 0 else sex, "" if i % 7 == 0 else bmi, stage,
+                     f"{risk:.3f}", "yes" if risk > 13 else "no", int(age > 50), int(stage == 2)])
+    path = tmp_path / "patients.csv"
+    write_csv(path, ["id", "age", "sex", "bmi", "stage", "risk", "sick", "old", "late"], rows, delimiter=";")
+    return path
+
+
+def train(tmp_path, capsys, *args):
+    code = main(["--data", str(tmp_path / "patients.csv"), "--repository", str(tmp_path / "models"),
+                 "--ignore-columns", "id,old,late", *FAST, *args])
+    out = capsys.readouterr()
+    return code, out
+
+
+def members_answer(vdir, manifest, rows):
+    """The head's answer to `rows` computed on the published members, as the server combines them."""
+    from training.members import predict_named_saved_model
+
+    head = manifest.heads[0]
+    columns = {}
+    for spec in manifest.inputs:
+        values = [row[spec.name] for row in rows]
+        if spec.dtype == "string":
+            columns[spec.name] = np.array(["" if v is None else v for v in values], dtype=object)
+        else:
+            columns[spec.name] = np.array([np.nan if v is None else v for v in values], dtype=spec.dtype)
+    outputs = np.stack([predict_named_saved_model(vdir / m.path, columns, head.name) for m in manifest.members],
+                       axis=1)
+    k = head.columns
+    calibration = head.variance_scale if head.task == "regression" else (head.temperatures or (1.0,))
+    return tasks.combine(head.task, outputs[:, :, :k], manifest.weights, calibration,
+                         outputs[:, :, k:2 * k] if head.variance else None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three versions of the same table (regression, binary, multi-label) and a server."""
+    root = tmp_path_factory.mktemp("tables")
+    patients(root)
+    # Each run leaves out the id and the other runs' targets.
+    runs = {"risk": ["--label-column", "risk", "--task", "regression", "--categorical", "stage",
+                     "--ignore-columns", "id,sick,old,late"],
+            "sick": ["--label-column", "sick", "--ignore-columns", "id,risk,old,late"],
+            "flags": ["--label-column", "old,late", "--task", "multilabel", "--ignore-columns", "id,risk,sick"]}
+    logs = {}
+    for name, args in runs.items():
+        code = main(["--data", str(root / "patients.csv"), "--repository", str(root / "models"), "--name", name,
+                     *FAST, *args])
+        assert code == EXIT_OK, name
+        logs[name] = read_manifest(root / "models" / name / "1")
+    server = ServerProcess(root / "models", env={"ENSEMBLE_LOADER_DUTY_CYCLE": "1"})
+    server.start(timeout=400)
+    try:
+        for name in runs:
+            server.wait_live(1, name, timeout=400)
+        yield root, server, logs
+    finally:
+        server.kill()
+
+
+ASKED = [{"age": 41, "sex": "female", "bmi": None, "stage": 2},
+         {"age": 67, "sex": None, "bmi": 31.5, "stage": 0},
+         {"age": 35, "sex": "male", "bmi": 22.0, "stage": None},
+         {"age": 58, "sex": "unknown", "bmi": 27.0, "stage": 9}]  # an unseen word and code: out of vocabulary
+
+
+def test_the_manifest_lists_every_column_by_name_and_the_task_of_each_head(trained):
+    root, _, manifests = trained
+    risk = manifests["risk"]
+    assert [(s.name, s.dtype, s.nullable) for s in risk.inputs] == [
+        ("age", "float32", True), ("sex", "string", True), ("bmi", "float32", True), ("stage", "float64", True)]
+    assert [(h.name, h.task, h.labels, h.variance) for h in risk.heads] == [
+        ("risk", "regression", ("risk",), True)]
+    assert risk.heads[0].variance_scale != 1.0  # fitted on validation
+    sick = manifests["sick"].heads[0]
+    assert (sick.name, sick.task, sick.labels, len(sick.temperatures)) == ("sick", "binary", ("no", "yes"), 1)
+    flags = manifests["flags"].heads[0]
+    assert (flags.name, flags.task, flags.labels, len(flags.temperatures)) == (
+        "labels", "multilabel", ("old", "late"), 2)
+    report = json.loads((root / "models" / "risk" / "1" / "report.json").read_text())
+    assert set(report["heads"]["risk"]["calibration"]["test_after"]) >= {"rmse", "mae", "r2", "nll", "coverage_90"}
+
+
+@pytest.mark.parametrize("name", ["risk", "sick", "flags"])
+def test_rows_as_the_csv_holds_them_are_answered_as_the_members_combine(trained, name):
+    root, server, manifests = trained
+    manifest = manifests[name]
+    expected = members_answer(root / "models" / name / "1", manifest, ASKED)
+    reply = httpx.post(f"{server.base}/v1/models/{name}:predict", json={"instances": ASKED}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    got = reply.json()["predictions"]
+    head = manifest.heads[0].name
+    values = np.array([row[head] if isinstance(row, dict) else row for row in got], dtype=np.float64)
+    np.testing.assert_allclose(values.reshape(expected.value.shape), expected.value, rtol=1e-4, atol=1e-4)
+
+
+def test_the_trainer_says_what_it_read_and_refuses_what_it_cannot_use(tmp_path, capsys):
+    patients(tmp_path)
+    code, out = train(tmp_path, capsys, "--label-column", "risk")
+    distinct = len({row[5] for row in csv.reader(open(tmp_path / "patients.csv"), delimiter=";")}) - 1
+    assert code != EXIT_OK and f"holds {distinct} distinct numbers; say what to predict: --task regression" in out.err
+    assert "nothing was published" in out.err
+    code, out = train(tmp_path, capsys, "--label-column", "risk", "--task", "regression", "--gate-metric", "accuracy")
+    assert code != EXIT_OK and "--gate-metric 'accuracy' is not a metric of a regression head" in out.err
+    code, out = train(tmp_path, capsys, "--label-column", "sick", "--members", "seed:1", "--name", "one")
+    assert code == EXIT_USAGE and "--members asks for 1 member(s), fewer than --min-members 2" in out.err
+    assert not (tmp_path / "models" / "one").exists()
+    code, out = train(tmp_path, capsys, "--label-column", "sick", "--name", "sick")
+    assert code == EXIT_OK, out.err
+    assert "[data] 2 classes in 'sick': trained as binary" in out.out
+    assert "[data] column 'bmi': 23 of 160 cells missing" in out.out
