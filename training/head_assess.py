@@ -65,7 +65,7 @@ from scipy.optimize import minimize
 
 from contract import tasks
 from contract.manifest import TASK_SCORES, TASKS, HeadAbstention, HeadSpec, uniform_weights
-from training.abstention import Threshold, auroc, choose_threshold, fit_rms_threshold
+from training.abstention import Threshold, auroc, choose_threshold, fit_rms_threshold, fit_threshold
 from training.calibration import (
     S_MAX,
     S_MIN,
@@ -323,13 +323,18 @@ def abstention_outcome(task: str, answer: tasks.Combined, target: np.ndarray, ch
 
 
 def fit_abstention(task: str, answer: tasks.Combined, target: np.ndarray, target_error: float,
-                   spread: np.ndarray | None) -> HeadThreshold:
-    """The abstention threshold on validation rows (module docstring, 4)."""
+                   spread: np.ndarray | None, total_only: bool = False) -> HeadThreshold:
+    """The abstention threshold on validation rows (module docstring, 4); `total_only`: on the
+    served value's own uncertainty only (entropy), the one score that is the same whatever set
+    of models the value averages (cross-fitted members' fold models, `training.crossfit`)."""
     if task == "regression":
         width, loss = interval_width(answer, ABSTAIN_LEVEL), squared_error(answer, target, spread)
         threshold, coverage, risk = fit_rms_threshold(width, loss, target_error)
         return HeadThreshold("interval_width", threshold, target_error, coverage, risk, ABSTAIN_LEVEL)
     scores = row_scores(task, answer)
+    if total_only:
+        threshold, coverage, risk = fit_threshold(scores["entropy"], row_correct(task, answer, target), target_error)
+        return HeadThreshold("entropy", threshold, target_error, coverage, risk, None)
     chosen = choose_threshold(np.stack([scores[s] for s in TASK_SCORES[task]], axis=1),
                               row_correct(task, answer, target), target_error)
     return HeadThreshold(**asdict(chosen))
@@ -515,11 +520,13 @@ def _check(task: str, names: list[str], val: MemberOutputs, test: MemberOutputs,
 def assess_head(task: str, names: Sequence[str], val: np.ndarray, test: np.ndarray, val_target: np.ndarray,
                 test_target: np.ndarray, *, variance: bool = False, weighting: Weighting = "pruned",
                 calibrate: bool = True, target_error: float | None = None, seed: int = 0, min_members: int = 2,
-                chosen: tuple[Sequence[str], Sequence[float]] | None = None) -> HeadAssessment:
+                chosen: tuple[Sequence[str], Sequence[float]] | None = None,
+                total_only: bool = False) -> HeadAssessment:
     """One head's ensemble from its members' raw outputs (members, rows, columns) on validation and
     test, chosen on validation and judged on test (module docstring). `chosen` (member names,
     weights) fixes the members instead of selecting them: a format-2 manifest has one set of
-    weights for all its heads, so a second head is judged with the first head's choice."""
+    weights for all its heads, so a second head is judged with the first head's choice. `total_only`:
+    abstain on the served value's entropy only (`fit_abstention`)."""
     names = list(names)
     val_out, test_out = member_outputs(task, val, variance), member_outputs(task, test, variance)
     _check(task, names, val_out, test_out, min_members, target_error, chosen)
@@ -542,7 +549,8 @@ def assess_head(task: str, names: Sequence[str], val: np.ndarray, test: np.ndarr
     ensemble = judged(served_test.value, served_test.variance)
     selected = pick_member(task, names, val_out, y_val, floor)
     spread = target_spread(task, y_val)
-    threshold = fit_abstention(task, served_val, y_val, target_error, spread) if target_error is not None else None
+    threshold = (fit_abstention(task, served_val, y_val, target_error, spread, total_only)
+                 if target_error is not None else None)
     test_scores = row_scores(task, served_test)
     wrong = wrong_rows(task, served_test, y_test, spread)
     degenerate = 0.0
