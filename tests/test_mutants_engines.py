@@ -1648,6 +1648,19 @@ def test_warmup_inputs_of_every_kind():
     assert batch["u"].dtype == np.uint8 and batch["u"].shape == (3, 1) and (batch["u"] == 1).all()
 
 
+def test_warmup_inputs_hold_the_missing_value_of_a_nullable_input_in_every_odd_row():
+    from service.engines.base import warmup_inputs
+
+    specs = [TensorSpec(name="f", dtype="float32", nullable=True), TensorSpec(name="s", dtype="string", nullable=True),
+             TensorSpec(name="g", dtype="float64", shape=(2,), nullable=True), TensorSpec(name="h", dtype="float32")]
+    batch = warmup_inputs(specs, 4)
+    assert np.isnan(batch["f"]).tolist() == [False, True, False, True]
+    assert batch["s"].tolist() == [b"warm up", b"", b"warm up", b""]
+    assert np.isnan(batch["g"]).all(axis=1).tolist() == [False, True, False, True] and not np.isnan(batch["g"][0]).any()
+    assert np.isfinite(batch["h"]).all()
+    assert not np.isnan(warmup_inputs(specs[:1], 1)["f"]).any()  # one row: no odd row
+
+
 @pytest.mark.parametrize("head, values, message", [
     (KIND, np.full((2, 2, 3), 1 / 3), None),
     (KIND, np.full((2, 1, 3), 1 / 3), "v of head 'kind' have shape [2, 1, 3], expected [2, 2, 3]"),

@@ -85,10 +85,13 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tables")
     patients(root)
     # Each run leaves out the id and the other runs' targets.
+    # `risk` is small enough to be cross-fitted (training.crossfit: every member one model per
+    # fold); the others are trained once each, to keep the test short.
     runs = {"risk": ["--label-column", "risk", "--task", "regression", "--categorical", "stage",
                      "--ignore-columns", "id,sick,old,late"],
-            "sick": ["--label-column", "sick", "--ignore-columns", "id,risk,old,late"],
-            "flags": ["--label-column", "old,late", "--task", "multilabel", "--ignore-columns", "id,risk,sick"]}
+            "sick": ["--label-column", "sick", "--ignore-columns", "id,risk,old,late", "--cross-fit", "never"],
+            "flags": ["--label-column", "old,late", "--task", "multilabel", "--ignore-columns", "id,risk,sick",
+                      "--cross-fit", "never"]}
     logs = {}
     for name, args in runs.items():
         code = main(["--data", str(root / "patients.csv"), "--repository", str(root / "models"), "--name", name,
@@ -118,7 +121,9 @@ def test_the_manifest_lists_every_column_by_name_and_the_task_of_each_head(train
         ("age", "float32", True), ("sex", "string", True), ("bmi", "float32", True), ("stage", "float64", True)]
     assert [(h.name, h.task, h.labels, h.variance) for h in risk.heads] == [
         ("risk", "regression", ("risk",), True)]
-    assert risk.heads[0].variance_scale != 1.0  # fitted on validation
+    assert risk.heads[0].variance_scale != 1.0  # fitted on the out-of-fold predictions
+    assert [m.name for m in risk.members] == [f"{n}-fold{k}" for n in ("tuned-0", "seed-1") for k in range(5)]
+    assert sum(risk.weights) == pytest.approx(1.0) and len(set(risk.weights)) == 1
     sick = manifests["sick"].heads[0]
     assert (sick.name, sick.task, sick.labels, len(sick.temperatures)) == ("sick", "binary", ("no", "yes"), 1)
     flags = manifests["flags"].heads[0]
@@ -152,7 +157,34 @@ def test_the_trainer_says_what_it_read_and_refuses_what_it_cannot_use(tmp_path, 
     code, out = train(tmp_path, capsys, "--label-column", "sick", "--members", "seed:1", "--name", "one")
     assert code == EXIT_USAGE and "--members asks for 1 member(s), fewer than --min-members 2" in out.err
     assert not (tmp_path / "models" / "one").exists()
-    code, out = train(tmp_path, capsys, "--label-column", "sick", "--name", "sick")
+    code, out = train(tmp_path, capsys, "--label-column", "sick", "--name", "sick", "--cross-fit", "never")
     assert code == EXIT_OK, out.err
     assert "[data] 2 classes in 'sick': trained as binary" in out.out
     assert "[data] column 'bmi': 23 of 160 cells missing" in out.out
+
+
+def test_the_gate_refuses_to_replace_a_version_that_takes_other_inputs(tmp_path):
+    """A published version of another signature: its clients would break, so the gate says so
+    instead of comparing."""
+    from datetime import datetime, timezone
+
+    from contract.manifest import HeadSpec, TensorSpec
+    from training.data import DataError
+    from training.table_pipeline import champion_of
+
+    folder = tmp_path / "risk" / "1"
+    (folder / "members" / "m0").mkdir(parents=True)
+    (folder / "members" / "m0" / "saved_model.pb").write_bytes(b"x")
+    manifest = {"format_version": 2, "name": "risk", "version": 1, "created": datetime.now(timezone.utc).isoformat(),
+                "inputs": [{"name": "age", "dtype": "float32"}],
+                "heads": [{"name": "risk", "task": "regression", "labels": ["risk"], "variance": True}],
+                "members": [{"name": "m0", "path": "members/m0", "kind": "seed", "weight": 1.0,
+                             "files": {"saved_model.pb": "0" * 64}}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    head = HeadSpec(name="risk", task="regression", labels=("risk",), variance=True)
+    ours = (TensorSpec(name="age", dtype="float32", nullable=True), TensorSpec(name="bmi", dtype="float32", nullable=True))
+    with pytest.raises(DataError, match=r"^version 1 of 'risk' takes other inputs or answers another head than this "
+                                        r"run's; its clients would break: publish under another --name, or pass "
+                                        r"--no-gate$"):
+        champion_of(tmp_path, "risk", ours, head, {}, np.zeros(1), lambda answer, target: {})
+    assert champion_of(tmp_path, "other", ours, head, {}, np.zeros(1), lambda answer, target: {}) is None

@@ -166,7 +166,9 @@ _VARIABLE_LENGTH = 4  # the length a variable dimension gets in the warm-up batc
 
 def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
     """A deterministic batch of every input: numbers in [0, 1) (integers 1), False, the string
-    "warm up"; a variable dimension of length _VARIABLE_LENGTH."""
+    "warm up"; a variable dimension of length _VARIABLE_LENGTH. A nullable input holds its
+    missing value (NaN, the empty string) in every odd row, so the checks that follow (finite
+    answers, the compiled engine against the members) cover the rows clients send with gaps."""
     rng = np.random.default_rng(WARMUP_SEED)
     batch = {}
     for spec in specs:
@@ -179,6 +181,8 @@ def warmup_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarra
             batch[spec.name] = np.ones(shape, dtype=spec.dtype)
         else:
             batch[spec.name] = rng.uniform(0.0, 1.0, size=shape).astype(spec.dtype)
+        if spec.nullable:
+            batch[spec.name][1::2] = b"" if spec.dtype == "string" else np.nan
     return batch
 
 
