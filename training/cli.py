@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from contract.layout import is_valid_name, scan_model
+from training.progress import PROGRESS_MODES
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -119,6 +120,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--if-empty", action="store_true",
                    help="do nothing if the repository already holds a published version of --name")
     p.add_argument("--verbose", action="store_true", help="let Keras Tuner print every epoch")
+    p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
+                   help="how the search and the member runs show where they are and the time left: always "
+                        "one line rewritten in place; never: plain lines instead (one per trial, one per 10 s "
+                        "and 10%% of a member's epochs at most); auto: rewritten on a terminal only. "
+                        "Default: auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +198,7 @@ def train_main(argv: list[str]) -> int:
             gate_tolerance=args.gate_tolerance,
             seed=args.seed,
             verbose=1 if args.verbose else 0,
+            progress=args.progress,
         )
     except ValueError as exc:
         _error(str(exc))

@@ -26,6 +26,7 @@ import numpy as np
 from contract.manifest import TensorSpec
 from training.data import FitSplits, Splits
 from training.hypermodel import EnsembleHyperModel, TableHyperModel
+from training.progress import MemberPhase, RunProgress, logged_value
 from training.swa import StochasticWeightAveraging, recompute_batch_norm
 
 # Keras Tuner bookkeeping values (Hyperband's epochs, bracket, round...) are not architecture.
@@ -171,6 +172,35 @@ class _SnapshotSaver(keras.callbacks.Callback):
             self.model.save_weights(str(self.at[epoch]))
 
 
+def planned_epochs(run: RunPlan, options: MemberOptions) -> tuple[int, bool]:
+    """The epochs a run trains, and whether early stopping may end it sooner (tuned and seed runs)."""
+    if run.kind == "snapshot":
+        return len(run.names) * options.snapshot_epochs_per_cycle, False
+    if run.kind == "swa":
+        return options.swa_epochs, False
+    return options.epochs, True
+
+
+class _EpochProgress(keras.callbacks.Callback):
+    """Feeds a run's progress from its fit: where it started (resumed or not), each epoch, the end."""
+
+    def __init__(self, progress: RunProgress):
+        super().__init__()
+        self.progress = progress
+        self.begun = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.begun:  # after BackupAndRestore has moved the fit to its resumed epoch
+            self.progress.begin(epoch)
+            self.begun = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.progress.epoch(epoch + 1, logged_value(logs, "val_loss"))
+
+    def on_train_end(self, logs=None):
+        self.progress.end()
+
+
 class MemberTrainer:
     """Trains the runs of a plan and exports every member they yield."""
 
@@ -183,8 +213,10 @@ class MemberTrainer:
         backup_root: Path,
         report: Callable[[str], None] = print,
         export: Callable[[keras.Model, Path], None] | None = None,
+        progress: MemberPhase | None = None,
     ):
         self.export = export or export_member
+        self.progress = progress
         self.hypermodel = hypermodel
         self.splits = splits
         self.options = options
@@ -205,8 +237,12 @@ class MemberTrainer:
         keras.backend.clear_session(free_memory=True)
         return members
 
-    def _fit(self, model: keras.Model, epochs: int, backup: Path, callbacks: list) -> dict:
+    def _fit(self, model: keras.Model, epochs: int, backup: Path, callbacks: list, run: RunPlan | None = None) -> dict:
         o = self.options
+        if self.progress is not None and run is not None:
+            at_most = any(isinstance(c, keras.callbacks.EarlyStopping) for c in callbacks)
+            label = f"{', '.join(run.names)} ({run.kind})"
+            callbacks = [*callbacks, _EpochProgress(self.progress.run(label, epochs, at_most))]
         history = model.fit(
             self.splits.train.x,
             self.splits.train.y,
@@ -230,7 +266,7 @@ class MemberTrainer:
         # stopping ends the run: members of more even quality average better.
         calm = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                  patience=max(1, patience // 3), min_lr=1e-5)
-        history = self._fit(model, self.options.epochs, backup, [stop, calm])
+        history = self._fit(model, self.options.epochs, backup, [stop, calm], run)
         epochs = len(history.get("loss", []))
         self.report(f"[member] {run.names[0]} ({run.kind}): {epochs} epochs, {best_of(history)}")
         return [self._export(run, run.names[0], model, {"epochs_trained": epochs})]
@@ -247,7 +283,7 @@ class MemberTrainer:
         backup.mkdir(parents=True, exist_ok=True)
         paths = [backup / f"{name}.weights.h5" for name in run.names]
         ends = snapshot_cycle_ends(cycles, o.snapshot_epochs_per_cycle)
-        self._fit(model, cycles * o.snapshot_epochs_per_cycle, backup, [_SnapshotSaver(ends, paths)])
+        self._fit(model, cycles * o.snapshot_epochs_per_cycle, backup, [_SnapshotSaver(ends, paths)], run)
         members = []
         for cycle, (name, path) in enumerate(zip(run.names, paths), 1):
             model.load_weights(str(path))
@@ -260,7 +296,7 @@ class MemberTrainer:
         o = self.options
         start = swa_start_epoch(o.swa_epochs, o.swa_start_fraction)
         swa = StochasticWeightAveraging(start_epoch=start, state_path=backup / "swa-average.npz")
-        self._fit(model, o.swa_epochs, backup, [swa])
+        self._fit(model, o.swa_epochs, backup, [swa], run)
         swa.apply_to(model)
         recompute_batch_norm(model, self.splits.train.x, o.batch_size)
         self.report(f"[member] {run.names[0]} (swa): {o.swa_epochs} epochs, "

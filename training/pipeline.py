@@ -55,6 +55,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     verbose: int = 0
+    progress: Literal["auto", "always", "never"] = "auto"  # a line rewritten in place: training.progress
 
     def __post_init__(self) -> None:
         if not self.members or any(k not in STRATEGIES or n < 1 for k, n in self.members.items()):
@@ -167,26 +168,34 @@ def search_and_train(config: TrainConfig, hypermodel, splits, budget: SearchBudg
     """Run (or resume) the search, then train every member of the plan into `exports`: (the
     trained members, the search's record for the report); None in a distributed-tuning worker,
     which only runs trials."""
+    import sys
+
     import keras
 
-    from training.members import MemberTrainer, config_values, plan_runs
+    from training.members import MemberTrainer, config_values, plan_runs, planned_epochs
+    from training.progress import Display, MemberPhase, is_interactive
     from training.tune import search
 
+    # Keras's own epoch lines (--verbose) and a line rewritten in place would garble each other.
+    display = Display(report, sys.stdout, is_interactive(config.progress, sys.stdout) and not config.verbose)
+    report = display.line  # a permanent line takes the place of the one being rewritten
     work = config.resolved_work_dir()
     report(f"[tune] {budget.describe()}")
     keras.utils.set_random_seed(config.seed)
-    ranked = search(hypermodel, splits, budget, work / "tuning", project, config.seed, report, config.verbose)
+    ranked = search(hypermodel, splits, budget, work / "tuning", project, config.seed, report, config.verbose,
+                    display)
     if is_distributed_worker():
         report("[tune] worker: the chief has closed the search; this worker is done")
         return None
     search_seconds = time.monotonic() - started
     report(f"[tune] search done after {search_seconds:.0f} s; {len(ranked)} trials")
     runs = plan_runs([config_values(hp) for hp in ranked], config.members, config.seed)
+    phase = MemberPhase(display, [planned_epochs(run, config.member_options) for run in runs])
     trainer = MemberTrainer(hypermodel, splits, config.member_options, exports, work / "backup" / project,
-                            report, export)
+                            report, export, phase)
     trained = []
     for i, run in enumerate(runs, 1):
-        report(f"[member] run {i}/{len(runs)}: {run.kind} -> {', '.join(run.names)}; {run.hyperparameters}")
+        report(f"[member] run {i}{phase.begin(i)}: {run.kind} -> {', '.join(run.names)}; {run.hyperparameters}")
         trained.extend(trainer.train_run(run, run_key(run)))
     return trained, {**asdict(budget), "trials": len(ranked), "seconds": round(search_seconds, 1)}
 

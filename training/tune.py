@@ -20,6 +20,7 @@ import keras_tuner as kt
 
 from training.data import FitSplits, Splits
 from training.hypermodel import EnsembleHyperModel, TableHyperModel
+from training.progress import Display, SearchProgress, hyperband_budgets, logged_value
 
 TUNERS = ("hyperband", "random", "bayesian")
 OBJECTIVES = ("val_accuracy", "val_loss")
@@ -78,24 +79,62 @@ def make_tuner(hypermodel: kt.HyperModel, budget: SearchBudget, directory: Path,
     return kt.BayesianOptimization(hypermodel, max_trials=budget.max_trials, **common)
 
 
-class _TrialProgress(keras.callbacks.Callback):
-    """Reports one line per finished trial: the tuner itself only speaks in verbose mode."""
+class TrialProgress(keras.callbacks.Callback):
+    """Feeds the search's progress from inside every trial: the tuner itself only speaks in verbose mode."""
 
-    def __init__(self, report: Callable[[str], None], objective: str):
+    def __init__(self, progress: SearchProgress):
         super().__init__()
-        self.report = report
-        self.objective = objective
-        self.trials = 0
+        self.progress = progress
+        self.first: int | None = None
+        self.ran = 0
+        self.best: float | None = None
 
     def __deepcopy__(self, memo):
-        # Keras Tuner deep-copies callbacks for every trial; one shared counter is the point.
+        # Keras Tuner deep-copies callbacks for every trial; one shared progress is the point.
         return self
 
+    def on_train_begin(self, logs=None):
+        self.first, self.ran, self.best = None, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first is None:  # Hyperband's promoted trials start at their initial epoch
+            self.first = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = logged_value(logs, self.progress.objective)
+        # Keras Tuner scores a trial by its best epoch; so does its line.
+        if self.progress.better(value, self.best):
+            self.best = value
+        self.ran += 1
+        first = self.first or 0
+        self.progress.epoch(epoch + 1 - first, self.params.get("epochs", epoch + 1) - first, value)
+
     def on_train_end(self, logs=None):
-        self.trials += 1
-        value = (logs or {}).get(self.objective)
-        shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
-        self.report(f"[tune] trial {self.trials} done: {self.objective}={shown}")
+        self.progress.trial_done(self.ran, self.best)
+
+
+def planned_trials(tuner: kt.Tuner, budget: SearchBudget) -> list[int]:
+    """The epochs of every trial the search will run, in order: read from Hyperband's oracle where it
+    can be (a distributed worker's oracle is a client that hides them), else from the budget."""
+    if budget.tuner != "hyperband":
+        return [budget.max_epochs] * budget.max_trials
+    oracle = tuner.oracle
+    return hyperband_budgets(getattr(oracle, "max_epochs", budget.max_epochs),
+                             getattr(oracle, "factor", budget.factor),
+                             getattr(oracle, "min_epochs", 1),
+                             getattr(oracle, "hyperband_iterations", 1))
+
+
+def _finished_before(tuner: kt.Tuner) -> tuple[int, float | None]:
+    """Trials a resumed search had already finished, and their best score (none known in a worker)."""
+    trials = getattr(tuner.oracle, "trials", None)
+    if not isinstance(trials, dict):
+        return 0, None
+    finished = [t for t in trials.values() if t.status == kt.engine.trial.TrialStatus.COMPLETED]
+    scores = [t.score for t in finished if t.score is not None]
+    if not scores:
+        return len(finished), None
+    return len(finished), (min if tuner.oracle.objective.direction == "min" else max)(scores)
 
 
 def search(
@@ -107,9 +146,14 @@ def search(
     seed: int,
     report: Callable[[str], None] = print,
     verbose: int = 0,
+    display: Display | None = None,
 ) -> list[kt.HyperParameters]:
     """Run (or resume) the search and return every configuration, best first (none in a worker)."""
     tuner = make_tuner(hypermodel, budget, directory, project, seed)
+    done, best = _finished_before(tuner)
+    progress = SearchProgress(display or Display(report), budget.objective,
+                              tuner.oracle.objective.direction == "min", planned_trials(tuner, budget),
+                              done, best, worker=is_distributed_worker())
     epochs = {} if budget.tuner == "hyperband" else {"epochs": budget.max_epochs}
     with warnings.catch_warnings():
         # Hyperband resumes promoted trials from checkpoints without their optimizer state,
@@ -120,7 +164,7 @@ def search(
             splits.train.y,
             validation_data=(splits.val.x, splits.val.y),
             batch_size=budget.batch_size,
-            callbacks=[_TrialProgress(report, budget.objective)],
+            callbacks=[TrialProgress(progress)],
             verbose=verbose,
             **epochs,
         )
