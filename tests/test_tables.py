@@ -167,12 +167,12 @@ def test_kinds_are_inferred_from_the_values(tmp_path):
     assert table.columns["code"].dtype == np.float64 and table.columns["code"][:5].tolist() == [0, 1, 2, 3, 0]
 
 
-def test_a_column_of_numbers_with_a_few_words_is_text_with_a_note(tmp_path):
+def test_a_column_of_numbers_with_a_few_words_is_a_string_category_with_a_note(tmp_path):
     path = small(tmp_path, rows=20, x=["1.5", "2", "3", "inf", "4", "5", "6", "7", "8", "9"], y=["p", "q"])
     table = read_table(path, "y", None)
     assert table.kinds == {"x": "string"} and table.columns["x"][3] == "inf"
     assert table.notes[-1] == ("column 'x': 2 of 20 values are not numbers (the first 'inf' at line 5), so "
-                               "it is read as text; fix those cells, or list it in numeric to make them errors")
+                               "it is read as a string category; fix those cells, or list it in numeric to make them errors")
 
 
 def test_overrides_categorical_numeric_and_ignore(tmp_path):

@@ -41,7 +41,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--data", default="digits",
                       help="'digits' (built in, no download), an .npz file (arrays x, y, optional classes), "
                            "a table (.csv/.tsv/.txt with a header, or .parquet: named columns of numbers, "
-                           "categories and empty cells), or a folder with one sub-folder of images per class. "
+                           "categories, text and empty cells), or a folder with one sub-folder per class of "
+                           "images or of .txt files (a text classifier). "
                            "Default: digits")
     data.add_argument("--label-column", default="label",
                       help="tables: the label column's name, or several separated by commas (multi-label, "
@@ -53,6 +54,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--categorical", default="", help="tables: comma-separated columns that are categories")
     data.add_argument("--numeric", default="", help="tables: comma-separated columns that must be numbers")
     data.add_argument("--ignore-columns", default="", help="tables: comma-separated columns to leave out (ids)")
+    data.add_argument("--text-columns", default="",
+                      help="tables: comma-separated columns of free text (tokenised inside the members). "
+                           "Default: inferred, a column of long or mostly distinct phrases")
+    data.add_argument("--skip-unreadable", action="store_true",
+                      help="folders of texts: leave out .txt files that cannot be read or are not UTF-8 "
+                           "(the trainer says how many) instead of stopping at the first")
     data.add_argument("--image-size", type=_image_size, default=(32, 32),
                       help="image folders: resize to HEIGHTxWIDTH. Default: 32x32")
     data.add_argument("--color-mode", default="rgb", choices=["rgb", "grayscale", "rgba"],
@@ -176,7 +183,8 @@ def train_main(argv: list[str]) -> int:
             work_dir=args.work_dir,
             data_options=DataOptions(args.label_column, args.image_size, args.color_mode, args.task,
                                      args.delimiter, _names(args.categorical), _names(args.numeric),
-                                     _names(args.ignore_columns)),
+                                     _names(args.ignore_columns), text=_names(args.text_columns),
+                                     skip_unreadable=args.skip_unreadable),
             budget=SearchBudget(tuner=args.tuner, max_epochs=args.max_epochs, factor=args.factor,
                                 max_trials=args.max_trials, objective=args.objective or "val_accuracy",
                                 batch_size=args.batch_size),

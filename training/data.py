@@ -7,6 +7,7 @@ images of 0..16, an `.npz` file as whatever `x` holds. Scaling is a layer inside
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -120,12 +121,14 @@ class NpzSource:
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+# The files `keras.utils.image_dataset_from_directory` reads; a folder holding any is of images.
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 
 
 @dataclass(frozen=True)
 class DataOptions:
     """Source-specific options: a table's label column(s), task and column kinds; the size and
-    colour of folder images."""
+    colour of folder images; whether a folder of texts skips the files it cannot read."""
 
     label_column: str = "label"
     image_size: tuple[int, int] = (32, 32)
@@ -135,6 +138,8 @@ class DataOptions:
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    text: tuple[str, ...] = ()
+    skip_unreadable: bool = False
 
     @property
     def label_columns(self) -> tuple[str, ...]:
@@ -144,9 +149,32 @@ class DataOptions:
 
 
 def is_table(spec: str) -> bool:
-    """Whether a `--data` argument names a table file (CSV or Parquet): trained with named
-    columns, in manifest format 2."""
-    return spec.lower().endswith(TABLE_SUFFIXES)
+    """Whether a `--data` argument names a table file (CSV or Parquet) or a folder of texts (a
+    table of one text column): trained with named columns, in manifest format 2."""
+    return spec.lower().endswith(TABLE_SUFFIXES) or is_text_folder(spec)
+
+
+def is_text_folder(spec: str) -> bool:
+    """Whether a `--data` argument names a folder whose class sub-folders hold `.txt` files and no
+    images (a folder with any image is one of images, as it always was)."""
+    folder = Path(spec)
+    if spec == "digits" or not folder.is_dir():
+        return False
+    texts = False
+    try:
+        for sub in folder.iterdir():
+            # Hidden folders (.ipynb_checkpoints, .git) are no classes; training.text_folder skips them too.
+            if not sub.is_dir() or sub.name.startswith("."):
+                continue
+            for _, _, files in os.walk(sub):
+                for file in files:
+                    suffix = os.path.splitext(file)[1].lower()
+                    if suffix in IMAGE_SUFFIXES:
+                        return False
+                    texts = texts or suffix == ".txt"
+    except OSError:
+        return False  # unreadable: the image reader says why
+    return texts
 
 
 class ImageFolderSource:
@@ -188,12 +216,13 @@ def open_source(spec: str, options: DataOptions | None = None) -> DataSource:
     if spec.endswith(".npz"):
         return NpzSource(Path(spec))
     if is_table(spec):
-        raise DataError(f"{spec} is a table: its named columns train through training.table_pipeline")
+        raise DataError(f"{spec} is a table or a folder of texts: its named columns train through "
+                        "training.table_pipeline")
     if Path(spec).is_dir():
         return ImageFolderSource(Path(spec), options.image_size, options.color_mode)
     raise DataError(
         f"unknown data source {spec!r}: use 'digits', a path ending in .npz, a table (.csv, .tsv, .txt, "
-        ".parquet), or a folder with one sub-folder of images per class"
+        ".parquet), or a folder with one sub-folder of images (or of .txt files) per class"
     )
 
 

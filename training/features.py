@@ -15,6 +15,17 @@ notebook has to repeat it.
   is a category of its own when training had it. One-hot over the most frequent values (at
   most `MAX_VOCABULARY`, each seen at least twice when there are more); the rest share the
   out-of-vocabulary column.
+- `text`: free text in a string input; the empty string is the missing (empty) text.
+  `TextVectorization` (lower case, punctuation stripped, split on white space) turns it into
+  token ids over the training split's most frequent words, padded or cut to a fixed length (the
+  95th percentile of the training texts' lengths, at most `MAX_TEXT_LENGTH`: a fixed shape
+  exports and serves as plainly as any other). The encoder is searched: the mean of the
+  tokens' embeddings (padding left out; zeros for an empty text), a `Conv1D` over them and a
+  global max pool, or the bag of words (which words occur: a linear model of them in the dense
+  body, often the strongest on short texts and few examples). The vocabulary is computed once
+  per run (`column_stats`), for the largest vocabulary searched; each member takes the most
+  frequent `text_max_tokens` of it, so every trial and member of a run tokenises alike and its
+  SavedModel carries the words it knows.
 
 Every column input is nullable in the manifest's terms (`contract.manifest.TensorSpec`): a
 numeric column is imputed, a category counts a missing value as out of vocabulary, so a row
@@ -30,18 +41,30 @@ import keras
 import numpy as np
 
 from contract.manifest import TensorSpec
+from training.data import DataError
 
-KINDS = ("numeric", "integer", "string")
-INPUT_DTYPES = {"numeric": "float32", "integer": "float64", "string": "string"}
+KINDS = ("numeric", "integer", "string", "text")
+INPUT_DTYPES = {"numeric": "float32", "integer": "float64", "string": "string", "text": "string"}
 # Past this many distinct values a string column is mostly identifiers or text: its one-hot
 # keeps the most frequent values and folds the rest into the out-of-vocabulary column.
 MAX_VOCABULARY = 256
+# The text search space (training.hypermodel searches it only for tables with a text column).
+TEXT_MAX_TOKENS = (5_000, 10_000, 20_000)  # the vocabulary's size, its padding and unknown-word ids included
+TEXT_EMBEDDING = (32, 64, 128)
+TEXT_ENCODERS = ("mean", "convolution", "bag")
+TEXT_STANDARDIZE = "lower_and_strip_punctuation"
+# Texts are cut at this many tokens: the first 256 words carry most of what a short text says,
+# and the members' cost grows with the length.
+MAX_TEXT_LENGTH = 256
+TEXT_LENGTH_PERCENTILE = 95
+CONVOLUTION_WIDTH = 5
 
 
 @dataclass(frozen=True)
 class ColumnStats:
     """What the training split says about one column: its kind, whether it had missing values,
-    its mean and standard deviation (numeric) or its vocabulary (categories)."""
+    its mean and standard deviation (numeric), its vocabulary (categories; the words of a text,
+    most frequent first) and, for text, the length in tokens every text is padded or cut to."""
 
     name: str
     kind: str
@@ -49,6 +72,7 @@ class ColumnStats:
     mean: float = 0.0
     std: float = 1.0
     vocabulary: tuple = ()
+    length: int = 0
 
     def spec(self) -> TensorSpec:
         """The column's input as the manifest lists it: one value per row, missing allowed."""
@@ -72,6 +96,14 @@ def column_stats(name: str, kind: str, values: np.ndarray) -> ColumnStats:
     if kind == "string":
         text = np.asarray(values, dtype=object)
         return ColumnStats(name, kind, bool(np.any(text == "")), vocabulary=vocabulary_of(text))
+    if kind == "text":
+        text = np.asarray(values, dtype=object)
+        words, lengths = text_vocabulary(text)
+        if not words:
+            raise DataError(f"column {name!r}: its training texts hold no words (after lower-casing and stripping "
+                            "punctuation); leave it out")
+        return ColumnStats(name, kind, bool(np.any(text == "")), vocabulary=words,
+                           length=text_length(lengths))
     numbers = np.asarray(values, dtype=np.float64)
     present = numbers[~np.isnan(numbers)]
     has_missing = len(present) < len(numbers)
@@ -80,6 +112,48 @@ def column_stats(name: str, kind: str, values: np.ndarray) -> ColumnStats:
     mean = float(present.mean()) if len(present) else 0.0
     std = float(present.std()) if len(present) else 1.0
     return ColumnStats(name, kind, has_missing, mean, std if std > 1e-12 else 1.0)
+
+
+def text_vocabulary(texts: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+    """(the words of these texts, most frequent first, as many as the largest vocabulary searched
+    holds; each text's length in tokens), tokenised as the members tokenise."""
+    import tensorflow as tf
+
+    layer = keras.layers.TextVectorization(max_tokens=max(TEXT_MAX_TOKENS), standardize=TEXT_STANDARDIZE)
+    batches = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), dtype=tf.string)).batch(1024)
+    layer.adapt(batches)
+    # Ids 0 and 1 are the padding and the unknown word: the words follow, most frequent first
+    # (ties in a fixed order), which is the order a smaller vocabulary keeps the head of.
+    words = tuple(str(w) for w in layer.get_vocabulary()[2:])
+    if not words:  # no text holds a word: the layer has no table to look up
+        return words, np.zeros(len(texts), dtype=np.int64)
+    # Every word is in the vocabulary or unknown (id 1), so a text's tokens are its non-zero ids.
+    return words, np.concatenate([np.count_nonzero(layer(batch).numpy(), axis=1) for batch in batches])
+
+
+def text_length(lengths: np.ndarray) -> int:
+    """The length in tokens every text is padded or cut to: the `TEXT_LENGTH_PERCENTILE`th
+    percentile of the training texts' lengths, between 1 and `MAX_TEXT_LENGTH`."""
+    if not len(lengths):
+        return 1
+    return int(min(MAX_TEXT_LENGTH, max(1, np.ceil(np.percentile(lengths, TEXT_LENGTH_PERCENTILE)))))
+
+
+@keras.saving.register_keras_serializable(package="ensemble")
+class TokenMean(keras.layers.Layer):
+    """The mean of a text's embedded tokens, (rows, length, dim) and their ids (rows, length) in,
+    (rows, dim) out, padding (id 0) left out; an empty text is all zeros (a masked
+    `GlobalAveragePooling1D` divides by zero there)."""
+
+    def call(self, inputs):
+        embedded, ids = inputs
+        present = keras.ops.expand_dims(keras.ops.cast(keras.ops.not_equal(ids, 0), embedded.dtype), -1)
+        count = keras.ops.maximum(keras.ops.sum(present, axis=1), 1.0)
+        return keras.ops.sum(embedded * present, axis=1) / count
+
+    def compute_output_shape(self, input_shape):
+        embedded, _ = input_shape
+        return (embedded[0], embedded[2])
 
 
 @keras.saving.register_keras_serializable(package="ensemble")
@@ -133,12 +207,15 @@ def column_inputs(stats: list[ColumnStats]) -> dict[str, keras.KerasTensor]:
     return {s.name: keras.Input(shape=(), dtype=INPUT_DTYPES[s.kind], name=s.name) for s in stats}
 
 
-def encode(inputs: dict[str, keras.KerasTensor], stats: list[ColumnStats]):
-    """Every column preprocessed and concatenated into one (rows, features) float tensor."""
+def encode(inputs: dict[str, keras.KerasTensor], stats: list[ColumnStats], hp):
+    """Every column preprocessed and concatenated into one (rows, features) float tensor; `hp`
+    (Keras Tuner's hyperparameters) chooses how text columns are encoded."""
     parts = []
     for s in stats:
         x = inputs[s.name]
-        if s.kind == "numeric":
+        if s.kind == "text":
+            parts.append(encode_text(x, s, hp))
+        elif s.kind == "numeric":
             parts.append(ImputeStandardize(s.mean, s.std, s.has_missing, name=f"impute_{s.name}")(x))
         elif s.kind == "integer":
             # Below every code: one for a missing value, one for the lookup's out-of-vocabulary
@@ -159,8 +236,31 @@ def encode(inputs: dict[str, keras.KerasTensor], stats: list[ColumnStats]):
     return keras.layers.Concatenate(name="features")(parts)
 
 
+def encode_text(x: keras.KerasTensor, s: ColumnStats, hp) -> keras.KerasTensor:
+    """A text column as (rows, features) over the run's vocabulary: the bag of its words, or
+    token ids embedded then averaged, or convolved and max-pooled; each choice searched."""
+    max_tokens = hp.Choice("text_max_tokens", list(TEXT_MAX_TOKENS))
+    encoder = hp.Choice("text_encoder", list(TEXT_ENCODERS))
+    with hp.conditional_scope("text_encoder", ["mean", "convolution"]):
+        dimension = hp.Choice("text_embedding", list(TEXT_EMBEDDING))
+    words = list(s.vocabulary[: max_tokens - 2])
+    if encoder == "bag":
+        bag = keras.layers.TextVectorization(vocabulary=words, standardize=TEXT_STANDARDIZE, output_mode="multi_hot",
+                                             name=f"vectorize_{s.name}")(x)
+        return keras.ops.cast(bag, "float32")
+    ids = keras.layers.TextVectorization(vocabulary=words, standardize=TEXT_STANDARDIZE,
+                                         output_sequence_length=s.length, name=f"vectorize_{s.name}")(x)
+    embedded = keras.layers.Embedding(len(words) + 2, dimension, name=f"embed_{s.name}")(ids)
+    if encoder == "mean":
+        return TokenMean(name=f"mean_{s.name}")([embedded, ids])
+    convolved = keras.layers.Conv1D(dimension, CONVOLUTION_WIDTH, padding="same", activation="relu",
+                                    name=f"convolve_{s.name}")(embedded)
+    return keras.layers.GlobalMaxPooling1D(name=f"pool_{s.name}")(convolved)
+
+
 def as_inputs(columns: dict[str, np.ndarray], stats: list[ColumnStats]) -> dict[str, np.ndarray]:
     """A table's columns as the members' inputs take them: each at its input dtype (strings as
     an object array of `str`)."""
-    return {s.name: np.asarray(columns[s.name], dtype=object if s.kind == "string" else INPUT_DTYPES[s.kind])
+    return {s.name: np.asarray(columns[s.name], dtype=object if INPUT_DTYPES[s.kind] == "string"
+                               else INPUT_DTYPES[s.kind])
             for s in stats}

@@ -4,7 +4,8 @@ Arrays (format 1): images (height, width, channels) get a small convolutional ne
 else a dense one; every model starts with a Normalization layer holding the training split's
 statistics, so the exported SavedModel takes raw values and clients never need to know the
 scaling. Tables (format 2): one input per named column, preprocessed inside the model
-(`training.features`), a dense body, and the head of the table's task (`training.heads`).
+(`training.features`; a text column's vocabulary size, embedding and encoder are searched too),
+a dense body, and the head of the table's task (`training.heads`).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class TableHyperModel(kt.HyperModel):
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         inputs = column_inputs(self.columns)
-        x = dense_body(hp, encode(inputs, self.columns))
+        x = dense_body(hp, encode(inputs, self.columns, hp))
         model = keras.Model(inputs, self.head.output(x))
         self.compile(model, keras.optimizers.Adam(learning_rate(hp)))
         return model

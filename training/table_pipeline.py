@@ -4,9 +4,10 @@ out, published in manifest format 2.
 The same steps as `training.pipeline` for arrays (search, members of four kinds, pool then
 calibrate on validation, the honest comparison on test, abstention, the gate, publish), with
 the table's own parts: every column an input of the members, preprocessed inside them
-(`training.features`); the task's head and loss (`training.heads`); the task's selection,
-calibration and metrics (`training.head_assess`), in the terms the server combines them with
-(`contract.tasks`).
+(`training.features`; a text column is tokenised there too); the task's head and loss
+(`training.heads`); the task's selection, calibration and metrics (`training.head_assess`), in
+the terms the server combines them with (`contract.tasks`). A folder of texts is a table of one
+text column (`training.text_folder`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from contract.manifest import TENSOR_NAME, DataInfo, HeadSpec, TensorSpec
-from training.data import DataError, Examples, FitSplits
+from training.data import DataError, Examples, FitSplits, is_text_folder
 from training.gate import GateDecision
 from training.publish import MemberArtifact, publish_named_version
 
@@ -100,7 +101,8 @@ def champion_of(repository: Path, name: str, inputs: tuple[TensorSpec, ...], hea
 
 
 def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainResult | None":
-    """Train, judge and (if the gate lets it through) publish an ensemble for a table."""
+    """Train, judge and (if the gate lets it through) publish an ensemble for a table (or a folder
+    of texts: a table of one text column)."""
     from training.features import as_inputs, column_stats
     from training.gate import decide
     from training.head_assess import assess_head, measure_answer
@@ -111,11 +113,15 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     from training.report import report_json
     from training.tables import fingerprint_table, read_table, split_table
     from training.task_metrics import higher_is_better
+    from training.text_folder import read_text_folder
 
     started = time.monotonic()
     o = config.data_options
-    table = read_table(config.data, o.label_columns, o.task, delimiter=o.delimiter, categorical=o.categorical,
-                       numeric=o.numeric, ignore=o.ignore)
+    if is_text_folder(config.data):
+        table = read_text_folder(config.data, o.task, skip_unreadable=o.skip_unreadable)
+    else:
+        table = read_table(config.data, o.label_columns, o.task, delimiter=o.delimiter, categorical=o.categorical,
+                           numeric=o.numeric, ignore=o.ignore, text=o.text)
     check_input_names(list(table.columns), table.source)
     task = table.task
     metric = config.gate_metric or default_gate_metric(task)

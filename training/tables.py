@@ -3,9 +3,10 @@ missing values, read with pyarrow into named feature columns and an encoded targ
 
 Every feature column keeps its name and gets a kind: `numeric` (numbers, float64, NaN where
 missing), `integer` (an integer category such as a code 0..3: whole numbers as float64, NaN
-where missing) or `string` (a string category or text: Python `str`, "" where missing). The
-kind is inferred from the values and can be overridden by name (`categorical`, `numeric`,
-`ignore`). The label column(s) become the target of one task of `contract.manifest.TASKS`.
+where missing), `string` (a string category: Python `str`, "" where missing) or `text` (free
+text, tokenised inside the members: Python `str`, "" where missing). The kind is inferred from
+the values and can be overridden by name (`categorical`, `numeric`, `text`, `ignore`). The label
+column(s) become the target of one task of `contract.manifest.TASKS`.
 
 What counts as what, in every file format alike:
 - a cell is *missing* when it is empty, null, NaN or one of `NULL_SPELLINGS` (after the spaces
@@ -15,7 +16,13 @@ What counts as what, in every file format alike:
 - a column whose present cells are all numbers is `numeric`, except one that looks like a code
   (`looks_like_codes`: whole numbers, at most `MAX_CATEGORY_CODES` distinct values, and at most
   `CATEGORY_SHARE` of its present cells distinct, i.e. each value repeats about 20 times or
-  more), which is `integer`; any other column is `string`.
+  more), which is `integer`;
+- a column of words is `text` when it has at least `TEXT_MIN_DISTINCT` distinct values and they
+  are long (a mean of `TEXT_MEAN_CHARS` characters or more) or mostly distinct (more than
+  `TEXT_DISTINCT_SHARE` of the present cells) with `TEXT_MIN_WORDS` words or more on average
+  (`looks_like_text`): reviews, descriptions, messages. Few distinct values, however long, are
+  categories; short distinct values of a word or two (ids, names) are no text either;
+- any other column is `string`.
 
 Every problem is a `training.data.DataError` whose message names the file and what to change.
 """
@@ -51,7 +58,14 @@ MAX_CATEGORY_CODES = 10
 CATEGORY_SHARE = 0.05
 # Fewer rows with a label than this cannot fill train, validation and test meaningfully.
 MIN_ROWS = 10
-KINDS = ("numeric", "integer", "string")
+# A column of words is text (looks_like_text) past these; see the module's docstring.
+TEXT_MIN_DISTINCT = 50
+TEXT_MEAN_CHARS = 30
+TEXT_DISTINCT_SHARE = 0.5
+TEXT_MIN_WORDS = 3
+KINDS = ("numeric", "integer", "string", "text")
+# The kinds whose values are Python strings ("" where missing).
+STRING_KINDS = ("string", "text")
 # A finite decimal number; Arrow's cast reads every text this matches.
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 # Two-valued labels whose order is known: (negative, positive).
@@ -102,12 +116,13 @@ class Table:
 
 def read_table(path: str | Path, label_columns: Sequence[str], task: str | None, *,
                delimiter: str | None = None, categorical: Sequence[str] = (),
-               numeric: Sequence[str] = (), ignore: Sequence[str] = ()) -> Table:
+               numeric: Sequence[str] = (), ignore: Sequence[str] = (), text: Sequence[str] = ()) -> Table:
     """Read a CSV or Parquet file into named feature columns and the target of one task."""
-    labels, categorical, numeric, ignore = (_names(v) for v in (label_columns, categorical, numeric, ignore))
-    _check_arguments(path, labels, task, categorical, numeric, ignore)
+    labels, categorical, numeric, ignore, text = (_names(v) for v in (label_columns, categorical, numeric,
+                                                                       ignore, text))
+    _check_arguments(path, labels, task, categorical, numeric, ignore, text)
     file = _open(path, delimiter)
-    _check_columns(file, labels, categorical, numeric, ignore)
+    _check_columns(file, labels, categorical, numeric, ignore, text)
     skip = set(ignore) | set(file.skipped)
     features = [n for n in file.names if n not in skip and n not in labels]
     if not features:
@@ -122,8 +137,9 @@ def read_table(path: str | Path, label_columns: Sequence[str], task: str | None,
     notes += target_notes
     columns, kinds = {}, {}
     for name in features:
-        kind, kind_notes = _kind(file, name, cells[name], keep, name in categorical, name in numeric)
-        columns[name] = cells[name].text(keep) if kind == "string" else cells[name].numbers[keep]
+        kind, values, kind_notes = _kind(file, name, cells[name], keep, name in categorical, name in numeric,
+                                         name in text)
+        columns[name] = values
         kinds[name] = kind
         notes += kind_notes + _missing_note(name, kind, cells[name].missing[keep])
     return Table(columns, kinds, target, names, task, str(path), labels, tuple(notes))
@@ -151,7 +167,7 @@ def fingerprint_table(table: Table) -> str:
     for name, values in table.columns.items():
         kind = table.kinds[name]
         h.update(b"\xfe" + name.encode() + b"\xff" + kind.encode() + b"\xff")
-        if kind == "string":
+        if kind in STRING_KINDS:
             h.update(b"\xff".join(v.encode() for v in values))
         else:
             # Every NaN the same: a missing value has no payload worth telling apart.
@@ -168,6 +184,17 @@ def looks_like_codes(distinct: int, present: int) -> bool:
     # A code repeats: few values, each seen about 1/CATEGORY_SHARE times or more. A count or a
     # measurement in whole units (age, 0..200) has more values, or too few rows to tell.
     return distinct <= MAX_CATEGORY_CODES and distinct <= CATEGORY_SHARE * present
+
+
+def looks_like_text(distinct: int, present: int, mean_chars: float, mean_words: float) -> bool:
+    """Whether a column of words with `distinct` values in `present` cells, of these mean lengths
+    in characters and in words, is free text rather than a category."""
+    # A category repeats; text rarely does. Long values are text once there are enough of them
+    # to be no short list of categories; shorter ones when they are mostly distinct phrases.
+    if distinct < TEXT_MIN_DISTINCT:
+        return False
+    return mean_chars >= TEXT_MEAN_CHARS or (distinct > TEXT_DISTINCT_SHARE * present
+                                             and mean_words >= TEXT_MIN_WORDS)
 
 
 def show_number(value: float) -> str:
@@ -253,7 +280,7 @@ class _CsvFile(_File):
     def _problem(self, exc: pa.ArrowInvalid) -> DataError:
         text = str(exc)
         if "invalid UTF8" in text:
-            return _not_utf8(self.path)
+            return not_utf8(self.path)
         if "Expected" in text and "columns, got" in text:
             try:
                 for line, fields in _records(self.path, self.delimiter):
@@ -347,7 +374,7 @@ def _names(value: str | Sequence[str]) -> tuple[str, ...]:
 
 def _check_arguments(path: str | Path, labels: tuple[str, ...], task: str | None,
                      categorical: tuple[str, ...], numeric: tuple[str, ...],
-                     ignore: tuple[str, ...]) -> None:
+                     ignore: tuple[str, ...], text: tuple[str, ...]) -> None:
     if task is not None and task not in TASKS:
         raise DataError(f"{path}: unknown task {task!r}; use one of {', '.join(TASKS)}, or none to infer it")
     if not labels:
@@ -360,7 +387,7 @@ def _check_arguments(path: str | Path, labels: tuple[str, ...], task: str | None
     if task == "multilabel" and len(labels) < 2:
         raise DataError(f"{path}: multilabel takes two or more label columns, got {labels[0]!r}; "
                         "one 0/1 column is --task binary")
-    options = {"categorical": categorical, "numeric": numeric, "ignore": ignore}
+    options = {"categorical": categorical, "numeric": numeric, "text": text, "ignore": ignore}
     for option, names in options.items():
         for name in names:
             if name in labels:
@@ -371,14 +398,15 @@ def _check_arguments(path: str | Path, labels: tuple[str, ...], task: str | None
 
 
 def _check_columns(file: _File, labels: tuple[str, ...], categorical: tuple[str, ...],
-                   numeric: tuple[str, ...], ignore: tuple[str, ...]) -> None:
+                   numeric: tuple[str, ...], ignore: tuple[str, ...], text: tuple[str, ...]) -> None:
     listing = f"(columns: {', '.join(file.names)})"
     for name in labels:
         if name not in file.names:
             raise DataError(f"{file.path} has no column {name!r} {listing}; name the label column "
                             f"with --label-column{file.hint()}")
     unknown = [f"{name!r} (in {option})"
-               for option, names in (("categorical", categorical), ("numeric", numeric), ("ignore", ignore))
+               for option, names in (("categorical", categorical), ("numeric", numeric), ("text", text),
+                                     ("ignore", ignore))
                for name in names if name not in file.names]
     if unknown:
         raise DataError(f"{file.path} has no column {', '.join(unknown)} {listing}")
@@ -414,7 +442,7 @@ def _csv_header(path: str | Path, delimiter: str) -> list[str]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f, delimiter=delimiter), None)
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     except csv.Error as exc:
         raise DataError(f"{path}, line 1: the header is not readable CSV ({exc})") from None
     except OSError as exc:
@@ -437,8 +465,8 @@ def _records(path: str | Path, delimiter: str) -> Iterator[tuple[int, list[str]]
                 yield start, fields
 
 
-def _not_utf8(path: str | Path) -> DataError:
-    """The line and byte where the file stops being UTF-8."""
+def not_utf8(path: str | Path) -> DataError:
+    """A DataError naming the line and byte where the file stops being UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
     with open(path, "rb") as f:
@@ -535,7 +563,7 @@ def _target(file: _File, cells: dict[str, _Cells], labels: tuple[str, ...], task
                             f"{len(classes)} ({shown}); use --task classification")
         if task is None:
             notes.append(f"2 classes in {name!r}: trained as binary; --task classification to keep softmax")
-        order = _binary_order(classes)
+        order = binary_order(classes)
         index = index if order == classes else 1 - index
         return "binary", index, order, notes
     if task is None and not cells[name].words[keep].any() and len(classes) > MAX_CATEGORY_CODES:
@@ -555,7 +583,7 @@ def _classes(cells: _Cells, keep: np.ndarray) -> tuple[tuple[str, ...], np.ndarr
     return tuple(show_number(v) for v in values), index.astype(np.int64)
 
 
-def _binary_order(classes: tuple[str, ...]) -> tuple[str, ...]:
+def binary_order(classes: tuple[str, ...]) -> tuple[str, ...]:
     """(negative, positive): 0/1, false/true, no/yes in that order (any case), else sorted."""
     lowered = {c.lower() for c in classes}
     for negative, positive in _ORDERED_PAIRS:
@@ -585,38 +613,51 @@ def _refuse_words(file: _File, name: str, cells: _Cells, keep: np.ndarray, why: 
                         f"{cells.text([row])[0]!r}, not a number; {why}")
 
 
-def _kind(file: _File, name: str, cells: _Cells, keep: np.ndarray, categorical: bool,
-          numeric: bool) -> tuple[str, list[str]]:
-    """A feature column's kind (see the module's docstring), and a note when it may surprise."""
+def _kind(file: _File, name: str, cells: _Cells, keep: np.ndarray, categorical: bool, numeric: bool,
+          text: bool) -> tuple[str, np.ndarray, list[str]]:
+    """A feature column's kind (see the module's docstring), its values in these rows as the
+    kind holds them, and a note when the kind may surprise."""
     missing = cells.missing[keep]
     if missing.all():
         raise DataError(f"{file.path}: column {name!r} has no value in any row; add it to ignore")
     if numeric:
         _refuse_words(file, name, cells, keep,
                       f"fix the cell, leave it empty for a missing value, or take {name!r} out of numeric")
-        return "numeric", []
+        return "numeric", cells.numbers[keep], []
+    if text:
+        return "text", cells.text(keep), []
     words = cells.words[keep]
     values = cells.numbers[keep][~missing]
     if words.any():
         present = len(values)
-        if categorical or 2 * words.sum() >= present:
-            return "string", []
+        texts = cells.text(keep)
+        if categorical:
+            return "string", texts, []
+        if 2 * words.sum() >= present:
+            return ("text" if _is_text(texts[~missing]) else "string"), texts, []
         row = int(keep[np.argmax(words)])
-        return "string", [f"column {name!r}: {int(words.sum())} of {present} values are not numbers "
-                          f"(the first {cells.text([row])[0]!r} at {file.where(row)}), so it is read as "
-                          "text; fix those cells, or list it in numeric to make them errors"]
+        return "string", texts, [f"column {name!r}: {int(words.sum())} of {present} values are not numbers "
+                                 f"(the first {cells.text([row])[0]!r} at {file.where(row)}), so it is read "
+                                 "as a string category; fix those cells, or list it in numeric to make them errors"]
     whole = bool(np.all(values == np.floor(values)))
     if categorical:
-        return ("integer" if whole else "string"), []
+        return ("integer", cells.numbers[keep], []) if whole else ("string", cells.text(keep), [])
     codes = whole and looks_like_codes(len(np.unique(values)), len(values))
-    return ("integer" if codes else "numeric"), []
+    return ("integer" if codes else "numeric"), cells.numbers[keep], []
+
+
+def _is_text(present: np.ndarray) -> bool:
+    """`looks_like_text` on a column's present values."""
+    chars = np.fromiter((len(v) for v in present), dtype=np.int64, count=len(present))
+    words = np.fromiter((len(v.split()) for v in present), dtype=np.int64, count=len(present))
+    return looks_like_text(len(set(present.tolist())), len(present), float(chars.mean()), float(words.mean()))
 
 
 def _missing_note(name: str, kind: str, missing: np.ndarray) -> list[str]:
     count = int(missing.sum())
     if not count:
         return []
-    kept = "kept as the empty string" if kind == "string" else "kept, the model imputes them"
+    kept = "kept as the empty string" if kind in STRING_KINDS else "kept, the model imputes them"
     return [f"column {name!r}: {count} of {len(missing)} cells missing ({kept})"]
 
 
