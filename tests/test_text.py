@@ -22,7 +22,7 @@ from contract.manifest import read_manifest
 from tests.server import ServerProcess
 from tests.test_train_tables import members_answer
 from training import text_folder
-from training.cli import EXIT_FAILED, EXIT_OK, build_parser, main
+from training.cli import EXIT_FAILED, EXIT_OK, main
 from training.data import DataError, is_table, is_text_folder, open_source
 from training.tables import fingerprint_table, looks_like_text, read_table
 from training.text_folder import read_text_folder
@@ -273,11 +273,9 @@ def test_the_text_search_space_is_added_only_for_text_and_an_empty_text_is_answe
 
 # End to end
 
+# Small tables would be cross-fitted (several models per member); this test checks the plumbing.
 FAST = ["--tuner", "random", "--max-trials", "1", "--max-epochs", "2", "--members", "tuned:1,seed:1",
-        "--epochs", "4", "--patience", "2", "--no-gate"]
-# Small tables may be cross-fitted (several models per member); this test checks the plumbing.
-if "--cross-fit" in build_parser().format_help():
-    FAST += ["--cross-fit", "never"]
+        "--epochs", "4", "--patience", "2", "--no-gate", "--cross-fit", "never"]
 
 
 @pytest.fixture(scope="module")

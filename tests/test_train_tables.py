@@ -188,3 +188,16 @@ def test_the_gate_refuses_to_replace_a_version_that_takes_other_inputs(tmp_path)
                                         r"--no-gate$"):
         champion_of(tmp_path, "risk", ours, head, {}, np.zeros(1), lambda answer, target: {})
     assert champion_of(tmp_path, "other", ours, head, {}, np.zeros(1), lambda answer, target: {}) is None
+
+
+def test_columns_become_input_names_every_part_takes_unchanged():
+    from training.data import DataError
+    from training.table_pipeline import head_name, input_names
+
+    assert input_names(["mean radius", "a/b", "ok-1", "1st", "_id", "Age", "x_2"], "t.csv") == {
+        "mean radius": "mean_radius", "a/b": "a_b", "ok-1": "ok_1", "1st": "c_1st", "_id": "c__id", "Age": "Age",
+        "x_2": "x_2"}
+    with pytest.raises(DataError, match=r"^t.csv: columns 'a b' and 'a_b' would both be input 'a_b'; rename one$"):
+        input_names(["a b", "a_b"], "t.csv")
+    assert [head_name(("mean radius",), "regression"), head_name(("a", "b"), "multilabel"),
+            head_name(("a", "b"), "regression")] == ["mean_radius", "labels", "targets"]

@@ -140,7 +140,11 @@ def test_fitted_weights_are_stored_and_csv_data_trains(tmp_path, capsys):
     assert [(s.name, s.dtype) for s in manifest.inputs] == [("f1", "float32"), ("f2", "float32"), ("f3", "float32")]
     assert [(h.name, h.task, h.labels) for h in manifest.heads] == [("kind", "classification", ("k0", "k1", "k2"))]
     report = json.loads((tmp_path / "models" / "csv" / "1" / "report.json").read_text())
-    assert report["weighting"] == "fitted" and report["heads"]["kind"]["selection"]["weights"] == list(manifest.weights)
+    # 90 rows: cross-fitted (training.crossfit), each member published as its 5 fold models with a
+    # fifth of its fitted weight each.
+    fitted = report["heads"]["kind"]["selection"]["weights"]
+    assert report["weighting"] == "fitted" and report["cross_fitted"] == {"folds": 5, "rows": 72}
+    assert list(manifest.weights) == pytest.approx([w / 5 for w in fitted for _ in range(5)])
     assert sum(manifest.weights) == pytest.approx(1.0)
 
 

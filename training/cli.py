@@ -98,6 +98,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                               "publishes nothing unless --allow-fewer. Default: 2")
     members.add_argument("--allow-fewer", action="store_true",
                          help="publish even when fewer than --min-members members were trained")
+    members.add_argument("--cross-fit", default="auto", choices=["auto", "always", "never"],
+                         help="tables: train each member once per fold (5 folds) and choose and calibrate the "
+                              "ensemble on every row's out-of-fold prediction. Default: auto (below 1,000 "
+                              "training and validation rows)")
     members.add_argument("--weights", default="pruned", choices=["pruned", "fitted", "uniform"],
                          help="which members the ensemble keeps and how it weighs them, decided on the "
                               "validation split: pruned leaves out members the bootstrap shows make it worse "
@@ -191,6 +195,7 @@ def train_main(argv: list[str]) -> int:
             objective_given=args.objective is not None,
             min_members=args.min_members,
             allow_fewer=args.allow_fewer,
+            cross_fit=args.cross_fit,
             members=parse_member_mix(args.members),
             member_options=MemberOptions(epochs=args.epochs, patience=args.patience,
                                          batch_size=args.batch_size,

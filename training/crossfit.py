@@ -114,11 +114,12 @@ class CrossFitted:
 
 
 def train_cross_fitted(runs, make_trainer, folds: list[np.ndarray], predict, task: str, variance: bool,
-                       report) -> CrossFitted:
+                       report, begin=lambda index: "") -> CrossFitted:
     """Train every run of the plan once per fold (`make_trainer(k)`: a MemberTrainer fitting on
     the other folds and stopping early on fold k) and gather each member's out-of-fold and
     fold-averaged test outputs (`predict(export_dir, k)`: (outputs on fold k's rows, outputs on
-    the test rows))."""
+    the test rows)). `begin(i)` says where the i-th of all the fits stands (the progress
+    display's `MemberPhase.begin`)."""
     from training.pipeline import run_key
 
     rows = int(sum(len(f) for f in folds))
@@ -130,8 +131,8 @@ def train_cross_fitted(runs, make_trainer, folds: list[np.ndarray], predict, tas
     for k in range(len(folds)):
         trainer = make_trainer(k)
         for i, run in enumerate(runs, 1):
-            report(f"[member] fold {k + 1}/{len(folds)}, run {i}/{len(runs)}: {run.kind} -> "
-                   f"{', '.join(run.names)}")
+            report(f"[member] fold {k + 1} of {len(folds)}, run {i} of {len(runs)} (fit "
+                   f"{k * len(runs) + i}{begin(k * len(runs) + i)}): {run.kind} -> {', '.join(run.names)}")
             for trained in trainer.train_run(run, f"{run_key(run)}-fold{k}"):
                 member = trained.name
                 held, test = predict(trained.export_dir, k)

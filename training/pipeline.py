@@ -51,6 +51,7 @@ class TrainConfig:
     objective_given: bool = False  # False: the search ranks by the task's own objective
     min_members: int = 2
     allow_fewer: bool = False
+    cross_fit: Literal["auto", "always", "never"] = "auto"  # tables: training.crossfit
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -68,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"--target-error must be between 0 and 1, got {self.target_error}")
         if self.gate_metric and not is_table(self.data) and self.gate_metric not in METRICS:
             raise ValueError(f"--gate-metric must be one of {', '.join(METRICS)}, got {self.gate_metric!r}")
+        if self.cross_fit not in ("auto", "always", "never"):
+            raise ValueError(f"--cross-fit must be auto, always or never, got {self.cross_fit!r}")
         if self.min_members < 1:
             raise ValueError(f"--min-members must be at least 1, got {self.min_members}")
         planned = sum(self.members.values())
@@ -162,42 +165,77 @@ def published(config: TrainConfig, manifest, started: float) -> str:
             f"in {config.repository / config.name / str(manifest.version)} ({time.monotonic() - started:.0f} s in all)")
 
 
+def progress_display(config: TrainConfig, report: Callable[[str], None]):
+    """The run's progress display (`training.progress`): a line rewritten in place on a terminal
+    (unless --progress says otherwise), plain lines elsewhere; its `line` replaces `report`."""
+    import sys
+
+    from training.progress import Display, is_interactive
+
+    # Keras's own epoch lines (--verbose) and a line rewritten in place would garble each other.
+    return Display(report, sys.stdout, is_interactive(config.progress, sys.stdout) and not config.verbose)
+
+
+@dataclass(frozen=True)
+class Searched:
+    """A finished search: the member runs it planned, its record for the report, and the run's
+    progress display (whose `line` is the run's report from here on)."""
+
+    runs: list
+    record: dict
+    display: object
+
+    def phase(self, options, repeats: int = 1):
+        """The progress of the member phase: every run `repeats` times (once per fold)."""
+        from training.members import planned_epochs
+        from training.progress import MemberPhase
+
+        return MemberPhase(self.display, [planned_epochs(run, options) for run in self.runs] * repeats)
+
+
+def search_runs(config: TrainConfig, hypermodel, splits, budget: SearchBudget, project: str, started: float,
+                report: Callable[[str], None]) -> Searched | None:
+    """Run (or resume) the search and plan the member runs; None in a distributed-tuning worker,
+    which only runs trials."""
+    import keras
+
+    from training.members import config_values, plan_runs
+    from training.tune import search
+
+    display = progress_display(config, report)
+    report = display.line  # a permanent line takes the place of the one being rewritten
+    report(f"[tune] {budget.describe()}")
+    keras.utils.set_random_seed(config.seed)
+    ranked = search(hypermodel, splits, budget, config.resolved_work_dir() / "tuning", project, config.seed, report,
+                    config.verbose, display)
+    if is_distributed_worker():
+        report("[tune] worker: the chief has closed the search; this worker is done")
+        return None
+    seconds = time.monotonic() - started
+    report(f"[tune] search done after {seconds:.0f} s; {len(ranked)} trials")
+    runs = plan_runs([config_values(hp) for hp in ranked], config.members, config.seed)
+    return Searched(runs, {**asdict(budget), "trials": len(ranked), "seconds": round(seconds, 1)}, display)
+
+
 def search_and_train(config: TrainConfig, hypermodel, splits, budget: SearchBudget, project: str,
                      exports: Path, started: float, report: Callable[[str], None],
                      export: Callable | None = None) -> tuple[list, dict] | None:
     """Run (or resume) the search, then train every member of the plan into `exports`: (the
     trained members, the search's record for the report); None in a distributed-tuning worker,
     which only runs trials."""
-    import sys
+    from training.members import MemberTrainer
 
-    import keras
-
-    from training.members import MemberTrainer, config_values, plan_runs, planned_epochs
-    from training.progress import Display, MemberPhase, is_interactive
-    from training.tune import search
-
-    # Keras's own epoch lines (--verbose) and a line rewritten in place would garble each other.
-    display = Display(report, sys.stdout, is_interactive(config.progress, sys.stdout) and not config.verbose)
-    report = display.line  # a permanent line takes the place of the one being rewritten
-    work = config.resolved_work_dir()
-    report(f"[tune] {budget.describe()}")
-    keras.utils.set_random_seed(config.seed)
-    ranked = search(hypermodel, splits, budget, work / "tuning", project, config.seed, report, config.verbose,
-                    display)
-    if is_distributed_worker():
-        report("[tune] worker: the chief has closed the search; this worker is done")
+    searched = search_runs(config, hypermodel, splits, budget, project, started, report)
+    if searched is None:
         return None
-    search_seconds = time.monotonic() - started
-    report(f"[tune] search done after {search_seconds:.0f} s; {len(ranked)} trials")
-    runs = plan_runs([config_values(hp) for hp in ranked], config.members, config.seed)
-    phase = MemberPhase(display, [planned_epochs(run, config.member_options) for run in runs])
-    trainer = MemberTrainer(hypermodel, splits, config.member_options, exports, work / "backup" / project,
-                            report, export, phase)
+    report, phase = searched.display.line, searched.phase(config.member_options)
+    trainer = MemberTrainer(hypermodel, splits, config.member_options, exports,
+                            config.resolved_work_dir() / "backup" / project, report, export, phase)
     trained = []
-    for i, run in enumerate(runs, 1):
+    for i, run in enumerate(searched.runs, 1):
         report(f"[member] run {i}{phase.begin(i)}: {run.kind} -> {', '.join(run.names)}; {run.hyperparameters}")
         trained.extend(trainer.train_run(run, run_key(run)))
-    return trained, {**asdict(budget), "trials": len(ranked), "seconds": round(search_seconds, 1)}
+    return trained, searched.record
 
 
 def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -> TrainResult | None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from contract.manifest import TENSOR_NAME, DataInfo, HeadSpec, TensorSpec
+from contract.manifest import DataInfo, HeadSpec, TensorSpec
 from training.data import DataError, Examples, FitSplits, is_text_folder
 from training.gate import GateDecision
 from training.publish import MemberArtifact, publish_named_version
@@ -33,11 +33,11 @@ TABLE_SPACE_VERSION = 1
 
 
 def head_name(label_columns: tuple[str, ...], task: str) -> str:
-    """The head's name in the manifest: the label column's, when there is one and it is a valid
-    tensor name; `labels` (multi-label) or `targets` (several regression targets) otherwise."""
-    if len(label_columns) == 1 and re.fullmatch(TENSOR_NAME, label_columns[0]):
-        return label_columns[0]
-    return "labels" if task == "multilabel" else "targets" if task == "regression" else "label"
+    """The head's name in the manifest: the label column's when there is one (as `safe_name`
+    makes it); `labels` (multi-label) or `targets` (several regression targets) otherwise."""
+    if len(label_columns) == 1:
+        return safe_name(label_columns[0])
+    return "labels" if task == "multilabel" else "targets"
 
 
 # The abstention target of each task when --target-error is not given: the error rate of the
@@ -54,18 +54,62 @@ def gate_metrics(task: str) -> tuple[str, ...]:
     return tuple(m for m in HEADLINE[task] if not m.startswith(("coverage_", "width_")))
 
 
+def cross_fitting(mode: str, rows: int) -> bool:
+    """Whether a table's members are cross-fitted (`training.crossfit`): `auto` below SMALL_ROWS
+    development rows, `always`, or `never`."""
+    from training.crossfit import SMALL_ROWS
+
+    return mode == "always" or (mode == "auto" and rows < SMALL_ROWS)
+
+
+def served_reference(task: str, outputs: np.ndarray, weights: list[float], head: HeadSpec) -> dict[str, float]:
+    """The mean of each uncertainty score (reduced per row as the server reduces it) of the
+    served answer to these models' outputs (models, rows, c): the drift alert's reference."""
+    from contract.tasks import combine
+    from training.head_assess import row_scores
+
+    k = head.columns
+    rows_first = np.moveaxis(outputs, 0, 1)
+    calibration = head.variance_scale if task == "regression" else (head.temperatures or (1.0,))
+    answer = combine(task, rows_first[:, :, :k], weights, calibration,
+                     rows_first[:, :, k:2 * k] if head.variance else None)
+    return {score: float(values.mean()) for score, values in row_scores(task, answer).items()}
+
+
 def default_gate_metric(task: str) -> str:
     """What the gate compares when not told: accuracy for classes, the NLL of the other tasks."""
     return "accuracy" if task == "classification" else "nll"
 
 
-def check_input_names(columns: list[str], path: str) -> None:
-    """Every column must be a valid input name (the manifest's TENSOR_NAME): say which is not."""
-    bad = [c for c in columns if not re.fullmatch(TENSOR_NAME, c)]
-    if bad:
-        raise DataError(f"{path}: column name(s) {', '.join(map(repr, bad))} cannot name a model input (1-64 "
-                        "characters of letters, digits, '_', '.', '-', not starting with '.' or '-'); rename "
-                        "them or leave them out with --ignore-columns")
+def safe_name(text: str) -> str:
+    """`text` as a name every part takes unchanged: letters, digits and `_`, a letter first."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", text)
+    return (name if name[:1].isascii() and name[:1].isalpha() else f"c_{name}")[:64]
+
+
+def input_names(columns: list[str], path: str) -> dict[str, str]:
+    """Each column's input name: letters, digits and `_`, starting with a letter (a SavedModel's
+    signature renames anything else, `ok-1` to `ok_1`, `_x` not at all): the column's own name
+    where it is one, else with every other character made `_` (`mean radius` -> `mean_radius`)
+    and `c_` before a first character that is not a letter (`1st` -> `c_1st`). Two columns that
+    would share a name are a DataError."""
+    names: dict[str, str] = {}
+    for column in columns:
+        name = safe_name(column)
+        clash = next((c for c, n in names.items() if n == name), None)
+        if clash is not None:
+            raise DataError(f"{path}: columns {clash!r} and {column!r} would both be input {name!r}; rename one")
+        names[column] = name
+    return names
+
+
+def renamed(table, names: dict[str, str]):
+    """The table with its feature columns under their input names."""
+    from dataclasses import replace as with_fields
+
+    return with_fields(table, columns={names[c]: v for c, v in table.columns.items()},
+                       kinds={names[c]: k for c, k in table.kinds.items()},
+                       notes=(*table.notes, *(f"column {c!r} is input {n!r}" for c, n in names.items() if c != n)))
 
 
 def champion_of(repository: Path, name: str, inputs: tuple[TensorSpec, ...], head: HeadSpec,
@@ -109,8 +153,10 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     from training.heads import Head, objective_of
     from training.hypermodel import TableHyperModel
     from training.members import export_named_member, predict_named_saved_model
-    from training.pipeline import TrainResult, member_exports, published, search_and_train
-    from training.report import report_json
+    from training.crossfit import FOLDS, SMALL_ROWS, concat_tables, folds_of, train_cross_fitted
+    from training.members import MemberTrainer
+    from training.pipeline import TrainResult, member_exports, published, search_and_train, search_runs
+    from training.report import head_attachments
     from training.tables import fingerprint_table, read_table, split_table
     from training.task_metrics import higher_is_better
     from training.text_folder import read_text_folder
@@ -122,7 +168,7 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     else:
         table = read_table(config.data, o.label_columns, o.task, delimiter=o.delimiter, categorical=o.categorical,
                            numeric=o.numeric, ignore=o.ignore, text=o.text)
-    check_input_names(list(table.columns), table.source)
+    table = renamed(table, input_names(list(table.columns), table.source))
     task = table.task
     metric = config.gate_metric or default_gate_metric(task)
     if metric not in gate_metrics(task):
@@ -145,24 +191,64 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     digest = fingerprint_table(table)
     project = f"{config.name}-{digest[:12]}-t{TABLE_SPACE_VERSION}"
 
+    export = lambda model, path: export_named_member(model, path, inputs, name)  # noqa: E731
+    test_in = as_inputs(test.columns, stats)
+    dev = concat_tables(train, val)
+    cross = cross_fitting(config.cross_fit, dev.rows)
     with member_exports(config) as exports:
-        searched = search_and_train(config, hypermodel, fit, budget, project, exports, started, report,
-                                    export=lambda model, path: export_named_member(model, path, inputs, name))
-        if searched is None:
-            return None
-        trained, search_record = searched
-        names = [t.name for t in trained]
-        val_in, test_in = as_inputs(val.columns, stats), as_inputs(test.columns, stats)
-        val_out = np.stack([predict_named_saved_model(t.export_dir, val_in, name) for t in trained])
-        test_out = np.stack([predict_named_saved_model(t.export_dir, test_in, name) for t in trained])
-        found = assess_head(task, names, val_out, test_out, val.target, test.target,
+        if cross:
+            report(f"[crossfit] {dev.rows} development rows (fewer than {SMALL_ROWS}): every member is trained "
+                   f"{FOLDS} times, each fold held out once; the ensemble is chosen and calibrated on all "
+                   f"{dev.rows} out-of-fold predictions")
+            searched = search_runs(config, hypermodel, fit, budget, project, started, report)
+            if searched is None:
+                return None
+            runs, search_record = searched.runs, searched.record
+            report, phase = searched.display.line, searched.phase(config.member_options, FOLDS)
+            folds = folds_of(dev.target, task, FOLDS, config.seed)
+            dev_in = as_inputs(dev.columns, stats)
+
+            def make_trainer(k: int):
+                rest = np.setdiff1d(np.arange(dev.rows), folds[k])
+                pick = lambda rows: {c: v[rows] for c, v in dev_in.items()}  # noqa: E731
+                splits = FitSplits(Examples(pick(rest), head.fit_target(dev.target[rest])),
+                                   Examples(pick(folds[k]), head.fit_target(dev.target[folds[k]])))
+                return MemberTrainer(hypermodel, splits, config.member_options, exports / f"fold{k}",
+                                     config.resolved_work_dir() / "backup" / project, report, export, phase)
+
+            def predict(export_dir, k: int):
+                held = {c: v[folds[k]] for c, v in dev_in.items()}
+                return (predict_named_saved_model(export_dir, held, name),
+                        predict_named_saved_model(export_dir, test_in, name))
+
+            fitted = train_cross_fitted(runs, make_trainer, folds, predict, task, task == "regression", report,
+                                        phase.begin)
+            names, kinds, val_out, test_out, val_target = (fitted.names, fitted.kinds, fitted.val, fitted.test,
+                                                           dev.target)
+            hyperparameters = fitted.hyperparameters
+        else:
+            searched = search_and_train(config, hypermodel, fit, budget, project, exports, started, report,
+                                        export=export)
+            if searched is None:
+                return None
+            trained, search_record = searched
+            names, kinds = [t.name for t in trained], {t.name: t.kind for t in trained}
+            hyperparameters = {t.name: t.hyperparameters for t in trained}
+            val_in = as_inputs(val.columns, stats)
+            val_out = np.stack([predict_named_saved_model(t.export_dir, val_in, name) for t in trained])
+            test_out = np.stack([predict_named_saved_model(t.export_dir, test_in, name) for t in trained])
+            val_target = val.target
+        found = assess_head(task, names, val_out, test_out, val_target, test.target,
                             variance=task == "regression", weighting=config.weighting,
                             calibrate=config.calibration == "temperature",
                             target_error=config.target_error or DEFAULT_TARGET_ERROR[task],
-                            seed=config.seed, min_members=config.min_members)
-        for line in found.describe(kinds={t.name: t.kind for t in trained}):
+                            seed=config.seed, min_members=config.min_members, total_only=cross)
+        for line in found.describe(kinds=kinds):
             report(line)
         spec = found.head_spec(name, table.labels)
+        if cross:  # the drift reference as the server will score: over every fold model, on the test rows
+            served, weights = fitted.served_test({n: found.weight_of(n) for n in found.kept})
+            spec = spec.model_copy(update={"uncertainty_reference": served_reference(task, served, weights, spec)})
         ens = found.ensemble
 
         if config.gate:
@@ -180,8 +266,9 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
                      "columns": dict(table.kinds), "notes": list(table.notes),
                      "rows": {"train": train.rows, "validation": val.rows, "test": test.rows}},
             "search": search_record,
-            "members": {t.name: {"kind": t.kind, "kept": t.name in found.kept, "weight": found.weight_of(t.name),
-                                 "hyperparameters": t.hyperparameters} for t in trained},
+            "members": {n: {"kind": kinds[n], "kept": n in found.kept, "weight": found.weight_of(n),
+                            "hyperparameters": hyperparameters[n]} for n in names},
+            "cross_fitted": {"folds": FOLDS, "rows": dev.rows} if cross else None,
             "weighting": config.weighting,
             "heads": {name: found.summary()},
             "gate": asdict(decision),
@@ -189,18 +276,24 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
         }
         if not decision.passed:
             return TrainResult(None, decision, found, run_report)
-        kept = [t for t in trained if t.name in found.kept]
         selected = found.member_metrics[found.selected]
         finite = lambda metrics: {k: v for k, v in metrics.items() if np.isfinite(v)}  # noqa: E731
+        if cross:
+            artifacts = [MemberArtifact(name=f.name, kind=f.kind, source=f.export_dir, weight=weight,
+                                        hyperparameters=f.hyperparameters,
+                                        metrics=finite(found.member_metrics[f.member]))
+                         for f, weight in fitted.published({n: found.weight_of(n) for n in found.kept})]
+        else:
+            artifacts = [MemberArtifact(name=t.name, kind=t.kind, source=t.export_dir, weight=found.weight_of(t.name),
+                                        hyperparameters=t.hyperparameters, metrics=finite(found.member_metrics[t.name]))
+                         for t in trained if t.name in found.kept]
         manifest = publish_named_version(
             config.repository, config.name,
-            [MemberArtifact(name=t.name, kind=t.kind, source=t.export_dir, weight=found.weight_of(t.name),
-                            hyperparameters=t.hyperparameters, metrics=finite(found.member_metrics[t.name]))
-             for t in kept],
+            artifacts,
             inputs, (spec,),
             {**finite(ens), **{f"selected_member_{k}": v for k, v in finite(selected).items()}},
             DataInfo(source=table.source, fingerprint=digest, rows=run_report["data"]["rows"]),
-            {"report.json": report_json(run_report)},
+            head_attachments(run_report, found, test.target, test_out[names.index(found.selected)], table.labels),
         )
     report(published(config, manifest, started))
     return TrainResult(manifest, decision, found, run_report)
