@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contract import tasks
-from training.crossfit import CrossFitted, FoldMember, fold_average, folds_of, out_of_fold
+from training.crossfit import CrossFitted, MemberModel, fold_average, folds_of, out_of_fold
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
@@ -56,7 +56,7 @@ def test_a_fold_average_combined_over_members_is_the_served_mixture_over_every_f
 
 
 def test_published_fold_models_carry_a_kth_of_their_members_weight_grouped_by_member():
-    folds = [FoldMember(m, k, f"{m}-fold{k}", "seed", None, {}) for k in range(3) for m in ("a", "b", "c")]
+    folds = [MemberModel(m, k, f"{m}-fold{k}", "seed", None, {}) for k in range(3) for m in ("a", "b", "c")]
     fitted = CrossFitted(["a", "b", "c"], {}, {}, np.zeros(0), np.zeros(0), folds, [np.full((2, 1), i) for i in range(9)])
     published = fitted.published({"c": 0.4, "a": 0.6})
     assert [(f.name, round(w, 6)) for f, w in published] == [

@@ -67,8 +67,9 @@ def fold_average(outputs: list[np.ndarray], task: str, variance: bool) -> np.nda
 
 
 @dataclass(frozen=True)
-class FoldMember:
-    """One fold model of a cross-fitted member: `member` is the member's name, `fold` its index."""
+class MemberModel:
+    """One published model of a member (`member`: the member's name): its one model when trained
+    once, or one of its fold models (`fold`) when cross-fitted."""
 
     member: str
     fold: int
@@ -94,10 +95,10 @@ class CrossFitted:
     hyperparameters: dict[str, dict]
     val: np.ndarray
     test: np.ndarray
-    fold_models: list[FoldMember]
+    fold_models: list[MemberModel]
     fold_test: list[np.ndarray]  # each fold model's own test outputs, in fold_models' order
 
-    def published(self, weights: dict[str, float]) -> list[tuple[FoldMember, float]]:
+    def published(self, weights: dict[str, float]) -> list[tuple[MemberModel, float]]:
         """Every fold model of the kept members (`weights`: member name -> its weight), with a
         K-th of its member's weight."""
         counts = {n: sum(f.member == n for f in self.fold_models) for n in weights}
@@ -126,7 +127,7 @@ def train_cross_fitted(runs, make_trainer, folds: list[np.ndarray], predict, tas
     per_member: dict[str, list] = {}
     kinds: dict[str, str] = {}
     hyperparameters: dict[str, dict] = {}
-    fold_models: list[FoldMember] = []
+    fold_models: list[MemberModel] = []
     fold_test: list[np.ndarray] = []
     for k in range(len(folds)):
         trainer = make_trainer(k)
@@ -139,7 +140,7 @@ def train_cross_fitted(runs, make_trainer, folds: list[np.ndarray], predict, tas
                 per_member.setdefault(member, []).append((held, test))
                 kinds[member] = trained.kind
                 hyperparameters[member] = trained.hyperparameters
-                fold_models.append(FoldMember(member, k, fold_name(member, k), trained.kind, trained.export_dir,
+                fold_models.append(MemberModel(member, k, fold_name(member, k), trained.kind, trained.export_dir,
                                               {**trained.hyperparameters, "fold": k, "folds": len(folds)}))
                 fold_test.append(test)
     names = list(per_member)

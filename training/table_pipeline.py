@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -144,6 +144,102 @@ def champion_of(repository: Path, name: str, inputs: tuple[TensorSpec, ...], hea
     return manifest, task_metrics(answer, target)
 
 
+@dataclass(frozen=True)
+class MemberJob:
+    """What either way of training a table's members needs: the run's settings, the search space
+    and head, the columns, the search's budget and project, and how a member is exported."""
+
+    config: "TrainConfig"
+    hypermodel: object
+    head: object
+    name: str
+    stats: list
+    budget: object
+    project: str
+    started: float
+    export: Callable
+
+
+@dataclass(frozen=True)
+class Members:
+    """What the member phase made: every member by name (kind, hyperparameters), their outputs
+    on the rows the ensemble is chosen on (`val`: the validation split, or every development row
+    out of fold, with `val_target`) and on the test rows, the search's record, the models to
+    publish for the kept members (`published(weights)`: (model, its weight) pairs), and for
+    cross-fitted members every fold model's test outputs (`served_test`)."""
+
+    names: list[str]
+    kinds: dict[str, str]
+    hyperparameters: dict[str, dict]
+    val: np.ndarray
+    val_target: np.ndarray
+    test: np.ndarray
+    search_record: dict
+    published: Callable[[dict[str, float]], list]
+    served_test: Callable | None = None
+
+
+def members_once(job: MemberJob, fit, val, test_in: dict, exports: Path, report) -> Members | None:
+    """Members trained once each on the training split, chosen on the validation split; None in a
+    distributed-tuning worker."""
+    from training.crossfit import MemberModel
+    from training.features import as_inputs
+    from training.members import predict_named_saved_model
+    from training.pipeline import search_and_train
+
+    searched = search_and_train(job.config, job.hypermodel, fit, job.budget, job.project, exports, job.started, report,
+                                export=job.export)
+    if searched is None:
+        return None
+    trained, record = searched
+    val_in = as_inputs(val.columns, job.stats)
+    models = [MemberModel(t.name, 0, t.name, t.kind, t.export_dir, t.hyperparameters) for t in trained]
+    return Members(
+        names=[t.name for t in trained], kinds={t.name: t.kind for t in trained},
+        hyperparameters={t.name: t.hyperparameters for t in trained},
+        val=np.stack([predict_named_saved_model(t.export_dir, val_in, job.name) for t in trained]),
+        val_target=val.target,
+        test=np.stack([predict_named_saved_model(t.export_dir, test_in, job.name) for t in trained]),
+        search_record=record,
+        published=lambda weights: [(m, weights[m.member]) for m in models if m.member in weights])
+
+
+def members_cross_fitted(job: MemberJob, fit, dev, test_in: dict, exports: Path, report) -> Members | None:
+    """Members cross-fitted on the development rows (`training.crossfit`); None in a
+    distributed-tuning worker."""
+    from training.crossfit import FOLDS, folds_of, train_cross_fitted
+    from training.features import as_inputs
+    from training.members import MemberTrainer, predict_named_saved_model
+    from training.pipeline import search_runs
+
+    config, head = job.config, job.head
+    searched = search_runs(config, job.hypermodel, fit, job.budget, job.project, job.started, report)
+    if searched is None:
+        return None
+    report, phase = searched.display.line, searched.phase(config.member_options, FOLDS)
+    folds = folds_of(dev.target, head.task, FOLDS, config.seed)
+    dev_in = as_inputs(dev.columns, job.stats)
+
+    def rows(which: np.ndarray) -> dict:
+        return {c: v[which] for c, v in dev_in.items()}
+
+    def make_trainer(k: int):
+        rest = np.setdiff1d(np.arange(dev.rows), folds[k])
+        splits = FitSplits(Examples(rows(rest), head.fit_target(dev.target[rest])),
+                           Examples(rows(folds[k]), head.fit_target(dev.target[folds[k]])))
+        return MemberTrainer(job.hypermodel, splits, config.member_options, exports / f"fold{k}",
+                             config.resolved_work_dir() / "backup" / job.project, report, job.export, phase)
+
+    def predict(export_dir, k: int):
+        return (predict_named_saved_model(export_dir, rows(folds[k]), job.name),
+                predict_named_saved_model(export_dir, test_in, job.name))
+
+    fitted = train_cross_fitted(searched.runs, make_trainer, folds, predict, head.task, head.task == "regression",
+                                report, phase.begin)
+    return Members(fitted.names, fitted.kinds, fitted.hyperparameters, fitted.val, dev.target, fitted.test,
+                   searched.record, fitted.published, fitted.served_test)
+
+
 def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainResult | None":
     """Train, judge and (if the gate lets it through) publish an ensemble for a table (or a folder
     of texts: a table of one text column)."""
@@ -152,10 +248,9 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     from training.head_assess import assess_head, measure_answer
     from training.heads import Head, objective_of
     from training.hypermodel import TableHyperModel
-    from training.members import export_named_member, predict_named_saved_model
-    from training.crossfit import FOLDS, SMALL_ROWS, concat_tables, folds_of, train_cross_fitted
-    from training.members import MemberTrainer
-    from training.pipeline import TrainResult, member_exports, published, search_and_train, search_runs
+    from training.crossfit import FOLDS, SMALL_ROWS, concat_tables
+    from training.members import export_named_member
+    from training.pipeline import TrainResult, member_exports, published
     from training.report import head_attachments
     from training.tables import fingerprint_table, read_table, split_table
     from training.task_metrics import higher_is_better
@@ -191,7 +286,8 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     digest = fingerprint_table(table)
     project = f"{config.name}-{digest[:12]}-t{TABLE_SPACE_VERSION}"
 
-    export = lambda model, path: export_named_member(model, path, inputs, name)  # noqa: E731
+    job = MemberJob(config, hypermodel, head, name, stats, budget, project, started,
+                    lambda model, path: export_named_member(model, path, inputs, name))
     test_in = as_inputs(test.columns, stats)
     dev = concat_tables(train, val)
     cross = cross_fitting(config.cross_fit, dev.rows)
@@ -200,45 +296,13 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
             report(f"[crossfit] {dev.rows} development rows (fewer than {SMALL_ROWS}): every member is trained "
                    f"{FOLDS} times, each fold held out once; the ensemble is chosen and calibrated on all "
                    f"{dev.rows} out-of-fold predictions")
-            searched = search_runs(config, hypermodel, fit, budget, project, started, report)
-            if searched is None:
-                return None
-            runs, search_record = searched.runs, searched.record
-            report, phase = searched.display.line, searched.phase(config.member_options, FOLDS)
-            folds = folds_of(dev.target, task, FOLDS, config.seed)
-            dev_in = as_inputs(dev.columns, stats)
-
-            def make_trainer(k: int):
-                rest = np.setdiff1d(np.arange(dev.rows), folds[k])
-                pick = lambda rows: {c: v[rows] for c, v in dev_in.items()}  # noqa: E731
-                splits = FitSplits(Examples(pick(rest), head.fit_target(dev.target[rest])),
-                                   Examples(pick(folds[k]), head.fit_target(dev.target[folds[k]])))
-                return MemberTrainer(hypermodel, splits, config.member_options, exports / f"fold{k}",
-                                     config.resolved_work_dir() / "backup" / project, report, export, phase)
-
-            def predict(export_dir, k: int):
-                held = {c: v[folds[k]] for c, v in dev_in.items()}
-                return (predict_named_saved_model(export_dir, held, name),
-                        predict_named_saved_model(export_dir, test_in, name))
-
-            fitted = train_cross_fitted(runs, make_trainer, folds, predict, task, task == "regression", report,
-                                        phase.begin)
-            names, kinds, val_out, test_out, val_target = (fitted.names, fitted.kinds, fitted.val, fitted.test,
-                                                           dev.target)
-            hyperparameters = fitted.hyperparameters
+            made = members_cross_fitted(job, fit, dev, test_in, exports, report)
         else:
-            searched = search_and_train(config, hypermodel, fit, budget, project, exports, started, report,
-                                        export=export)
-            if searched is None:
-                return None
-            trained, search_record = searched
-            names, kinds = [t.name for t in trained], {t.name: t.kind for t in trained}
-            hyperparameters = {t.name: t.hyperparameters for t in trained}
-            val_in = as_inputs(val.columns, stats)
-            val_out = np.stack([predict_named_saved_model(t.export_dir, val_in, name) for t in trained])
-            test_out = np.stack([predict_named_saved_model(t.export_dir, test_in, name) for t in trained])
-            val_target = val.target
-        found = assess_head(task, names, val_out, test_out, val_target, test.target,
+            made = members_once(job, fit, val, test_in, exports, report)
+        if made is None:
+            return None
+        names, kinds, val_out, test_out = made.names, made.kinds, made.val, made.test
+        found = assess_head(task, names, val_out, test_out, made.val_target, test.target,
                             variance=task == "regression", weighting=config.weighting,
                             calibrate=config.calibration == "temperature",
                             target_error=config.target_error or DEFAULT_TARGET_ERROR[task],
@@ -246,8 +310,8 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
         for line in found.describe(kinds=kinds):
             report(line)
         spec = found.head_spec(name, table.labels)
-        if cross:  # the drift reference as the server will score: over every fold model, on the test rows
-            served, weights = fitted.served_test({n: found.weight_of(n) for n in found.kept})
+        if made.served_test is not None:  # the drift reference as the server will score: every model, test rows
+            served, weights = made.served_test({n: found.weight_of(n) for n in found.kept})
             spec = spec.model_copy(update={"uncertainty_reference": served_reference(task, served, weights, spec)})
         ens = found.ensemble
 
@@ -265,9 +329,9 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
             "data": {"source": table.source, "fingerprint": digest, "task": task, "labels": list(table.labels),
                      "columns": dict(table.kinds), "notes": list(table.notes),
                      "rows": {"train": train.rows, "validation": val.rows, "test": test.rows}},
-            "search": search_record,
+            "search": made.search_record,
             "members": {n: {"kind": kinds[n], "kept": n in found.kept, "weight": found.weight_of(n),
-                            "hyperparameters": hyperparameters[n]} for n in names},
+                            "hyperparameters": made.hyperparameters[n]} for n in names},
             "cross_fitted": {"folds": FOLDS, "rows": dev.rows} if cross else None,
             "weighting": config.weighting,
             "heads": {name: found.summary()},
@@ -278,15 +342,9 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
             return TrainResult(None, decision, found, run_report)
         selected = found.member_metrics[found.selected]
         finite = lambda metrics: {k: v for k, v in metrics.items() if np.isfinite(v)}  # noqa: E731
-        if cross:
-            artifacts = [MemberArtifact(name=f.name, kind=f.kind, source=f.export_dir, weight=weight,
-                                        hyperparameters=f.hyperparameters,
-                                        metrics=finite(found.member_metrics[f.member]))
-                         for f, weight in fitted.published({n: found.weight_of(n) for n in found.kept})]
-        else:
-            artifacts = [MemberArtifact(name=t.name, kind=t.kind, source=t.export_dir, weight=found.weight_of(t.name),
-                                        hyperparameters=t.hyperparameters, metrics=finite(found.member_metrics[t.name]))
-                         for t in trained if t.name in found.kept]
+        artifacts = [MemberArtifact(name=f.name, kind=f.kind, source=f.export_dir, weight=weight,
+                                    hyperparameters=f.hyperparameters, metrics=finite(found.member_metrics[f.member]))
+                     for f, weight in made.published({n: found.weight_of(n) for n in found.kept})]
         manifest = publish_named_version(
             config.repository, config.name,
             artifacts,
