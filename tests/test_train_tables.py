@@ -168,9 +168,9 @@ def test_the_gate_refuses_to_replace_a_version_that_takes_other_inputs(tmp_path)
     instead of comparing."""
     from datetime import datetime, timezone
 
-    from contract.manifest import HeadSpec, TensorSpec
+    from contract.manifest import TensorSpec
     from training.data import DataError
-    from training.table_pipeline import champion_of
+    from training.table_pipeline import comparable_champion
 
     folder = tmp_path / "risk" / "1"
     (folder / "members" / "m0").mkdir(parents=True)
@@ -181,23 +181,75 @@ def test_the_gate_refuses_to_replace_a_version_that_takes_other_inputs(tmp_path)
                 "members": [{"name": "m0", "path": "members/m0", "kind": "seed", "weight": 1.0,
                              "files": {"saved_model.pb": "0" * 64}}]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    head = HeadSpec(name="risk", task="regression", labels=("risk",), variance=True)
     ours = (TensorSpec(name="age", dtype="float32", nullable=True), TensorSpec(name="bmi", dtype="float32", nullable=True))
-    with pytest.raises(DataError, match=r"^version 1 of 'risk' takes other inputs or answers another head than this "
-                                        r"run's; its clients would break: publish under another --name, or pass "
-                                        r"--no-gate$"):
-        champion_of(tmp_path, "risk", ours, head, {}, np.zeros(1), lambda answer, target: {})
-    assert champion_of(tmp_path, "other", ours, head, {}, np.zeros(1), lambda answer, target: {}) is None
+    refusal = (r"^version 1 of 'risk' takes other inputs or answers another head than this run's; its clients would "
+               r"break: publish under another --name, or pass --no-gate$")
+    with pytest.raises(DataError, match=refusal):
+        comparable_champion(tmp_path, "risk", ours, "risk", "regression", ("risk",))
+    with pytest.raises(DataError, match=refusal):  # the same inputs, another task
+        comparable_champion(tmp_path, "risk", ours[:1], "risk", "binary", ("no", "yes"))
+    manifest, vdir = comparable_champion(tmp_path, "risk", ours[:1], "risk", "regression", ("risk",))
+    assert (manifest.version, vdir) == (1, folder)
+    assert comparable_champion(tmp_path, "other", ours, "risk", "regression", ("risk",)) is None
 
 
 def test_columns_become_input_names_every_part_takes_unchanged():
-    from training.data import DataError
     from training.table_pipeline import head_name, input_names
 
-    assert input_names(["mean radius", "a/b", "ok-1", "1st", "_id", "Age", "x_2"], "t.csv") == {
+    assert input_names(["mean radius", "a/b", "ok-1", "1st", "_id", "Age", "x_2"]) == {
         "mean radius": "mean_radius", "a/b": "a_b", "ok-1": "ok_1", "1st": "c_1st", "_id": "c__id", "Age": "Age",
         "x_2": "x_2"}
-    with pytest.raises(DataError, match=r"^t.csv: columns 'a b' and 'a_b' would both be input 'a_b'; rename one$"):
-        input_names(["a b", "a_b"], "t.csv")
+    # A valid name stays; a made one that is taken is numbered.
+    assert input_names(["a b", "a_b", "年齢", "性別"]) == {"a b": "a_b_2", "a_b": "a_b", "年齢": "c___", "性別": "c____2"}
     assert [head_name(("mean radius",), "regression"), head_name(("a", "b"), "multilabel"),
             head_name(("a", "b"), "regression")] == ["mean_radius", "labels", "targets"]
+
+
+def test_columns_named_like_the_members_own_layers_build_export_and_read_cells_as_the_csv_holds_them(tmp_path):
+    """Every layer a table's member adds has a `-` in its name, which no input name has, so
+    columns called `features`, `dropout`, `dense`, `cast` or `price_raw` beside a head `price`
+    clash with nothing; a string cell is read inside the member as the trainer read it (spaces
+    stripped, `?` missing)."""
+    import keras_tuner as kt
+
+    from contract.manifest import TensorSpec
+    from training.features import as_inputs, column_stats
+    from training.heads import Head
+    from training.hypermodel import TableHyperModel
+    from training.members import export_named_member, predict_named_saved_model
+
+    rng = np.random.default_rng(0)
+    numbers = ("features", "dropout", "dense", "price_raw", "concatenate")
+    columns = {**{n: rng.normal(size=40) for n in numbers},
+               "work": np.array(["Private", "State-gov", ""] * 13 + ["Private"], dtype=object),
+               "cast": np.array(["a good film", "a bad one", "so so"] * 13 + ["fine"], dtype=object)}
+    kinds = {"work": "string", "cast": "text"}
+    stats = [column_stats(n, kinds.get(n, "numeric"), v) for n, v in columns.items()]
+    head = Head("regression", 1, "price", rng.normal(size=(40, 1)))
+    hp = kt.HyperParameters()
+    hp.Fixed("text_encoder", "bag")
+    hp.Fixed("wide", True)
+    model = TableHyperModel(stats, head).build(hp)
+    specs = [TensorSpec(name=s.name, dtype=s.spec().dtype, nullable=True) for s in stats]
+    export_named_member(model, tmp_path / "m", specs, "price")
+    asked = {**{n: np.zeros(4) for n in numbers}, "cast": np.array(["good"] * 4, dtype=object),
+             "work": np.array(["Private", " Private ", "?", ""], dtype=object)}
+    out = predict_named_saved_model(tmp_path / "m", as_inputs(asked, stats), "price")
+    assert out.shape == (4, 2) and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-6)  # " Private " is Private
+    np.testing.assert_allclose(out[2], out[3], rtol=1e-6)  # "?" is the missing category
+    assert not np.allclose(out[0], out[3])
+
+
+def test_a_column_a_category_cannot_learn_from_is_refused_naming_it():
+    from training.data import DataError
+    from training.features import MAX_VOCABULARY, column_stats
+
+    ids = np.array([f"u{i:05d}" for i in range(MAX_VOCABULARY + 1)], dtype=object)
+    with pytest.raises(DataError, match=r"^column 'user': none of its 257 distinct training values repeats, so a "
+                                        r"category has nothing to learn from: an identifier\? leave it out with "
+                                        r"--ignore-columns \(or --text-columns if it is free text\)$"):
+        column_stats("user", "string", ids)
+    with pytest.raises(DataError, match=r"^column 'code': no training row has a value; leave it out with "
+                                        r"--ignore-columns$"):
+        column_stats("code", "integer", np.full(10, np.nan))

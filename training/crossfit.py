@@ -9,8 +9,12 @@ stopping); each development row is predicted by the one model that did not train
 selection, weights and calibration are fitted on those out-of-fold predictions; the published
 member is its K fold models, each with a K-th of its weight.
 
-What the assessment judges on the test split is what the server serves: a member's test output
-is the average of its fold models' outputs, which, weighted and averaged again over members, is
+Two approximations, both on the side of the fitting rows: fold k is both a fold model's
+early-stopping set and the rows its out-of-fold predictions are scored on (as a validation split
+is), and the calibration is fitted on single fold models' outputs while the server averages all
+K of them (softer probabilities, and the folds' spread in a regression variance). The test
+figures are not approximated: what the assessment judges on the test split is what the server
+serves: a member's test output is the average of its fold models' outputs, which, weighted and averaged again over members, is
 exactly the served average over every fold model; for a Gaussian regression head its variance
 is the fold models' mixture variance (their mean variance plus the spread of their means), so
 the ensemble's mixture variance is exactly the served one too.

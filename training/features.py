@@ -42,6 +42,7 @@ import numpy as np
 
 from contract.manifest import TensorSpec
 from training.data import DataError
+from training.tables import NULL_SPELLINGS
 
 KINDS = ("numeric", "integer", "string", "text")
 INPUT_DTYPES = {"numeric": "float32", "integer": "float64", "string": "string", "text": "string"}
@@ -95,7 +96,12 @@ def column_stats(name: str, kind: str, values: np.ndarray) -> ColumnStats:
         raise ValueError(f"column {name!r}: unknown kind {kind!r}; the kinds are {', '.join(KINDS)}")
     if kind == "string":
         text = np.asarray(values, dtype=object)
-        return ColumnStats(name, kind, bool(np.any(text == "")), vocabulary=vocabulary_of(text))
+        vocabulary = vocabulary_of(text)
+        if not vocabulary:
+            raise DataError(f"column {name!r}: none of its {len(set(text.tolist()))} distinct training values "
+                            "repeats, so a category has nothing to learn from: an identifier? leave it out with "
+                            "--ignore-columns (or --text-columns if it is free text)")
+        return ColumnStats(name, kind, bool(np.any(text == "")), vocabulary=vocabulary)
     if kind == "text":
         text = np.asarray(values, dtype=object)
         words, lengths = text_vocabulary(text)
@@ -107,11 +113,12 @@ def column_stats(name: str, kind: str, values: np.ndarray) -> ColumnStats:
     numbers = np.asarray(values, dtype=np.float64)
     present = numbers[~np.isnan(numbers)]
     has_missing = len(present) < len(numbers)
+    if not len(present):
+        raise DataError(f"column {name!r}: no training row has a value; leave it out with --ignore-columns")
     if kind == "integer":
         return ColumnStats(name, kind, has_missing, vocabulary=tuple(int(v) for v in vocabulary_of(present)))
-    mean = float(present.mean()) if len(present) else 0.0
-    std = float(present.std()) if len(present) else 1.0
-    return ColumnStats(name, kind, has_missing, mean, std if std > 1e-12 else 1.0)
+    std = float(present.std())
+    return ColumnStats(name, kind, has_missing, float(present.mean()), std if std > 1e-12 else 1.0)
 
 
 def text_vocabulary(texts: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
@@ -202,8 +209,28 @@ class MissingCode(keras.layers.Layer):
         return {**super().get_config(), "code": self.code}
 
 
+@keras.saving.register_keras_serializable(package="ensemble")
+class CleanStrings(keras.layers.Layer):
+    """A string column's values as the trainer read them (`training.tables`): surrounding spaces
+    stripped, and every spelling of a missing value (`NULL_SPELLINGS`) the empty string, so a
+    client that sends a cell exactly as its CSV holds it (` Private`, `?`) gets the category the
+    members learnt for it."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        x = tf.strings.strip(x)
+        null = tf.reduce_any(tf.equal(tf.expand_dims(x, -1), tf.constant(NULL_SPELLINGS)), axis=-1)
+        return tf.where(null, tf.constant(""), x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def column_inputs(stats: list[ColumnStats]) -> dict[str, keras.KerasTensor]:
-    """One Keras input per column, named after it, of the column's input dtype."""
+    """One Keras input per column, named after it, of the column's input dtype. Every other layer
+    of a table's member has a `-` in its name (`impute-age`, `body-dense-0`, `head-price`), which
+    no column's input name has (`training.table_pipeline.safe_name`): no name is used twice."""
     return {s.name: keras.Input(shape=(), dtype=INPUT_DTYPES[s.kind], name=s.name) for s in stats}
 
 
@@ -213,27 +240,29 @@ def encode(inputs: dict[str, keras.KerasTensor], stats: list[ColumnStats], hp):
     parts = []
     for s in stats:
         x = inputs[s.name]
+        if s.kind in ("text", "string"):
+            x = CleanStrings(name=f"clean-{s.name}")(x)
         if s.kind == "text":
             parts.append(encode_text(x, s, hp))
         elif s.kind == "numeric":
-            parts.append(ImputeStandardize(s.mean, s.std, s.has_missing, name=f"impute_{s.name}")(x))
+            parts.append(ImputeStandardize(s.mean, s.std, s.has_missing, name=f"impute-{s.name}")(x))
         elif s.kind == "integer":
             # Below every code: one for a missing value, one for the lookup's out-of-vocabulary
             # token (neither may be a category).
             lowest = min([0, *s.vocabulary])
-            codes, missing = MissingCode(lowest - 1, name=f"missing_{s.name}")(x)
+            codes, missing = MissingCode(lowest - 1, name=f"missing-{s.name}")(x)
             lookup = keras.layers.IntegerLookup(vocabulary=list(s.vocabulary), output_mode="one_hot",
-                                                oov_token=lowest - 2, name=f"lookup_{s.name}")
+                                                oov_token=lowest - 2, name=f"lookup-{s.name}")
             parts.append(lookup(codes))
             if s.has_missing:
                 parts.append(missing)
         else:
             lookup = keras.layers.StringLookup(vocabulary=list(s.vocabulary), output_mode="one_hot",
-                                               name=f"lookup_{s.name}")
+                                               name=f"lookup-{s.name}")
             parts.append(lookup(x))
     if len(parts) == 1:
         return parts[0]
-    return keras.layers.Concatenate(name="features")(parts)
+    return keras.layers.Concatenate(name="features-all")(parts)
 
 
 def encode_text(x: keras.KerasTensor, s: ColumnStats, hp) -> keras.KerasTensor:
@@ -245,17 +274,18 @@ def encode_text(x: keras.KerasTensor, s: ColumnStats, hp) -> keras.KerasTensor:
         dimension = hp.Choice("text_embedding", list(TEXT_EMBEDDING))
     words = list(s.vocabulary[: max_tokens - 2])
     if encoder == "bag":
-        bag = keras.layers.TextVectorization(vocabulary=words, standardize=TEXT_STANDARDIZE, output_mode="multi_hot",
-                                             name=f"vectorize_{s.name}")(x)
-        return keras.ops.cast(bag, "float32")
+        # multi_hot is already float32 (and a bare keras.ops call would add an operation named
+        # after it, `cast`, which a column may be named too).
+        return keras.layers.TextVectorization(vocabulary=words, standardize=TEXT_STANDARDIZE, output_mode="multi_hot",
+                                              name=f"vectorize-{s.name}")(x)
     ids = keras.layers.TextVectorization(vocabulary=words, standardize=TEXT_STANDARDIZE,
-                                         output_sequence_length=s.length, name=f"vectorize_{s.name}")(x)
-    embedded = keras.layers.Embedding(len(words) + 2, dimension, name=f"embed_{s.name}")(ids)
+                                         output_sequence_length=s.length, name=f"vectorize-{s.name}")(x)
+    embedded = keras.layers.Embedding(len(words) + 2, dimension, name=f"embed-{s.name}")(ids)
     if encoder == "mean":
-        return TokenMean(name=f"mean_{s.name}")([embedded, ids])
+        return TokenMean(name=f"mean-{s.name}")([embedded, ids])
     convolved = keras.layers.Conv1D(dimension, CONVOLUTION_WIDTH, padding="same", activation="relu",
-                                    name=f"convolve_{s.name}")(embedded)
-    return keras.layers.GlobalMaxPooling1D(name=f"pool_{s.name}")(convolved)
+                                    name=f"convolve-{s.name}")(embedded)
+    return keras.layers.GlobalMaxPooling1D(name=f"pool-{s.name}")(convolved)
 
 
 def as_inputs(columns: dict[str, np.ndarray], stats: list[ColumnStats]) -> dict[str, np.ndarray]:

@@ -325,8 +325,9 @@ def abstention_outcome(task: str, answer: tasks.Combined, target: np.ndarray, ch
 def fit_abstention(task: str, answer: tasks.Combined, target: np.ndarray, target_error: float,
                    spread: np.ndarray | None, total_only: bool = False) -> HeadThreshold:
     """The abstention threshold on validation rows (module docstring, 4); `total_only`: on the
-    served value's own uncertainty only (entropy), the one score that is the same whatever set
-    of models the value averages (cross-fitted members' fold models, `training.crossfit`)."""
+    value's own entropy only, the one score the server computes from the value alone (for
+    cross-fitted members, `training.crossfit`, whose other scores the server computes over every
+    fold model, not over the members the threshold is fitted on)."""
     if task == "regression":
         width, loss = interval_width(answer, ABSTAIN_LEVEL), squared_error(answer, target, spread)
         threshold, coverage, risk = fit_rms_threshold(width, loss, target_error)

@@ -92,15 +92,17 @@ class Head:
             self.offset, self.scale = target_stats(target)
 
     def output(self, x):
-        """The head's output tensor on the body's last layer `x`."""
+        """The head's output tensor on the body's last layer `x`; its layers are named `head-...`,
+        a name no input or automatically named layer has (the export keys it by the head's name)."""
+        layer = f"head-{self.name}"
         if self.task == "classification":
-            return keras.layers.Dense(self.width, activation="softmax", name=self.name)(x)
+            return keras.layers.Dense(self.width, activation="softmax", name=layer)(x)
         if self.task == "binary":
-            return keras.layers.Dense(1, activation="sigmoid", name=self.name)(x)
+            return keras.layers.Dense(1, activation="sigmoid", name=layer)(x)
         if self.task == "multilabel":
-            return keras.layers.Dense(self.width, activation="sigmoid", name=self.name)(x)
-        raw = keras.layers.Dense(2 * self.width, name=f"{self.name}_raw")(x)
-        return GaussianHead(self.offset, self.scale, name=self.name)(raw)
+            return keras.layers.Dense(self.width, activation="sigmoid", name=layer)(x)
+        raw = keras.layers.Dense(2 * self.width, name=f"{layer}-raw")(x)
+        return GaussianHead(self.offset, self.scale, name=layer)(raw)
 
     def loss(self):
         """The loss the head trains on: the negative log-likelihood of its task."""

@@ -89,19 +89,22 @@ def learning_rate(hp: kt.HyperParameters) -> float:
     return hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")
 
 
-def dense_body(hp: kt.HyperParameters, x):
-    """One to three ReLU layers of the same width, each followed by dropout."""
+def dense_body(hp: kt.HyperParameters, x, prefix: str | None = None):
+    """One to three ReLU layers of the same width, each followed by dropout; with a `prefix`, the
+    layers are named after it (`body-dense-0`), else Keras names them."""
     units = hp.Choice("units", [32, 64, 128, 256])
     dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
-    for _ in range(hp.Int("dense_layers", 1, 3)):
-        x = keras.layers.Dense(units, activation="relu")(x)
-        x = keras.layers.Dropout(dropout)(x)
+    for i in range(hp.Int("dense_layers", 1, 3)):
+        named = (lambda kind: {"name": f"{prefix}{kind}-{i}"}) if prefix else (lambda kind: {})  # noqa: E731
+        x = keras.layers.Dense(units, activation="relu", **named("dense"))(x)
+        x = keras.layers.Dropout(dropout, **named("dropout"))(x)
     return x
 
 
 class TableHyperModel(kt.HyperModel):
-    """A member for a table: one input per column (`training.features`), a dense body, and the
-    head of the table's task (`training.heads`)."""
+    """A member for a table: one input per column (`training.features`), a dense body (searched
+    with or without a wide path from the features to the head), and the head of the table's
+    task (`training.heads`)."""
 
     def __init__(self, columns: list[ColumnStats], head: Head):
         super().__init__(name="ensemble_member")
@@ -112,7 +115,12 @@ class TableHyperModel(kt.HyperModel):
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         inputs = column_inputs(self.columns)
-        x = dense_body(hp, encode(inputs, self.columns, hp))
+        features = encode(inputs, self.columns, hp)
+        x = dense_body(hp, features, prefix="body-")
+        if hp.Boolean("wide"):
+            # Wide and deep (Cheng et al. 2016): the head also sees the features themselves, so a
+            # member can be as good as a linear model where the table is mostly linear.
+            x = keras.layers.Concatenate(name="wide-and-deep")([features, x])
         model = keras.Model(inputs, self.head.output(x))
         self.compile(model, keras.optimizers.Adam(learning_rate(hp)))
         return model

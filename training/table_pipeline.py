@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from training.pipeline import TrainConfig, TrainResult
 
 # Part of the tuner's project name: a changed table search space must not resume an old search.
-TABLE_SPACE_VERSION = 1
+TABLE_SPACE_VERSION = 2
 
 
 def head_name(label_columns: tuple[str, ...], task: str) -> str:
@@ -87,20 +87,24 @@ def safe_name(text: str) -> str:
     return (name if name[:1].isascii() and name[:1].isalpha() else f"c_{name}")[:64]
 
 
-def input_names(columns: list[str], path: str) -> dict[str, str]:
+def input_names(columns: list[str]) -> dict[str, str]:
     """Each column's input name: letters, digits and `_`, starting with a letter (a SavedModel's
     signature renames anything else, `ok-1` to `ok_1`, `_x` not at all): the column's own name
     where it is one, else with every other character made `_` (`mean radius` -> `mean_radius`)
-    and `c_` before a first character that is not a letter (`1st` -> `c_1st`). Two columns that
-    would share a name are a DataError."""
-    names: dict[str, str] = {}
+    and `c_` before a first character that is not a letter (`1st` -> `c_1st`); a made name that
+    is taken gets a number (`_2`, `_3`). Columns whose names are valid keep them."""
+    names = {c: c for c in columns if safe_name(c) == c}
+    taken = set(names.values())
     for column in columns:
-        name = safe_name(column)
-        clash = next((c for c, n in names.items() if n == name), None)
-        if clash is not None:
-            raise DataError(f"{path}: columns {clash!r} and {column!r} would both be input {name!r}; rename one")
+        if column in names:
+            continue
+        name, n = safe_name(column), 1
+        while name in taken:  # `年齢` and `性別` are both `c___`
+            n += 1
+            name = f"{safe_name(column)[:60]}_{n}"
         names[column] = name
-    return names
+        taken.add(name)
+    return {c: names[c] for c in columns}
 
 
 def renamed(table, names: dict[str, str]):
@@ -112,14 +116,13 @@ def renamed(table, names: dict[str, str]):
                        notes=(*table.notes, *(f"column {c!r} is input {n!r}" for c, n in names.items() if c != n)))
 
 
-def champion_of(repository: Path, name: str, inputs: tuple[TensorSpec, ...], head: HeadSpec,
-                columns: dict[str, np.ndarray], target: np.ndarray, task_metrics: Callable):
-    """(the newest published version of `name`, its metrics on these rows), or None when there is
-    none. A version that takes other inputs or answers another head is not comparable and its
-    clients would break: that is a DataError (publish under another --name, or --no-gate)."""
+def comparable_champion(repository: Path, name: str, inputs: tuple[TensorSpec, ...], head: str, task: str,
+                        labels: tuple[str, ...]):
+    """The newest published version of `name` (its manifest and folder), or None when there is
+    none. One that takes other inputs or answers another head is not comparable, and its clients
+    would break: a DataError (publish under another --name, or --no-gate). Checked before any
+    training, so a run does not learn this at its end."""
     from contract.manifest import read_manifest
-    from contract.tasks import combine
-    from training.members import predict_named_saved_model
     from training.publish import latest_committed
 
     version = latest_committed(repository, name)
@@ -128,19 +131,28 @@ def champion_of(repository: Path, name: str, inputs: tuple[TensorSpec, ...], hea
     vdir = repository / name / str(version)
     manifest = read_manifest(vdir)
     theirs = manifest.signature()
-    ours_inputs = {(s.name, s.dtype, s.shape) for s in inputs}
-    if {(s.name, s.dtype, s.shape) for s in theirs.inputs} != ours_inputs or len(theirs.heads) != 1 \
-            or (theirs.heads[0].name, theirs.heads[0].task, theirs.heads[0].labels) != (head.name, head.task, head.labels):
+    if {(s.name, s.dtype, s.shape) for s in theirs.inputs} != {(s.name, s.dtype, s.shape) for s in inputs} \
+            or [(h.name, h.task, h.labels) for h in theirs.heads] != [(head, task, tuple(labels))]:
         raise DataError(f"version {version} of {name!r} takes other inputs or answers another head than this run's; "
                         "its clients would break: publish under another --name, or pass --no-gate")
-    champion = theirs.heads[0]
-    outputs = np.stack([predict_named_saved_model(vdir / m.path, columns, champion.name) for m in manifest.members],
+    return manifest, vdir
+
+
+def champion_metrics(champion, columns: dict[str, np.ndarray], target: np.ndarray, task_metrics: Callable):
+    """(the champion's manifest, its metrics on these rows as it serves them), or None for none."""
+    from contract.tasks import combine
+    from training.members import predict_named_saved_model
+
+    if champion is None:
+        return None
+    manifest, vdir = champion
+    head = manifest.signature().heads[0]
+    outputs = np.stack([predict_named_saved_model(vdir / m.path, columns, head.name) for m in manifest.members],
                        axis=1)
-    k = champion.columns
-    calibration = (champion.variance_scale if champion.task == "regression"
-                   else champion.temperatures or (1.0,))
-    answer = combine(champion.task, outputs[:, :, :k], manifest.weights, calibration,
-                     outputs[:, :, k:2 * k] if champion.variance else None)
+    k = head.columns
+    calibration = head.variance_scale if head.task == "regression" else head.temperatures or (1.0,)
+    answer = combine(head.task, outputs[:, :, :k], manifest.weights, calibration,
+                     outputs[:, :, k:2 * k] if head.variance else None)
     return manifest, task_metrics(answer, target)
 
 
@@ -263,7 +275,7 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     else:
         table = read_table(config.data, o.label_columns, o.task, delimiter=o.delimiter, categorical=o.categorical,
                            numeric=o.numeric, ignore=o.ignore, text=o.text)
-    table = renamed(table, input_names(list(table.columns), table.source))
+    table = renamed(table, input_names(list(table.columns)))
     task = table.task
     metric = config.gate_metric or default_gate_metric(task)
     if metric not in gate_metrics(task):
@@ -280,9 +292,14 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     head = Head(task, len(table.labels), name, train.target if task == "regression" else None)
     hypermodel = TableHyperModel(stats, head)
     budget = config.budget if config.objective_given else replace(config.budget, objective=objective_of(task))
+    if budget.objective != objective_of(task) and task != "classification":
+        raise DataError(f"--objective {budget.objective} is not measured for a {task} head (Keras reports its "
+                        f"loss, not an accuracy): use --objective {objective_of(task)}")
     fit = FitSplits(Examples(as_inputs(train.columns, stats), head.fit_target(train.target)),
                     Examples(as_inputs(val.columns, stats), head.fit_target(val.target)))
     inputs = tuple(s.spec() for s in stats)
+    champion = (comparable_champion(config.repository, config.name, inputs, name, task, table.labels)
+                if config.gate else None)
     digest = fingerprint_table(table)
     project = f"{config.name}-{digest[:12]}-t{TABLE_SPACE_VERSION}"
 
@@ -316,8 +333,8 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
         ens = found.ensemble
 
         if config.gate:
-            champion = champion_of(config.repository, config.name, inputs, spec, test_in, test.target,
-                                   lambda answer, target: measure_answer(task, answer, target, found.floor))
+            champion = champion_metrics(champion, test_in, test.target,
+                                        lambda answer, target: measure_answer(task, answer, target, found.floor))
             decision = decide(ens, champion, metric, config.gate_tolerance, found.versus_selected.get(metric),
                               found.selected, higher_is_better)
         else:
