@@ -127,16 +127,17 @@ def test_a_parquet_file_and_the_csv_of_its_values_read_to_equal_tables(tmp_path)
         "x": x, "code": pa.array(code, pa.int32()),
         "colour": pa.array(colour).dictionary_encode(), "flag": flag, "y": y}), tmp_path / "t.parquet")
     lines = [["x", "code", "colour", "flag", "y"]] + [
-        ["" if np.isnan(a) else repr(float(a)), c, s or "", str(f).lower(), t]
+        ["" if np.isnan(a) else repr(float(a)), c, s or "", int(f), t]  # a bool column reads as 1/0
         for a, c, s, f, t in zip(x, code, colour, flag, y)]
     from_parquet = read_table(tmp_path / "t.parquet", ["y"], None)
     from_csv = read_table(write(tmp_path / "t.csv", lines), ["y"], None)
-    assert from_parquet.kinds == {"x": "numeric", "code": "integer", "colour": "string", "flag": "string"}
-    assert from_parquet.columns["colour"][2] == "" and set(from_parquet.columns["flag"]) == {"true", "false"}
+    assert from_parquet.kinds == {"x": "numeric", "code": "integer", "colour": "string", "flag": "integer"}
+    assert from_parquet.columns["colour"][2] == "" and set(from_parquet.columns["flag"]) == {0.0, 1.0}
     assert fingerprint_table(from_parquet) == fingerprint_table(from_csv)
     assert from_parquet.notes == (
         "column 'x': 2 of 60 cells missing (kept, the model imputes them)",
-        "column 'colour': 15 of 60 cells missing (kept as the empty string)")
+        "column 'colour': 15 of 60 cells missing (kept as the empty string)",
+        "column 'flag': true/false read as 1/0")
 
 
 def test_a_parquet_index_saved_by_pandas_is_not_read(tmp_path):
@@ -168,10 +169,10 @@ def test_kinds_are_inferred_from_the_values(tmp_path):
 
 
 def test_a_column_of_numbers_with_a_few_words_is_a_string_category_with_a_note(tmp_path):
-    path = small(tmp_path, rows=20, x=["1.5", "2", "3", "inf", "4", "5", "6", "7", "8", "9"], y=["p", "q"])
+    path = small(tmp_path, rows=20, x=["1.5", "2", "3", "9 kg", "4", "5", "6", "7", "8", "9"], y=["p", "q"])
     table = read_table(path, "y", None)
-    assert table.kinds == {"x": "string"} and table.columns["x"][3] == "inf"
-    assert table.notes[-1] == ("column 'x': 2 of 20 values are not numbers (the first 'inf' at line 5), so "
+    assert table.kinds == {"x": "string"} and table.columns["x"][3] == "9 kg"
+    assert table.notes[-1] == ("column 'x': 2 of 20 values are not numbers (the first '9 kg' at line 5), so "
                                "it is read as a string category; fix those cells, or list it in numeric to make them errors")
 
 
@@ -443,3 +444,81 @@ def test_a_byte_order_mark_is_no_part_of_the_first_name(tmp_path):
     path.write_bytes("\ufeffid;a;y\n".encode() + "".join(f"{i};{i / 2};{'pq'[i % 2]}\n" for i in range(20)).encode())
     table = read_table(path, "y", None, ignore=["id"])
     assert list(table.columns) == ["a"] and table.columns["a"][3] == 1.5
+
+
+# Cells the csv module, infinity and Parquet's booleans
+
+
+def test_a_line_number_is_found_past_a_cell_longer_than_the_csv_modules_limit(tmp_path):
+    import csv
+
+    long = "word " * 40_000  # 200,000 characters: pyarrow reads it, csv's default limit is 131,072
+    lines = ["a,note,y"] + [f"{i},{long if i == 1 else 'n'},{'pq'[i % 2]}" for i in range(30)]
+    lines[6] = "5,n,"
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    limit = csv.field_size_limit()
+    table = read_table(path, "y", None)
+    assert table.notes[0] == "1 of 30 rows dropped: no value in label 'y' (the first at line 7)"
+    assert csv.field_size_limit() == limit  # raised for the pass only
+
+
+def test_a_line_that_cannot_be_found_is_named_by_its_data_row(tmp_path, monkeypatch):
+    import csv
+
+    path = small(tmp_path, rows=30, a=list(range(30)), y=["p", "q", ""])
+
+    def unreadable(*args):
+        raise csv.Error("field larger than field limit (131072)")
+        yield
+
+    monkeypatch.setattr(tables, "_records", unreadable)
+    assert read_table(path, "y", None).notes[0] == "10 of 30 rows dropped: no value in label 'y' (the first at data row 3)"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinity_in_a_parquet_float_column_is_refused_naming_the_row(tmp_path, value):
+    x = [0.5 * i for i in range(20)]
+    x[3] = value
+    pq.write_table(pa.table({"x": x, "y": ["p", "q"] * 10}), tmp_path / "t.parquet")
+    assert refusal(read_table, tmp_path / "t.parquet", "y", None) == (
+        f"{tmp_path / 't.parquet'}, row 4: column 'x' holds {show_number(value)!r}; a number must be finite: "
+        "replace it or leave the column out with --ignore-columns")
+    pq.write_table(pa.table({"x": x, "z": [1.0] * 20, "y": ["p", "q"] * 10}), tmp_path / "u.parquet")
+    assert list(read_table(tmp_path / "u.parquet", "y", None, ignore=["x"]).columns) == ["z"]
+
+
+@pytest.mark.parametrize("spelling", ["inf", "-inf", "+Infinity", "1e999", "-1e999"])
+def test_infinity_in_a_csv_column_of_numbers_is_refused_naming_the_line(tmp_path, spelling):
+    path = small(tmp_path, rows=20, x=["1.5", "2", "", spelling, "4", "5"], y=["p", "q"])
+    assert refusal(read_table, path, "y", None) == (
+        f"{path}, line 5: column 'x' holds {spelling!r}; a number must be finite: replace it or leave the "
+        "column out with --ignore-columns")
+    assert "holds 'inf'; a number must be finite" in refusal(
+        read_table, small(tmp_path, rows=20, x=["1", "inf"], y=["p", "q"]), "y", None, numeric=["x"])
+
+
+def test_inf_among_words_or_in_a_named_category_is_a_value(tmp_path):
+    words = small(tmp_path, rows=40, depth=["shallow", "deep", "inf"], y=["p", "q"])
+    assert read_table(words, "y", None).kinds == {"depth": "string"}
+    codes = small(tmp_path, "codes.csv", rows=40, depth=["1", "2", "inf"], y=["p", "q"])
+    table = read_table(codes, "y", None, categorical=["depth"])
+    assert table.kinds == {"depth": "string"} and table.columns["depth"][:3].tolist() == ["1", "2", "inf"]
+
+
+def test_a_parquet_bool_column_is_an_integer_category_of_0_and_1(tmp_path):
+    flag = [True, False, None, True] * 5
+    pq.write_table(pa.table({"flag": pa.array(flag, pa.bool_()), "y": ["p", "q"] * 10}), tmp_path / "t.parquet")
+    table = read_table(tmp_path / "t.parquet", "y", None)
+    assert table.kinds == {"flag": "integer"} and table.columns["flag"].dtype == np.float64
+    assert np.array_equal(table.columns["flag"][:4], [1.0, 0.0, np.nan, 1.0], equal_nan=True)
+    assert "column 'flag': true/false read as 1/0" in table.notes
+    assert "column 'flag': 5 of 20 cells missing (kept, the model imputes them)" in table.notes
+    assert read_table(tmp_path / "t.parquet", "y", None, numeric=["flag"]).kinds == {"flag": "numeric"}
+
+
+def test_a_parquet_bool_label_keeps_its_classes_false_and_true(tmp_path):
+    pq.write_table(pa.table({"a": [float(i) for i in range(20)], "y": [False, True] * 10}), tmp_path / "t.parquet")
+    table = read_table(tmp_path / "t.parquet", "y", None)
+    assert (table.task, table.labels) == ("binary", ("false", "true"))
+    assert table.target[:4].tolist() == [0, 1, 0, 1]

@@ -168,6 +168,25 @@ def test_the_folder_dispatch_tells_texts_from_images(tmp_path):
     assert not is_text_folder(str(texts / "a" / "000.txt")) and not is_text_folder("digits")
 
 
+def test_hidden_folders_and_files_at_any_depth_are_no_examples(tmp_path):
+    root = write_folder(tmp_path / "docs", {"neg": ["bad"] * 6, "pos": ["good"] * 6})
+    for hidden in (root / "pos" / ".ipynb_checkpoints", root / "neg" / "deeper" / ".git" / "objects"):
+        hidden.mkdir(parents=True)
+        (hidden / "000-checkpoint.txt").write_text("a copy of a text: a leak between train and test")
+    (root / "pos" / ".draft.txt").write_text("a hidden file")
+    (root / "neg" / "deeper" / "kept.txt").write_text("nested, not hidden")
+    table = read_text_folder(root)
+    assert sorted(table.columns["text"].tolist()) == ["bad"] * 6 + ["good"] * 6 + ["nested, not hidden"]
+    only_hidden = tmp_path / "only_hidden"
+    for label in ("neg", "pos"):
+        (only_hidden / label / ".ipynb_checkpoints").mkdir(parents=True)
+        (only_hidden / label / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("hidden")
+    assert not is_text_folder(str(only_hidden))
+    (root / "pos" / ".thumbnails").mkdir()
+    (root / "pos" / ".thumbnails" / "cover.png").write_bytes(b"\x89PNG")
+    assert is_text_folder(str(root))  # an image in a hidden folder is no image of the data either
+
+
 # A table's text column
 
 
@@ -258,7 +277,7 @@ def test_the_text_search_space_is_added_only_for_text_and_an_empty_text_is_answe
     numbers = column_stats("age", "numeric", np.array([30.0, 40.0, np.nan]))
     plain = kt.HyperParameters()
     TableHyperModel([numbers], Head("binary", 2, "y")).build(plain)
-    assert sorted(plain.values) == ["dense_layers", "dropout", "learning_rate", "units"]
+    assert sorted(plain.values) == ["dense_layers", "dropout", "learning_rate", "units", "wide"]
     review = column_stats("review", "text", np.array(["a good film", "a bad film", "very good"], dtype=object))
     for encoder in ("mean", "convolution", "bag"):
         hp = kt.HyperParameters()

@@ -166,8 +166,12 @@ def is_text_folder(spec: str) -> bool:
             # Hidden folders (.ipynb_checkpoints, .git) are no classes; training.text_folder skips them too.
             if not sub.is_dir() or sub.name.startswith("."):
                 continue
-            for _, _, files in os.walk(sub):
+            for _, folders, files in os.walk(sub):
+                # Hidden at any depth (Jupyter's checkpoint copies) too, as training.text_folder.
+                folders[:] = [f for f in folders if not f.startswith(".")]
                 for file in files:
+                    if file.startswith("."):
+                        continue
                     suffix = os.path.splitext(file)[1].lower()
                     if suffix in IMAGE_SUFFIXES:
                         return False

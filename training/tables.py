@@ -12,7 +12,13 @@ What counts as what, in every file format alike:
 - a cell is *missing* when it is empty, null, NaN or one of `NULL_SPELLINGS` (after the spaces
   around it are stripped: they are never part of a value);
 - a cell is a *number* when it reads as a finite decimal number (`12`, `-0.5`, `1e3`);
-  anything else ("inf", "1,5", "0x10") is text;
+  anything else ("1,5", "0x10") is text;
+- a cell is *infinity* when it is one (a Parquet float) or reads as one (`inf`, `-Infinity`,
+  `1e999`): in a column whose other present cells are all numbers it is a DataError naming the
+  cell (an overflow or a division by zero upstream, not a category), unless the column is named
+  `categorical` or `text`; among words it is a word like any other;
+- a Parquet bool column is an `integer` category of 0 and 1 (JSON's true/false are no numbers,
+  and a client sends a code as a number), with a note; as a label its classes stay false/true;
 - a column whose present cells are all numbers is `numeric`, except one that looks like a code
   (`looks_like_codes`: whole numbers, at most `MAX_CATEGORY_CODES` distinct values, and at most
   `CATEGORY_SHARE` of its present cells distinct, i.e. each value repeats about 20 times or
@@ -30,6 +36,7 @@ Every problem is a `training.data.DataError` whose message names the file and wh
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import math
@@ -68,6 +75,10 @@ KINDS = ("numeric", "integer", "string", "text")
 STRING_KINDS = ("string", "text")
 # A finite decimal number; Arrow's cast reads every text this matches.
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+# Infinity spelled out (any case), as Arrow's cast, pandas and numpy write and read it.
+_INFINITY = r"^[+-]?inf(inity)?$"
+# csv.field_size_limit takes a C long, 32 bits on some platforms.
+_MAX_CSV_FIELD = 2**31 - 1
 # Two-valued labels whose order is known: (negative, positive).
 _ORDERED_PAIRS = (("0", "1"), ("false", "true"), ("no", "yes"))
 
@@ -206,14 +217,18 @@ def show_number(value: float) -> str:
 
 class _Cells:
     """One column's cells as read: the number in each cell that holds a finite number, which
-    cells are missing, and their texts (made only for the rows and columns that need them)."""
+    cells are missing, which hold infinity, and their texts (made only for the rows and columns
+    that need them); `boolean` for a column of true/false, its numbers 1/0."""
 
     def __init__(self, numbers: np.ndarray, missing: np.ndarray,
-                 texts: Callable[[np.ndarray], np.ndarray]):
+                 texts: Callable[[np.ndarray], np.ndarray], infinite: np.ndarray | None = None,
+                 boolean: bool = False):
         self.numbers = numbers  # float64, NaN where missing or not a finite number
         self.missing = missing
         self._texts = texts
         self.words = ~missing & np.isnan(numbers)  # present, but not a number
+        self.infinite = np.zeros_like(missing) if infinite is None else infinite  # among the words
+        self.boolean = boolean
 
     def text(self, rows: np.ndarray) -> np.ndarray:
         """The cells of these rows as an object array of `str`, "" where missing."""
@@ -269,9 +284,14 @@ class _CsvFile(_File):
 
     def where(self, row: int) -> str:
         # pyarrow skips empty lines and reads quoted line breaks: count the lines the same way.
-        for index, (line, _) in enumerate(_records(self.path, self.delimiter)):
-            if index == row + 1:
-                return f"line {line}"
+        # A place in a message is not worth a traceback: unfound, the row is named by its number.
+        try:
+            with _long_csv_fields(self.path):
+                for index, (line, _) in enumerate(_records(self.path, self.delimiter)):
+                    if index == row + 1:
+                        return f"line {line}"
+        except (csv.Error, UnicodeDecodeError, OSError):
+            pass
         return f"data row {row + 1}"
 
     def hint(self) -> str:
@@ -283,13 +303,14 @@ class _CsvFile(_File):
             return not_utf8(self.path)
         if "Expected" in text and "columns, got" in text:
             try:
-                for line, fields in _records(self.path, self.delimiter):
-                    if len(fields) != len(self.names):
-                        return DataError(
-                            f"{self.path}, line {line}: {len(fields)} fields, the header has "
-                            f"{len(self.names)}; fix the line, or quote a field that holds "
-                            f"{self.delimiter!r}")
-            except (csv.Error, UnicodeDecodeError):
+                with _long_csv_fields(self.path):
+                    for line, fields in _records(self.path, self.delimiter):
+                        if len(fields) != len(self.names):
+                            return DataError(
+                                f"{self.path}, line {line}: {len(fields)} fields, the header has "
+                                f"{len(self.names)}; fix the line, or quote a field that holds "
+                                f"{self.delimiter!r}")
+            except (csv.Error, UnicodeDecodeError, OSError):
                 pass
         return DataError(f"{self.path} is not a readable CSV file: {_first_line(text)}")
 
@@ -333,9 +354,11 @@ class _ParquetFile(_File):
             kind = kind.value_type
         if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
             return _number_cells(pc.cast(column, pa.float64()).to_numpy())
-        if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_boolean(kind)
-                or pa.types.is_temporal(kind) or pa.types.is_null(kind)):
-            # true/false, dates and times are categories or text, as they are in a CSV file.
+        if pa.types.is_boolean(kind):
+            return _bool_cells(column)
+        if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_temporal(kind)
+                or pa.types.is_null(kind)):
+            # Dates and times are categories or text, as they are in a CSV file.
             return _text_cells(pc.cast(column, pa.string()))
         raise DataError(f"{self.path}: column {name!r} holds {kind} values, which are neither numbers "
                         "nor text; add it to ignore")
@@ -454,6 +477,18 @@ def _csv_header(path: str | Path, delimiter: str) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _long_csv_fields(path: str | Path) -> Iterator[None]:
+    """The csv module reading fields as long as the file (pyarrow reads any), for this pass only."""
+    # csv refuses a field over 131,072 characters by default; no field is longer than its file.
+    before = csv.field_size_limit()
+    csv.field_size_limit(min(_MAX_CSV_FIELD, max(before, Path(path).stat().st_size)))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
 def _records(path: str | Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     """(first line, fields) of each non-empty record, the header first."""
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -493,20 +528,33 @@ def _text_cells(column: pa.ChunkedArray) -> _Cells:
     missing = pc.is_in(text, value_set=pa.array(NULL_SPELLINGS))
     numeric_text = pc.if_else(pc.match_substring_regex(text, _NUMBER), text, pa.scalar(None, pa.string()))
     numbers = pc.cast(numeric_text, pa.float64()).to_numpy()
-    numbers = np.where(np.isfinite(numbers), numbers, np.nan)  # 1e999 reads as inf: a word, like "inf"
+    # 1e999 reads as inf: infinity like "inf" itself, and no number.
+    infinite = np.isinf(numbers) | pc.match_substring_regex(text, _INFINITY, ignore_case=True).to_numpy()
+    numbers = np.where(np.isfinite(numbers), numbers, np.nan)
     shown = pc.if_else(missing, "", text)
-    return _Cells(numbers, missing.to_numpy(), lambda rows: shown.take(rows).to_numpy())
+    return _Cells(numbers, missing.to_numpy(), lambda rows: shown.take(rows).to_numpy(), infinite)
 
 
 def _number_cells(values: np.ndarray) -> _Cells:
-    """Cells from numbers: NaN is missing; an infinity is a word, shown as it prints."""
+    """Cells from numbers: NaN is missing; an infinity is no number, shown as it prints."""
     missing = np.isnan(values)
     numbers = np.where(np.isfinite(values), values, np.nan)
 
     def texts(rows: np.ndarray) -> np.ndarray:
         return np.array(["" if missing[r] else show_number(values[r]) for r in rows], dtype=object)
 
-    return _Cells(numbers, missing, texts)
+    return _Cells(numbers, missing, texts, np.isinf(values))
+
+
+def _bool_cells(column: pa.ChunkedArray) -> _Cells:
+    """Cells from true/false: 1/0 as numbers, null missing, shown as `true`/`false`."""
+    numbers = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)  # null is NaN
+    missing = np.isnan(numbers)
+
+    def texts(rows: np.ndarray) -> np.ndarray:
+        return np.array(["" if missing[r] else ("true" if numbers[r] else "false") for r in rows], dtype=object)
+
+    return _Cells(numbers, missing, texts, boolean=True)
 
 
 def _rows_with_labels(file: _File, cells: dict[str, _Cells],
@@ -575,8 +623,9 @@ def _target(file: _File, cells: dict[str, _Cells], labels: tuple[str, ...], task
 
 
 def _classes(cells: _Cells, keep: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-    """Sorted classes and each row's index into them: by value when every cell is a number."""
-    if cells.words[keep].any():
+    """Sorted classes and each row's index into them: by value when every cell is a number (and
+    as `false`/`true` from a bool column, as a CSV file writes them)."""
+    if cells.words[keep].any() or cells.boolean:
         values, index = np.unique(cells.text(keep), return_inverse=True)
         return tuple(str(v) for v in values), index.astype(np.int64)
     values, index = np.unique(cells.numbers[keep], return_inverse=True)
@@ -613,6 +662,15 @@ def _refuse_words(file: _File, name: str, cells: _Cells, keep: np.ndarray, why: 
                         f"{cells.text([row])[0]!r}, not a number; {why}")
 
 
+def _refuse_infinity(file: _File, name: str, cells: _Cells, keep: np.ndarray) -> None:
+    """A DataError at the first infinity of these rows when every other present cell is a number."""
+    infinite = cells.infinite[keep]
+    if infinite.any() and not (cells.words[keep] & ~infinite).any():
+        row = int(keep[np.argmax(infinite)])
+        raise DataError(f"{file.path}, {file.where(row)}: column {name!r} holds {cells.text([row])[0]!r}; a number "
+                        "must be finite: replace it or leave the column out with --ignore-columns")
+
+
 def _kind(file: _File, name: str, cells: _Cells, keep: np.ndarray, categorical: bool, numeric: bool,
           text: bool) -> tuple[str, np.ndarray, list[str]]:
     """A feature column's kind (see the module's docstring), its values in these rows as the
@@ -620,12 +678,17 @@ def _kind(file: _File, name: str, cells: _Cells, keep: np.ndarray, categorical: 
     missing = cells.missing[keep]
     if missing.all():
         raise DataError(f"{file.path}: column {name!r} has no value in any row; add it to ignore")
+    if text:
+        return "text", cells.text(keep), []
+    if not categorical:
+        _refuse_infinity(file, name, cells, keep)
+    if cells.boolean:
+        return ("numeric" if numeric else "integer"), cells.numbers[keep], [
+            f"column {name!r}: true/false read as 1/0"]
     if numeric:
         _refuse_words(file, name, cells, keep,
                       f"fix the cell, leave it empty for a missing value, or take {name!r} out of numeric")
         return "numeric", cells.numbers[keep], []
-    if text:
-        return "text", cells.text(keep), []
     words = cells.words[keep]
     values = cells.numbers[keep][~missing]
     if words.any():

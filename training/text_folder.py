@@ -9,9 +9,11 @@ like any table with a text column.
 
 Classes are the sub-folders' names, sorted; hidden sub-folders (`.git`, `.ipynb_checkpoints`)
 are no classes. A class's files are every `.txt` file (any case) under its sub-folder, however
-deep. Each file is decoded as UTF-8 (a byte-order mark is dropped) and the spaces around its
-text stripped; an empty file is the empty text, the missing value of a text column. Two classes
-are a `binary` task, as a table's two-valued label is, unless the task is given.
+deep, but none in a hidden folder at any depth and no hidden file: Jupyter's checkpoint copies
+(`pos/.ipynb_checkpoints/a-checkpoint.txt`) would repeat texts, across train and test. Each
+file is decoded as UTF-8 (a byte-order mark is dropped) and the spaces around its text
+stripped; an empty file is the empty text, the missing value of a text column. Two classes are
+a `binary` task, as a table's two-valued label is, unless the task is given.
 
 A file that is not UTF-8 stops the read with a DataError naming the file, its line and byte (a
 file that cannot be read at all: the file and why), unless `skip_unreadable`: then it is left
@@ -89,7 +91,8 @@ def class_files(folder: Path) -> dict[str, list[Path]]:
     """{class: its `.txt` files, sorted} for each class sub-folder, classes sorted by name."""
     try:
         subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-        files = {d.name: sorted(f for f in d.rglob("*") if f.suffix.lower() == ".txt" and f.is_file())
+        files = {d.name: sorted(f for f in d.rglob("*") if f.suffix.lower() == ".txt" and f.is_file()
+                                and not is_hidden(f.relative_to(d)))
                  for d in subs}
     except OSError as exc:
         raise DataError(f"{folder} cannot be read: {exc}") from None
@@ -104,6 +107,11 @@ def class_files(folder: Path) -> dict[str, list[Path]]:
         raise DataError(f"{folder} has one class sub-folder ({next(iter(files))!r}); a classifier needs at "
                         "least 2")
     return files
+
+
+def is_hidden(path: Path) -> bool:
+    """Whether a path below a data folder is hidden, or inside a hidden folder."""
+    return any(part.startswith(".") for part in path.parts)
 
 
 def _check_task(folder: Path, task: str | None, classes: int) -> None:
