@@ -121,6 +121,29 @@ def test_image_folders_load_in_a_stable_order_with_raw_pixels(tmp_path):
     assert fingerprint(first) == fingerprint(again)
 
 
+def test_a_broken_image_is_named_in_one_line_and_skipped_when_asked(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    good = open_source(str(tmp_path / "imgs"), DataOptions(image_size=(6, 6))).load()
+    (tmp_path / "imgs" / "dog" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # a cut download
+    with pytest.raises(DataError) as refused:
+        open_source(str(tmp_path / "imgs"), DataOptions(image_size=(6, 6))).load()
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'imgs' / 'dog' / '2.png'} is not an image TensorFlow can decode (")
+    assert message.endswith("; fix or remove it, or pass --skip-unreadable to leave such files out")
+    assert "\n" not in message
+    kept = open_source(str(tmp_path / "imgs"), DataOptions(image_size=(6, 6), skip_unreadable=True)).load()
+    assert kept.source == str(tmp_path / "imgs") and list(kept.y) == [0, 0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(kept.x, np.delete(good.x, 6, axis=0))
+    assert (f"[data] left out 1 image file(s) that cannot be decoded, the first {tmp_path / 'imgs' / 'dog' / '2.png'}"
+            " (--skip-unreadable)") in capsys.readouterr().out
+
+
 def test_empty_image_folder_is_refused(tmp_path):
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     with pytest.raises(DataError):

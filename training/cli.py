@@ -58,8 +58,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                       help="tables: comma-separated columns of free text (tokenised inside the members). "
                            "Default: inferred, a column of long or mostly distinct phrases")
     data.add_argument("--skip-unreadable", action="store_true",
-                      help="folders of texts: leave out .txt files that cannot be read or are not UTF-8 "
-                           "(the trainer says how many) instead of stopping at the first")
+                      help="folders of texts or images: leave out files that cannot be read (a text that is "
+                           "not UTF-8, an image that cannot be decoded; the trainer says how many) instead of "
+                           "stopping at the first")
     data.add_argument("--image-size", type=_image_size, default=(32, 32),
                       help="image folders: resize to HEIGHTxWIDTH. Default: 32x32")
     data.add_argument("--color-mode", default="rgb", choices=["rgb", "grayscale", "rgba"],

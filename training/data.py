@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -185,19 +185,44 @@ class ImageFolderSource:
     """Images in one sub-folder per class (`keras.utils.image_dataset_from_directory`), resized
     to a fixed size; pixel values stay 0..255, as a client would send them."""
 
-    def __init__(self, path: Path, image_size: tuple[int, int], color_mode: str):
+    def __init__(self, path: Path, image_size: tuple[int, int], color_mode: str, skip_unreadable: bool = False,
+                 report: Callable[[str], None] = print):
         self.path = Path(path)
         self.image_size = image_size
         self.color_mode = color_mode
+        self.skip_unreadable = skip_unreadable
+        self.report = report
 
     def load(self) -> Dataset:
-        import keras
+        import tempfile
 
         if self.color_mode not in ("rgb", "grayscale", "rgba"):
             raise DataError(f"--color-mode must be rgb, grayscale or rgba, got {self.color_mode!r}")
+        bad = unreadable_images(self.path)
+        if not bad:
+            return self._load(self.path)
+        if not self.skip_unreadable:
+            raise DataError(f"{bad[0][0]} is not an image TensorFlow can decode ({bad[0][1]})"
+                            + (f"; {len(bad) - 1} more file(s) are not either" if len(bad) > 1 else "")
+                            + "; fix or remove it, or pass --skip-unreadable to leave such files out")
+        self.report(f"[data] left out {len(bad)} image file(s) that cannot be decoded, the first {bad[0][0]} "
+                    "(--skip-unreadable)")
+        with tempfile.TemporaryDirectory(prefix="images-") as tmp:
+            # The readable files as links in the same layout: Keras reads them as before.
+            skipped = {path for path, _ in bad}
+            for path in image_files(self.path):
+                if path not in skipped:
+                    link = Path(tmp) / path.relative_to(self.path)
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(path.resolve())
+            return self._load(Path(tmp), source=str(self.path))
+
+    def _load(self, folder: Path, source: str | None = None) -> Dataset:
+        import keras
+
         try:
             ds = keras.utils.image_dataset_from_directory(
-                str(self.path), labels="inferred", label_mode="int", image_size=self.image_size,
+                str(folder), labels="inferred", label_mode="int", image_size=self.image_size,
                 color_mode=self.color_mode, batch_size=None, shuffle=False, verbose=False)
         except ValueError as exc:
             raise DataError(f"{self.path}: {exc}") from None
@@ -208,7 +233,34 @@ class ImageFolderSource:
         if not xs:
             raise DataError(f"{self.path} holds no images in class sub-folders")
         return validate(Dataset(np.stack(xs).astype("float32"), np.array(ys, dtype="int64"),
-                                tuple(ds.class_names), str(self.path)))
+                                tuple(ds.class_names), source or str(self.path)))
+
+
+# The files Keras's image_dataset_from_directory reads (its ALLOWLIST_FORMATS).
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a folder of class sub-folders, in the order Keras reads them."""
+    files = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for root, _, names in sorted(os.walk(sub), key=lambda entry: entry[0]):
+            files += [Path(root) / n for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)]
+    return files
+
+
+def unreadable_images(folder: Path) -> list[tuple[Path, str]]:
+    """(file, why) for each image file TensorFlow cannot decode (as Keras would decode it), so a
+    broken file is named in one line instead of failing deep in a TensorFlow traceback."""
+    import tensorflow as tf
+
+    bad = []
+    for path in image_files(folder):
+        try:
+            tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False)
+        except (tf.errors.OpError, ValueError) as exc:
+            bad.append((path, str(getattr(exc, "message", exc)).splitlines()[0][:200]))
+    return bad
 
 
 def open_source(spec: str, options: DataOptions | None = None) -> DataSource:
@@ -223,7 +275,7 @@ def open_source(spec: str, options: DataOptions | None = None) -> DataSource:
         raise DataError(f"{spec} is a table or a folder of texts: its named columns train through "
                         "training.table_pipeline")
     if Path(spec).is_dir():
-        return ImageFolderSource(Path(spec), options.image_size, options.color_mode)
+        return ImageFolderSource(Path(spec), options.image_size, options.color_mode, options.skip_unreadable)
     raise DataError(
         f"unknown data source {spec!r}: use 'digits', a path ending in .npz, a table (.csv, .tsv, .txt, "
         ".parquet), or a folder with one sub-folder of images (or of .txt files) per class"
