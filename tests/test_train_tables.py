@@ -6,7 +6,9 @@ members' combination (contract.tasks, with the published calibration) computed h
 published members themselves.
 
 The budgets are tiny: these tests check the plumbing (columns in, the task's head out, the same
-numbers on both sides), not the quality, which `docs/training.md` measures."""
+numbers on both sides), not the quality, which `docs/training.md` measures. The tests that
+train are marked slow (four trainings, one cross-fitted: minutes); `tests/test_text.py` trains
+and serves a folder of texts in the fast suite."""
 
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ ASKED = [{"age": 41, "sex": "female", "bmi": None, "stage": 2},
          {"age": 58, "sex": "unknown", "bmi": 27.0, "stage": 9}]  # an unseen word and code: out of vocabulary
 
 
+@pytest.mark.slow
 def test_the_manifest_lists_every_column_by_name_and_the_task_of_each_head(trained):
     root, _, manifests = trained
     risk = manifests["risk"]
@@ -133,6 +136,7 @@ def test_the_manifest_lists_every_column_by_name_and_the_task_of_each_head(train
     assert set(report["heads"]["risk"]["calibration"]["test_after"]) >= {"rmse", "mae", "r2", "nll", "coverage_90"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["risk", "sick", "flags"])
 def test_rows_as_the_csv_holds_them_are_answered_as_the_members_combine(trained, name):
     root, server, manifests = trained
@@ -144,8 +148,19 @@ def test_rows_as_the_csv_holds_them_are_answered_as_the_members_combine(trained,
     head = manifest.heads[0].name
     values = np.array([row[head] if isinstance(row, dict) else row for row in got], dtype=np.float64)
     np.testing.assert_allclose(values.reshape(expected.value.shape), expected.value, rtol=1e-4, atol=1e-4)
+    # The Open Inference Protocol: one tensor per column, null where a cell is empty.
+    datatypes = {"float32": "FP32", "float64": "FP64", "string": "BYTES"}
+    body = {"inputs": [{"name": s.name, "shape": [len(ASKED)], "datatype": datatypes[s.dtype],
+                        "data": [row[s.name] for row in ASKED]} for s in manifest.inputs],
+            "outputs": [{"name": head}]}
+    reply = httpx.post(f"{server.base}/v2/models/{name}/infer", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    (tensor,) = reply.json()["outputs"]
+    assert tensor["name"] == head
+    np.testing.assert_allclose(np.reshape(tensor["data"], expected.value.shape), expected.value, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_trainer_says_what_it_read_and_refuses_what_it_cannot_use(tmp_path, capsys):
     patients(tmp_path)
     code, out = train(tmp_path, capsys, "--label-column", "risk")
