@@ -101,7 +101,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                          help="publish even when fewer than --min-members members were trained")
     members.add_argument("--cross-fit", default="auto", choices=["auto", "always", "never"],
                          help="tables: train each member once per fold (5 folds) and choose and calibrate the "
-                              "ensemble on every row's out-of-fold prediction. Default: auto (below 200 "
+                              "ensemble on every row's out-of-fold prediction. Default: auto (below 1,000 "
                               "training and validation rows)")
     members.add_argument("--weights", default="pruned", choices=["pruned", "fitted", "uniform"],
                          help="which members the ensemble keeps and how it weighs them, decided on the "
