@@ -353,10 +353,21 @@ def export_named_member(model: keras.Model, export_dir: Path, inputs: Sequence[T
 def predict_named_saved_model(export_dir: Path, columns: dict[str, np.ndarray], head: str,
                               batch_size: int = 512) -> np.ndarray:
     """A format-2 member's head output from the exported SavedModel itself: what is served."""
+    return predict_named_sets(export_dir, head, [columns], batch_size)[0]
+
+
+def predict_named_sets(export_dir: Path, head: str, sets: Sequence[dict[str, np.ndarray]],
+                       batch_size: int = 512) -> list[np.ndarray]:
+    """The head's output on each set of rows, the SavedModel loaded once (every load of a
+    SavedModel holds memory the process does not get back)."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(export_dir))
-    rows = len(next(iter(columns.values())))
-    parts = [np.asarray(loaded.serve({k: tf.constant(v[i : i + batch_size]) for k, v in columns.items()})[head])
-             for i in range(0, rows, batch_size)]
-    return np.concatenate(parts, axis=0)
+
+    def on(columns: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(next(iter(columns.values())))
+        return np.concatenate([np.asarray(loaded.serve({k: tf.constant(v[i : i + batch_size])
+                                                         for k, v in columns.items()})[head])
+                               for i in range(0, rows, batch_size)], axis=0)
+
+    return [on(columns) for columns in sets]

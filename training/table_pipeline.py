@@ -196,7 +196,7 @@ def members_once(job: MemberJob, fit, val, test_in: dict, exports: Path, report)
     distributed-tuning worker."""
     from training.crossfit import MemberModel
     from training.features import as_inputs
-    from training.members import predict_named_saved_model
+    from training.members import predict_named_sets
     from training.pipeline import search_and_train
 
     searched = search_and_train(job.config, job.hypermodel, fit, job.budget, job.project, exports, job.started, report,
@@ -206,12 +206,13 @@ def members_once(job: MemberJob, fit, val, test_in: dict, exports: Path, report)
     trained, record = searched
     val_in = as_inputs(val.columns, job.stats)
     models = [MemberModel(t.name, 0, t.name, t.kind, t.export_dir, t.hyperparameters) for t in trained]
+    outputs = [predict_named_sets(t.export_dir, job.name, [val_in, test_in]) for t in trained]
     return Members(
         names=[t.name for t in trained], kinds={t.name: t.kind for t in trained},
         hyperparameters={t.name: t.hyperparameters for t in trained},
-        val=np.stack([predict_named_saved_model(t.export_dir, val_in, job.name) for t in trained]),
+        val=np.stack([on_val for on_val, _ in outputs]),
         val_target=val.target,
-        test=np.stack([predict_named_saved_model(t.export_dir, test_in, job.name) for t in trained]),
+        test=np.stack([on_test for _, on_test in outputs]),
         search_record=record,
         published=lambda weights: [(m, weights[m.member]) for m in models if m.member in weights])
 
@@ -221,7 +222,7 @@ def members_cross_fitted(job: MemberJob, fit, dev, test_in: dict, exports: Path,
     distributed-tuning worker."""
     from training.crossfit import FOLDS, folds_of, train_cross_fitted
     from training.features import as_inputs
-    from training.members import MemberTrainer, predict_named_saved_model
+    from training.members import MemberTrainer, predict_named_sets
     from training.pipeline import search_runs
 
     config, head = job.config, job.head
@@ -243,8 +244,7 @@ def members_cross_fitted(job: MemberJob, fit, dev, test_in: dict, exports: Path,
                              config.resolved_work_dir() / "backup" / job.project, report, job.export, phase)
 
     def predict(export_dir, k: int):
-        return (predict_named_saved_model(export_dir, rows(folds[k]), job.name),
-                predict_named_saved_model(export_dir, test_in, job.name))
+        return tuple(predict_named_sets(export_dir, job.name, [rows(folds[k]), test_in]))
 
     fitted = train_cross_fitted(searched.runs, make_trainer, folds, predict, head.task, head.task == "regression",
                                 report, phase.begin)
