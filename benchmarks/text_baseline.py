@@ -84,14 +84,14 @@ def build_corpus(folder: Path, per_class: int, seed: int) -> dict[str, int]:
 def ensemble_accuracy(version_dir: Path, texts: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Whether the published ensemble, combined as served, is right on each row."""
     from contract.manifest import read_manifest
-    from contract.tasks import combine
+    from contract.tasks import combine_head
     from training.members import predict_named_saved_model
 
     manifest = read_manifest(version_dir)
     head = manifest.heads[0]
     outputs = np.stack([predict_named_saved_model(version_dir / m.path, {"text": texts}, head.name)
                         for m in manifest.members], axis=1)
-    answer = combine(head.task, outputs, manifest.weights, head.temperatures or (1.0,))
+    answer = combine_head(head, outputs, manifest.weights)
     return np.argmax(answer.value, axis=1) == target
 
 

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from contract.manifest import TASK_SCORES, TASKS
+from contract.manifest import TASK_SCORES, TASKS, HeadSpec
 from contract.scores import LOG_FLOOR, pool, temper, uncertainty
 
 # The score each task's abstention and drift alert read by default.
@@ -69,6 +69,20 @@ def classification(members: np.ndarray, weights: Sequence[float], temperature: f
     value = temper(pool(members, weights), temperature)
     scores = uncertainty(value, members, weights)
     return Combined(value, None, dict(zip(TASK_SCORES["classification"], scores.T)))
+
+
+def calibration_of(head: HeadSpec) -> Sequence[float] | float:
+    """What a head's manifest entry gives `combine` as its calibration: the variance scale of a
+    regression head, else its temperatures (1 when it has none: not calibrated)."""
+    return head.variance_scale if head.task == "regression" else (head.temperatures or 1.0)
+
+
+def combine_head(head: HeadSpec, outputs: np.ndarray, weights: Sequence[float]) -> Combined:
+    """The head's answer to its members' outputs (rows, members, c) as the members emit them (a
+    Gaussian regression head: its k means, then its k variances), calibrated as the manifest says."""
+    k = head.columns
+    return combine(head.task, outputs[:, :, :k], weights, calibration_of(head),
+                   outputs[:, :, k:2 * k] if head.variance else None)
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:

@@ -164,8 +164,7 @@ def combined_head(spec: HeadSpec, members: np.ndarray, variances: np.ndarray | N
                   weights: Sequence[float]) -> Head:
     """A format-2 head: the members' values combined by the head's task, calibrated as its
     manifest says, with its abstention rule applied."""
-    calibration = spec.variance_scale if spec.task == "regression" else (spec.temperatures or 1.0)
-    result = tasks.combine(spec.task, members, weights, calibration, variances)
+    result = tasks.combine(spec.task, members, weights, tasks.calibration_of(spec), variances)
     abstained = None
     rule = spec.abstention
     if rule is not None:

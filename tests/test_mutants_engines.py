@@ -614,7 +614,8 @@ def test_lite_engine_answers_any_batch_on_a_pool(tiny, tiny_compiled):
     assert single._idle.qsize() == 1 and single.threads == 1
 
 
-def test_lite_engine_threads_reach_the_interpreter(tiny_compiled, monkeypatch):
+def record_threads(monkeypatch) -> list:
+    """From now on, the `num_threads` of every TensorFlow Lite interpreter made, in order."""
     made = []
     real = lite_module.Interpreter
 
@@ -623,6 +624,11 @@ def test_lite_engine_threads_reach_the_interpreter(tiny_compiled, monkeypatch):
         return real(**kwargs)
 
     monkeypatch.setattr(lite_module, "Interpreter", recording)
+    return made
+
+
+def test_lite_engine_threads_reach_the_interpreter(tiny_compiled, monkeypatch):
+    made = record_threads(monkeypatch)
     LiteEngine(tiny_compiled.lite, threads=3, pool=2)
     assert made == [3, 3]
 
@@ -1795,14 +1801,7 @@ def test_named_lite_engine_defaults_threads_and_casts(named, monkeypatch):
 
     lite = load_named_lite(named.manifest, named.vdir, compile_named(named.manifest, named.vdir).lite, (1,))
     assert lite.path == named.vdir and lite.engine.kind == "tflite"
-    made = []
-    real = lite_module.Interpreter
-
-    def recording(**kwargs):
-        made.append(kwargs["num_threads"])
-        return real(**kwargs)
-
-    monkeypatch.setattr(lite_module, "Interpreter", recording)
+    made = record_threads(monkeypatch)
     engine = NamedLiteEngine(lite.engine.model, ("x", "tokens"), 4)
     assert engine._idle.qsize() == 1 and made == [1]
     NamedLiteEngine(lite.engine.model, ("x", "tokens"), 4, threads=3, pool=2)

@@ -112,3 +112,22 @@ def test_what_each_task_predicts_per_row():
         [["x", "y"], []]
     assert tasks.predicted_columns("regression", value) is None
     assert tasks.predicted_labels("regression", ("p",), value) is None
+
+
+def test_combine_head_splits_the_members_outputs_and_calibrates_as_the_manifest_says():
+    from contract.manifest import HeadSpec
+
+    rng = np.random.default_rng(5)
+    gaussian = HeadSpec(name="y", task="regression", labels=("a", "b"), variance=True, variance_scale=1.5)
+    outputs = np.concatenate([rng.normal(size=(4, 3, 2)), rng.uniform(0.1, 1, size=(4, 3, 2))], axis=2)
+    got = tasks.combine_head(gaussian, outputs, [0.2, 0.3, 0.5])
+    want = tasks.regression(outputs[:, :, :2], [0.2, 0.3, 0.5], 1.5, outputs[:, :, 2:])
+    np.testing.assert_array_equal(got.value, want.value)
+    np.testing.assert_array_equal(got.variance, want.variance)
+    labels = HeadSpec(name="tags", task="multilabel", labels=("p", "q"), temperatures=(0.5, 2.0))
+    probabilities = rng.uniform(0.05, 0.95, size=(4, 3, 2))
+    np.testing.assert_array_equal(tasks.combine_head(labels, probabilities, [0.2, 0.3, 0.5]).value,
+                                  tasks.labels(probabilities, [0.2, 0.3, 0.5], (0.5, 2.0)).value)
+    plain = HeadSpec(name="kind", task="classification", labels=("x", "y", "z"))
+    assert tasks.calibration_of(plain) == 1.0 and tasks.calibration_of(labels) == (0.5, 2.0)
+    assert tasks.calibration_of(gaussian) == 1.5

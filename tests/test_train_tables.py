@@ -75,10 +75,7 @@ def members_answer(vdir, manifest, rows):
             columns[spec.name] = np.array([np.nan if v is None else v for v in values], dtype=spec.dtype)
     outputs = np.stack([predict_named_saved_model(vdir / m.path, columns, head.name) for m in manifest.members],
                        axis=1)
-    k = head.columns
-    calibration = head.variance_scale if head.task == "regression" else (head.temperatures or (1.0,))
-    return tasks.combine(head.task, outputs[:, :, :k], manifest.weights, calibration,
-                         outputs[:, :, k:2 * k] if head.variance else None)
+    return tasks.combine_head(head, outputs, manifest.weights)
 
 
 @pytest.fixture(scope="module")

@@ -65,14 +65,10 @@ def cross_fitting(mode: str, rows: int) -> bool:
 def served_reference(task: str, outputs: np.ndarray, weights: list[float], head: HeadSpec) -> dict[str, float]:
     """The mean of each uncertainty score (reduced per row as the server reduces it) of the
     served answer to these models' outputs (models, rows, c): the drift alert's reference."""
-    from contract.tasks import combine
+    from contract.tasks import combine_head
     from training.head_assess import row_scores
 
-    k = head.columns
-    rows_first = np.moveaxis(outputs, 0, 1)
-    calibration = head.variance_scale if task == "regression" else (head.temperatures or (1.0,))
-    answer = combine(task, rows_first[:, :, :k], weights, calibration,
-                     rows_first[:, :, k:2 * k] if head.variance else None)
+    answer = combine_head(head, np.moveaxis(outputs, 0, 1), weights)
     return {score: float(values.mean()) for score, values in row_scores(task, answer).items()}
 
 
@@ -140,7 +136,7 @@ def comparable_champion(repository: Path, name: str, inputs: tuple[TensorSpec, .
 
 def champion_metrics(champion, columns: dict[str, np.ndarray], target: np.ndarray, task_metrics: Callable):
     """(the champion's manifest, its metrics on these rows as it serves them), or None for none."""
-    from contract.tasks import combine
+    from contract.tasks import combine_head
     from training.members import predict_named_saved_model
 
     if champion is None:
@@ -149,11 +145,7 @@ def champion_metrics(champion, columns: dict[str, np.ndarray], target: np.ndarra
     head = manifest.signature().heads[0]
     outputs = np.stack([predict_named_saved_model(vdir / m.path, columns, head.name) for m in manifest.members],
                        axis=1)
-    k = head.columns
-    calibration = head.variance_scale if head.task == "regression" else head.temperatures or (1.0,)
-    answer = combine(head.task, outputs[:, :, :k], manifest.weights, calibration,
-                     outputs[:, :, k:2 * k] if head.variance else None)
-    return manifest, task_metrics(answer, target)
+    return manifest, task_metrics(combine_head(head, outputs, manifest.weights), target)
 
 
 @dataclass(frozen=True)
