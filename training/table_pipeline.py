@@ -187,7 +187,6 @@ def members_once(job: MemberJob, fit, val, test_in: dict, exports: Path, report)
     """Members trained once each on the training split, chosen on the validation split; None in a
     distributed-tuning worker."""
     from training.crossfit import MemberModel
-    from training.features import as_inputs
     from training.members import predict_named_sets
     from training.pipeline import search_and_train
 
@@ -196,7 +195,7 @@ def members_once(job: MemberJob, fit, val, test_in: dict, exports: Path, report)
     if searched is None:
         return None
     trained, record = searched
-    val_in = as_inputs(val.columns, job.stats)
+    val_in = fit.val.x  # the validation columns as the members take them, built for their fit
     models = [MemberModel(t.name, 0, t.name, t.kind, t.export_dir, t.hyperparameters) for t in trained]
     outputs = [predict_named_sets(t.export_dir, job.name, [val_in, test_in]) for t in trained]
     return Members(
@@ -298,14 +297,15 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
     job = MemberJob(config, hypermodel, head, name, stats, budget, project, started,
                     lambda model, path: export_named_member(model, path, inputs, name))
     test_in = as_inputs(test.columns, stats)
-    dev = concat_tables(train, val)
-    cross = cross_fitting(config.cross_fit, dev.rows)
+    development_rows = train.rows + val.rows
+    cross = cross_fitting(config.cross_fit, development_rows)
     with member_exports(config) as exports:
         if cross:
-            report(f"[crossfit] {dev.rows} development rows (fewer than {SMALL_ROWS}): every member is trained "
-                   f"{FOLDS} times, each fold held out once; the ensemble is chosen and calibrated on all "
-                   f"{dev.rows} out-of-fold predictions")
-            made = members_cross_fitted(job, fit, dev, test_in, exports, report)
+            report(f"[crossfit] {development_rows} development rows (fewer than {SMALL_ROWS}): every member is "
+                   f"trained {FOLDS} times, each fold held out once; the ensemble is chosen and calibrated on all "
+                   f"{development_rows} out-of-fold predictions")
+            # Only here are the training and validation rows needed as one table (a copy of both).
+            made = members_cross_fitted(job, fit, concat_tables(train, val), test_in, exports, report)
         else:
             made = members_once(job, fit, val, test_in, exports, report)
         if made is None:
@@ -341,7 +341,7 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
             "search": made.search_record,
             "members": {n: {"kind": kinds[n], "kept": n in found.kept, "weight": found.weight_of(n),
                             "hyperparameters": made.hyperparameters[n]} for n in names},
-            "cross_fitted": {"folds": FOLDS, "rows": dev.rows} if cross else None,
+            "cross_fitted": {"folds": FOLDS, "rows": development_rows} if cross else None,
             "weighting": config.weighting,
             "heads": {name: found.summary()},
             "gate": asdict(decision),
