@@ -105,11 +105,9 @@ def input_names(columns: list[str]) -> dict[str, str]:
 
 def renamed(table, names: dict[str, str]):
     """The table with its feature columns under their input names."""
-    from dataclasses import replace as with_fields
-
-    return with_fields(table, columns={names[c]: v for c, v in table.columns.items()},
-                       kinds={names[c]: k for c, k in table.kinds.items()},
-                       notes=(*table.notes, *(f"column {c!r} is input {n!r}" for c, n in names.items() if c != n)))
+    return replace(table, columns={names[c]: v for c, v in table.columns.items()},
+                   kinds={names[c]: k for c, k in table.kinds.items()},
+                   notes=(*table.notes, *(f"column {c!r} is input {n!r}" for c, n in names.items() if c != n)))
 
 
 def comparable_champion(repository: Path, name: str, inputs: tuple[TensorSpec, ...], head: str, task: str,
