@@ -61,9 +61,18 @@ def main() -> None:
     print(f"calm: {calm.rate():.0f} req/s, p50 {calm.percentile(50) * 1e3:.1f} ms, p99 {calm.percentile(99) * 1e3:.1f} ms")
     print(f"reloading: {reloading.rate():.0f} req/s, p50 {reloading.percentile(50) * 1e3:.1f} ms, "
           f"p99 {reloading.percentile(99) * 1e3:.1f} ms, {(t2 - t1) / args.versions:.2f} s per version")
-    slow = [a for a in reloading.answers if a.latency > 2 * calm.percentile(99)]
+    threshold = 2 * calm.percentile(99)
+    slow = [a for a in reloading.answers if a.latency > threshold]
     near = sum(1 for a in slow if min(abs(a.started + a.latency - s) for s in swaps) < 0.3)
     print(f"slow answers: {len(slow)} of {len(reloading.answers)}; within 0.3 s of a swap: {near}")
+    # When the slow answers finish, counted back from the next swap: clustering at 0 points at
+    # the swap and warm-up, a spread over the whole reload at the compile child.
+    before = [min((s - (a.started + a.latency) for s in swaps if s >= a.started + a.latency), default=-1.0)
+              for a in slow]
+    edges = [0, 0.3, 1, 2, 4, 8, 16, 64]
+    counts = np.histogram([b for b in before if b >= 0], bins=edges)[0]
+    print("slow answers by seconds before the next swap: "
+          + ", ".join(f"{lo}-{hi} s: {n}" for lo, hi, n in zip(edges, edges[1:], counts)))
     print(f"statuses: {load.result.statuses}")
 
 

@@ -37,6 +37,16 @@ class LoadResult:
     def between(self, start: float, stop: float) -> "LoadResult":
         return LoadResult([a for a in self.answers if start <= a.started < stop], self.errors)
 
+    def within(self, windows: list[tuple[float, float]]) -> "LoadResult":
+        """The answers started in any of `windows` ((start, stop) pairs, in time order)."""
+        starts = np.array([w[0] for w in windows])
+        picked = []
+        for a in self.answers:
+            i = int(np.searchsorted(starts, a.started, side="right")) - 1
+            if i >= 0 and a.started < windows[i][1]:
+                picked.append(a)
+        return LoadResult(picked, self.errors)
+
     @property
     def statuses(self) -> dict[int, int]:
         out: dict[int, int] = {}

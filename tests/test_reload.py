@@ -31,6 +31,7 @@ from tests.server import ServerProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "reload-test-admin-token"
+CALM_SECONDS = 5  # the calm baseline taken before each reload of the latency test
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -60,25 +61,35 @@ def metric_values(base: str, name: str) -> dict[str, float]:
     return out
 
 
+def span(windows: list[tuple[float, float]]) -> float:
+    return sum(stop - start for start, stop in windows)
+
+
 def open_files(server) -> int:
     return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
 
 
 def test_reload_under_load_drops_nothing_and_keeps_latency(served, repository, body):
+    """20 versions published one after another under 16 busy connections: no request fails and
+    the p99 while a version loads stays within twice the p99 without one. The calm baseline is
+    taken in the same minutes as the reloads, a few seconds before each (an interleaved A/B):
+    this shared machine's speed drifts by more than the target's margin over a few minutes, so
+    a baseline taken once, before all the reloads, measured the drift as much as the reloads."""
     published = {1: 0.0}
     waits = []
+    calm_windows, reload_windows = [], []
     rss_before, files_before = served.rss(), open_files(served)
     with Load(served.port, body, connections=16) as load:
         time.sleep(3)  # connections open, caches warm
-        t0 = time.monotonic()
-        time.sleep(12)
-        t1 = time.monotonic()
         for _ in range(20):
+            quiet = time.monotonic()
+            time.sleep(CALM_SECONDS)
             started = time.monotonic()
+            calm_windows.append((quiet, started))
             version = publish_copy(repository)
             published[version] = started
             waits.append(served.wait_live(version))
-        t2 = time.monotonic()
+            reload_windows.append((started, time.monotonic()))
         time.sleep(1)
     result = load.result
     rss_growth = (served.rss() - rss_before) / 2**20
@@ -86,14 +97,16 @@ def test_reload_under_load_drops_nothing_and_keeps_latency(served, repository, b
     for a in result.answers:
         assert a.version in published, a
         assert published[a.version] <= a.started + a.latency, f"version {a.version} answered before it existed"
-    calm, reloading = result.between(t0, t1), result.between(t1, t2)
+    calm, reloading = result.within(calm_windows), result.within(reload_windows)
     p99_calm, p99_reloading = calm.percentile(99) * 1000, reloading.percentile(99) * 1000
     durations = metric_values(served.base, "ensemble_model_reload_duration_seconds_sum")
     counts = metric_values(served.base, "ensemble_model_reload_duration_seconds_count")
     mean_reload = sum(durations.values()) / sum(counts.values())
     report("reload under load (16 connections, one-row /predict, 20 versions)",
-           requests=len(result.answers), rate_calm=f"{calm.rate():.0f}/s",
-           rate_reloading=f"{reloading.rate():.0f}/s", p50_calm_ms=f"{calm.percentile(50) * 1000:.1f}",
+           requests=len(result.answers),
+           rate_calm=f"{len(calm.answers) / span(calm_windows):.0f}/s",
+           rate_reloading=f"{len(reloading.answers) / span(reload_windows):.0f}/s",
+           p50_calm_ms=f"{calm.percentile(50) * 1000:.1f}",
            p99_calm_ms=f"{p99_calm:.1f}", p50_reloading_ms=f"{reloading.percentile(50) * 1000:.1f}",
            p99_reloading_ms=f"{p99_reloading:.1f}", mean_reload_s=f"{mean_reload:.2f}",
            publish_to_live_s=f"{np.mean(waits):.2f} mean / {np.max(waits):.2f} max",
