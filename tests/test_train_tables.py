@@ -1,7 +1,9 @@
 """Tables end to end: a CSV as a user brings it (named mixed-type columns, words in a category
 column, empty cells, an id column to leave out), trained through `ensemble-train` for each task,
 published in format 2 with one input per column, served by a real `ensemble-serve`, and asked
-with rows exactly as the CSV holds them (`null` where a cell is empty). Each answer must be the
+with rows exactly as the CSV holds them (`null` where a cell is empty) over TensorFlow Serving's
+REST API and the Open Inference Protocol's JSON, and with one tensor per column over both gRPC
+protocols. Each answer must be the
 members' combination (contract.tasks, with the published calibration) computed here on the
 published members themselves.
 
@@ -21,6 +23,7 @@ import pytest
 
 from contract import tasks
 from contract.manifest import read_manifest
+from tests.conftest import free_port
 from tests.server import ServerProcess
 from training.cli import EXIT_OK, EXIT_USAGE, main
 
@@ -61,18 +64,24 @@ def train(tmp_path, capsys, *args):
     return code, out
 
 
+def columns_of(manifest, rows) -> dict[str, np.ndarray]:
+    """Each input's column of `rows` as a tensor carries it: NaN and b"" where a cell is empty."""
+    columns = {}
+    for spec in manifest.inputs:
+        values = [row[spec.name] for row in rows]
+        if spec.dtype == "string":
+            columns[spec.name] = np.array([b"" if v is None else v.encode() for v in values], dtype=object)
+        else:
+            columns[spec.name] = np.array([np.nan if v is None else v for v in values], dtype=spec.dtype)
+    return columns
+
+
 def members_answer(vdir, manifest, rows):
     """The head's answer to `rows` computed on the published members, as the server combines them."""
     from training.members import predict_named_saved_model
 
     head = manifest.heads[0]
-    columns = {}
-    for spec in manifest.inputs:
-        values = [row[spec.name] for row in rows]
-        if spec.dtype == "string":
-            columns[spec.name] = np.array(["" if v is None else v for v in values], dtype=object)
-        else:
-            columns[spec.name] = np.array([np.nan if v is None else v for v in values], dtype=spec.dtype)
+    columns = columns_of(manifest, rows)
     outputs = np.stack([predict_named_saved_model(vdir / m.path, columns, head.name) for m in manifest.members],
                        axis=1)
     return tasks.combine_head(head, outputs, manifest.weights)
@@ -97,7 +106,9 @@ def trained(tmp_path_factory):
                      *FAST, *args])
         assert code == EXIT_OK, name
         logs[name] = read_manifest(root / "models" / name / "1")
-    server = ServerProcess(root / "models", env={"ENSEMBLE_LOADER_DUTY_CYCLE": "1"})
+    port = free_port()
+    server = ServerProcess(root / "models", env={"ENSEMBLE_LOADER_DUTY_CYCLE": "1"}, args=["--grpc-port", str(port)])
+    server.grpc = f"127.0.0.1:{port}"
     server.start(timeout=400)
     try:
         for name in runs:
@@ -155,6 +166,41 @@ def test_rows_as_the_csv_holds_them_are_answered_as_the_members_combine(trained,
     (tensor,) = reply.json()["outputs"]
     assert tensor["name"] == head
     np.testing.assert_allclose(np.reshape(tensor["data"], expected.value.shape), expected.value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["risk", "sick", "flags"])
+def test_the_same_rows_over_grpc_with_the_clients_of_both_protocols(trained, name):
+    """tritonclient's gRPC client (the Open Inference Protocol) and TensorFlow Serving's
+    PredictionService, one tensor per column, NaN and b"" where a cell is empty."""
+    import grpc
+    import tensorflow as tf
+    import tritonclient.grpc as triton_grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    root, server, manifests = trained
+    manifest = manifests[name]
+    expected = members_answer(root / "models" / name / "1", manifest, ASKED).value
+    head = manifest.heads[0].name
+    columns = columns_of(manifest, ASKED)
+    inputs = []
+    for key, array in columns.items():
+        tensor = triton_grpc.InferInput(key, [len(ASKED)], {"float32": "FP32", "float64": "FP64",
+                                                            "object": "BYTES"}[array.dtype.name])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = triton_grpc.InferenceServerClient(server.grpc).infer(
+        name, inputs, outputs=[triton_grpc.InferRequestedOutput(head)])
+    np.testing.assert_allclose(result.as_numpy(head).reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    for key, array in columns.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(array))
+    request.output_filter.append(head)
+    with grpc.insecure_channel(server.grpc) as channel:
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(reply.outputs[head]).reshape(expected.shape), expected,
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
