@@ -1,0 +1,183 @@
+"""The repository on object storage against a real S3 server (SeaweedFS on loopback, started
+here): conditional writes, publishing by claim and manifest-last, racing publishers, a killed
+upload, a reader's mirror checking every file, and the one-line errors of wrong credentials, a
+missing bucket and a store that is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from contract.integrity import file_digests
+from contract.layout import MANIFEST_FILE, scan_model
+from contract.manifest import InputSpec, Manifest, MemberEntry, OutputSpec, read_manifest
+from contract.remote import CLAIM_FILE, Mirror, remove_stale_claims, upload_version, versions_of
+from contract.store import AlreadyExists, Conflict, NotFound, RemoteStore, StoreError, is_remote
+from tests.s3server import S3Server
+
+pytest.importorskip("obstore")
+WRONG_SECRET = "not-the-secret-of-this-store"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture()
+def store(s3, monkeypatch, request):
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return RemoteStore(s3.url(f"t-{request.node.name[:40]}-{time.time_ns()}"))
+
+
+def staged_version(folder: Path, members: int = 2) -> tuple[Path, tuple[MemberEntry, ...]]:
+    """A version's files as a publisher stages them (members and a report), and their entries."""
+    entries = []
+    for i in range(members):
+        member = folder / "members" / f"m{i}"
+        (member / "variables").mkdir(parents=True)
+        (member / "saved_model.pb").write_bytes(os.urandom(2000))
+        (member / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(5000))
+        entries.append(MemberEntry(name=f"m{i}", path=f"members/m{i}", kind="imported", weight=1 / members,
+                                   files=file_digests(member)))
+    (folder / "report.json").write_text("{}")
+    return folder, tuple(entries)
+
+
+def manifest_for(name: str, entries):
+    def make(version: int, replaces: int | None) -> Manifest:
+        return Manifest(name=name, version=version, created="2026-12-08T00:00:00Z",
+                        input=InputSpec(shape=[4], dtype="float32"), output=OutputSpec(classes=["a", "b"]),
+                        members=entries, metrics={}, replaces=replaces)
+    return make
+
+
+def test_locations_name_a_store_or_a_folder():
+    assert is_remote("s3://bucket/models") and is_remote("gs://b/p") and is_remote("az://c/p")
+    assert not is_remote("models") and not is_remote("/srv/models") and not is_remote(Path("s3:/x"))
+    with pytest.raises(StoreError, match="not an object-store location"):
+        RemoteStore("s3://")
+
+
+def test_conditional_writes_are_honoured_and_found_honoured(store):
+    assert store.missing_guarantees() == []
+    etag = store.create("state/pins.json", b"{}")
+    with pytest.raises(AlreadyExists):
+        store.create("state/pins.json", b"{\"x\": 1}")
+    new = store.replace("state/pins.json", b"{\"x\": 2}", etag)
+    with pytest.raises(Conflict):
+        store.replace("state/pins.json", b"{\"x\": 3}", etag)  # stale: another admin wrote since
+    assert store.read("state/pins.json") == (b"{\"x\": 2}", new)
+    with pytest.raises(NotFound):
+        store.read("state/nothing.json")
+    assert [e.key for e in store.list()] == ["state/pins.json"]  # the probe object was removed
+
+
+def test_a_store_that_ignores_conditional_writes_is_named_for_what_it_lacks(store):
+    """A store's writes seen through a client that drops the conditions (as `rclone serve s3`
+    does): the probe names both guarantees."""
+    class Unconditional(RemoteStore):
+        def _put(self, what, key, data, **mode):
+            return super()._put(what, key, data)
+
+    careless = Unconditional(store.url)
+    missing = careless.missing_guarantees()
+    assert len(missing) == 2 and "create-only" in missing[0] and "compare-and-swap" in missing[1]
+
+
+def test_a_version_is_committed_by_its_manifest_written_last(store, tmp_path):
+    staged, entries = staged_version(tmp_path / "stage")
+    first = upload_version(store, "digits", staged, manifest_for("digits", entries))
+    second = upload_version(store, "digits", staged, manifest_for("digits", entries))
+    assert (first.version, first.replaces, second.version, second.replaces) == (1, None, 2, 1)
+    versions = versions_of(store.list())["digits"]
+    assert all(v.committed for v in versions.values())
+    keys = {rel for rel, _ in versions[2].files()}
+    assert keys == {MANIFEST_FILE, "report.json", *(f"{e.path}/{f}" for e in entries for f in e.files)}
+
+
+def test_two_publishers_racing_never_share_a_number(store, tmp_path):
+    staged, entries = staged_version(tmp_path / "stage", members=1)
+    got, errors = [], []
+
+    def publish():
+        try:
+            for _ in range(3):
+                got.append(upload_version(store, "race", staged, manifest_for("race", entries)).version)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(got) == list(range(1, 13))
+
+
+def test_the_mirror_brings_committed_versions_checked_and_nothing_else(store, tmp_path):
+    staged, entries = staged_version(tmp_path / "stage")
+    upload_version(store, "digits", staged, manifest_for("digits", entries))
+    # A killed upload: a claim and one file, no manifest.
+    store.create(f"digits/2/{CLAIM_FILE}", b"{}")
+    store.write("digits/2/members/m0/saved_model.pb", b"half")
+    # A version whose member file was changed after its manifest was written.
+    upload_version(store, "digits", staged, manifest_for("digits", entries))
+    store.write("digits/3/members/m1/saved_model.pb", b"tampered")
+    cache = tmp_path / "cache"
+    mirror = Mirror(store, cache)
+    result = mirror.sync()
+    assert result.downloaded == ["digits/1"]
+    assert list(result.refused) == ["digits/3"] and "m1" in result.refused["digits/3"]
+    assert [(v.version, v.committed) for v in scan_model(cache, "digits")] == [(1, True)]
+    assert read_manifest(cache / "digits" / "1").members == entries
+    assert (cache / "digits" / "1" / "report.json").read_text() == "{}"
+    # Nothing changed: nothing downloaded again, the refused version not retried.
+    again = mirror.sync()
+    assert (again.downloaded, again.refused, again.removed) == ([], {}, [])
+    # A version deleted from the store leaves the cache.
+    for entry in store.list("digits/1/"):
+        store.delete(entry.key)
+    assert mirror.sync().removed == ["digits/1"]
+    assert scan_model(cache, "digits") == []
+
+
+def test_a_killed_upload_is_removed_by_a_later_publish_once_stale(store, tmp_path):
+    store.create(f"digits/1/{CLAIM_FILE}", b"{}")
+    store.write("digits/1/members/m0/saved_model.pb", b"half")
+    staged, entries = staged_version(tmp_path / "stage", members=1)
+    published = upload_version(store, "digits", staged, manifest_for("digits", entries))
+    assert published.version == 2  # the unfinished 1 is young: left alone, its number skipped
+    lines = []
+    removed = remove_stale_claims(store, versions_of(store.list())["digits"].values(), lines.append, older_than=0)
+    assert removed == [1] and "digits/1" in lines[0]
+    assert sorted({e.key.split("/")[1] for e in store.list()}) == ["2"]
+
+
+def test_wrong_credentials_a_missing_bucket_and_a_store_that_is_down_say_so_in_one_line(s3, monkeypatch):
+    for key, value in s3.env(secret=WRONG_SECRET).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(StoreError) as denied:
+        RemoteStore(s3.url()).list()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env()["AWS_SECRET_ACCESS_KEY"])
+    with pytest.raises(StoreError) as missing:
+        RemoteStore("s3://no-such-bucket/repo").list()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(StoreError) as down:
+        RemoteStore(s3.url()).list()
+    assert time.monotonic() - started < 30
+    for error, meaning in ((denied, "access denied (403)"), (missing, "does not exist (404)"),
+                           (down, "did not answer")):
+        text = str(error.value)
+        assert meaning in text and "\n" not in text, text
+        assert s3.env()["AWS_SECRET_ACCESS_KEY"] not in text and WRONG_SECRET not in text
+    assert json.dumps(str(down.value))  # printable as one log field
