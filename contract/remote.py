@@ -146,23 +146,34 @@ class SyncResult:
 
 
 class Mirror:
-    """Keeps `cache` (a local folder repository) holding every committed version of the store:
+    """Keeps `cache` (a local folder repository) holding the committed versions of the store:
     one listing per `sync`, downloads only of versions it does not hold, every member file
-    checked before a version appears in the cache."""
+    checked before a version appears in the cache. `name` keeps to one ensemble (one listing of
+    its prefix); `latest_only` keeps its newest committed version alone (what a trainer needs to
+    compare with)."""
 
-    def __init__(self, store: RemoteStore, cache: Path):
-        self.store, self.cache = store, Path(cache)
+    def __init__(self, store: RemoteStore, cache: Path, name: str | None = None, latest_only: bool = False):
+        self.store, self.cache, self.name, self.latest_only = store, Path(cache), name, latest_only
         # A version refused once is not downloaded again until its objects change (their ETags).
         self._refused: dict[tuple[str, int], tuple] = {}
+
+    def _wanted(self) -> dict[str, dict[int, RemoteVersion]]:
+        listing = versions_of(self.store.list(f"{self.name}/" if self.name else ""))
+        if self.name is not None:
+            listing = {n: v for n, v in listing.items() if n == self.name}
+        wanted = {name: {n: v for n, v in versions.items() if v.committed} for name, versions in listing.items()}
+        if self.latest_only:
+            wanted = {name: {max(v): v[max(v)]} for name, v in wanted.items() if v}
+        return wanted
 
     def sync(self) -> SyncResult:
         """One listing; new committed versions downloaded and checked; versions no longer in the
         store removed from the cache. StoreError if the listing fails (the cache is unchanged)."""
-        remote = versions_of(self.store.list())
+        remote = self._wanted()
         result = SyncResult()
         for name, versions in remote.items():
             for number, version in sorted(versions.items()):
-                if not version.committed or (self.cache / name / str(number) / MANIFEST_FILE).is_file():
+                if (self.cache / name / str(number) / MANIFEST_FILE).is_file():
                     continue
                 stamp = tuple(sorted((e.key, e.etag) for e in version.entries))
                 if self._refused.get((name, number)) == stamp:
@@ -175,9 +186,10 @@ class Mirror:
                     result.refused[f"{name}/{number}"] = str(exc)
                     log.error("version %s/%d in %s is not served: %s", name, number, self.store.url, exc)
         for name_dir in (p for p in self._children(self.cache) if is_valid_name(p.name)):
+            if self.name is not None and name_dir.name != self.name:
+                continue
             for version_dir in (p for p in self._children(name_dir) if is_version_folder(p.name)):
-                version = remote.get(name_dir.name, {}).get(int(version_dir.name))
-                if version is None or not version.committed:
+                if int(version_dir.name) not in remote.get(name_dir.name, {}):
                     shutil.rmtree(version_dir, ignore_errors=True)
                     result.removed.append(f"{name_dir.name}/{version_dir.name}")
         return result

@@ -181,3 +181,39 @@ def test_wrong_credentials_a_missing_bucket_and_a_store_that_is_down_say_so_in_o
         assert meaning in text and "\n" not in text, text
         assert s3.env()["AWS_SECRET_ACCESS_KEY"] not in text and WRONG_SECRET not in text
     assert json.dumps(str(down.value))  # printable as one log field
+
+
+def test_a_table_trained_onto_the_store_then_again_against_its_champion(store, tmp_path, capsys):
+    """`ensemble-train --repository s3://...`: the first run publishes version 1 on the store; the
+    second reads version 1 back through its mirror, gates against it, and says which it compared."""
+    from tests.test_train_tables import FAST, patients
+    from training.cli import EXIT_OK, EXIT_REFUSED, main
+
+    patients(tmp_path)
+    common = ["--data", str(tmp_path / "patients.csv"), "--repository", store.url, "--name", "sick",
+              "--label-column", "sick", "--ignore-columns", "id,risk,old,late", "--cross-fit", "never",
+              "--work-dir", str(tmp_path / "work")]
+    assert main([*common, *FAST]) == EXIT_OK
+    first = capsys.readouterr().out
+    assert f"in {store.url}/sick/1 " in first
+    gated = [a for a in FAST if a != "--no-gate"]
+    code = main([*common, *gated])
+    second = capsys.readouterr().out
+    assert code in (EXIT_OK, EXIT_REFUSED), second
+    assert "[gate]" in second and "version 1" in second, second
+    versions = versions_of(store.list())["sick"]
+    assert versions[1].committed and (2 in versions) == (code == EXIT_OK)
+    if code == EXIT_OK:
+        manifest = json.loads(store.read("sick/2/manifest.json")[0])
+        assert manifest["replaces"] == 1 and manifest["inputs"][0]["name"] == "age"
+
+
+def test_a_store_ignoring_conditional_writes_is_refused_before_training(store, tmp_path, capsys, monkeypatch):
+    from training.cli import EXIT_FAILED, main
+
+    monkeypatch.setattr(RemoteStore, "missing_guarantees", lambda self: ["create-only writes (If-None-Match: *)"])
+    code = main(["--data", "digits", "--repository", store.url, "--name", "digits"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED
+    assert "cannot be published to: it ignores create-only writes" in err and "\n" not in err.strip()
+    assert store.list() == []

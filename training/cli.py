@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from contract.layout import is_valid_name, scan_model
+from contract.store import is_remote
 from training.progress import PROGRESS_MODES
 
 EXIT_OK = 0
@@ -66,7 +67,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--color-mode", default="rgb", choices=["rgb", "grayscale", "rgba"],
                       help="image folders: channels. Default: rgb")
     p.add_argument("--name", default="digits", help="ensemble name in the repository. Default: digits")
-    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository folder. Default: models")
+    p.add_argument("--repository", type=repository_location, default=Path("models"),
+                   help="model repository: a folder, or an object store's s3://BUCKET/PREFIX, gs://... or az://... "
+                        "(credentials and endpoint from the cloud's environment, e.g. AWS_ENDPOINT_URL). "
+                        "Default: models")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="tuner state and training backups (resumable). Default: <repository>/.work")
     p.add_argument("--seed", type=int, default=0, help="seed for splits, search and members. Default: 0")
@@ -151,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def repository_location(text: str) -> str | Path:
+    """A repository given on the command line: an object store's URL as written (a Path would
+    fold its '//'), else a folder."""
+    return text if is_remote(text) else Path(text)
+
+
+def _repository(location: str | Path, name: str, work_dir: Path | None, read_latest: bool = True):
+    """The repository opened for a run (training.repository), or None after saying why."""
+    from training.repository import RepositoryError, open_repository
+
+    try:
+        return open_repository(location, name, work_dir, read_latest)
+    except RepositoryError as exc:
+        _error(str(exc))
+        return None
+
+
 def _names(text: str) -> tuple[str, ...]:
     """A comma-separated list of column names."""
     return tuple(c.strip() for c in text.split(",") if c.strip())
@@ -166,10 +187,13 @@ def train_main(argv: list[str]) -> int:
         _error(f"--name {args.name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
                "starting with a letter or digit")
         return EXIT_USAGE
+    repository = _repository(args.repository, args.name, args.work_dir)
+    if repository is None:
+        return EXIT_FAILED
     if args.if_empty:
-        published = [v.version for v in scan_model(args.repository, args.name) if v.committed]
+        published = [v.version for v in scan_model(repository.local, args.name) if v.committed]
         if published:
-            print(f"[train] {args.repository / args.name} already has version {max(published)}; "
+            print(f"[train] {repository.where(args.name)} already has version {max(published)}; "
                   "nothing to do (--if-empty)", flush=True)
             return EXIT_OK
 
@@ -184,7 +208,8 @@ def train_main(argv: list[str]) -> int:
         config = TrainConfig(
             data=args.data,
             name=args.name,
-            repository=args.repository,
+            repository=repository.local,
+            store=repository.store,
             work_dir=args.work_dir,
             data_options=DataOptions(args.label_column, args.image_size, args.color_mode, args.task,
                                      args.delimiter, _names(args.categorical), _names(args.numeric),
@@ -270,7 +295,8 @@ def import_main(argv: list[str]) -> int:
         "lengths); each head's task from its final activation where it says so, else from --task. One "
         "fixed numeric input and one softmax head publish manifest format 1, anything else format 2.")
     p.add_argument("--name", required=True, help="ensemble name in the repository")
-    p.add_argument("--repository", type=Path, default=Path("models"), help="Default: models")
+    p.add_argument("--repository", type=repository_location, default=Path("models"),
+                   help="a folder, or an object store's s3://, gs:// or az:// location. Default: models")
     p.add_argument("--task", action="append", default=[], metavar="[HEAD=]TASK",
                    help="a head's task where the model does not say it: classification, binary, multilabel or "
                         "regression; TASK alone for the only head, or HEAD=TASK[,HEAD=TASK]")
@@ -299,8 +325,11 @@ def import_main(argv: list[str]) -> int:
     from training.publish import PublishError
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    repository = _repository(args.repository, args.name, None, read_latest=False)
+    if repository is None:
+        return EXIT_FAILED
     try:
-        import_members(args.repository, args.name, args.paths, classes,
+        import_members(repository.destination(), args.name, args.paths, classes,
                        report=lambda line: print(line, flush=True), tasks=tasks, labels=labels, variances=variances)
     except PublishError as exc:
         _error(str(exc))
@@ -342,9 +371,12 @@ def schedule_main(argv: list[str]) -> int:
     except ScheduleError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    empty = not any(v.committed for v in scan_model(train.repository, train.name))
+    repository = _repository(train.repository, train.name, train.work_dir)
+    if repository is None:
+        return EXIT_FAILED
+    empty = not any(v.committed for v in scan_model(repository.local, train.name))
     run_first = args.initial_run == "always" or (args.initial_run == "if-empty" and empty)
-    lock = (train.work_dir or train.repository / ".work") / f"schedule-{train.name}.lock"
+    lock = (train.work_dir or repository.local / ".work") / f"schedule-{train.name}.lock"
     # SIGTERM (docker stop, Kubernetes) ends the scheduler like Ctrl-C: a running training child
     # is killed with it, which is safe, since an unfinished run has published nothing.
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -31,6 +31,7 @@ from contract.manifest import (
     SUPPORTED_DTYPES, TASKS, VALUE_DTYPES, HeadSpec, InputSpec, Manifest, ManifestV2, OutputSpec, TensorSpec,
     uniform_weights,
 )
+from contract.store import RemoteStore
 from training.publish import MemberArtifact, PublishError, publish_named_version, publish_version
 
 _SMOKE_ROWS = 4
@@ -542,7 +543,7 @@ def _report_line(member: ForeignMember, plan: ImportPlan) -> str:
 
 
 def import_members(
-    repository: Path, name: str, sources: list[Path], classes: list[str] | None = None,
+    repository: Path | RemoteStore, name: str, sources: list[Path], classes: list[str] | None = None,
     report: Callable[[str], None] = print, *, tasks: Mapping[str | None, str] | None = None,
     labels: Mapping[str | None, list[str]] | None = None, variances: set[str] | frozenset[str] = frozenset(),
 ) -> Manifest | ManifestV2:

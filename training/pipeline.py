@@ -23,6 +23,7 @@ from training.gate import GateDecision, champion_on, decide
 from training.members import STRATEGIES, MemberOptions, RunPlan
 from training.lock import one_trainer
 from training.publish import MemberArtifact, check_writable, publish_version
+from training.repository import Repository
 from training.selection import WEIGHTINGS, Weighting
 from training.tune import SearchBudget, is_distributed_worker
 
@@ -35,8 +36,9 @@ class TrainConfig:
 
     data: str
     name: str
-    repository: Path
+    repository: Path  # a folder; for a store, the mirror training.repository made of it
     work_dir: Path | None = None
+    store: str | None = None  # the object store published to (s3://, gs://, az://), if any
     data_options: DataOptions = field(default_factory=DataOptions)
     budget: SearchBudget = field(default_factory=SearchBudget)
     members: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MEMBERS))
@@ -79,6 +81,11 @@ class TrainConfig:
                              "an ensemble of one is no ensemble; ask for more, or pass --allow-fewer")
         if self.gate_tolerance < 0:
             raise ValueError(f"--gate-tolerance must be >= 0, got {self.gate_tolerance}")
+
+    @property
+    def target(self) -> Repository:
+        """Where the run reads the champion from and publishes to."""
+        return Repository(self.repository, self.store)
 
     def resolved_work_dir(self) -> Path:
         """Tuner state and backups live in a hidden folder of the repository unless told otherwise."""
@@ -162,7 +169,7 @@ def member_exports(config: TrainConfig) -> Iterator[Path]:
 def published(config: TrainConfig, manifest, started: float) -> str:
     """The line that closes a run that published."""
     return (f"[publish] {config.name} version {manifest.version} with {len(manifest.members)} members "
-            f"in {config.repository / config.name / str(manifest.version)} ({time.monotonic() - started:.0f} s in all)")
+            f"in {config.target.where(config.name, manifest.version)} ({time.monotonic() - started:.0f} s in all)")
 
 
 def progress_display(config: TrainConfig, report: Callable[[str], None]):
@@ -242,7 +249,8 @@ def train_ensemble(config: TrainConfig, report: Callable[[str], None] = print) -
     """Run the whole pipeline. Returns None in a distributed-tuning worker (it only runs trials).
     Raises, publishing nothing, on failure, and at once (TrainingBusy) while another run of the
     same ensemble holds its lock (a distributed-tuning worker takes none: it shares its chief's)."""
-    check_writable(config.repository)
+    if config.store is None:  # a store was checked by training.repository.open_repository
+        check_writable(config.repository)
     if is_distributed_worker():
         return _train(config, report)
     with one_trainer(config.resolved_work_dir(), config.name):
@@ -332,7 +340,7 @@ def _train(config: TrainConfig, report: Callable[[str], None]) -> TrainResult | 
 
         selected = found.selected
         manifest = publish_version(
-            config.repository,
+            config.target.destination(),
             config.name,
             [MemberArtifact(name=t.name, kind=t.kind, source=t.export_dir, weight=found.weight_of(t.name),
                             hyperparameters=t.hyperparameters, metrics=found.member_metrics[t.name])

@@ -1,5 +1,6 @@
 """Atomic publishing of a version into the model repository, in either manifest format
-(`publish_version`: format 1; `publish_named_version`: format 2, named inputs and heads).
+(`publish_version`: format 1; `publish_named_version`: format 2, named inputs and heads), into a
+folder as below or onto an object store (contract.remote: a claimed number, the manifest last).
 
 A version is assembled under a hidden staging folder beside the versions, the manifest is
 written last and everything is fsynced, then the folder is renamed to the next free number.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +24,8 @@ from contract.files import sync_folder
 from contract.held_folders import held_folder, remove_abandoned
 from contract.integrity import file_digests
 from contract.layout import MANIFEST_FILE, MEMBERS_DIR, is_valid_name, next_version, scan_model
+from contract.remote import upload_version
+from contract.store import RemoteStore, StoreError
 from contract.manifest import (Abstention, Calibration, DataInfo, HeadSpec, InputSpec, Manifest, ManifestV2,
                                MemberEntry, OutputSpec, TensorSpec)
 
@@ -88,7 +92,7 @@ def latest_committed(root: Path, name: str) -> int | None:
 
 
 def publish_version(
-    root: Path,
+    root: Path | RemoteStore,
     name: str,
     members: list[MemberArtifact],
     input_spec: InputSpec,
@@ -115,7 +119,7 @@ def publish_version(
 
 
 def publish_named_version(
-    root: Path,
+    root: Path | RemoteStore,
     name: str,
     members: list[MemberArtifact],
     inputs: tuple[TensorSpec, ...],
@@ -136,7 +140,7 @@ def publish_named_version(
 
 
 def _publish(
-    root: Path,
+    root: Path | RemoteStore,
     name: str,
     members: list[MemberArtifact],
     attachments: dict[str, bytes] | None,
@@ -151,6 +155,8 @@ def _publish(
         )
     if not members:
         raise PublishError("an ensemble needs at least one member")
+    if isinstance(root, RemoteStore):
+        return _publish_to_store(root, name, members, attachments, manifest_for)
     check_writable(root)
     model_dir = root / name
     model_dir.mkdir(exist_ok=True)
@@ -158,25 +164,7 @@ def _publish(
 
     # A lock on the staging folder while it is filled: a later publish removes it only if this one died.
     with held_folder(model_dir, STAGING_PREFIX, mode=0o777) as staging:  # mode: the umask applies, as to any folder
-        entries = []
-        for member in members:
-            rel = f"{MEMBERS_DIR}/{member.name}"
-            shutil.copytree(member.source, staging / rel)
-            entries.append(
-                MemberEntry(
-                    name=member.name,
-                    path=rel,
-                    kind=member.kind,
-                    hyperparameters=member.hyperparameters,
-                    metrics=member.metrics,
-                    weight=member.weight,
-                    files=file_digests(staging / rel),
-                )
-            )
-        for filename, content in (attachments or {}).items():
-            if "/" in filename or filename in (MANIFEST_FILE, MEMBERS_DIR) or filename.startswith("."):
-                raise PublishError(f"attachment name {filename!r} is not allowed")
-            (staging / filename).write_bytes(content)
+        entries = _stage(staging, members, attachments)
         for _ in range(_RENAME_ATTEMPTS):
             # read at each try, just before the rename: another writer may have published meanwhile
             replaces = latest_committed(root, name)
@@ -201,3 +189,32 @@ def _publish(
                 log.warning("%s was published but its folder could not be synced: %s", target, exc)
             return manifest
         raise PublishError(f"could not claim a version number in {model_dir} after {_RENAME_ATTEMPTS} tries")
+
+
+def _stage(staging: Path, members: list[MemberArtifact], attachments: dict[str, bytes] | None) -> list[MemberEntry]:
+    """Copy the members and the attachments into `staging`; the members' manifest entries."""
+    entries = []
+    for member in members:
+        rel = f"{MEMBERS_DIR}/{member.name}"
+        shutil.copytree(member.source, staging / rel)
+        entries.append(MemberEntry(name=member.name, path=rel, kind=member.kind,
+                                   hyperparameters=member.hyperparameters, metrics=member.metrics,
+                                   weight=member.weight, files=file_digests(staging / rel)))
+    for filename, content in (attachments or {}).items():
+        if "/" in filename or filename in (MANIFEST_FILE, MEMBERS_DIR) or filename.startswith("."):
+            raise PublishError(f"attachment name {filename!r} is not allowed")
+        (staging / filename).write_bytes(content)
+    return entries
+
+
+def _publish_to_store(store: RemoteStore, name: str, members: list[MemberArtifact],
+                      attachments: dict[str, bytes] | None, manifest_for) -> Manifest | ManifestV2:
+    """The same version on an object store: staged in a private temporary folder, then claimed,
+    uploaded and committed by its manifest (contract.remote.upload_version)."""
+    with tempfile.TemporaryDirectory(prefix="ensemble-upload-") as tmp:
+        staging = Path(tmp)
+        entries = tuple(_stage(staging, members, attachments))
+        try:
+            return upload_version(store, name, staging, lambda version, replaces: manifest_for(version, replaces, entries))
+        except StoreError as exc:
+            raise PublishError(f"cannot publish {name} to {store.url}: {exc}") from None

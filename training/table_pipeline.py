@@ -353,7 +353,7 @@ def train_table(config: "TrainConfig", report: Callable[[str], None]) -> "TrainR
                                     hyperparameters=f.hyperparameters, metrics=finite(found.member_metrics[f.member]))
                      for f, weight in made.published({n: found.weight_of(n) for n in found.kept})]
         manifest = publish_named_version(
-            config.repository, config.name,
+            config.target.destination(), config.name,
             artifacts,
             inputs, (spec,),
             {**finite(ens), **{f"selected_member_{k}": v for k, v in finite(selected).items()}},
