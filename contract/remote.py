@@ -11,16 +11,18 @@ files beside them, and `<name>/<version>/manifest.json`.
   exists; no rename is needed. A killed upload leaves a claim, some files and no manifest: never
   served, and removed by a later publish once older than STALE_CLAIM_SECONDS.
 - A reader lists the whole prefix once per poll, downloads each committed version it does not
-  have into `<cache>/.incoming/<name>/<version>`, checks every member file against the manifest
+  have into `<cache>/.incoming-<pid>/<name>/<version>`, checks every member file against the manifest
   there, and renames the folder to `<cache>/<name>/<version>`. The cache is then a folder
   repository whose versions appear complete, and the server reads it as it reads any folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -61,6 +63,12 @@ class RemoteVersion:
         """(path inside the version, entry) of every object but the claim."""
         prefix = f"{self.name}/{self.version}/"
         return [(e.key[len(prefix):], e) for e in self.entries if e.key != self.key(CLAIM_FILE)]
+
+
+def cache_name(url: str) -> str:
+    """A folder name for a store location's local mirror: readable, and unique per location."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", url.split("://", 1)[-1]).strip("-")[:60]
+    return f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
 def versions_of(entries: Iterable[Entry]) -> dict[str, dict[int, RemoteVersion]]:
@@ -168,7 +176,9 @@ class Mirror:
 
     def sync(self) -> SyncResult:
         """One listing; new committed versions downloaded and checked; versions no longer in the
-        store removed from the cache. StoreError if the listing fails (the cache is unchanged)."""
+        store removed from the cache. StoreError if the store fails (a listing, a download: tried
+        again at the next sync) or the cache cannot be written; a version whose files do not
+        match its manifest is refused (in the result) and not downloaded again until they change."""
         remote = self._wanted()
         result = SyncResult()
         for name, versions in remote.items():
@@ -181,7 +191,10 @@ class Mirror:
                 try:
                     self._download(version)
                     result.downloaded.append(f"{name}/{number}")
-                except (StoreError, ManifestError, ChecksumError) as exc:
+                except OSError as exc:  # the cache's own disk: not the version's fault, retried next time
+                    raise StoreError(f"cannot write the local cache {self.cache}: {exc}",
+                                     "the local cache folder cannot be written") from None
+                except (ManifestError, ChecksumError) as exc:  # the version's own fault: not retried as it is
                     self._refused[(name, number)] = stamp
                     result.refused[f"{name}/{number}"] = str(exc)
                     log.error("version %s/%d in %s is not served: %s", name, number, self.store.url, exc)
@@ -202,7 +215,9 @@ class Mirror:
             return []
 
     def _download(self, version: RemoteVersion) -> None:
-        incoming = self.cache / INCOMING_DIR / version.name / str(version.version)
+        # One incoming folder per process: the workers of one server share the cache, and the
+        # first to finish a version renames it into place (the others' copies are dropped).
+        incoming = self.cache / f"{INCOMING_DIR}-{os.getpid()}" / version.name / str(version.version)
         shutil.rmtree(incoming, ignore_errors=True)  # what an interrupted download left
         incoming.mkdir(parents=True)
         try:
@@ -214,6 +229,10 @@ class Mirror:
             verify_checksums(incoming, manifest)
             final = self.cache / version.name / str(version.version)
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(incoming, final)
+            try:
+                os.rename(incoming, final)
+            except OSError:
+                if not (final / MANIFEST_FILE).is_file():  # not another worker's finished copy
+                    raise
         finally:
             shutil.rmtree(incoming, ignore_errors=True)

@@ -46,7 +46,12 @@ RETRY_TIMEOUT = timedelta(seconds=15)
 
 
 class StoreError(Exception):
-    """The store could not be used; the message says why in one line, without credentials."""
+    """The store could not be used; the message says why in one line, without credentials.
+    `meaning` is the kind of failure alone (no location, no server text), for public routes."""
+
+    def __init__(self, message: str, meaning: str = "the store failed"):
+        super().__init__(message)
+        self.meaning = meaning
 
 
 class AlreadyExists(StoreError):
@@ -77,6 +82,12 @@ def is_remote(location: str | Path) -> bool:
     return isinstance(location, str) and urlparse(location).scheme in SCHEMES
 
 
+def location_of(text: str) -> str | Path:
+    """A repository location as given on a command line: an object store's URL kept as written
+    (a Path would fold its '//'), anything else a folder."""
+    return text if is_remote(text) else Path(text)
+
+
 def _endpoint_options(url: str) -> dict:
     """Plain HTTP only where the user named an http:// endpoint for an S3-compatible server."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
@@ -95,9 +106,9 @@ _STATUS_MEANING = {
 }
 
 
-def _reason(exc: Exception) -> str:
-    """What went wrong, in one line, from an obstore error: the HTTP status's meaning, or that
-    the store did not answer, then the error's first line (its debug trace names internals)."""
+def _reason(exc: Exception) -> tuple[str, str]:
+    """What went wrong, from an obstore error: (the kind of failure, one line: that kind and the
+    error's first line; its debug trace names internals)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     status = _STATUS.search(text)
     if isinstance(exc, obstore_errors.PermissionDeniedError):
@@ -109,8 +120,8 @@ def _reason(exc: Exception) -> str:
     elif "error sending request" in text or "timed out" in text.lower():
         meaning = "the store did not answer (down, or a wrong endpoint)"
     else:
-        return text[:300]
-    return f"{meaning}; {text[:240]}"
+        return "the store failed", text[:300]
+    return meaning, f"{meaning}; {text[:240]}"
 
 
 class RemoteStore:
@@ -127,7 +138,8 @@ class RemoteStore:
                 self.url, client_options=_endpoint_options(url),
                 retry_config={"max_retries": RETRIES, "retry_timeout": RETRY_TIMEOUT})
         except Exception as exc:  # obstore raises its configuration errors as several types
-            raise StoreError(f"cannot use {self.url}: {_reason(exc)}") from None
+            meaning, line = _reason(exc)
+            raise StoreError(f"cannot use {self.url}: {line}", meaning) from None
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r})"
@@ -144,9 +156,10 @@ class RemoteStore:
         except (obstore_errors.NotFoundError, FileNotFoundError):  # obstore raises the latter for a missing key
             raise NotFound(f"{self.url}/{key} does not exist") from None
         except obstore_errors.BaseError as exc:
-            raise StoreError(f"cannot {what} {self.url}/{key}: {_reason(exc)}") from None
+            meaning, line = _reason(exc)
+            raise StoreError(f"cannot {what} {self.url}/{key}: {line}", meaning) from None
         except OSError as exc:  # a local file of a download or an upload
-            raise StoreError(f"cannot {what} {self.url}/{key}: {exc}") from None
+            raise StoreError(f"cannot {what} {self.url}/{key}: {exc}", "a local file failed") from None
 
     def list(self, prefix: str = "") -> list[Entry]:
         """Every object under `prefix` (one listing, paged by the client)."""

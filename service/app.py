@@ -30,6 +30,17 @@ from service.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+def mirror_of(settings: Settings):
+    """For an object-store repository, what brings its versions into the local folder the
+    manager reads (contract.remote.Mirror.sync); None for a folder."""
+    if settings.store is None:
+        return None
+    from contract.remote import Mirror
+    from contract.store import RemoteStore
+
+    return Mirror(RemoteStore(settings.store), settings.repository).sync
+
+
 def create_app(
     settings: Settings | None = None,
     metrics: ServiceMetrics | None = None,
@@ -45,7 +56,8 @@ def create_app(
         settings, metrics,
         ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
                      settings.version_policy, settings.poll_interval_seconds, settings.default_model,
-                     PinStore(pins_folder(settings.repository, settings.state_dir)), settings.loader_duty_cycle),
+                     PinStore(pins_folder(settings.repository, settings.state_dir)), settings.loader_duty_cycle,
+                     sync=mirror_of(settings)),
         Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue_rows,
                 on_batch=metrics.observe_batch, on_depth=metrics.queue_depth.set,
                 threads=threads.inference_threads),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from contract.store import location_of
 from service.config import Settings
 
 
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the newest good version of each ensemble in a model repository over HTTP. "
         "Every flag also has an environment variable (ENSEMBLE_<FLAG>, e.g. ENSEMBLE_PORT).",
     )
-    p.add_argument("--repository", type=Path, help="model repository folder (default: models)")
+    p.add_argument("--repository", type=location_of, help="model repository: a folder, or an object store's "
+                   "s3://BUCKET/PREFIX, gs://... or az://... (default: models)")
     p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: 8000)")
     p.add_argument("--grpc-port", type=int, help="port of the gRPC server (default: 0, none)")

@@ -9,6 +9,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.layout import NAME_PATTERN
+from contract.store import is_remote
+
+# An object store is listed once per poll: at 10 s, a replica makes 8,640 listings a day (about
+# 4 US cents a day at S3's list price), where 2 s would make 43,200 for a new version seen 8 s sooner.
+REMOTE_POLL_SECONDS = 10.0
 
 
 class Settings(BaseSettings):
@@ -16,7 +21,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ENSEMBLE_", extra="forbid")
 
-    repository: Path = Field(Path("models"), description="model repository folder")
+    repository: Path = Field(Path("models"), description="model repository: a folder, or an object store's "
+                             "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX (credentials and "
+                             "endpoint from the cloud's environment, e.g. AWS_ENDPOINT_URL); for a store, this "
+                             "becomes the local folder its versions are downloaded into (cache_dir)")
+    store: str | None = Field(None, description="the object store the repository mirrors; set from repository "
+                              "when that names a store")
+    cache_dir: Path | None = Field(
+        None, description="where the versions of an object-store repository are downloaded and checked; "
+        "unset: a folder per store under the temporary folder")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     grpc_port: int = Field(0, ge=0, le=65535, description="port of the gRPC server (Open Inference Protocol, "
@@ -33,7 +46,8 @@ class Settings(BaseSettings):
         "latest", description="'latest' or a version number to pin"
     )
     poll_interval_seconds: float = Field(
-        2.0, gt=0, le=3600, description="how often the repository is checked for new versions"
+        2.0, gt=0, le=3600, description="how often the repository is checked for new versions (default: 2 "
+        f"for a folder, {REMOTE_POLL_SECONDS:.0f} for an object store, where each check is a paid listing)"
     )
     max_rows_per_request: int = Field(4096, ge=1, description="rows allowed in one request")
     max_batch_size: int = Field(256, ge=1, description="most rows merged into one call of the ensemble")
@@ -135,6 +149,19 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     access_log: bool = Field(False, description="log every request (costs throughput at high rates)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _object_store(cls, data):
+        """A repository naming an object store: its URL kept as `store` (a Path would fold its
+        '//'), and `repository` the local folder its versions are mirrored into."""
+        if not isinstance(data, dict) or not is_remote(str(data.get("repository", ""))):
+            return data
+        url = str(data["repository"]).rstrip("/")
+        data = {**data, "store": url}
+        data["repository"] = data.get("cache_dir") or mirror_folder(url)
+        data.setdefault("poll_interval_seconds", REMOTE_POLL_SECONDS)
+        return data
+
     @model_validator(mode="after")
     def _limits_agree(self) -> "Settings":
         """Settings under which some request allowed could never be served are refused."""
@@ -182,3 +209,12 @@ class Settings(BaseSettings):
         if token is not None and len(token.get_secret_value()) < 16:
             raise ValueError("the admin token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
         return token
+
+
+def mirror_folder(url: str) -> Path:
+    """The default local folder of an object-store repository: one per store location."""
+    import tempfile
+
+    from contract.remote import cache_name
+
+    return Path(tempfile.gettempdir()) / "ensemble-serving" / cache_name(url)

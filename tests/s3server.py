@@ -49,7 +49,7 @@ class S3Server:
         self.proc = subprocess.Popen(
             [str(weed), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={self.bucket}",
              "-master.telemetry=false"],
-            stdin=subprocess.DEVNULL, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env,
+            stdin=subprocess.DEVNULL, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -183,6 +183,7 @@ def test_wrong_credentials_a_missing_bucket_and_a_store_that_is_down_say_so_in_o
     assert json.dumps(str(down.value))  # printable as one log field
 
 
+@pytest.mark.slow
 def test_a_table_trained_onto_the_store_then_again_against_its_champion(store, tmp_path, capsys):
     """`ensemble-train --repository s3://...`: the first run publishes version 1 on the store; the
     second reads version 1 back through its mirror, gates against it, and says which it compared."""

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from contract.layout import is_valid_name, scan_model
-from contract.store import is_remote
+from contract.store import location_of
 from training.progress import PROGRESS_MODES
 
 EXIT_OK = 0
@@ -67,7 +67,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--color-mode", default="rgb", choices=["rgb", "grayscale", "rgba"],
                       help="image folders: channels. Default: rgb")
     p.add_argument("--name", default="digits", help="ensemble name in the repository. Default: digits")
-    p.add_argument("--repository", type=repository_location, default=Path("models"),
+    p.add_argument("--repository", type=location_of, default=Path("models"),
                    help="model repository: a folder, or an object store's s3://BUCKET/PREFIX, gs://... or az://... "
                         "(credentials and endpoint from the cloud's environment, e.g. AWS_ENDPOINT_URL). "
                         "Default: models")
@@ -153,12 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(p)
     return p
-
-
-def repository_location(text: str) -> str | Path:
-    """A repository given on the command line: an object store's URL as written (a Path would
-    fold its '//'), else a folder."""
-    return text if is_remote(text) else Path(text)
 
 
 def _repository(location: str | Path, name: str, work_dir: Path | None, read_latest: bool = True):
@@ -295,7 +289,7 @@ def import_main(argv: list[str]) -> int:
         "lengths); each head's task from its final activation where it says so, else from --task. One "
         "fixed numeric input and one softmax head publish manifest format 1, anything else format 2.")
     p.add_argument("--name", required=True, help="ensemble name in the repository")
-    p.add_argument("--repository", type=repository_location, default=Path("models"),
+    p.add_argument("--repository", type=location_of, default=Path("models"),
                    help="a folder, or an object store's s3://, gs:// or az:// location. Default: models")
     p.add_argument("--task", action="append", default=[], metavar="[HEAD=]TASK",
                    help="a head's task where the model does not say it: classification, binary, multilabel or "

@@ -10,9 +10,7 @@ only to a store that honours conditional writes.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +42,10 @@ class Repository:
 def mirror_folder(url: str, work_dir: Path | None) -> Path:
     """The local folder that mirrors the store at `url`: under the work folder when one is
     given, else under the user's cache folder, one per store location."""
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", url.split("://", 1)[1]).strip("-")[:60]
-    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    from contract.remote import cache_name
+
     base = work_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ensemble-serving"
-    return base / "mirror" / f"{readable}-{key}"
+    return base / "mirror" / cache_name(url)
 
 
 def open_repository(location: str | Path, name: str, work_dir: Path | None = None,

@@ -40,6 +40,7 @@ from service.lifecycle.snapshot import Snapshot, take, version_stamp
 from service.lifecycle.status import ensemble_status, pins_status, skips_status
 from service.metrics import ServiceMetrics
 from contract.integrity import verify_checksums
+from contract.store import StoreError
 from contract.layout import VersionDir, choose_version, scan_model
 from contract.manifest import Manifest, failure_of, read_manifest
 from contract.tasks import EPISTEMIC
@@ -72,6 +73,7 @@ class ModelManager:
         default_model: str | None = None,
         pins: PinStore | None = None,
         loader_duty_cycle: float = 1.0,
+        sync: Callable[[], object] | None = None,
     ):
         self.repository = Path(repository)
         self.loader = loader
@@ -81,6 +83,11 @@ class ModelManager:
         self.default_model = default_model
         self.pins = pins or PinStore()
         self.loader_duty_cycle = loader_duty_cycle
+        # An object-store repository: brings its new versions into `repository` (contract.remote.Mirror)
+        # before each scan; why it last failed, or None.
+        self.sync = sync
+        self.store_error: StoreError | None = None
+        self._store_failed_at = 0.0
         self.slots: dict[str, ModelSlot] = {}
         self.generation = 0  # counts the swaps: what derives from the loaded versions can be kept until it changes
         self.on_swap: list[Callable[[], None]] = []  # called after each swap, on the loop
@@ -142,6 +149,8 @@ class ModelManager:
         live = [s.live for s in self.slots.values() if s.live is not None]
         if live:
             return True, ", ".join(f"{e.name} version {e.version} is live" for e in live)
+        if self.store_error is not None:
+            return False, f"the repository's object store cannot be read: {self.store_error.meaning}"
         if not self.slots:
             return False, "the repository holds no ensemble yet"
         return False, "; ".join(f"{s.name}: {self._why_not(s)}" for s in self.slots.values())
@@ -198,7 +207,27 @@ class ModelManager:
         """A poll's file-system work, in the scan thread: the pins file, the repository, memory."""
         self.pins.refresh()
         self.metrics.update_process()
+        self._sync_store()
         return take(self.repository, failed)
+
+    def _sync_store(self) -> None:
+        """An object-store repository's new versions downloaded and checked; a store that fails
+        leaves the loaded versions serving, is logged once, and is tried again at the next poll."""
+        if self.sync is None:
+            return
+        try:
+            self.sync()
+        except StoreError as exc:
+            if self.store_error is None or exc.meaning != self.store_error.meaning:  # once per kind of failure
+                log.error("the repository's object store cannot be read (loaded versions keep serving; "
+                          "trying again every %g s): %s", self.poll_interval, exc)
+                self._store_failed_at = time.monotonic()
+            self.store_error = exc
+            return
+        if self.store_error is not None:  # a warning: it closes the error above in logs kept at warning
+            log.warning("the repository's object store answers again, after %.0f s",
+                        time.monotonic() - self._store_failed_at)
+        self.store_error = None
 
     async def _off_loop(self, work: Callable, *args):
         """`work(*args)` in the scan thread: file-system work never blocks the loop."""
@@ -386,8 +415,11 @@ class ModelManager:
         folders with its state, the repository's entries that are not ensembles (with why: the
         first of them, and their count), and whether the pins in force are the pins file's."""
         snapshot = self.snapshot
+        store = ({"store": {"readable": self.store_error is None,
+                            **({"error": self.store_error.meaning} if self.store_error else {})}}
+                 if self.sync is not None else {})
         return {"models": [self.status_of(name) for name in snapshot.names],
-                **skips_status(snapshot.skipped), "pins": pins_status(self.pins.state)}
+                **skips_status(snapshot.skipped), "pins": pins_status(self.pins.state), **store}
 
     def status_of(self, name: str, detail: bool = False) -> dict:
         """One ensemble's versions and their states, and the entries skipped in its folder, as
