@@ -86,6 +86,23 @@ def test_kustomization_lists_every_manifest_and_each_parses():
                                 "HorizontalPodAutoscaler", "CronJob", "Job", "NetworkPolicy"}
 
 
+# The Kubernetes versions the manifests are validated for: the releases kubernetes-validate has
+# schemas of that are still maintained or recent (1.31 brought backoffLimitPerIndex to beta).
+KUBERNETES_VERSIONS = ("1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_validates_strictly_against_the_kubernetes_schemas(version):
+    """kubernetes-validate --strict: every field known to that version's API, none missing."""
+    validate = pytest.importorskip("kubernetes_validate")
+    for name in yaml_documents(KUBERNETES_DIR / "kustomization.yaml")[0]["resources"]:
+        for doc in yaml_documents(KUBERNETES_DIR / name):
+            try:
+                validate.validate(doc, version, strict=True)
+            except validate.ValidationError as exc:
+                pytest.fail(f"{name} ({doc['kind']}) is not valid for Kubernetes {version}: {exc}")
+
+
 def image_grpc_port() -> int:
     """The gRPC port the image sets (ENSEMBLE_GRPC_PORT in the Dockerfile)."""
     import re
