@@ -24,6 +24,7 @@ from pathlib import Path
 
 from service.lifecycle.pins import PinsNotShared, PinStore, pins_folder
 from contract.integrity import ChecksumError, verify_checksums
+from contract.store import is_remote, location_of
 from contract.layout import scan_model_entries, scan_names
 from contract.manifest import ManifestError, read_manifest
 
@@ -32,7 +33,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ensemble-admin", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(os.environ.get("ENSEMBLE_REPOSITORY", "models")),
+    p.add_argument("--repository", type=location_of, default=location_of(os.environ.get("ENSEMBLE_REPOSITORY", "models")),
                    help="model repository folder (default: ENSEMBLE_REPOSITORY, else models)")
     p.add_argument("--state-dir", type=Path, default=os.environ.get("ENSEMBLE_STATE_DIR") or None,
                    help="the replicas' shared state folder, if they are given one (default: "
@@ -54,6 +55,10 @@ def committed_versions(repository: Path, name: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if is_remote(args.repository):  # pins on a store (compare-and-swap) are not built yet
+        return refuse(f"{args.repository} is an object store: ensemble-admin manages folder repositories only "
+                      "for now; a server reading a store keeps its pins in its own state folder, so use each "
+                      "replica's admin routes (POST /models/NAME/rollback, /pin, /unpin)")
     store = PinStore(pins_folder(args.repository, args.state_dir))
     store.refresh()
     if args.command == "status":

@@ -218,3 +218,15 @@ def test_a_store_ignoring_conditional_writes_is_refused_before_training(store, t
     assert code == EXIT_FAILED
     assert "cannot be published to: it ignores create-only writes" in err and "\n" not in err.strip()
     assert store.list() == []
+
+
+def test_ensemble_admin_says_it_does_not_pin_on_a_store_yet(tmp_path, capsys, monkeypatch):
+    """Pins on a store (compare-and-swap, every replica) are not built: the CLI says so and what
+    to use, instead of reading `s3:/bucket` as a local folder that holds no ensemble."""
+    from service import admin_cli
+
+    monkeypatch.chdir(tmp_path)
+    assert admin_cli.main(["--repository", "s3://models/prod", "pin", "digits", "3"]) == admin_cli.EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "s3://models/prod is an object store" in err and "admin routes" in err
+    assert not any(tmp_path.iterdir())  # nothing written as a local folder named "s3:"
