@@ -5,8 +5,8 @@ A repository given as `s3://bucket/prefix`, `gs://bucket/prefix` or `az://contai
 `RemoteStore`; a local path stays a folder (contract.layout) and never comes here. Credentials,
 region and endpoint come from each cloud's standard environment variables and instance identity,
 as obstore reads them (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL` for an S3-compatible server,
-`GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_ACCOUNT_NAME`, ...); they never reach a log, an
-error or a child process.
+`GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_ACCOUNT_NAME`, ...); no message of this module
+carries them.
 
 The writes:
 - `create`: create-only (`If-None-Match: *` on S3). Claims a version number and commits a
@@ -37,10 +37,11 @@ from obstore import exceptions as obstore_errors
 
 SCHEMES = ("s3", "gs", "az")
 PROBE_PREFIX = ".probe"
-# A request that waits longer than this for a connection or an answer is a store that is down:
-# readers report it and try again at the next poll instead of hanging on it.
+# A connection that takes longer than CONNECT_TIMEOUT is a store that is down: readers report it
+# and try again at the next poll instead of hanging on it. REQUEST_TIMEOUT bounds a whole request,
+# body included: a member file that takes longer to download fails, and is tried again next poll.
 CONNECT_TIMEOUT = "5s"
-REQUEST_TIMEOUT = "60s"
+REQUEST_TIMEOUT = "300s"
 RETRIES = 2
 RETRY_TIMEOUT = timedelta(seconds=15)
 

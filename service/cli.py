@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in settings.model_dump(exclude_none=True).items():
         if name == "admin_token":
             value = settings.admin_token.get_secret_value()
+        elif name == "store":  # handed down as the repository it came from, with the same cache
+            continue
+        elif name == "repository" and settings.store:
+            value, os.environ["ENSEMBLE_CACHE_DIR"] = settings.store, str(settings.repository)
         os.environ[f"ENSEMBLE_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
     prepare_multiprocess_metrics()
     from service.workers import supervise

@@ -9,10 +9,13 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.layout import NAME_PATTERN
+from urllib.parse import urlparse
+
 from contract.store import is_remote
 
 # An object store is listed once per poll: at 10 s, a replica makes 8,640 listings a day (about
-# 4 US cents a day at S3's list price), where 2 s would make 43,200 for a new version seen 8 s sooner.
+# 4 US cents a day at S3's list price), where 2 s would make 43,200 for a new version seen 4 s
+# sooner on average.
 REMOTE_POLL_SECONDS = 10.0
 
 
@@ -156,7 +159,11 @@ class Settings(BaseSettings):
         '//'), and `repository` the local folder its versions are mirrored into."""
         if not isinstance(data, dict) or not is_remote(str(data.get("repository", ""))):
             return data
-        url = str(data["repository"]).rstrip("/")
+        given = str(data["repository"])
+        url = given.rstrip("/")
+        if not urlparse(given).netloc:
+            raise ValueError(f"repository {given!r} names no bucket: use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+                             "or az://CONTAINER/PREFIX")
         data = {**data, "store": url}
         data["repository"] = data.get("cache_dir") or mirror_folder(url)
         data.setdefault("poll_interval_seconds", REMOTE_POLL_SECONDS)
@@ -212,9 +219,17 @@ class Settings(BaseSettings):
 
 
 def mirror_folder(url: str) -> Path:
-    """The default local folder of an object-store repository: one per store location."""
+    """The default local folder of an object-store repository: one per store location, in a
+    folder of this user's own (mode 0700) under the temporary folder, so another local user
+    cannot plant a version in it before the server downloads one."""
+    import os
     import tempfile
 
     from contract.remote import cache_name
 
-    return Path(tempfile.gettempdir()) / "ensemble-serving" / cache_name(url)
+    base = Path(tempfile.gettempdir()) / f"ensemble-serving-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    st = base.lstat()
+    if base.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{base} is not a private folder of this user: set cache_dir (ENSEMBLE_CACHE_DIR) to one")
+    return base / cache_name(url)

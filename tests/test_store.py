@@ -230,3 +230,56 @@ def test_ensemble_admin_says_it_does_not_pin_on_a_store_yet(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "s3://models/prod is an object store" in err and "admin routes" in err
     assert not any(tmp_path.iterdir())  # nothing written as a local folder named "s3:"
+
+
+def test_a_folder_that_is_not_the_mirror_is_never_touched(store, tmp_path):
+    """A real repository given as the cache (ENSEMBLE_STORE beside a folder repository, a wrong
+    ENSEMBLE_CACHE_DIR): refused before anything in it is removed."""
+    (tmp_path / "repo" / "digits" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "digits" / "1" / MANIFEST_FILE).write_text("{}")
+    with pytest.raises(StoreError, match="not a mirror") as refused:
+        Mirror(store, tmp_path / "repo").sync()
+    assert refused.value.meaning == "the cache folder is not a mirror"
+    assert (tmp_path / "repo" / "digits" / "1" / MANIFEST_FILE).is_file()
+    Mirror(store, tmp_path / "cache").sync()
+    other = RemoteStore(store.url + "-other")
+    with pytest.raises(StoreError, match="mirrors"):
+        Mirror(other, tmp_path / "cache").sync()
+
+
+def test_one_bad_version_does_not_stop_the_others(store, tmp_path):
+    staged, entries = staged_version(tmp_path / "stage")
+    upload_version(store, "a", staged, manifest_for("a", entries))
+    upload_version(store, "a", staged, manifest_for("a", entries))
+    store.write("a/1/members/m0/saved_model.pb/x", b"a key under a file's key")
+    result = Mirror(store, tmp_path / "cache").sync()
+    assert result.downloaded == ["a/2"] and "cannot be a file" in result.refused["a/1"]
+
+
+def test_a_member_file_named_like_the_manifest_is_published_and_checked(store, tmp_path):
+    staged, _ = staged_version(tmp_path / "stage", members=1)
+    (staged / "members" / "m0" / "assets").mkdir()
+    (staged / "members" / "m0" / "assets" / MANIFEST_FILE).write_text('{"a member": "file"}')
+    entries = (MemberEntry(name="m0", path="members/m0", kind="imported", weight=1.0,
+                           files=file_digests(staged / "members" / "m0")),)
+    upload_version(store, "nested", staged, manifest_for("nested", entries))
+    assert Mirror(store, tmp_path / "cache").sync().downloaded == ["nested/1"]
+
+
+def test_a_publisher_whose_claim_was_taken_over_commits_nothing(store, tmp_path, monkeypatch):
+    import contract.remote as remote
+
+    staged, entries = staged_version(tmp_path / "stage", members=1)
+    real_write = store.write
+
+    def write_then_lose_the_claim(key, data):  # another publisher removed it as stale and took 1
+        etag = real_write(key, data)
+        if key.endswith("saved_model.pb"):
+            store.delete(f"digits/1/{CLAIM_FILE}")
+            store.create(f"digits/1/{CLAIM_FILE}", b'{"another": "publisher"}')
+        return etag
+
+    monkeypatch.setattr(store, "write", write_then_lose_the_claim)
+    with pytest.raises(StoreError, match="removed or taken over"):
+        remote.upload_version(store, "digits", staged, manifest_for("digits", entries))
+    assert not versions_of(store.list())["digits"][1].committed
