@@ -30,6 +30,16 @@ from service.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+def pins_of(settings: Settings) -> PinStore:
+    """Where the replicas' pins live: the state folder when one is given, else beside the
+    ensembles: `<repository>/.state`, or the store's `.state/pins.json` object."""
+    if settings.store is not None and settings.state_dir is None:
+        from contract.store import RemoteStore
+
+        return PinStore(remote=RemoteStore(settings.store))
+    return PinStore(pins_folder(settings.repository, settings.state_dir))
+
+
 def mirror_of(settings: Settings):
     """For an object-store repository, what brings its versions into the local folder the
     manager reads (contract.remote.Mirror.sync); None for a folder."""
@@ -56,8 +66,7 @@ def create_app(
         settings, metrics,
         ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
                      settings.version_policy, settings.poll_interval_seconds, settings.default_model,
-                     PinStore(pins_folder(settings.repository, settings.state_dir)), settings.loader_duty_cycle,
-                     sync=mirror_of(settings)),
+                     pins_of(settings), settings.loader_duty_cycle, sync=mirror_of(settings)),
         Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue_rows,
                 on_batch=metrics.observe_batch, on_depth=metrics.queue_depth.set,
                 threads=threads.inference_threads),

@@ -220,16 +220,47 @@ def test_a_store_ignoring_conditional_writes_is_refused_before_training(store, t
     assert store.list() == []
 
 
-def test_ensemble_admin_says_it_does_not_pin_on_a_store_yet(tmp_path, capsys, monkeypatch):
-    """Pins on a store (compare-and-swap, every replica) are not built: the CLI says so and what
-    to use, instead of reading `s3:/bucket` as a local folder that holds no ensemble."""
-    from service import admin_cli
+def test_pins_on_the_store_are_shared_by_compare_and_swap(store):
+    """Two replicas' pin stores on one store: each sees the other's pins at its next read, and
+    writers racing lose nothing (a lost compare-and-swap reads again)."""
+    from service.lifecycle.pins import STORE_PINS_KEY, PinsDamaged, PinStore
 
+    mine, theirs = PinStore(remote=store), PinStore(remote=store)
+    assert mine.refresh() == {} and mine.state.state == "valid"
+    mine.set("digits", 3)
+    assert theirs.refresh() == {"digits": 3}
+    threads = [threading.Thread(target=PinStore(remote=store).set, args=(f"m{i}", i + 1)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert theirs.refresh() == {"digits": 3, **{f"m{i}": i + 1 for i in range(6)}}
+    theirs.set("digits", None)
+    assert "digits" not in mine.refresh()
+    store.write(STORE_PINS_KEY, b"not json")
+    assert mine.refresh() == {f"m{i}": i + 1 for i in range(6)} and mine.state.state == "damaged"
+    with pytest.raises(PinsDamaged):
+        mine.set("digits", 1)
+    assert store.read(STORE_PINS_KEY)[0] == b"not json"
+
+
+def test_ensemble_admin_pins_on_the_store(store, tmp_path, capsys, monkeypatch):
+    from service import admin_cli
+    from service.lifecycle.pins import STORE_PINS_KEY
+
+    staged, entries = staged_version(tmp_path / "stage", members=1)
+    for _ in range(3):
+        upload_version(store, "digits", staged, manifest_for("digits", entries))
     monkeypatch.chdir(tmp_path)
-    assert admin_cli.main(["--repository", "s3://models/prod", "pin", "digits", "3"]) == admin_cli.EXIT_REFUSED
-    err = capsys.readouterr().err
-    assert "s3://models/prod is an object store" in err and "admin routes" in err
-    assert not any(tmp_path.iterdir())  # nothing written as a local folder named "s3:"
+    assert admin_cli.main(["--repository", store.url, "rollback", "digits"]) == admin_cli.EXIT_OK
+    assert json.loads(store.read(STORE_PINS_KEY)[0]) == {"digits": 2}
+    assert admin_cli.main(["--repository", store.url, "pin", "digits", "9"]) == admin_cli.EXIT_REFUSED
+    assert "no committed version 9" in capsys.readouterr().err
+    assert admin_cli.main(["--repository", store.url, "status"]) == admin_cli.EXIT_OK
+    assert "digits: pinned to 2; committed versions [1, 2, 3]" in capsys.readouterr().out
+    assert admin_cli.main(["--repository", store.url, "unpin", "digits"]) == admin_cli.EXIT_OK
+    assert json.loads(store.read(STORE_PINS_KEY)[0]) == {}
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # nothing local named "s3:"
 
 
 def test_a_folder_that_is_not_the_mirror_is_never_touched(store, tmp_path):

@@ -121,3 +121,32 @@ def test_the_store_stopped_and_started_under_load_fails_no_request(remote, s3, b
         json.dumps(down)
     finally:
         server.kill()
+
+
+@pytest.mark.slow
+def test_two_replicas_follow_a_rollback_through_the_store(remote, trained_repository, tmp_path):
+    """A rollback sent to one replica is a pin on the store (compare-and-swap); the other
+    replica, with a cache of its own, follows within a poll, and a replica started later too."""
+    store, env = remote
+    token = "store-admin-token"
+    envs = [{**env, "ENSEMBLE_CACHE_DIR": str(tmp_path / f"cache-{k}"), "ENSEMBLE_ADMIN_TOKEN": token}
+            for k in "abc"]
+    a = ServerProcess(store.url, env=envs[0]).start(timeout=240)
+    b = ServerProcess(store.url, env=envs[1]).start(timeout=240)
+    try:
+        upload(store, trained_repository / "digits" / "1", "digits", 2)  # 1 stays loaded as the previous
+        a.wait_live(2, timeout=240)
+        b.wait_live(2, timeout=240)
+        reply = a.client.post("/models/digits/rollback", headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == 200, reply.text
+        assert a.models()["live"] == 1
+        b.wait_live(1, timeout=60)
+        assert json.loads(store.read(".state/pins.json")[0]) == {"digits": 1}
+        c = ServerProcess(store.url, env=envs[2]).start(timeout=240)
+        try:
+            c.wait_live(1, timeout=240)
+        finally:
+            c.kill()
+    finally:
+        a.kill()
+        b.kill()

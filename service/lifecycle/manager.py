@@ -299,7 +299,7 @@ class ModelManager:
         if slot.previous is None:
             raise Conflict(f"{name} has no previous version loaded to roll back to")
         target = slot.previous
-        self._record_pin(name, target.version)  # every replica follows within a poll
+        await self._record_pin(name, target.version)  # every replica follows within a poll
         self.swap(slot, target)
         self.metrics.model_pinned_version.labels(name).set(target.version)
         log.warning("%s rolled back to version %d, pinned", name, target.version)
@@ -314,7 +314,7 @@ class ModelManager:
             if version not in versions or not versions[version].committed:
                 raise ModelNotFound(f"{name} has no committed version {version}")
             before = self.pins.get(name)
-            self._record_pin(name, version)  # first: a pin that cannot be shared changes nothing
+            await self._record_pin(name, version)  # first: a pin that cannot be shared changes nothing
             if slot.live is None or slot.live.version != version:
                 if slot.previous is not None and slot.previous.version == version:
                     self.swap(slot, slot.previous)
@@ -326,7 +326,7 @@ class ModelManager:
                         said = "it was unpinned" if now is None else f"a rollback pinned version {now}"
                         raise Conflict(f"{name} version {version} was not pinned: {said} while it loaded")
                     if not loaded:
-                        self._record_pin(name, before)
+                        await self._record_pin(name, before)
                         raise Conflict(f"{name} version {version} was not pinned: "
                                        f"{slot.failures[version].reason}")
             self.metrics.model_pinned_version.labels(name).set(version)
@@ -336,15 +336,27 @@ class ModelManager:
     async def unpin(self, name: str) -> dict:
         """Back to the configured policy (normally: the newest good version)."""
         self._slot(name)
-        self._record_pin(name, None)
+        await self._record_pin(name, None)
         await self.poll_once()
         return self.status_of(name, detail=True)
 
-    def _record_pin(self, name: str, version: int | None) -> None:
-        """Pin (or unpin, None) where every replica reads it; 409 if it cannot be shared."""
+    async def _record_pin(self, name: str, version: int | None) -> None:
+        """Pin (or unpin, None) where every replica reads it; 409 if it cannot be shared. A pins
+        file is written here, with no await (a rollback's pin and swap stay together); a store's
+        pins object takes a round trip, made off the loop, with the pin in force here first, so
+        a load that finishes meanwhile sees it."""
+        if self.pins.remote is None:
+            try:
+                self.pins.set(name, version)
+            except PinsNotShared as exc:
+                raise Conflict(str(exc)) from None
+            return
+        before = self.pins.get(name)
+        self.pins.hold(name, version)
         try:
-            self.pins.set(name, version)
+            await asyncio.to_thread(self.pins.set, name, version)
         except PinsNotShared as exc:
+            self.pins.hold(name, before)
             raise Conflict(str(exc)) from None
 
     async def _load(self, slot: ModelSlot, version: VersionDir) -> bool:

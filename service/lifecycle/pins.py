@@ -8,6 +8,10 @@ sent to any one of them reaches all of them within a poll interval (plus loading
 where it is not loaded), a restarted replica keeps it, and a version published later does not
 undo it. `ensemble-admin` writes the same file, for operators without HTTP.
 
+On an object-store repository the pins are the store's `.state/pins.json` object instead,
+read at each poll (parsed when its ETag changed) and changed by compare-and-swap, so replicas on
+any node share them; a store that cannot be read keeps the pins read before in force.
+
 A pin that cannot be written where the others read it is refused (`PinsNotShared`), never
 kept by one replica alone: the fleet would serve two versions.
 
@@ -30,14 +34,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from contract.files import lock_file, lock_within, read_nofollow, write_atomically
 from contract.layout import MAX_VERSION, is_valid_name
 
+if TYPE_CHECKING:
+    from contract.store import RemoteStore
+
 log = logging.getLogger(__name__)
 
 PINS_FILE = "pins.json"
+STORE_PINS_KEY = ".state/pins.json"  # on an object store, beside the ensembles (hidden: not a name)
+CAS_ATTEMPTS = 10
 LOCK_WAIT_SECONDS = 0.5  # the longest a pin waits for another writer (it may be on the event loop)
 STATE_FOLDER = ".state"
 # One pin is a few dozen bytes: a file this large is not a pins file, and is refused unread.
@@ -84,11 +93,15 @@ class PinStore:
     server), else in `<folder>/pins.json`, read again (`refresh`) whenever it changed. Safe to
     use from the poller's thread and the event loop at once."""
 
-    def __init__(self, folder: Path | None = None):
+    def __init__(self, folder: Path | None = None, remote: "RemoteStore | None" = None):
         self.folder = Path(folder) if folder is not None else None
         self.path = self.folder / PINS_FILE if self.folder is not None else None
+        # On an object store (contract.store): the object STORE_PINS_KEY, changed by compare-and-swap.
+        self.remote = remote
+        if remote is not None:
+            self.path = f"{remote.url}/{STORE_PINS_KEY}"
         self._pins: dict[str, int] = {}
-        self._seen: tuple | None = None  # (mtime_ns, size, inode) of the file when last read
+        self._seen: tuple | None = None  # (mtime_ns, size, inode) of the file, or the object's ETag, when last read
         self.state = PinsState("valid") if self.path is None else PinsState()
         self._guard = threading.RLock()
 
@@ -97,9 +110,73 @@ class PinStore:
         good ones while the file is damaged: `state` says so). File-system work: call it off
         the event loop."""
         with self._guard:
-            if self.path is not None:
+            if self.remote is not None:
+                self._read_remote()
+            elif self.path is not None:
                 self._read()
             return self._pins
+
+    def _read_remote(self) -> None:
+        """The pins object, parsed when its ETag changed. A store that cannot be read leaves the
+        pins read before in force (the manager reports the store); before any good read, the
+        pins are unknown and this replica serves nothing, as with a damaged file."""
+        from contract.store import NotFound, StoreError
+
+        try:
+            data, etag = self.remote.read(STORE_PINS_KEY)
+        except NotFound:
+            self._pins, self._seen = {}, None
+            self._accept()
+            return
+        except StoreError as exc:
+            if not self.state.known:
+                self._refuse(f"the pins on the store cannot be read ({exc.meaning})")
+            return
+        if etag is not None and etag == self._seen:
+            return
+        self._seen = etag
+        try:
+            pins = parse(data)
+        except DamagedPins as exc:
+            self._refuse(str(exc))
+        else:
+            self._pins = pins
+            self._accept()
+
+    def _set_remote(self, name: str, version: int | None) -> None:
+        """Read, change and write back the pins object by compare-and-swap (create-only when
+        there is none); a writer that lost a race reads again. Never over damaged pins."""
+        from contract.store import AlreadyExists, Conflict, NotFound, StoreError
+
+        try:
+            for _ in range(CAS_ATTEMPTS):
+                try:
+                    data, etag = self.remote.read(STORE_PINS_KEY)
+                    pins = parse(data)
+                except NotFound:
+                    pins, etag = {}, None
+                except DamagedPins as exc:
+                    raise PinsDamaged(f"the pins at {self.path} are damaged ({exc}); a pin written over them "
+                                      "would drop the pins they hold for every replica: repair or remove the "
+                                      "object") from None
+                if version is None:
+                    pins.pop(name, None)
+                else:
+                    pins[name] = version
+                body = json.dumps(pins, sort_keys=True, indent=1).encode()
+                try:
+                    self._seen = (self.remote.create(STORE_PINS_KEY, body) if etag is None
+                                  else self.remote.replace(STORE_PINS_KEY, body, etag))
+                except (AlreadyExists, Conflict):  # another admin wrote meanwhile: read theirs, apply ours
+                    continue
+                self._pins = pins
+                self._accept()
+                return
+            raise PinsNotShared(f"the pins at {self.path} kept changing under this write ({CAS_ATTEMPTS} tries); "
+                                "try again")
+        except StoreError as exc:
+            raise PinsNotShared(f"the pin cannot be recorded at {self.path}, where every replica reads it: "
+                                f"{exc}") from None
 
     def _read(self) -> None:
         try:
@@ -149,15 +226,24 @@ class PinStore:
     def get(self, name: str) -> int | None:
         return self._pins.get(name)
 
+    def hold(self, name: str, version: int | None) -> None:
+        """Put a pin in force here at once, before it is written where the others read it (a
+        store's write takes a round trip: a load finishing meanwhile must already see it)."""
+        if version is None:
+            self._pins.pop(name, None)
+        else:
+            self._pins = {**self._pins, name: version}
+
     def set(self, name: str, version: int | None) -> None:
         """Pin `name` to `version`, or unpin it with None: read, changed and written back under
         the folder's lock (replicas writing at once lose nothing), atomically and durably; never
         over a damaged file (PinsDamaged)."""
         if self.path is None:
-            if version is None:
-                self._pins.pop(name, None)
-            else:
-                self._pins[name] = version
+            self.hold(name, version)
+            return
+        if self.remote is not None:
+            with self._guard:
+                self._set_remote(name, version)
             return
         if not self._guard.acquire(timeout=LOCK_WAIT_SECONDS):  # a poll's read in the scan thread
             raise PinsNotShared(f"the pins file {self.path} is being read; try again")
