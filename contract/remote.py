@@ -178,8 +178,13 @@ class Mirror:
     anything without it (a real repository given as the cache by mistake) is refused before
     anything in it is touched. Several processes may share one cache (a server's workers)."""
 
-    def __init__(self, store: RemoteStore, cache: Path, name: str | None = None, latest_only: bool = False):
+    def __init__(self, store: RemoteStore, cache: Path, name: str | None = None, latest_only: bool = False,
+                 per_sync: int | None = None, first: Callable[[str], int | None] = lambda name: None):
         self.store, self.cache, self.name, self.latest_only = store, Path(cache), name, latest_only
+        # At most `per_sync` downloads per ensemble in one sync (None: all), newest first after
+        # `first(name)` (a pinned version): a server is ready once the version it serves is in,
+        # and the older ones follow at the next syncs.
+        self.per_sync, self.first = per_sync, first
         # A version refused once is not downloaded again until its objects change (their ETags).
         self._refused: dict[tuple[str, int], tuple] = {}
 
@@ -204,8 +209,13 @@ class Mirror:
             remote = self._wanted()
             result = SyncResult()
             for name, versions in remote.items():
-                for number, version in sorted(versions.items()):
-                    self._bring(version, result)
+                pinned = self.first(name)
+                order = sorted(versions, key=lambda n: (n != pinned, -n))
+                budget = self.per_sync if self.per_sync is not None else len(order)
+                for number in order:
+                    if budget <= 0:
+                        break
+                    budget -= self._bring(versions[number], result)
             self._remove_gone(remote, listed_at, result)
             return result
         except OSError as exc:  # the cache's own disk: not the store's fault, tried again next time
@@ -233,23 +243,25 @@ class Mirror:
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 shutil.rmtree(incoming, ignore_errors=True)
 
-    def _bring(self, version: RemoteVersion, result: SyncResult) -> None:
-        """Download one committed version unless the cache holds it or it was refused as it is."""
+    def _bring(self, version: RemoteVersion, result: SyncResult) -> int:
+        """Download one committed version unless the cache holds it or it was refused as it is;
+        1 if it was tried (downloaded or refused), else 0."""
         name, number = version.name, version.version
         if (self.cache / name / str(number) / MANIFEST_FILE).is_file():
-            return
+            return 0
         stamp = tuple(sorted((e.key, e.etag) for e in version.entries))
         if self._refused.get((name, number)) == stamp:
-            return
+            return 0
         try:
             self._download(version)
             result.downloaded.append(f"{name}/{number}")
         except NotFound:  # deleted since the listing: the next listing says what is there
-            return
+            return 0
         except (ManifestError, ChecksumError, BadVersion) as exc:  # the version's own fault
             self._refused[(name, number)] = stamp
             result.refused[f"{name}/{number}"] = str(exc)
             log.error("version %s/%d in %s is not served: %s", name, number, self.store.url, exc)
+        return 1
 
     def _remove_gone(self, remote: dict[str, dict[int, RemoteVersion]], listed_at: float,
                      result: SyncResult) -> None:

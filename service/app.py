@@ -40,15 +40,18 @@ def pins_of(settings: Settings) -> PinStore:
     return PinStore(pins_folder(settings.repository, settings.state_dir))
 
 
-def mirror_of(settings: Settings):
+def mirror_of(settings: Settings, pins: PinStore):
     """For an object-store repository, what brings its versions into the local folder the
-    manager reads (contract.remote.Mirror.sync); None for a folder."""
+    manager reads (contract.remote.Mirror.sync: the pinned version, then newest first, two a
+    poll per ensemble, so a server is ready once what it serves is in); None for a folder."""
     if settings.store is None:
         return None
     from contract.remote import Mirror
     from contract.store import RemoteStore
 
-    return Mirror(RemoteStore(settings.store), settings.repository).sync
+    policy = settings.version_policy if isinstance(settings.version_policy, int) else None
+    return Mirror(RemoteStore(settings.store), settings.repository, per_sync=2,
+                  first=lambda name: pins.get(name) or policy).sync
 
 
 def create_app(
@@ -62,11 +65,12 @@ def create_app(
     settings = settings or Settings()
     metrics = metrics or ServiceMetrics()
     threads = plan_of(settings, os.cpu_count() or 1)
+    pins = pins_of(settings)
     runtime = Runtime(
         settings, metrics,
         ModelManager(settings.repository, loader or EngineLoader(settings, threads), metrics,
                      settings.version_policy, settings.poll_interval_seconds, settings.default_model,
-                     pins_of(settings), settings.loader_duty_cycle, sync=mirror_of(settings)),
+                     pins, settings.loader_duty_cycle, sync=mirror_of(settings, pins)),
         Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue_rows,
                 on_batch=metrics.observe_batch, on_depth=metrics.queue_depth.set,
                 threads=threads.inference_threads),

@@ -314,3 +314,13 @@ def test_a_publisher_whose_claim_was_taken_over_commits_nothing(store, tmp_path,
     with pytest.raises(StoreError, match="removed or taken over"):
         remote.upload_version(store, "digits", staged, manifest_for("digits", entries))
     assert not versions_of(store.list())["digits"][1].committed
+
+
+def test_the_version_served_comes_first_and_the_others_follow(store, tmp_path):
+    """A server's mirror: the pinned version first, then newest first, `per_sync` a sync."""
+    staged, entries = staged_version(tmp_path / "stage", members=1)
+    for _ in range(4):
+        upload_version(store, "digits", staged, manifest_for("digits", entries))
+    pinned = {"digits": 2}
+    mirror = Mirror(store, tmp_path / "cache", per_sync=1, first=pinned.get)
+    assert [mirror.sync().downloaded for _ in range(5)] == [["digits/2"], ["digits/4"], ["digits/3"], ["digits/1"], []]
