@@ -12,7 +12,9 @@ pins in a thread (`service.lifecycle.snapshot`), then applies what it found on t
 every state change (a swap, a failure recorded) happens. The status routes answer from the last
 poll's snapshot; only the admin actions look at the repository again, through a poll or a scan
 in the same thread. One exception: an admin action that pins writes the small pins file on the
-loop (`_record_pin`), so that a rollback's pin and swap happen with no await between them.
+loop (`_record_pin`), so that a rollback's pin and swap happen with no await between them. On an
+object store the write is a round trip, made off the loop with the pin already in force here
+(a load or a poll that runs meanwhile sees it).
 
 A replica that never read good pins (it started while the pins file was damaged) loads no
 version and is not ready: it cannot know which versions the fleet pinned, and serving the
@@ -300,7 +302,8 @@ class ModelManager:
             raise Conflict(f"{name} has no previous version loaded to roll back to")
         target = slot.previous
         await self._record_pin(name, target.version)  # every replica follows within a poll
-        self.swap(slot, target)
+        if slot.live is not target:  # a poll during a store's write may have swapped to it already
+            self.swap(slot, target)
         self.metrics.model_pinned_version.labels(name).set(target.version)
         log.warning("%s rolled back to version %d, pinned", name, target.version)
         return self.status_of(name, detail=True)
