@@ -68,24 +68,41 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sets", default="wine,cancer")
     p.add_argument("--epochs", type=int, default=60, help="tuned and seed members' epoch cap. Default: 60")
-    p.add_argument("--out", type=Path, default=None, help="write every run's figures as JSON")
+    p.add_argument("--first-seed", type=int, default=0, help="the first half-split's seed (to extend a study)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="append every run's figures to this file, one JSON object a line, as each run ends")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="only summarise the runs already in this file (one JSON object a line)")
     args = p.parse_args()
+    if args.summary:
+        runs = [json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()]
+        summarise(runs, sorted({r["set"] for r in runs}))
+        return
     runs = []
     with tempfile.TemporaryDirectory(prefix="small-data-") as tmp:
         work = Path(tmp)
         for name in args.sets.split(","):
             data = write_csv(name, work)
-            for seed in range(args.repeats):
+            for seed in range(args.first_seed, args.first_seed + args.repeats):
                 for mode in ("never", "always"):  # interleaved: the same split for both
                     run = {"set": name, **one_run(data, seed, mode, work, args.epochs)}
                     runs.append(run)
                     print(json.dumps(run), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(runs, indent=1))
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(run) + "\n")
+    summarise(runs, args.sets.split(","))
+
+
+def summarise(runs: list[dict], sets: list[str]) -> None:
+    """Per set and mode: wins against the member chosen on validation; then, split by split, the
+    cross-fitted ensemble against the one trained once (the choice of the default)."""
     print("\nset      cross-fit  NLL wins  ECE no worse  both  ensemble NLL (median)  selected NLL (median)  s/run")
-    for name in args.sets.split(","):
+    for name in sets:
         for mode in ("never", "always"):
             mine = [r for r in runs if r["set"] == name and r["cross_fit"] == mode]
+            if not mine:
+                continue
             nll = sum(r["ensemble"]["nll"] < r["selected"]["nll"] for r in mine)
             ece = sum(r["ensemble"]["ece"] <= r["selected"]["ece"] for r in mine)
             both = sum(r["ensemble"]["nll"] < r["selected"]["nll"] and r["ensemble"]["ece"] <= r["selected"]["ece"]
@@ -94,6 +111,19 @@ def main() -> None:
                   f" {statistics.median(r['ensemble']['nll'] for r in mine):>20.4f}"
                   f" {statistics.median(r['selected']['nll'] for r in mine):>21.4f}"
                   f" {statistics.median(r['seconds'] for r in mine):>7.0f}")
+    print("\nset      splits  cross-fitted ensemble NLL lower  ECE lower  median NLL difference (cross-fitted - once)")
+    for name in sets:
+        by_seed: dict[int, dict[str, dict]] = {}
+        for r in runs:
+            if r["set"] == name:
+                by_seed.setdefault(r["seed"], {})[r["cross_fit"]] = r
+        pairs = [(s["always"], s["never"]) for s in by_seed.values() if {"always", "never"} <= s.keys()]
+        if not pairs:
+            continue
+        lower = sum(a["ensemble"]["nll"] < b["ensemble"]["nll"] for a, b in pairs)
+        ece = sum(a["ensemble"]["ece"] < b["ensemble"]["ece"] for a, b in pairs)
+        diff = statistics.median(a["ensemble"]["nll"] - b["ensemble"]["nll"] for a, b in pairs)
+        print(f"{name:<8} {len(pairs):>6}  {lower:>31}  {ece:>9}  {diff:>+.4f}")
 
 
 if __name__ == "__main__":
