@@ -6,9 +6,12 @@ Each repetition is one half-split: the trainer's own split with half the rows as
 (stratified, a different seed each time), so the ensemble and the member chosen on validation
 are chosen on one half and compared on the other, with the trainer's own honest comparison
 (`report.json`'s `versus_selected_member`). Counted: the repetitions whose ensemble has a lower
-test NLL than that member, and an ECE no worse.
+test NLL than that member, and an ECE no worse; then, split by split, the cross-fitted
+ensemble against the one trained once.
 
-    .venv/bin/python benchmarks/small_data.py --repeats 10 --epochs 60 --out /tmp/small-data.json
+    .venv/bin/python benchmarks/small_data.py --repeats 10 --epochs 60 --out runs.jsonl
+    .venv/bin/python benchmarks/small_data.py --sets wine --first-seed 10 --repeats 5 --out runs.jsonl
+    .venv/bin/python benchmarks/small_data.py --summary runs.jsonl
 """
 
 from __future__ import annotations
