@@ -28,6 +28,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.deploy_checks import (
+    PROMETHEUS_DIR,
     COMPOSE_FILE,
     KUBERNETES_DIR,
     ROOT,
@@ -202,6 +203,22 @@ def test_compose_services_are_locked_down_and_listen_on_loopback():
     assert grafana["GF_AUTH_DISABLE_LOGIN_FORM"] == "${GRAFANA_LOGIN_DISABLED:-true}"
     assert grafana["GF_AUTH_BASIC_ENABLED"] == "false"
     assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana  # no default password to guess
+
+
+def test_prometheus_scrapes_every_api_replica_of_compose():
+    """`--scale api=N`: Prometheus finds the replicas by the service's name in compose's DNS, on
+    the port the api listens on, at the path the service answers; nothing fixes one container."""
+    from service.config import Settings
+
+    config = yaml_documents(PROMETHEUS_DIR / "prometheus.yml")[0]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ensemble-serving"]
+    assert "static_configs" not in job
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["api"] and "api" in compose()["services"]
+    assert sd["type"] == "A" and sd["port"] == Settings().port
+    assert job["metrics_path"] in service_routes()
+    api = compose()["services"]["api"]
+    assert "container_name" not in api and "hostname" not in api  # both would stop --scale
 
 
 def test_compose_api_reads_the_volume_the_trainer_seeds_and_schedules():

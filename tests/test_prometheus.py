@@ -86,6 +86,7 @@ def scrape_config(port: int, folder: Path) -> Path:
     config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
     for job in config["scrape_configs"]:
         job.update(scrape_interval="1s", scrape_timeout="1s")
+        job.pop("dns_sd_configs", None)  # compose's DNS name of the api replicas: here, the one server
         job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
     path = folder / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
