@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-import grpc
 import httpx
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from tests.server import ServerProcess
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+from tests.tfs_grpc import tfs_predict  # noqa: E402
 
 WEIGHTS = [0.4, 0.6]
 INPUTS = [{"name": "age", "dtype": "float32"}, {"name": "sex", "dtype": "string", "nullable": True},
@@ -99,14 +98,7 @@ def test_open_inference_protocol_nulls_and_tensorflow_serving_grpc_nan(published
     reply = httpx.post(f"{server.base}/v2/models/health/infer", json=body, timeout=30)
     assert reply.status_code == 200, reply.text
     np.testing.assert_allclose(np.reshape(reply.json()["outputs"][0]["data"], (4, 2)), expected, atol=1e-5)
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "health"
-    for name, array in SEEN.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
-    request.output_filter.append("risk")
-    with grpc.insecure_channel(server.grpc) as channel:
-        answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
-    np.testing.assert_allclose(tf.make_ndarray(answer.outputs["risk"]), expected, atol=1e-5)
+    np.testing.assert_allclose(tfs_predict(server.grpc, "health", SEEN, ["risk"])["risk"], expected, atol=1e-5)
 
 
 def test_a_null_in_an_input_that_takes_no_missing_value_is_refused_naming_it(published):

@@ -34,6 +34,8 @@ triton_grpc = pytest.importorskip("tritonclient.grpc")
 triton_http = pytest.importorskip("tritonclient.http")
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from tests.tfs_grpc import tfs_predict  # noqa: E402
+
 WEIGHTS = [0.4, 0.6]
 ROWS = 3
 
@@ -240,14 +242,7 @@ def test_open_inference_protocol_over_grpc_with_tritonclient(served, shapes, nam
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_tensorflow_serving_grpc_predict(served, shapes, name):
     x, expected, _ = shapes[1][name]
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    for key, array in x.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(array))
-    request.output_filter.extend(expected)
-    with grpc.insecure_channel(served.grpc) as channel:
-        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
-    _check(name, {h: tf.make_ndarray(reply.outputs[h]) for h in expected}, expected, "TFS gRPC")
+    _check(name, tfs_predict(served.grpc, name, x, list(expected)), expected, "TFS gRPC")
 
 
 def test_slash_predict_answers_the_default_ensemble(served, shapes):

@@ -173,10 +173,9 @@ def test_rows_as_the_csv_holds_them_are_answered_as_the_members_combine(trained,
 def test_the_same_rows_over_grpc_with_the_clients_of_both_protocols(trained, name):
     """tritonclient's gRPC client (the Open Inference Protocol) and TensorFlow Serving's
     PredictionService, one tensor per column, NaN and b"" where a cell is empty."""
-    import grpc
-    import tensorflow as tf
     import tritonclient.grpc as triton_grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from tests.tfs_grpc import tfs_predict
 
     root, server, manifests = trained
     manifest = manifests[name]
@@ -192,15 +191,8 @@ def test_the_same_rows_over_grpc_with_the_clients_of_both_protocols(trained, nam
     result = triton_grpc.InferenceServerClient(server.grpc).infer(
         name, inputs, outputs=[triton_grpc.InferRequestedOutput(head)])
     np.testing.assert_allclose(result.as_numpy(head).reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    for key, array in columns.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(array))
-    request.output_filter.append(head)
-    with grpc.insecure_channel(server.grpc) as channel:
-        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
-    np.testing.assert_allclose(tf.make_ndarray(reply.outputs[head]).reshape(expected.shape), expected,
-                               rtol=1e-4, atol=1e-4)
+    answer = tfs_predict(server.grpc, name, columns, [head])[head]
+    np.testing.assert_allclose(answer.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
