@@ -25,7 +25,7 @@ from contract.layout import MANIFEST_FILE, scan_model  # noqa: E402
 from contract.remote import Mirror  # noqa: E402
 from contract.store import RemoteStore  # noqa: E402
 from service.lifecycle.pins import PinStore  # noqa: E402
-from tests.repo_tools import manifest_as  # noqa: E402
+from tests.repo_tools import manifest_as, upload_copy  # noqa: E402
 from tests.s3server import S3Server  # noqa: E402
 from tests.server import ServerProcess  # noqa: E402
 
@@ -48,12 +48,6 @@ class Counting(RemoteStore):
     def download(self, key, path):
         self.calls["get"] = self.calls.get("get", 0) + 1
         return super().download(key, path)
-
-
-def upload(store: RemoteStore, version_dir: Path, version: int) -> None:
-    for path in sorted(p for p in version_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        store.write(f"digits/{version}/{path.relative_to(version_dir).as_posix()}", path)
-    store.create(f"digits/{version}/{MANIFEST_FILE}", manifest_as(version_dir, version).encode())
 
 
 def cold_start(location: str, env: dict[str, str], work: Path) -> float:
@@ -84,7 +78,7 @@ def main() -> None:
         store.calls = {}
         started = time.monotonic()
         for version in range(1, args.versions + 1):
-            upload(store, source_dir, version)
+            upload_copy(store, source_dir, "digits", version)
         objects = len(store.list())
         print(f"uploaded {args.versions} versions ({objects} objects) in {time.monotonic() - started:.1f} s")
 
@@ -123,7 +117,7 @@ def main() -> None:
                     version = max(server.models()["live"], args.versions) + 1
                     while True:
                         try:
-                            upload(store, source_dir, version)
+                            upload_copy(store, source_dir, "digits", version)
                             break
                         except Exception:  # noqa: BLE001 - a number taken: the next
                             version += 1

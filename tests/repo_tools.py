@@ -20,6 +20,14 @@ def manifest_as(source: Path, version: int, edit=None) -> str:
     return json.dumps(raw, indent=2)
 
 
+def upload_copy(store, version_dir: Path, name: str, version: int) -> None:
+    """Upload a version folder to an object store (contract.store.RemoteStore) as `name/version`,
+    its manifest renumbered and written last, create-only (as contract.remote commits)."""
+    for path in sorted(p for p in version_dir.rglob("*") if p.is_file() and p != version_dir / MANIFEST_FILE):
+        store.write(f"{name}/{version}/{path.relative_to(version_dir).as_posix()}", path)
+    store.create(f"{name}/{version}/{MANIFEST_FILE}", manifest_as(version_dir, version).encode())
+
+
 def publish_copy(root: Path, name: str = "digits", source: int = 1, edit=None) -> int:
     """Publish version `source` again as the next version, atomically: staged in a hidden folder,
     manifest written last, then renamed into place. Returns the new version number."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import orjson
 import pytest
@@ -15,18 +14,11 @@ import pytest
 from contract.layout import MANIFEST_FILE
 from contract.store import RemoteStore
 from tests.loadgen import Load
-from tests.repo_tools import manifest_as
+from tests.repo_tools import upload_copy
 from tests.s3server import S3Server
 from tests.server import ServerProcess
 
 pytest.importorskip("obstore")
-
-
-def upload(store: RemoteStore, version_dir: Path, name: str, version: int) -> None:
-    """A version folder uploaded as `name/version`, manifest last (as contract.remote publishes)."""
-    for path in sorted(p for p in version_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        store.write(f"{name}/{version}/{path.relative_to(version_dir).as_posix()}", path)
-    store.create(f"{name}/{version}/{MANIFEST_FILE}", manifest_as(version_dir, version).encode())
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def remote(s3, trained_repository, monkeypatch, request, tmp_path):
         monkeypatch.setenv(key, value)
     url = s3.url(f"serve-{request.node.name[:30]}-{time.time_ns()}")
     store = RemoteStore(url)
-    upload(store, trained_repository / "digits" / "1", "digits", 1)
+    upload_copy(store, trained_repository / "digits" / "1", "digits", 1)
     return store, {**s3.env(), "ENSEMBLE_CACHE_DIR": str(tmp_path / "cache")}
 
 
@@ -58,7 +50,7 @@ def test_versions_on_the_store_are_served_and_a_new_one_goes_live(remote, traine
         first = server.client.post("/predict", content=body, headers={"content-type": "application/json"})
         assert first.status_code == 200 and first.json()["model"]["version"] == 1
         assert (tmp_path / "cache" / "digits" / "1" / MANIFEST_FILE).is_file()
-        upload(store, trained_repository / "digits" / "1", "digits", 2)
+        upload_copy(store, trained_repository / "digits" / "1", "digits", 2)
         server.wait_live(2, timeout=240)
         second = server.client.post("/predict", content=body, headers={"content-type": "application/json"})
         assert second.json()["model"]["version"] == 2
@@ -134,7 +126,7 @@ def test_two_replicas_follow_a_rollback_through_the_store(remote, trained_reposi
     a = ServerProcess(store.url, env=envs[0]).start(timeout=240)
     b = ServerProcess(store.url, env=envs[1]).start(timeout=240)
     try:
-        upload(store, trained_repository / "digits" / "1", "digits", 2)  # 1 stays loaded as the previous
+        upload_copy(store, trained_repository / "digits" / "1", "digits", 2)  # 1 stays loaded as the previous
         a.wait_live(2, timeout=240)
         b.wait_live(2, timeout=240)
         reply = a.client.post("/models/digits/rollback", headers={"Authorization": f"Bearer {token}"})
